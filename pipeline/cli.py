@@ -1,0 +1,108 @@
+"""``fmpipe``: one command per lifecycle step, the same commands dvc.yaml runs.
+
+Only typer is imported at start-up; each command imports its step (and with it torch,
+lightning or great_expectations) when it runs, so ``fmpipe --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Reproducible classifier lifecycle: collect -> clean -> validate -> annotate -> "
+    "train -> evaluate -> package. Run one step of one variant with `fmpipe STEP --stage NAME`, "
+    "or the whole DAG with `dvc repro`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+StageOpt = typer.Option(..., "--stage", "-s", help="Pipeline variant from params.yaml (see `fmpipe stages`).")
+ParamsOpt = typer.Option("params.yaml", "--params", help="Params file.")
+
+
+def _run_step(step: str, variant: str, params: str, **kwargs) -> None:
+    """Run stages.<step>.run; bad input becomes one line on stderr and exit code 1."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    from pipeline.errors import FmpipeError
+
+    try:
+        module = importlib.import_module(f"stages.{step}")
+        module.run(variant, params, **kwargs)
+    except FmpipeError as exc:
+        typer.echo(f"fmpipe {step} --stage {variant}: error: {exc}", err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        typer.echo(f"fmpipe {step} --stage {variant}: interrupted; previous outputs left as they were", err=True)
+        raise typer.Exit(130)
+
+
+def _step_command(step: str, doc: str) -> Callable:
+    def command(stage: str = StageOpt, params: str = ParamsOpt) -> None:
+        _run_step(step, stage, params)
+
+    command.__doc__ = doc
+    command.__name__ = step
+    return command
+
+
+for _step, _doc in [
+    ("collect", "Load the variant's source and split it into train/val/test."),
+    ("clean", "Drop invalid rows and exact duplicates, each removal listed with its reason."),
+    ("validate", "Run the Great Expectations suite on the cleaned data; fail on any broken expectation."),
+    ("annotate", "Apply label overrides from annotations/<variant>.csv."),
+    ("evaluate", "Score the trained model on the test split and decide its blessing."),
+    ("package", "Export the blessed model: safetensors, ONNX (checked), model card, lineage."),
+]:
+    app.command(name=_step, help=_doc)(_step_command(_step, _doc))
+
+
+@app.command()
+def train(
+    stage: str = StageOpt,
+    params: str = ParamsOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of an interrupted run."),
+) -> None:
+    """Train the variant's model with PyTorch Lightning on the configured accelerator."""
+    _run_step("train", stage, params, resume=resume)
+
+
+@app.command()
+def run(
+    stage: str = StageOpt,
+    params: str = ParamsOpt,
+    from_step: Optional[str] = typer.Option(None, "--from", help="Start at this step."),
+) -> None:
+    """Run every step of one variant in order, without DVC (no caching, no dvc.lock)."""
+    from pipeline.paths import STEPS
+
+    steps = list(STEPS)
+    if from_step is not None:
+        if from_step not in steps:
+            typer.echo(f"fmpipe run: error: unknown step {from_step!r} (steps: {', '.join(steps)})", err=True)
+            raise typer.Exit(2)
+        steps = steps[steps.index(from_step):]
+    for step in steps:
+        typer.echo(f"==> fmpipe {step} --stage {stage}", err=True)
+        _run_step(step, stage, params)
+
+
+@app.command()
+def stages(params: str = ParamsOpt) -> None:
+    """List the variants defined in params.yaml, and which ones `dvc repro` runs."""
+    from pipeline.config import load_params
+    from pipeline.errors import FmpipeError
+
+    try:
+        p = load_params(params)
+    except FmpipeError as exc:
+        typer.echo(f"fmpipe stages: error: {exc}", err=True)
+        raise typer.Exit(1)
+    for name, spec in p.variants.items():
+        flag = "enabled " if name in p.enabled else "optional"
+        typer.echo(f"{name:12s} {flag}  {spec.source.kind:12s} {spec.model.name:14s} {spec.description}")
+

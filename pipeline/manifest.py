@@ -1,0 +1,217 @@
+"""The dataset contract shared by every data step (collect, clean, annotate).
+
+A dataset directory holds:
+
+- ``manifest.parquet``: one row per example. Required columns: ``id`` (stable across
+  versions), ``split`` (train/val/test), ``label`` (int, index into ``classes``),
+  ``label_name``, ``sha256`` (of the example's payload bytes: the uint8 pixels of an image,
+  the float64 feature row of a table). Image datasets add ``height``, ``width``,
+  ``channels``, ``mean``, ``std``; tables add ``n_missing``. Steps add their own columns
+  (``label_source``, ...).
+- the payload, row-aligned with the manifest: ``images.npy`` (N x H x W x C uint8,
+  memory-mappable) or ``features.parquet`` (one float column per feature).
+- ``dataset.json``: kind (image/tabular), ordered class names, image shape or feature names.
+- ``report.json``: what the step did; ``rows_in == rows_out + len(removed)`` always holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import FmpipeError
+from pipeline.io import atomic_dir, to_json
+
+MANIFEST = "manifest.parquet"
+IMAGES = "images.npy"
+FEATURES = "features.parquet"
+META = "dataset.json"
+REPORT = "report.json"
+
+SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = ("id", "split", "label", "label_name", "sha256")
+
+
+@dataclass
+class Dataset:
+    """A manifest plus its row-aligned payload (exactly one of images / features)."""
+
+    manifest: pd.DataFrame
+    classes: list[str]
+    images: Optional[np.ndarray] = None
+    features: Optional[pd.DataFrame] = None
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.features is None):
+            raise ValueError("a Dataset carries exactly one payload: images or features")
+        n = len(self.manifest)
+        payload_rows = len(self.images) if self.images is not None else len(self.features)
+        if payload_rows != n:
+            raise ValueError(f"payload has {payload_rows} rows, manifest has {n}")
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.images is not None else "tabular"
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def take(self, rows: np.ndarray) -> "Dataset":
+        """Rows by boolean mask or integer index, payload kept aligned."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        return replace(
+            self,
+            manifest=self.manifest.iloc[rows].reset_index(drop=True),
+            images=None if self.images is None else np.asarray(self.images[rows]),
+            features=None if self.features is None else self.features.iloc[rows].reset_index(drop=True),
+        )
+
+    def split(self, name: str) -> "Dataset":
+        return self.take(self.manifest["split"].to_numpy() == name)
+
+    def meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"kind": self.kind, "classes": list(self.classes)}
+        if self.images is not None:
+            meta["image_shape"] = list(self.images.shape[1:])
+        else:
+            meta["feature_names"] = list(self.features.columns)
+        meta.update(self.extra_meta)
+        return meta
+
+
+# ---------------------------------------------------------------- building blocks for sources
+
+def image_rows(images: np.ndarray) -> pd.DataFrame:
+    """Per-image hash and stats columns for an N x H x W x C uint8 array."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be N x H x W x C uint8, got {images.dtype} {images.shape}")
+    n, h, w, c = images.shape
+    flat = images.reshape(n, -1)
+    return pd.DataFrame(
+        {
+            "sha256": [hashlib.sha256(row.tobytes()).hexdigest() for row in flat],
+            "height": np.full(n, h, dtype=np.int32),
+            "width": np.full(n, w, dtype=np.int32),
+            "channels": np.full(n, c, dtype=np.int32),
+            "mean": flat.mean(axis=1, dtype=np.float64),
+            "std": flat.std(axis=1, dtype=np.float64),
+        }
+    )
+
+
+def feature_rows(features: pd.DataFrame) -> pd.DataFrame:
+    """Per-row hash and stats columns for a numeric feature table."""
+    values = features.to_numpy(dtype=np.float64)
+    return pd.DataFrame(
+        {
+            "sha256": [hashlib.sha256(np.ascontiguousarray(r).tobytes()).hexdigest() for r in values],
+            "n_missing": np.isnan(values).sum(axis=1).astype(np.int32),
+        }
+    )
+
+
+def build_manifest(ids: Iterable[str], labels: np.ndarray, classes: list[str],
+                   splits: Iterable[str], stats: pd.DataFrame) -> pd.DataFrame:
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise FmpipeError(
+            f"labels out of range: found {labels.min()}..{labels.max()}, "
+            f"expected 0..{len(classes) - 1} ({len(classes)} classes)"
+        )
+    manifest = pd.DataFrame(
+        {
+            "id": pd.array(list(ids), dtype="string"),
+            "split": pd.array(list(splits), dtype="string"),
+            "label": labels,
+            "label_name": pd.array([classes[i] for i in labels], dtype="string"),
+        }
+    )
+    return pd.concat([manifest, stats.reset_index(drop=True)], axis=1)
+
+
+# ---------------------------------------------------------------- read / write
+
+def write_dataset(ds: Dataset, out_dir: str | os.PathLike, report: dict[str, Any]) -> None:
+    """Write the dataset directory atomically (replacing any previous one only on success)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in ds.manifest.columns]
+    if missing:
+        raise ValueError(f"manifest lacks required columns {missing}")
+    check_report(report)
+    with atomic_dir(out_dir) as tmp:
+        ds.manifest.to_parquet(tmp / MANIFEST, index=False)
+        if ds.images is not None:
+            np.save(tmp / IMAGES, np.ascontiguousarray(ds.images), allow_pickle=False)
+        else:
+            ds.features.to_parquet(tmp / FEATURES, index=False)
+        (tmp / META).write_text(to_json(ds.meta()))
+        (tmp / REPORT).write_text(to_json(report))
+
+
+def read_dataset(in_dir: str | os.PathLike, mmap: bool = True) -> Dataset:
+    in_dir = Path(in_dir)
+    meta_path = in_dir / META
+    if not meta_path.exists():
+        raise FmpipeError(f"{in_dir}: not a dataset directory (no {META}); run the previous step first")
+    meta = json.loads(meta_path.read_text())
+    manifest = pd.read_parquet(in_dir / MANIFEST)
+    images = features = None
+    if meta["kind"] == "image":
+        images = np.load(in_dir / IMAGES, mmap_mode="r" if mmap else None, allow_pickle=False)
+    else:
+        features = pd.read_parquet(in_dir / FEATURES)
+    extra = {k: v for k, v in meta.items() if k not in ("kind", "classes", "image_shape", "feature_names")}
+    return Dataset(manifest=manifest, classes=list(meta["classes"]), images=images,
+                   features=features, extra_meta=extra)
+
+
+def read_report(in_dir: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(in_dir) / REPORT).read_text())
+
+
+# ---------------------------------------------------------------- reports
+
+def make_report(step: str, variant: str, rows_in: int, ds: Dataset,
+                removed: list[dict[str, str]] | None = None, **extra: Any) -> dict[str, Any]:
+    """The step's account: counts that add up, every removal with its id and reason."""
+    removed = removed or []
+    m = ds.manifest
+    report = {
+        "step": step,
+        "variant": variant,
+        "rows_in": int(rows_in),
+        "rows_out": int(len(m)),
+        "rows_removed": len(removed),
+        "removed_by_reason": _count(r["reason"] for r in removed),
+        "removed": removed,
+        "rows_by_split": {s: int((m["split"] == s).sum()) for s in SPLITS},
+        "rows_by_class": {c: int((m["label"] == i).sum()) for i, c in enumerate(ds.classes)},
+    }
+    report.update(extra)
+    return report
+
+
+def check_report(report: dict[str, Any]) -> None:
+    if report["rows_in"] != report["rows_out"] + report["rows_removed"]:
+        raise ValueError(
+            f"report counts do not add up: {report['rows_in']} in != "
+            f"{report['rows_out']} out + {report['rows_removed']} removed"
+        )
+    if report["rows_removed"] != len(report["removed"]):
+        raise ValueError("report lists a different number of removals than it counts")
+
+
+def _count(items: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts

@@ -1,0 +1,105 @@
+"""Plain ``nn.Module`` networks (no Lightning inside) and the trained-model file format.
+
+Every network fmpipe trains is ``Network(normalize, body)``: the first layer standardises the
+raw input with statistics measured on the training split (stored as buffers), so the saved
+weights, the ONNX export and the served model all take raw inputs: images as float32
+N x C x H x W pixel values 0..255, tables as float32 N x F feature values.
+
+A trained model on disk (the train step's output directory):
+- ``model.safetensors``: the network's state dict, normalisation buffers included;
+- ``model.json``: what is needed to rebuild it: model name and options, input kind and
+  shape, class names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pipeline.errors import FmpipeError
+
+WEIGHTS = "model.safetensors"
+MODEL_META = "model.json"
+
+# name -> builder(input_shape, num_classes, **options) -> nn.Module (the body)
+REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel (images) or per feature (tables), fixed after training starts."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.detach().clone().float())
+        self.register_buffer("std", std.detach().clone().float().clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Network(nn.Module):
+    def __init__(self, normalize: Normalize, body: nn.Module) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.normalize(x))
+
+
+def build(name: str, input_shape: tuple[int, ...], num_classes: int,
+          options: dict[str, Any] | None = None, mean: torch.Tensor | None = None,
+          std: torch.Tensor | None = None) -> Network:
+    """The network ``name`` for inputs of ``input_shape`` (C,H,W or F, no batch dim)."""
+    _load_builtin_models()
+    if name not in REGISTRY:
+        raise FmpipeError(f"unknown model {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    try:
+        body = REGISTRY[name](tuple(input_shape), num_classes, **(options or {}))
+    except TypeError as exc:
+        raise FmpipeError(f"model {name!r}: bad options {options}: {exc}") from None
+    stat_shape = (input_shape[0], 1, 1) if len(input_shape) == 3 else (input_shape[0],)
+    mean = torch.zeros(stat_shape) if mean is None else mean.reshape(stat_shape)
+    std = torch.ones(stat_shape) if std is None else std.reshape(stat_shape)
+    return Network(Normalize(mean, std), body)
+
+
+def save_trained(net: Network, meta: dict[str, Any], out_dir: str | Path) -> None:
+    """Write weights + meta into ``out_dir`` (the caller makes the directory atomic)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS), metadata={"model": meta["model"]["name"]})
+    (out_dir / MODEL_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_trained(model_dir: str | Path, device: str = "cpu") -> tuple[Network, dict[str, Any]]:
+    """Rebuild a trained network from ``model.json`` + ``model.safetensors`` (no pickle)."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    meta_path = model_dir / MODEL_META
+    if not meta_path.exists():
+        raise FmpipeError(f"{model_dir}: no trained model ({MODEL_META} missing); run the train step first")
+    meta = json.loads(meta_path.read_text())
+    net = build(meta["model"]["name"], tuple(meta["input"]["shape"]), len(meta["classes"]),
+                meta["model"].get("options"))
+    net.load_state_dict(load_file(str(model_dir / WEIGHTS), device=device))
+    return net.to(device).eval(), meta
+
+
+def _load_builtin_models() -> None:
+    # Importing the modules registers their networks.
+    from pipeline.models import cnn, mlp  # noqa: F401

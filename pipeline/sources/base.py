@@ -1,0 +1,29 @@
+"""What every source hands to the collect step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class Collected:
+    """Examples as loaded: stable ids, integer labels, ordered class names, one payload.
+
+    ``given_split`` holds the source's own split per row ("train"/"test"), or None when the
+    source has none and the collect step draws the test split itself. ``skipped`` lists
+    examples the source could not read, as ``{"id", "reason"}``; they count as removed.
+    ``info`` says where the data came from (path, URL, checksum) for the report.
+    """
+
+    ids: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    images: Optional[np.ndarray] = None  # N x H x W x C uint8
+    features: Optional[pd.DataFrame] = None  # one float column per feature
+    given_split: Optional[list[str]] = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
