@@ -1,0 +1,41 @@
+"""collect -> clean on the embedded variants: the dataset contract and its accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline.manifest import REQUIRED_COLUMNS, read_dataset, read_report
+from stages import clean, collect
+
+
+def test_collect_digits_follows_contract(project):
+    report = collect.run("digits")
+    ds = read_dataset("data/digits/collect")
+    assert len(ds) == 1797 and ds.images.shape == (1797, 8, 8, 1) and ds.images.dtype == np.uint8
+    assert set(REQUIRED_COLUMNS) <= set(ds.manifest.columns)
+    assert ds.manifest["id"].is_unique
+    assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
+    # Stratified: every class is in every split, test share close to 20%.
+    counts = pd.crosstab(ds.manifest["label"], ds.manifest["split"])
+    assert (counts > 0).all().all()
+    assert abs(report["rows_by_split"]["test"] / 1797 - 0.2) < 0.01
+
+
+def test_collect_is_deterministic(project):
+    collect.run("iris")
+    first = read_dataset("data/iris/collect").manifest
+    collect.run("iris")
+    again = read_dataset("data/iris/collect").manifest
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_clean_removes_iris_duplicate_keeping_test_copy(project):
+    collect.run("iris")
+    report = clean.run("iris")
+    assert report["rows_in"] == 150 and report["rows_out"] == 149
+    (removed,) = report["removed"]
+    assert removed["reason"] == "duplicate"
+    kept = read_dataset("data/iris/clean").manifest.set_index("id")
+    assert removed["id"] not in kept.index and removed["dup_of"] in kept.index
+    assert read_report("data/iris/clean")["rows_removed"] == 1
