@@ -92,6 +92,30 @@ def run(
 
 
 @app.command()
+def diff(
+    rev_a: str = typer.Argument(..., help="Old version: a git revision (HEAD~1, a tag, a commit)."),
+    rev_b: str = typer.Argument("workspace", help="New version: a git revision, or 'workspace'."),
+    stage: str = StageOpt,
+    step: str = typer.Option("annotate", "--step", help="Which dataset to compare: collect, clean or annotate."),
+    as_json: bool = typer.Option(False, "--json", help="Print every difference as JSON."),
+) -> None:
+    """What changed in a variant's dataset between two versions: rows added, removed, relabelled."""
+    from pipeline.audit import diff_versions, summary_lines
+    from pipeline.errors import FmpipeError
+    from pipeline.io import to_json
+
+    if step not in ("collect", "clean", "annotate"):
+        typer.echo(f"fmpipe diff: error: --step must be collect, clean or annotate, not {step!r}", err=True)
+        raise typer.Exit(2)
+    try:
+        result = diff_versions(stage, step, rev_a, rev_b)
+    except FmpipeError as exc:
+        typer.echo(f"fmpipe diff: error: {exc}", err=True)
+        raise typer.Exit(1)
+    typer.echo(to_json(result) if as_json else "\n".join(summary_lines(result)))
+
+
+@app.command()
 def stages(params: str = ParamsOpt) -> None:
     """List the variants defined in params.yaml, and which ones `dvc repro` runs."""
     from pipeline.config import load_params
