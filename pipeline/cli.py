@@ -6,6 +6,7 @@ lightning or great_expectations) when it runs, so ``fmpipe --help`` stays instan
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Callable, Optional
@@ -50,25 +51,30 @@ def _step_command(step: str, doc: str) -> Callable:
     return command
 
 
+def _train_command(doc: str) -> Callable:
+    def train(
+        stage: str = StageOpt,
+        params: str = ParamsOpt,
+        resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of an interrupted run."),
+    ) -> None:
+        _run_step("train", stage, params, resume=resume)
+
+    train.__doc__ = doc
+    return train
+
+
+# Registered in lifecycle order, which is the order `fmpipe --help` lists them.
 for _step, _doc in [
     ("collect", "Load the variant's source and split it into train/val/test."),
     ("clean", "Drop invalid rows and exact duplicates, each removal listed with its reason."),
     ("validate", "Run the Great Expectations suite on the cleaned data; fail on any broken expectation."),
     ("annotate", "Apply label overrides from annotations/<variant>.csv."),
+    ("train", "Train the variant's model with PyTorch Lightning on the configured accelerator."),
     ("evaluate", "Score the trained model on the test split and decide its blessing."),
     ("package", "Export the blessed model: safetensors, ONNX (checked), model card, lineage."),
 ]:
-    app.command(name=_step, help=_doc)(_step_command(_step, _doc))
-
-
-@app.command()
-def train(
-    stage: str = StageOpt,
-    params: str = ParamsOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of an interrupted run."),
-) -> None:
-    """Train the variant's model with PyTorch Lightning on the configured accelerator."""
-    _run_step("train", stage, params, resume=resume)
+    factory = _train_command if _step == "train" else functools.partial(_step_command, _step)
+    app.command(name=_step, help=_doc)(factory(_doc))
 
 
 @app.command()
