@@ -102,4 +102,4 @@ def load_trained(model_dir: str | Path, device: str = "cpu") -> tuple[Network, d
 
 def _load_builtin_models() -> None:
     # Importing the modules registers their networks.
-    from pipeline.models import cnn, mlp  # noqa: F401
+    from pipeline.models import airbench, cnn, lenet, mlp  # noqa: F401
