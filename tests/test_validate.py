@@ -1,0 +1,167 @@
+"""The Great Expectations gate: real GX runs on the embedded variants, passing and broken."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.errors import FmpipeError
+from stages import annotate, clean, collect, validate
+
+FMPIPE = Path(sys.executable).with_name("fmpipe")
+
+
+@pytest.fixture(scope="session")
+def cleaned_data(tmp_path_factory) -> Path:
+    """collect + clean of digits and iris, once per session; tests copy the result."""
+    root = tmp_path_factory.mktemp("cleaned")
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "params.yaml", root / "params.yaml")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for variant in ("digits", "iris"):
+            collect.run(variant)
+            clean.run(variant)
+    finally:
+        os.chdir(cwd)
+    return root / "data"
+
+
+@pytest.fixture
+def cleaned(project, cleaned_data) -> Path:
+    """The scratch project with data/<variant>/clean/ in place for both variants."""
+    for variant in ("digits", "iris"):
+        shutil.copytree(cleaned_data / variant / "clean", project / "data" / variant / "clean")
+    return project
+
+
+def _edit_manifest(variant: str, change) -> None:
+    path = Path("data") / variant / "clean" / "manifest.parquet"
+    manifest = pd.read_parquet(path)
+    change(manifest)
+    manifest.to_parquet(path, index=False)
+
+
+def _set_validate_params(variant: str, **values) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["variants"][variant]["validate"].update(values)
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.parametrize("variant", ["digits", "iris"])
+def test_embedded_variants_pass(cleaned, variant):
+    summary = validate.run(variant)
+    out = Path("data") / variant / "validate"
+    assert summary["success"] and summary["failed"] == []
+    assert json.loads((out / "summary.json").read_text()) == summary
+    results = json.loads((out / "results.json").read_text())
+    assert results["success"] is True
+    evaluated = sum(len(r["results"]) for r in results["validations"].values())
+    assert evaluated == summary["expectations"] > 20
+    expected_tables = {"manifest", "class_counts"} | ({"features"} if variant == "iris" else set())
+    assert set(results["validations"]) == expected_tables
+    index = (out / "data_docs" / "index.html").read_text()
+    assert f"{variant}.manifest" in index
+    # GX ran in memory: no GX project scaffolded in the working directory.
+    assert not any(p.name in ("gx", "great_expectations", "great_expectations.yml") for p in cleaned.rglob("*"))
+    validate.require_passed(variant)  # does not raise
+    annotate.run(variant)
+
+
+def test_row_count_threshold_fails_and_annotate_refuses(cleaned):
+    _set_validate_params("digits", min_rows=100000, max_rows=200000)
+    with pytest.raises(FmpipeError) as failure:
+        validate.run("digits")
+    message = str(failure.value)
+    assert "expect_table_row_count_to_be_between" in message and "observed 1797" in message
+    # The outputs are there to read even though the gate failed.
+    out = Path("data/digits/validate")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["success"] is False
+    assert [f["expectation"] for f in summary["failed"]] == ["expect_table_row_count_to_be_between"]
+    assert summary["failed"][0]["observed"] == 1797
+    assert (out / "data_docs" / "index.html").exists()
+    with pytest.raises(FmpipeError, match="fmpipe validate --stage digits"):
+        annotate.run("digits")
+
+
+def test_corrupt_manifest_names_each_broken_expectation(cleaned):
+    def corrupt(m: pd.DataFrame) -> None:
+        m.loc[3, "label"] = 42  # outside the 10 classes
+        m.loc[5, "id"] = m.loc[6, "id"]  # a duplicated id
+
+    _edit_manifest("digits", corrupt)
+    with pytest.raises(FmpipeError) as failure:
+        validate.run("digits")
+    failed = json.loads(Path("data/digits/validate/summary.json").read_text())["failed"]
+    # label 42 also breaks the label/label_name pairing; nothing else is wrong.
+    assert {(f["expectation"], f["column"]) for f in failed} == {
+        ("expect_column_values_to_be_in_set", "label"),
+        ("expect_column_values_to_be_unique", "id"),
+        ("expect_column_pair_values_to_be_in_set", "label,label_name"),
+    }
+    # The error has one line per failure, each naming expectation, column and what was seen.
+    lines = str(failure.value).splitlines()
+    assert lines[0].startswith("3 of ") and len(lines) == 4
+    (label_line,) = [line for line in lines if "expect_column_values_to_be_in_set on column label " in line]
+    assert "e.g. [42] at id ['digits/0003']" in label_line
+    (id_line,) = [line for line in lines if "expect_column_values_to_be_unique on column id" in line]
+    assert "2 unexpected value(s)" in id_line
+
+
+def test_class_count_thresholds_name_the_class(cleaned):
+    _set_validate_params("iris", min_rows_per_class=51, max_class_fraction=0.3)
+    with pytest.raises(FmpipeError) as failure:
+        validate.run("iris")
+    failed = json.loads(Path("data/iris/validate/summary.json").read_text())["failed"]
+    columns = {f["column"]: f for f in failed if f["table"] == "class_counts"}
+    assert set(columns) == {"rows", "fraction"}
+    # 150 iris rows minus one duplicate: every class is below 51 rows and above 30%.
+    assert sorted(columns["rows"]["observed"]["offending_rows"]["label_name"]) == ["setosa", "versicolor", "virginica"]
+    assert "class_counts: expect_column_values_to_be_between on column rows" in str(failure.value)
+
+
+def test_missing_split_and_infinite_feature_fail(cleaned):
+    def no_test_split(m: pd.DataFrame) -> None:
+        m.loc[m["split"] == "test", "split"] = "train"
+
+    _edit_manifest("iris", no_test_split)
+    features_path = Path("data/iris/clean/features.parquet")
+    features = pd.read_parquet(features_path)
+    features.iloc[2, 1] = np.inf
+    features.to_parquet(features_path, index=False)
+    with pytest.raises(FmpipeError) as failure:
+        validate.run("iris")
+    message = str(failure.value)
+    assert "expect_column_distinct_values_to_contain_set on column split" in message and "['test']" in message
+    assert f"features: expect_column_values_to_be_between on column {features.columns[1]}" in message
+    # inf is kept readable but the files stay strict JSON.
+    json.loads(Path("data/iris/validate/results.json").read_text(), parse_constant=pytest.fail)
+
+
+def test_require_passed_without_validation(cleaned):
+    with pytest.raises(FmpipeError, match=r"not been validated.*fmpipe validate --stage iris"):
+        validate.require_passed("iris")
+    with pytest.raises(FmpipeError, match="fmpipe validate --stage iris"):
+        annotate.run("iris")
+
+
+def test_cli_exits_nonzero_naming_the_expectation(cleaned):
+    _edit_manifest("digits", lambda m: m.loc.__setitem__((0, "sha256"), "not-a-hash"))
+    env = {**os.environ, "GX_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.run([str(FMPIPE), "validate", "--stage", "digits"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "expect_column_values_to_match_regex on column sha256" in proc.stderr
+    assert "not-a-hash" in proc.stderr
+    assert json.loads(Path("data/digits/validate/summary.json").read_text())["success"] is False
