@@ -12,10 +12,10 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from pipeline.sources import imagefolder, sklearn_builtin
+from pipeline.sources import cifar10, csv, imagefolder, mnist, sklearn_builtin
 from pipeline.sources.base import Collected
 
-_MODULES = {m.Spec.model_fields["kind"].default: m for m in (sklearn_builtin, imagefolder)}
+_MODULES = {m.Spec.model_fields["kind"].default: m for m in (sklearn_builtin, cifar10, mnist, imagefolder, csv)}
 
 SourceSpec = Annotated[
     Union[tuple(m.Spec for m in _MODULES.values())],  # type: ignore[valid-type]

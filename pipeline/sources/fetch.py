@@ -174,10 +174,12 @@ def check_tar_member(member: tarfile.TarInfo, archive: str | os.PathLike) -> Pur
 
 def check_zip_member(info: zipfile.ZipInfo, archive: str | os.PathLike) -> PurePosixPath:
     path = safe_member_name(info.filename, archive)
-    mode = info.external_attr >> 16  # unix mode, when the zip was written on unix
-    if mode and stat.S_ISLNK(mode):
+    # The unix mode sits in the high 16 bits when the zip was written on unix; many writers
+    # (Python's writestr among them) leave the file-type bits 0, which means a plain file.
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
         raise FmpipeError(f"{archive}: refusing member {info.filename!r}: symbolic link")
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise FmpipeError(f"{archive}: refusing member {info.filename!r}: device, fifo or special file")
     return path
 

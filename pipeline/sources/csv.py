@@ -1,0 +1,122 @@
+"""A CSV table: one row per example, a label column, numeric feature columns.
+
+- ``label_column`` (default ``label``): class values; classes are the sorted unique values
+  (numerically when every value is a number, so 2 < 10) or the explicit ``classes`` list.
+  A row with an empty label is a recorded skip, not a guess.
+- ``id_column``: stable ids; default ``row/<n>`` (the 0-based data row), which is only stable
+  while rows are appended, so give an id column when the table is edited in the middle.
+- ``split_column``: optional train/val/test per row (empty: let the collect step decide).
+- ``features``: the feature columns, in order; default every other column. Each must be
+  numeric (empty cells are missing values, counted in the manifest's ``n_missing``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from pipeline.errors import FmpipeError
+from pipeline.schema import Strict
+from pipeline.sources.base import Collected
+
+SPLITS = ("train", "val", "test")
+
+
+class Spec(Strict):
+    kind: Literal["csv"] = "csv"
+    path: str
+    label_column: str = "label"
+    id_column: Optional[str] = None
+    split_column: Optional[str] = None
+    features: Optional[list[str]] = Field(None, min_length=1)
+    classes: Optional[list[str]] = Field(None, min_length=1)
+    sep: str = ","
+
+
+def _column(table: pd.DataFrame, name: str, path: Path, role: str) -> pd.Series:
+    if name not in table.columns:
+        raise FmpipeError(f"{path}: no {role} column {name!r} (columns: {', '.join(map(str, table.columns))})")
+    return table[name]
+
+
+def _class_order(values: list[str]) -> list[str]:
+    uniq = sorted(set(values))
+    try:
+        return sorted(uniq, key=float)
+    except ValueError:
+        return uniq
+
+
+def load(spec: Spec) -> Collected:
+    path = Path(spec.path).expanduser()
+    if not path.is_file():
+        raise FmpipeError(f"{path}: not found (csv source expects a CSV file)")
+    try:
+        # Everything as text first: each column is then converted with an error naming it.
+        table = pd.read_csv(path, sep=spec.sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise FmpipeError(f"{path}: not a readable CSV table ({type(exc).__name__}: {exc})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+
+    labels_raw = _column(table, spec.label_column, path, "label").str.strip()
+    ids = (_column(table, spec.id_column, path, "id").str.strip().tolist() if spec.id_column
+           else [f"row/{i}" for i in range(len(table))])
+    seen: set[str] = set()
+    dups = [i for i in ids if i in seen or seen.add(i)]
+    if dups:
+        raise FmpipeError(f"{path}: column {spec.id_column!r}: duplicate ids {sorted(set(dups))[:5]}")
+
+    reserved = {spec.label_column, spec.id_column, spec.split_column} - {None}
+    names = spec.features if spec.features is not None else [c for c in table.columns if c not in reserved]
+    if not names:
+        raise FmpipeError(f"{path}: no feature columns besides {sorted(reserved)}")
+    features = {}
+    for name in names:
+        text = _column(table, name, path, "feature").str.strip()
+        values = pd.to_numeric(text.replace("", np.nan), errors="coerce")
+        bad = values.isna() & (text != "") & (text.str.lower() != "nan")
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise FmpipeError(
+                f"{path}: column {name!r}: expected numbers, found {text.iloc[row]!r} at data row {row}"
+            )
+        features[name] = values.astype(np.float64)
+    feats = pd.DataFrame(features)
+
+    given = None
+    if spec.split_column:
+        split = _column(table, spec.split_column, path, "split").str.strip().str.lower()
+        wrong = sorted(set(split) - set(SPLITS) - {""})
+        if wrong:
+            raise FmpipeError(f"{path}: column {spec.split_column!r}: values {wrong} are not train/val/test")
+        given = [s or None for s in split]
+
+    has_label = (labels_raw != "").to_numpy()
+    skipped = [{"id": ids[i], "reason": f"empty label (column {spec.label_column!r})"}
+               for i in np.flatnonzero(~has_label)]
+    values = labels_raw[has_label].tolist()
+    if spec.classes is not None:
+        unknown = sorted(set(values) - set(spec.classes))
+        if unknown:
+            raise FmpipeError(f"{path}: column {spec.label_column!r}: values {unknown} are not in classes {spec.classes}")
+        classes = list(spec.classes)
+    else:
+        classes = _class_order(values)
+    if not classes:
+        raise FmpipeError(f"{path}: column {spec.label_column!r}: no labelled rows")
+    index = {c: i for i, c in enumerate(classes)}
+
+    keep = np.flatnonzero(has_label)
+    return Collected(
+        ids=[ids[i] for i in keep],
+        labels=np.array([index[v] for v in values], dtype=np.int64),
+        classes=classes,
+        features=feats.iloc[keep].reset_index(drop=True),
+        given_split=None if given is None else [given[i] for i in keep],
+        skipped=skipped,
+        info={"source": "csv", "path": str(spec.path), "feature_columns": list(names)},
+    )
