@@ -1,0 +1,171 @@
+"""Scoring a trained network on a dataset split, and the blessing that gates packaging.
+
+The network takes raw inputs (normalisation is its first layer, see ``pipeline.models``):
+images as float32 N x C x H x W pixel values 0..255, tables as float32 N x F features in the
+dataset's column order. ``model_inputs`` is the one place that turns a dataset into that.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from pipeline.errors import FmpipeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from pipeline.config import EvaluateSpec
+    from pipeline.manifest import Dataset
+
+
+def model_inputs(ds: "Dataset") -> "torch.Tensor":
+    """The dataset's payload as the network's raw input tensor (float32, CPU)."""
+    import torch
+
+    if ds.images is not None:
+        # uint8 N x H x W x C -> float32 N x C x H x W, values kept in 0..255.
+        return torch.from_numpy(np.ascontiguousarray(ds.images)).permute(0, 3, 1, 2).float().contiguous()
+    return torch.from_numpy(ds.features.to_numpy(dtype=np.float32, copy=True))
+
+
+def check_compatible(meta: dict[str, Any], ds: "Dataset", model_dir: str | Path, data_dir: str | Path) -> None:
+    """Refuse to score a model on data it was not built for (kind, shape, classes, features)."""
+    where = f"{model_dir}/model.json vs {data_dir}"
+    kind = meta["input"]["kind"]
+    if kind != ds.kind:
+        raise FmpipeError(f"{where}: model takes {kind} input, dataset is {ds.kind}")
+    shape = list(meta["input"]["shape"])
+    if ds.images is not None:
+        h, w, c = ds.images.shape[1:]
+        expected = [c, h, w]
+    else:
+        expected = [ds.features.shape[1]]
+    if shape != expected:
+        raise FmpipeError(f"{where}: model input shape {shape}, dataset gives {expected}")
+    if list(meta["classes"]) != list(ds.classes):
+        raise FmpipeError(f"{where}: model classes {meta['classes']} differ from dataset classes {ds.classes}")
+    names = meta["input"].get("feature_names")
+    if names is not None and ds.features is not None and list(names) != list(ds.features.columns):
+        raise FmpipeError(f"{where}: model features {names} differ from dataset columns {list(ds.features.columns)}")
+
+
+def predict_proba(net: "torch.nn.Module", x: "torch.Tensor", tta_flip: bool = False,
+                  batch_size: int = 512) -> "torch.Tensor":
+    """Class probabilities (N x K), batch by batch, in eval mode.
+
+    With ``tta_flip`` (images only) the softmax of each image and of its horizontal mirror
+    are averaged, as the training config promises for served predictions.
+    """
+    import torch
+
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            batch = x[start:start + batch_size]
+            probs = torch.softmax(net(batch).float(), dim=1)
+            if tta_flip:
+                probs = (probs + torch.softmax(net(torch.flip(batch, dims=[-1])).float(), dim=1)) / 2
+            out.append(probs)
+    if not out:
+        return torch.empty(0, 0)
+    return torch.cat(out)
+
+
+def score(probs: "torch.Tensor", labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """torchmetrics scores of the argmax predictions against ``labels``.
+
+    Returns plain Python/numpy values: ``accuracy`` (micro), ``macro_f1``, per-class
+    ``precision``/``recall``/``f1``/``support`` arrays and the ``confusion`` matrix
+    (rows: actual, columns: predicted).
+    """
+    import torch
+    from torchmetrics.classification import (
+        MulticlassAccuracy,
+        MulticlassConfusionMatrix,
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
+    k = len(classes)
+    preds = probs.argmax(dim=1)
+    target = torch.tensor(np.array(labels, dtype=np.int64))
+    if len(target) == 0:
+        raise FmpipeError("the test split is empty: nothing to evaluate")
+
+    def run(metric) -> np.ndarray:
+        return metric(preds, target).detach().cpu().numpy()
+
+    return {
+        "accuracy": float(run(MulticlassAccuracy(num_classes=k, average="micro"))),
+        "macro_f1": float(run(MulticlassF1Score(num_classes=k, average="macro"))),
+        "precision": run(MulticlassPrecision(num_classes=k, average=None)),
+        "recall": run(MulticlassRecall(num_classes=k, average=None)),
+        "f1": run(MulticlassF1Score(num_classes=k, average=None)),
+        "support": np.bincount(target.numpy(), minlength=k),
+        "confusion": run(MulticlassConfusionMatrix(num_classes=k)),
+        "predicted": preds.numpy(),
+        "confidence": probs.max(dim=1).values.numpy(),
+    }
+
+
+def bless(metrics: dict[str, Any], spec: "EvaluateSpec",
+          baseline: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The gate: every threshold of ``EvaluateSpec`` must hold (value >= threshold).
+
+    ``baseline`` (the last packaged model's metrics) is reported, never enforced: a model
+    slightly worse than the last one may still be the one the data supports.
+    """
+    checks = []
+    for name, key in (("min_accuracy", "accuracy"), ("min_macro_f1", "macro_f1")):
+        threshold = float(getattr(spec, name))
+        value = float(metrics[key])
+        checks.append({"name": name, "metric": key, "threshold": threshold, "value": value,
+                       "passed": bool(value >= threshold)})
+    blessing: dict[str, Any] = {"blessed": all(c["passed"] for c in checks), "checks": checks}
+    if baseline is not None:
+        blessing["baseline"] = {
+            **baseline,
+            "accuracy_change": _change(metrics.get("accuracy"), baseline.get("accuracy")),
+            "macro_f1_change": _change(metrics.get("macro_f1"), baseline.get("macro_f1")),
+        }
+    return blessing
+
+
+def failed_checks(blessing: dict[str, Any]) -> list[str]:
+    """``name (value < threshold)`` for each failed check, for error messages."""
+    return [f"{c['name']} ({c['value']:.4f} < {c['threshold']:.4f})"
+            for c in blessing.get("checks", []) if not c.get("passed")]
+
+
+def read_baseline(lineage_path: str | Path) -> Optional[dict[str, Any]]:
+    """The last packaged (hence blessed) model's metrics from its ``lineage.json``, if any.
+
+    An unreadable lineage is reported as such instead of failing the evaluation.
+    """
+    path = Path(lineage_path)
+    if not path.exists():
+        return None
+    try:
+        lineage = json.loads(path.read_text())
+        metrics = lineage["metrics"]
+        return {
+            "source": str(path),
+            "accuracy": float(metrics["accuracy"]),
+            "macro_f1": float(metrics["macro_f1"]),
+            "model_sha256": lineage.get("model", {}).get("sha256"),
+            "git_commit": (lineage.get("git") or {}).get("commit"),
+        }
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"source": str(path), "error": f"unreadable lineage: {exc!r}"}
+
+
+def _change(new: Any, old: Any) -> Optional[float]:
+    if new is None or old is None:
+        return None
+    return float(new) - float(old)

@@ -1,0 +1,84 @@
+"""What made this model: code (git), data and steps (dvc.lock), params, metrics, file digests.
+
+``lineage.json`` travels inside the package so a deployed model can be traced without the
+repository: the git commit (and whether the tree had uncommitted changes), the ``dvc.lock``
+entries of every upstream stage of the variant (command, dependency/output hashes, params),
+the variant's params section, the evaluation, and the sha256 of each packaged file.
+
+Nothing time- or machine-dependent is recorded (no timestamps, no absolute paths), so the same
+inputs give the same ``lineage.json`` and DVC sees an unchanged output.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pipeline.io import sha256_file
+
+DVC_LOCK = "dvc.lock"
+_MAX_LISTED_CHANGES = 20
+
+
+def git_info(cwd: str | Path = ".") -> dict[str, Any]:
+    """HEAD commit and dirtiness of the working tree; ``available: false`` without git."""
+    try:
+        commit = _git(["rev-parse", "HEAD"], cwd).strip()
+        status = _git(["status", "--porcelain", "--untracked-files=no"], cwd).splitlines()
+        # dvc.lock is rewritten by the very `dvc repro` that runs this step: a record, not code.
+        changes = [line for line in status if line and line[3:] != DVC_LOCK]
+    except (OSError, subprocess.CalledProcessError) as exc:
+        reason = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) and exc.stderr else str(exc)
+        return {"available": False, "reason": f"not a git checkout or git missing: {reason}"}
+    info: dict[str, Any] = {"available": True, "commit": commit, "dirty": bool(changes)}
+    if changes:
+        # Tracked files that differ from the commit: the code that ran is not exactly `commit`.
+        info["changed"] = [c[3:] for c in changes[:_MAX_LISTED_CHANGES]]
+        info["changed_total"] = len(changes)
+    return info
+
+
+def _git(args: list[str], cwd: str | Path) -> str:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout  # not stripped: porcelain lines start with a meaningful space
+
+
+def dvc_lock_entries(variant: str, steps: list[str], lock_path: str | Path = DVC_LOCK) -> dict[str, Any]:
+    """The ``dvc.lock`` entries ``<step>@<variant>`` for ``steps`` (cmd, deps, params, outs).
+
+    A plain CLI run (``fmpipe package`` without ``dvc repro``) may have no dvc.lock, or an
+    older one: the result says so instead of failing. Note that dvc.lock holds the hashes of
+    the last ``dvc repro``/``dvc commit``; files changed by hand since then are not in it.
+    """
+    import yaml
+
+    path = Path(lock_path)
+    if not path.exists():
+        return {"available": False, "path": str(lock_path),
+                "note": "no dvc.lock: run outside DVC (plain fmpipe CLI), upstream hashes not recorded"}
+    try:
+        lock = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        return {"available": False, "path": str(lock_path), "note": f"dvc.lock unreadable: {exc}"}
+    stages = lock.get("stages") or {}
+    found: dict[str, Any] = {}
+    missing: list[str] = []
+    for step in steps:
+        name = f"{step}@{variant}"
+        entry = stages.get(name)
+        if entry is None:
+            missing.append(name)
+            continue
+        found[name] = {key: entry.get(key) for key in ("cmd", "deps", "params", "outs") if key in entry}
+    result: dict[str, Any] = {"available": True, "path": str(lock_path), "stages": found}
+    if missing:
+        result["missing"] = missing
+        result["note"] = "some upstream stages have no dvc.lock entry (not run through DVC yet)"
+    return result
+
+
+def file_digests(root: str | Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"sha256", "size"}}`` for files under ``root``."""
+    root = Path(root)
+    return {name: {"sha256": sha256_file(root / name), "size": (root / name).stat().st_size} for name in names}

@@ -1,0 +1,151 @@
+"""``MODEL_CARD.md``: what the packaged model is, how good it is, how to run it, where it came from.
+
+Everything in the card is computed from the package's own inputs (model meta, dataset
+report, evaluation, ONNX check, lineage), so it cannot drift from the files beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n_params: int,
+                      source: dict[str, Any], rows_by_split: dict[str, int],
+                      feature_names: list[str] | None, annotate_report: dict[str, Any],
+                      metrics: dict[str, Any], per_class: list[dict[str, Any]],
+                      blessing: dict[str, Any], onnx_check: dict[str, Any], opset: int,
+                      lineage: dict[str, Any]) -> str:
+    classes = list(meta["classes"])
+    kind = meta["input"]["kind"]
+    shape = list(meta["input"]["shape"])
+    model = meta["model"]
+    n_test = int(metrics["n_test"])
+    acc = float(metrics["accuracy"])
+    lo, hi = _wilson(acc, n_test)
+    out: list[str] = []
+    add = out.append
+
+    add(f"# Model card: {variant} ({model['name']})\n")
+    add(f"{description or 'A classifier trained by fmpipe.'}\n")
+    add(f"Test accuracy **{acc:.4f}**, macro F1 **{float(metrics['macro_f1']):.4f}** on {n_test} held-out "
+        f"examples; {'blessed' if blessing['blessed'] else 'NOT blessed'} for packaging.\n")
+
+    add("## Model\n")
+    add(f"- Architecture: `{model['name']}` with options `{json.dumps(model.get('options') or {}, sort_keys=True)}` "
+        f"(see `pipeline/models/`), preceded by a fixed normalisation layer holding the training "
+        "split's mean/std.")
+    add(f"- Parameters: {n_params:,} (the normalisation statistics are buffers and not counted).")
+    add(f"- Input: {kind}, shape {shape} per example; output: {len(classes)} logits, one per class.")
+    add("- Files: `model.onnx` (opset {}, dynamic batch), `model.safetensors` + `model.json` "
+        "(rebuild in PyTorch with `pipeline.models.load_trained(dir)`).\n".format(opset))
+
+    add("## Intended use\n")
+    add(f"Classifying {kind} inputs drawn from the same distribution as the `{variant}` training data "
+        f"into one of: {', '.join(f'`{c}`' for c in classes)}. It is a pipeline-produced baseline meant for "
+        "experimentation, demos and as a reference for reproducibility; it is not validated for "
+        "decisions about people or for safety-critical use.\n")
+
+    add("## Training data\n")
+    add(f"- Variant: `{variant}`; source: `{json.dumps(source, sort_keys=True)}`.")
+    add("- Rows per split (after cleaning and annotation): "
+        + ", ".join(f"{s} {int(n)}" for s, n in rows_by_split.items()) + ".")
+    overrides = annotate_report.get("overrides_applied")
+    if overrides is not None:
+        add(f"- Human label overrides applied: {overrides} "
+            f"({annotate_report.get('labels_changed', 0)} changed a label).")
+    add(f"- Classes ({len(classes)}, index order = logit order): "
+        + ", ".join(f"{i}=`{c}`" for i, c in enumerate(classes)) + ".\n")
+
+    add("## Evaluation\n")
+    add(f"Test split, {n_test} examples{', flip test-time augmentation' if metrics.get('tta_flip') else ''}.\n")
+    add(f"- Accuracy: {acc:.4f} (95% Wilson interval {lo:.3f}..{hi:.3f})")
+    add(f"- Macro F1: {float(metrics['macro_f1']):.4f}\n")
+    add("| class | precision | recall | F1 | support |")
+    add("|---|---:|---:|---:|---:|")
+    for row in per_class:
+        add(f"| {row['class']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {int(row['support'])} |")
+    add("")
+    add(f"Blessing (thresholds from `params.yaml: variants.{variant}.evaluate`): "
+        f"**{'passed' if blessing['blessed'] else 'failed'}**.\n")
+    add("| check | threshold | value | passed |")
+    add("|---|---:|---:|---|")
+    for c in blessing["checks"]:
+        add(f"| {c['name']} | {c['threshold']:.4f} | {c['value']:.4f} | {'yes' if c['passed'] else 'no'} |")
+    add("")
+    base = blessing.get("baseline")
+    if base and base.get("accuracy_change") is not None:
+        add(f"Against the previously packaged model: accuracy {base['accuracy_change']:+.4f}, "
+            f"macro F1 {base['macro_f1_change']:+.4f}.\n")
+
+    add("## Input format and preprocessing\n")
+    if kind == "image":
+        c, h, w = shape
+        add(f"A float32 tensor N x {c} x {h} x {w} (NCHW) of **raw pixel values 0..255** (uint8 pixels cast to "
+            "float, no scaling). Mean/std normalisation is inside the model; do not normalise again. "
+            "Images must already have this size and channel count (no resizing is done).\n")
+    else:
+        names = feature_names or [f"feature {i}" for i in range(shape[0])]
+        add(f"A float32 tensor N x {shape[0]} of **raw feature values** in this order: "
+            + ", ".join(f"`{n}`" for n in names)
+            + ". Standardisation is inside the model; missing values are not supported.\n")
+
+    add("## Running it with onnxruntime\n")
+    add("```python")
+    add("import numpy as np")
+    add("import onnxruntime as ort\n")
+    add('session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])')
+    if kind == "image":
+        add("# images: uint8 array N x H x W x C")
+        add("x = images.astype(np.float32).transpose(0, 3, 1, 2)")
+    else:
+        add("# rows: N x F numbers, columns in the order listed above")
+        add("x = np.asarray(rows, dtype=np.float32)")
+    add('logits = session.run(["logits"], {"input": x})[0]')
+    add(f"classes = {json.dumps(classes)}")
+    add("predicted = [classes[i] for i in logits.argmax(axis=1)]")
+    add("```\n")
+    if metrics.get("tta_flip"):
+        add("The reported metrics average the softmax of each image and its horizontal mirror; the ONNX "
+            "graph scores one image, so run it on both and average to reproduce them.\n")
+    add(f"The ONNX model was checked against PyTorch on {onnx_check['n_checked']} test inputs: max |logit "
+        f"difference| {onnx_check['max_abs_diff']:.3g} (allowed {onnx_check['atol']:g}), identical argmax.\n")
+
+    add("## Limitations\n")
+    add(f"- Measured on {n_test} test examples from the same source as training; the interval above is "
+        "the sampling uncertainty alone. Accuracy on data from other devices, scanners, populations or "
+        "time periods (distribution shift) is unknown.")
+    add("- Softmax confidences are not calibrated probabilities.")
+    add(f"- Only the {len(classes)} classes above exist for the model: an input of any other kind still "
+        "gets one of them.")
+    weakest = min(per_class, key=lambda r: r["f1"]) if per_class else None
+    if weakest is not None:
+        add(f"- Weakest class on the test split: `{weakest['class']}` (F1 {weakest['f1']:.3f}).")
+    add("")
+
+    add("## Lineage\n")
+    git = lineage.get("git", {})
+    if git.get("available"):
+        add(f"- Code: git commit `{git['commit']}`{' with uncommitted changes' if git.get('dirty') else ''}.")
+    else:
+        add(f"- Code: no git information ({git.get('reason', 'unavailable')}).")
+    dvc = lineage.get("dvc_lock", {})
+    if dvc.get("available"):
+        add(f"- Data and steps: {len(dvc.get('stages', {}))} upstream `dvc.lock` entries recorded "
+            f"({', '.join(dvc.get('stages', {}))}){'; missing: ' + ', '.join(dvc['missing']) if dvc.get('missing') else ''}.")
+    else:
+        add(f"- Data and steps: {dvc.get('note', 'no dvc.lock')}.")
+    add(f"- Weights: sha256 `{lineage['model']['sha256']}`.")
+    add("- Full record (params, hashes, metrics, file digests): `lineage.json`.")
+    return "\n".join(out) + "\n"
+
+
+def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike p +- 2se)."""
+    if n <= 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

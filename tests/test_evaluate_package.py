@@ -1,0 +1,245 @@
+"""evaluate -> package on the embedded variants, with real torch, torchmetrics and onnxruntime.
+
+The train step is not used here: each test builds the variant's network with
+``pipeline.models.build``, fits it for a moment with plain torch on the training split and
+saves it with ``save_trained`` where the train step would (``data/<variant>/train/``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import load_variant
+from pipeline.errors import FmpipeError
+from pipeline.io import sha256_file
+from pipeline.manifest import read_dataset
+from pipeline.models import build, save_trained
+from pipeline.packaging.evaluation import model_inputs
+from stages import clean, collect, evaluate, package
+
+PACKAGE_FILES = {"model.safetensors", "model.json", "model.onnx", "MODEL_CARD.md", "lineage.json"}
+
+
+def make_annotated(variant: str) -> None:
+    collect.run(variant)
+    clean.run(variant)
+    # The annotate step requires the validate step's pass marker (another module); with no
+    # label overrides its output equals clean's, so copy clean -> annotate directly.
+    shutil.copytree(f"data/{variant}/clean", f"data/{variant}/annotate")
+
+
+def make_model(variant: str, epochs: int = 0, lr: float = 0.01, batch_size: int = 64):
+    """The variant's network, fitted ``epochs`` passes with Adam, saved as the train step would."""
+    spec = load_variant(variant)
+    train = read_dataset("data/{}/annotate".format(variant), mmap=False).split("train")
+    x = model_inputs(train)
+    y = torch.tensor(train.manifest["label"].to_numpy(), dtype=torch.long)
+    dims = (0, 2, 3) if x.ndim == 4 else (0,)
+    torch.manual_seed(0)
+    net = build(spec.model.name, tuple(x.shape[1:]), len(train.classes), spec.model.options,
+                mean=x.mean(dim=dims), std=x.std(dim=dims))
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(x)).split(batch_size):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    net.eval()
+    meta = {"model": {"name": spec.model.name, "options": dict(spec.model.options)},
+            "input": {"kind": train.kind, "shape": list(x.shape[1:])}, "classes": list(train.classes)}
+    out = Path(f"data/{variant}/train")
+    out.mkdir(parents=True, exist_ok=True)
+    save_trained(net, meta, out)
+    return net
+
+
+def check_evaluation(variant: str) -> dict:
+    out = Path(f"data/{variant}/evaluate")
+    metrics = json.loads((out / "metrics.json").read_text())
+    preds = pd.read_parquet(out / "predictions.parquet")
+    test = read_dataset(f"data/{variant}/annotate").split("test")
+    assert metrics["n_test"] == len(test) == len(preds)
+    assert list(preds["id"]) == list(test.manifest["id"])
+    assert metrics["accuracy"] == pytest.approx((preds["label"] == preds["predicted"]).mean(), abs=1e-6)
+    assert preds["confidence"].between(0, 1).all()
+
+    confusion = pd.read_csv(out / "confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == metrics["n_test"]
+    assert (confusion["actual"] == confusion["predicted"]).mean() == pytest.approx(metrics["accuracy"], abs=1e-6)
+
+    per_class = pd.read_csv(out / "per_class.csv", dtype={"class": str})
+    assert list(per_class["class"]) == list(test.classes) == list(metrics["per_class"])
+    assert per_class["support"].sum() == metrics["n_test"]
+    for row in per_class.to_dict("records"):
+        actual = preds["label_name"] == row["class"]  # recall of this class, recomputed
+        assert row["recall"] == pytest.approx((preds.loc[actual, "predicted_name"] == row["class"]).mean(), abs=1e-5)
+        assert metrics["per_class"][row["class"]]["recall"] == pytest.approx(row["recall"], abs=1e-5)
+    assert metrics["macro_f1"] == pytest.approx(per_class["f1"].mean(), abs=1e-5)
+
+    blessing = json.loads((out / "blessing.json").read_text())
+    spec = load_variant(variant).evaluate
+    assert {c["name"]: c["threshold"] for c in blessing["checks"]} == {
+        "min_accuracy": spec.min_accuracy, "min_macro_f1": spec.min_macro_f1}
+    assert blessing["model"]["sha256"] == sha256_file(f"data/{variant}/train/model.safetensors")
+    return {"metrics": metrics, "blessing": blessing}
+
+
+def check_package(variant: str, net: torch.nn.Module, metrics: dict) -> dict:
+    out = Path(f"data/{variant}/package")
+    assert {p.name for p in out.iterdir()} == PACKAGE_FILES
+    lineage = json.loads((out / "lineage.json").read_text())
+    for name, digest in lineage["files"].items():
+        assert digest == {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}
+    assert set(lineage["files"]) == PACKAGE_FILES - {"lineage.json"}
+    assert sha256_file(out / "model.safetensors") == sha256_file(f"data/{variant}/train/model.safetensors")
+    assert lineage["metrics"] == metrics
+    assert lineage["params"]["evaluate"] == load_variant(variant).evaluate.model_dump()
+    # The scratch project is no DVC repro (and normally no git checkout): said, not fatal.
+    git = lineage["git"]
+    assert (len(git["commit"]) == 40) if git["available"] else "not a git checkout" in git["reason"]
+    assert lineage["dvc_lock"]["available"] is False and "dvc.lock" in lineage["dvc_lock"]["note"]
+
+    # ONNX reproduces torch on the test inputs at a batch size other than the traced one.
+    x = model_inputs(read_dataset(f"data/{variant}/annotate").split("test")).numpy()
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"input": x})[0]
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, atol=load_variant(variant).package.onnx_atol, rtol=0)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    assert 0 <= lineage["onnx"]["max_abs_diff"] <= lineage["onnx"]["atol"]
+    assert lineage["onnx"]["n_checked"] == min(len(x), 256)
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["fmpipe.classes"]) == lineage["model"]["classes"]
+
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"{metrics['accuracy']:.4f}" in card and "onnxruntime" in card
+    return lineage
+
+
+def test_iris_evaluate_and_package(project, capsys):
+    make_annotated("iris")
+    net = make_model("iris", epochs=40, lr=0.02, batch_size=16)
+    result = evaluate.run("iris")
+    assert "BLESSED" in capsys.readouterr().err
+    ev = check_evaluation("iris")
+    assert ev["blessing"]["blessed"] is True and result["blessing"]["blessed"] is True
+    assert "baseline" not in ev["blessing"]  # nothing packaged before
+
+    lineage = package.run("iris")
+    check_package("iris", net, ev["metrics"])
+    assert lineage["data"]["rows_by_split"] == {"train": 89, "val": 15, "test": 45}
+    card = Path("data/iris/package/MODEL_CARD.md").read_text()
+    assert "`sepal_length_cm`, `sepal_width_cm`" in card  # raw features listed in input order
+
+    # Evaluating again compares with the model just packaged (the last blessed one).
+    evaluate.run("iris")
+    baseline = json.loads(Path("data/iris/evaluate/blessing.json").read_text())["baseline"]
+    assert baseline["accuracy_change"] == 0.0 and baseline["model_sha256"] == lineage["model"]["sha256"]
+
+
+def test_digits_evaluate_and_package(project):
+    make_annotated("digits")
+    net = make_model("digits", epochs=4, lr=0.005)
+    evaluate.run("digits")
+    ev = check_evaluation("digits")
+    assert ev["blessing"]["blessed"] is True, ev["blessing"]
+    package.run("digits")
+    lineage = check_package("digits", net, ev["metrics"])
+    assert lineage["model"]["input"] == {"kind": "image", "shape": [1, 8, 8]}
+    assert "0..255" in Path("data/digits/package/MODEL_CARD.md").read_text()
+
+
+def test_unblessed_model_is_not_packaged(project):
+    make_annotated("digits")
+    make_model("digits", epochs=0)  # untrained: ~10% accuracy against min_accuracy 0.97
+    sentinel = Path("data/digits/package")
+    sentinel.mkdir(parents=True)
+    (sentinel / "lineage.json").write_text('{"metrics": {"accuracy": 0.99, "macro_f1": 0.99}}\n')
+    (sentinel / "model.onnx").write_bytes(b"previous good package")
+    before = {p.name: p.read_bytes() for p in sentinel.iterdir()}
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--stage", "digits"])
+    assert result.exit_code == 0, result.output  # metrics must be recorded even when not blessed
+    assert "NOT BLESSED" in result.output and "min_accuracy" in result.output
+    blessing = json.loads(Path("data/digits/evaluate/blessing.json").read_text())
+    assert blessing["blessed"] is False
+    assert {c["name"]: c["passed"] for c in blessing["checks"]}["min_accuracy"] is False
+    assert blessing["baseline"]["accuracy_change"] < -0.5  # vs the sentinel's 0.99, reported only
+
+    with pytest.raises(FmpipeError, match="not blessed.*min_accuracy"):
+        package.run("digits")
+    result = runner.invoke(app, ["package", "--stage", "digits"])
+    assert result.exit_code == 1 and "min_accuracy" in result.output
+    assert {p.name: p.read_bytes() for p in sentinel.iterdir()} == before
+    assert not [p for p in sentinel.parent.iterdir() if p.name.startswith(".package")]  # no temp dirs left
+
+
+def test_package_refuses_weights_changed_after_evaluate(project):
+    make_annotated("iris")
+    make_model("iris", epochs=40, lr=0.02, batch_size=16)
+    evaluate.run("iris")
+    make_model("iris", epochs=1)  # retrained without re-evaluating
+    with pytest.raises(FmpipeError, match="differs from the weights evaluate blessed"):
+        package.run("iris")
+    assert not Path("data/iris/package").exists()
+
+
+def test_package_records_dvc_lock_entries(project):
+    make_annotated("iris")
+    make_model("iris", epochs=40, lr=0.02, batch_size=16)
+    evaluate.run("iris")
+    entry = {"cmd": "fmpipe train --stage iris",
+             "deps": [{"path": "data/iris/annotate", "md5": "abc.dir", "size": 1, "nfiles": 4}],
+             "params": {"params.yaml": {"variants.iris.train": {"max_epochs": 60}}},
+             "outs": [{"path": "data/iris/train", "md5": "def.dir", "size": 2, "nfiles": 2}]}
+    Path("dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "train@iris": entry, "train@digits": {"cmd": "fmpipe train --stage digits"}}}))
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "params.yaml", "dvc.lock"], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    with open("dvc.lock", "a") as fh:  # dvc repro rewrites dvc.lock: that is not dirty code
+        fh.write("# touched\n")
+
+    lineage = package.run("iris")
+    dvc = lineage["dvc_lock"]
+    assert dvc["available"] is True and dvc["stages"] == {"train@iris": entry}
+    assert "collect@iris" in dvc["missing"] and "train@digits" not in dvc["stages"]
+    assert lineage["git"] == {"available": True, "commit": head, "dirty": False}
+
+    with open("params.yaml", "a") as fh:
+        fh.write("# edited\n")
+    lineage = package.run("iris")
+    assert lineage["git"]["dirty"] is True and lineage["git"]["changed"] == ["params.yaml"]
+
+
+def test_flip_tta_averages_image_and_mirror(project):
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["variants"]["digits"]["train"]["tta_flip"] = True
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    make_annotated("digits")
+    net = make_model("digits", epochs=0)
+    metrics = evaluate.run("digits")["metrics"]
+    assert metrics["tta_flip"] is True
+    x = model_inputs(read_dataset("data/digits/annotate").split("test"))
+    with torch.inference_mode():
+        probs = (net(x).softmax(1) + net(x.flip(-1)).softmax(1)) / 2
+    preds = pd.read_parquet("data/digits/evaluate/predictions.parquet")
+    np.testing.assert_allclose(preds["confidence"], probs.max(1).values.numpy(), atol=1e-6)
+    assert (preds["predicted"].to_numpy() == probs.argmax(1).numpy()).all()
