@@ -181,7 +181,7 @@ def _is_junk(rel: PurePosixPath) -> bool:
     return any(p.startswith(".") or p in _JUNK for p in rel.parts)
 
 
-def _strip_wrapper(files: list[PurePosixPath], dirs: list[PurePosixPath]) -> tuple[int, Optional[str]]:
+def _strip_wrapper(files: list[PurePosixPath]) -> tuple[int, Optional[str]]:
     """How many leading folders every path shares and the data root lies under (0 or more)."""
     depth, wrapper = 0, []
     while files:
@@ -198,7 +198,7 @@ def _strip_wrapper(files: list[PurePosixPath], dirs: list[PurePosixPath]) -> tup
 
 def _layout(path: Path, files: list[PurePosixPath], dirs: list[PurePosixPath]):
     """(split layout?, wrapper depth, wrapper name) or an error for a mixed top level."""
-    depth, wrapper = _strip_wrapper(files, dirs)
+    depth, wrapper = _strip_wrapper(files)
     tops = {f.parts[depth] for f in files if len(f.parts) > depth + 1}
     tops |= {d.parts[depth] for d in dirs if len(d.parts) > depth}
     split_tops = tops & set(SPLITS)
