@@ -44,15 +44,17 @@ def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
 
     blessing = _read_json(eval_dir / BLESSING, "run `fmpipe evaluate` first")
     if not blessing.get("blessed"):
-        failed = ", ".join(failed_checks(blessing)) or "no passing checks recorded"
+        failed = ", ".join(failed_checks(blessing)) or "no failed check recorded"
         raise FmpipeError(f"{eval_dir / BLESSING}: model is not blessed (failed: {failed}); "
                           f"refusing to package it, previous package left as it was")
-    weights_sha = sha256_file(model_dir / WEIGHTS) if (model_dir / WEIGHTS).exists() else None
+    if not (model_dir / WEIGHTS).exists():
+        raise FmpipeError(f"{model_dir / WEIGHTS}: not found; run `fmpipe train --stage {variant}` first")
+    weights_sha = sha256_file(model_dir / WEIGHTS)
     if weights_sha != blessing.get("model", {}).get("sha256"):
         raise FmpipeError(f"{model_dir / WEIGHTS}: differs from the weights evaluate blessed "
                           f"({eval_dir / BLESSING}); run `fmpipe evaluate --stage {variant}` again")
     metrics = _read_json(eval_dir / METRICS, "run `fmpipe evaluate` first")
-    per_class = pd.read_csv(eval_dir / PER_CLASS).to_dict("records")
+    per_class = pd.read_csv(eval_dir / PER_CLASS, dtype={"class": str}, keep_default_na=False).to_dict("records")
 
     net, meta = load_trained(model_dir)
     ds = read_dataset(data_dir)

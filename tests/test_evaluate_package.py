@@ -32,6 +32,15 @@ from stages import clean, collect, evaluate, package
 PACKAGE_FILES = {"model.safetensors", "model.json", "model.onnx", "MODEL_CARD.md", "lineage.json"}
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on shared CPUs: extra intra-op threads only fight over cores (50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_annotated(variant: str) -> None:
     collect.run(variant)
     clean.run(variant)
@@ -243,3 +252,17 @@ def test_flip_tta_averages_image_and_mirror(project):
     preds = pd.read_parquet("data/digits/evaluate/predictions.parquet")
     np.testing.assert_allclose(preds["confidence"], probs.max(1).values.numpy(), atol=1e-6)
     assert (preds["predicted"].to_numpy() == probs.argmax(1).numpy()).all()
+
+
+def test_onnx_check_rejects_a_graph_that_differs_from_torch(project):
+    from pipeline.packaging.onnx_export import export_onnx, verify_onnx
+
+    make_annotated("iris")
+    net = make_model("iris", epochs=0)
+    x = model_inputs(read_dataset("data/iris/annotate").split("test"))
+    onnx_model = export_onnx(net, x[:2], opset=17)
+    assert verify_onnx(onnx_model, net, x, atol=1e-4)["max_abs_diff"] <= 1e-4
+    with torch.no_grad():
+        net.body[-1].bias += 1.0  # torch side changed after export
+    with pytest.raises(FmpipeError, match="does not reproduce torch"):
+        verify_onnx(onnx_model, net, x, atol=1e-4)

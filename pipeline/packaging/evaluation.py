@@ -92,11 +92,11 @@ def score(probs: "torch.Tensor", labels: np.ndarray, classes: list[str]) -> dict
         MulticlassRecall,
     )
 
+    if len(labels) == 0:
+        raise FmpipeError("the test split is empty: nothing to evaluate")
     k = len(classes)
     preds = probs.argmax(dim=1)
     target = torch.tensor(np.array(labels, dtype=np.int64))
-    if len(target) == 0:
-        raise FmpipeError("the test split is empty: nothing to evaluate")
 
     def run(metric) -> np.ndarray:
         return metric(preds, target).detach().cpu().numpy()
