@@ -57,11 +57,6 @@ class ValidateSpec(Strict):
     max_class_fraction: float = Field(1.0, gt=0, le=1)
 
 
-class AnnotateSpec(Strict):
-    # Label overrides, a CSV with columns id,label; default annotations/<variant>.csv.
-    file: Optional[str] = None
-
-
 class ModelSpec(Strict):
     """A named network from pipeline.models and its constructor options."""
 
@@ -124,16 +119,18 @@ class PackageSpec(Strict):
 
 
 class VariantSpec(Strict):
+    """One variant. Every step's section is required (its fields have defaults): dvc.yaml
+    tracks each section by name, and DVC stops on a tracked section that is absent."""
+
     description: str = ""
     source: SourceSpec
-    split: SplitSpec = Field(default_factory=SplitSpec)
-    clean: CleanSpec = Field(default_factory=CleanSpec)
-    validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate")
-    annotate: AnnotateSpec = Field(default_factory=AnnotateSpec)
+    split: SplitSpec
+    clean: CleanSpec
+    validate_: ValidateSpec = Field(alias="validate")
     model: ModelSpec
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
-    package: PackageSpec = Field(default_factory=PackageSpec)
+    train: TrainSpec
+    evaluate: EvaluateSpec
+    package: PackageSpec
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -14,5 +14,6 @@ def step_dir(variant: str, step: str) -> Path:
     return DATA_ROOT / variant / step
 
 
-def annotations_file(variant: str, configured: str | None) -> Path:
-    return Path(configured) if configured else Path("annotations") / f"{variant}.csv"
+def annotations_file(variant: str) -> Path:
+    """Label overrides for a variant (a dvc.yaml dependency of its annotate stage)."""
+    return Path("annotations") / f"{variant}.csv"

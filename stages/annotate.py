@@ -18,10 +18,10 @@ from stages.validate import require_passed
 
 
 def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
-    spec = load_variant(variant, params_path)
+    load_variant(variant, params_path)  # an unknown variant or bad params stop here
     require_passed(variant)
     ds = read_dataset(step_dir(variant, "clean"))
-    path = annotations_file(variant, spec.annotate.file)
+    path = annotations_file(variant)
     overrides = read_overrides(path, ds.classes)
 
     m = ds.manifest.copy()
