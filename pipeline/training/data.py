@@ -1,0 +1,220 @@
+"""Training data on the device: whole splits as tensors, batches by index, augmentation per batch.
+
+The airbench lesson: on small images the per-sample ``Dataset.__getitem__`` + collate path of a
+``DataLoader`` costs more than the network. Here each split is one tensor that lives on the
+training device (images stay uint8 there, 4x smaller than float), an epoch is one seeded
+permutation, and a batch is one indexing operation followed by batch-wide augmentation. There
+is no per-sample Python and no worker process.
+
+DDP: :class:`BatchStream` asks the trainer for ``global_rank`` / ``world_size`` when an epoch
+starts. Every rank draws the same permutation (same seed, same epoch) and takes every
+``world_size``-th batch of it, so the ranks see disjoint shards and all of them run the same
+number of steps (the leftover batches of an epoch are dropped, as ``drop_last`` does).
+``batch_size`` is per device, Lightning's convention: the global batch is
+``batch_size * world_size``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import AugmentSpec
+from pipeline.errors import FmpipeError
+from pipeline.manifest import Dataset
+
+EVAL_BATCH = 1024  # validation batch size floor: no gradients, so bigger is just faster
+
+
+def split_arrays(ds: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(inputs, labels)`` of one split: images N x C x H x W uint8, tables N x F float32."""
+    part = ds.split(split)
+    labels = part.manifest["label"].to_numpy(dtype=np.int64)
+    if ds.kind == "image":
+        x = np.ascontiguousarray(np.asarray(part.images).transpose(0, 3, 1, 2))
+    else:
+        x = part.features.to_numpy(dtype=np.float32)
+    return x, labels
+
+
+def input_shape(ds: Dataset) -> tuple[int, ...]:
+    """The network's input shape without the batch dim: (C, H, W) or (F,)."""
+    if ds.kind == "image":
+        _, h, w, c = ds.images.shape
+        return (c, h, w)
+    return (ds.features.shape[1],)
+
+
+def normalization_stats(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per channel (N x C x H x W) or per feature (N x F), in float64 then float32."""
+    axes = (0, 2, 3) if x.ndim == 4 else (0,)
+    values = x.astype(np.float64, copy=False)
+    mean = values.mean(axis=axes)
+    std = values.std(axis=axes)
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
+
+def augment_batch(x: torch.Tensor, aug: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+    """Random translate (reflect padding) and horizontal flip of an N x C x H x W float batch.
+
+    Every sample gets its own shift in ``[-translate, translate]`` on both axes and its own
+    flip coin, all drawn from ``gen`` (on the batch's device) in a fixed order, so the same
+    generator state gives the same batch.
+    """
+    n, _, h, w = x.shape
+    if aug.translate:
+        t = aug.translate
+        padded = F.pad(x, (t, t, t, t), mode="reflect")
+        dy = torch.randint(0, 2 * t + 1, (n,), device=x.device, generator=gen)
+        dx = torch.randint(0, 2 * t + 1, (n,), device=x.device, generator=gen)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # n x h x 1
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # n x 1 x w
+        idx = torch.arange(n, device=x.device)[:, None, None]
+        # Advanced indices around a slice put their dims first: n x h x w x c.
+        x = padded[idx, :, rows, cols].permute(0, 3, 1, 2)
+    if aug.flip:
+        coin = torch.rand(n, device=x.device, generator=gen) < 0.5
+        x = torch.where(coin[:, None, None, None], x.flip(-1), x)
+    return x.contiguous()
+
+
+class BatchStream:
+    """An iterable of whole ``(inputs, labels)`` batches over tensors already on the device.
+
+    ``train=True``: a fresh permutation every epoch from ``seed`` and the epoch number, the
+    last incomplete batch dropped, augmentation applied. ``train=False``: rows in order,
+    every row once (each rank takes its own contiguous rows under DDP).
+    Image batches come out as float32 0..255 (channels_last if asked); tables as they are.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, train: bool,
+                 seed: int = 0, augment: Optional[AugmentSpec] = None, channels_last: bool = False,
+                 epoch: Callable[[], int] = lambda: 0,
+                 rank: Callable[[], tuple[int, int]] = lambda: (0, 1)) -> None:
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.augment = augment if augment is not None and (augment.flip or augment.translate) else None
+        self.channels_last = channels_last
+        self.epoch = epoch
+        self.rank = rank
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        rank, world = self.rank()
+        if self.train:
+            return (n // self.batch_size) // world
+        rows = len(range(rank, n, world)) if world > 1 else n
+        return -(-rows // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rank, world = self.rank()
+        n = len(self.y)
+        if self.train:
+            epoch = int(self.epoch())
+            # The permutation is drawn on the CPU (cheap, identical on every device type);
+            # the augmentation generator lives on the data's device.
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            n_batches = (n // self.batch_size) // world
+            starts = [(b * world + rank) * self.batch_size for b in range(n_batches)]
+            aug_gen = None
+            if self.augment is not None:
+                aug_gen = torch.Generator(device=self.x.device)
+                aug_gen.manual_seed((self.seed * 1_000_003 + epoch) * 4099 + rank + 1)
+            order = order.to(self.x.device)
+            for s in starts:
+                idx = order[s:s + self.batch_size]
+                yield self._prepare(self.x[idx], aug_gen), self.y[idx]
+        else:
+            rows = torch.arange(rank, n, world, device=self.x.device) if world > 1 else None
+            total = n if rows is None else len(rows)
+            for s in range(0, total, self.batch_size):
+                if rows is None:
+                    xb, yb = self.x[s:s + self.batch_size], self.y[s:s + self.batch_size]
+                else:
+                    idx = rows[s:s + self.batch_size]
+                    xb, yb = self.x[idx], self.y[idx]
+                yield self._prepare(xb, None), yb
+
+    def _prepare(self, xb: torch.Tensor, gen: Optional[torch.Generator]) -> torch.Tensor:
+        if xb.ndim != 4:
+            return xb
+        xb = xb.float()
+        if gen is not None:
+            xb = augment_batch(xb, self.augment, gen)
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """The dataset contract's train/val splits as :class:`BatchStream` s on the training device.
+
+    Construction reads the splits into CPU arrays and measures the normalisation statistics on
+    the train split (``mean``/``std``, needed to build the network before training starts);
+    ``setup`` moves the tensors onto ``trainer.strategy.root_device``.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, augment: Optional[AugmentSpec] = None,
+                 seed: int = 0, channels_last: bool = False) -> None:
+        super().__init__()
+        augment = augment or AugmentSpec()
+        if dataset.kind != "image" and (augment.flip or augment.translate):
+            raise FmpipeError("train.augment (flip/translate) applies to images only; this dataset is a table")
+        self.kind = dataset.kind
+        self.classes = list(dataset.classes)
+        self.input_shape = input_shape(dataset)
+        if dataset.kind == "image" and augment.translate >= min(self.input_shape[1:]):
+            raise FmpipeError(
+                f"train.augment.translate: {augment.translate} px must be below the image size "
+                f"{self.input_shape[1]}x{self.input_shape[2]} (reflect padding)"
+            )
+        self.batch_size = batch_size
+        self.augment = augment
+        self.seed = seed
+        self.channels_last = channels_last and dataset.kind == "image"
+        self._arrays = {s: split_arrays(dataset, s) for s in ("train", "val")}
+        n_train = len(self._arrays["train"][1])
+        if n_train < batch_size:
+            raise FmpipeError(
+                f"train.batch_size: {batch_size} is larger than the train split ({n_train} rows); "
+                "every epoch would be empty"
+            )
+        self.mean, self.std = normalization_stats(self._arrays["train"][0])
+        self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def num_train(self) -> int:
+        return len(self._arrays["train"][1])
+
+    @property
+    def num_val(self) -> int:
+        return len(self._arrays["val"][1])
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        for split, (x, y) in self._arrays.items():
+            self._tensors[split] = (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+
+    def _rank(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _epoch(self) -> int:
+        return 0 if self.trainer is None else self.trainer.current_epoch
+
+    def train_dataloader(self) -> BatchStream:
+        x, y = self._tensors["train"]
+        return BatchStream(x, y, self.batch_size, train=True, seed=self.seed, augment=self.augment,
+                           channels_last=self.channels_last, epoch=self._epoch, rank=self._rank)
+
+    def val_dataloader(self) -> BatchStream:
+        x, y = self._tensors["val"]
+        return BatchStream(x, y, max(self.batch_size, EVAL_BATCH), train=False,
+                           channels_last=self.channels_last, rank=self._rank)

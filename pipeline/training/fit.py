@@ -1,0 +1,253 @@
+"""``fit``: train one variant's network on a dataset and write the trained model.
+
+Layout (``out_dir`` is ``data/<variant>/train`` for the train step):
+
+``data/<variant>/train/`` -- the step's DVC output, replaced in one rename at the end of a
+successful run (a failed or interrupted run leaves the previous one as it was):
+
+- ``model.safetensors`` + ``model.json``: the trained network (``pipeline.models.load_trained``),
+  float32, normalisation buffers included. Bit-identical across runs with the same params and
+  data on CPU.
+- ``train_summary.json``: epochs, steps, wall time, throughput (samples/s), final train/val
+  loss and accuracy, device, precision. It holds timings: declare it ``cache: false``
+  (a metrics file), not part of a hashed output.
+- ``live/``: DVCLive's files: ``metrics.json`` (last values) and ``plots/metrics/{train,val}/
+  {loss,acc}.tsv`` (one row per epoch, x = global step) for ``dvc plots show``. DVCLive
+  writes a timestamp column in the .tsv files, so ``live/`` is also ``cache: false``
+  (plots/metrics), not part of a hashed output.
+
+``data/<variant>/train-state/`` (``state_dir``) -- run state written *during* training; not a
+DVC output, survives an interrupted run:
+
+- ``checkpoints/last.ckpt`` (every epoch) and ``best-epochNNN.ckpt`` (highest ``val/acc``):
+  Lightning checkpoints, weights + optimizer + loop state, loadable with ``weights_only=True``;
+- ``live/``: DVCLive's in-progress files (copied into ``train/live`` at the end);
+- ``run.json``: a fingerprint of the data, model and training params of the run.
+
+A fresh run (``resume=False``) clears ``state_dir`` first. ``resume=True`` continues from
+``checkpoints/last.ckpt`` (epoch, global step, optimizer and scheduler state) and appends to
+the DVCLive curves; it refuses when the data, model or training params (other than
+``max_epochs``/``max_time`` and the hardware keys) differ from the interrupted run's. Raising
+``max_epochs`` and resuming extends a finished run; the LR schedule is recomputed for the new
+length. The state is kept after success for that reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from pipeline.config import VariantSpec
+from pipeline.errors import FmpipeError
+from pipeline.io import atomic_dir, atomic_write_json, to_json
+from pipeline.manifest import Dataset
+
+LAST_CKPT = "last.ckpt"
+SUMMARY = "train_summary.json"
+RUN_META = "run.json"
+# Keys that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = {"max_epochs", "max_time", "accelerator", "devices", "num_nodes", "strategy"}
+
+
+def default_state_dir(out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}-state"
+
+
+def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resume: bool = False,
+        state_dir: Optional[str | os.PathLike] = None, callbacks: Sequence[Any] = (),
+        variant: str = "") -> dict[str, Any]:
+    """Train ``spec.model`` on ``dataset``'s train split (validating on val) with ``spec.train``.
+
+    Writes the trained model into ``out_dir`` (atomically, at the end) and returns the
+    summary also written to ``out_dir/train_summary.json``. ``callbacks`` are extra Lightning
+    callbacks (benchmarks, tests). Under DDP every rank runs this; only global rank 0 writes
+    ``out_dir`` and the others return ``{}``.
+    """
+    _quiet_dvclive()
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from pipeline.models import build, save_trained
+    from pipeline.training.callbacks import ThroughputTimer, _EpochDVCLiveLogger
+    from pipeline.training.data import TensorDataModule
+    from pipeline.training.module import ClassifierModule
+
+    out_dir = Path(out_dir)
+    state_dir = Path(state_dir) if state_dir is not None else default_state_dir(out_dir)
+    ckpt_dir = state_dir / "checkpoints"
+    train = spec.train
+    fingerprint = run_fingerprint(dataset, spec)
+
+    resumed_from = None
+    if resume:
+        resumed_from = _check_resumable(state_dir, fingerprint)
+    elif _launch_rank() == 0:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        state_dir.mkdir(parents=True)
+        atomic_write_json(state_dir / RUN_META, fingerprint)
+
+    pl.seed_everything(train.seed, workers=True, verbose=False)
+    dm = TensorDataModule(dataset, train.batch_size, augment=train.augment, seed=train.seed,
+                          channels_last=train.channels_last)
+    has_val = dm.num_val > 0
+    net = build(spec.model.name, dm.input_shape, len(dm.classes), spec.model.options,
+                mean=dm.mean, std=dm.std)
+    module = ClassifierModule(net, len(dm.classes), train)
+
+    logger = _EpochDVCLiveLogger(dir=str(state_dir / "live"), resume=resume, save_dvc_exp=False,
+                           dvcyaml=False, report=None)
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+        monitor="val/acc" if has_val else None, mode="max", save_top_k=1 if has_val else 0,
+        save_last=True, every_n_epochs=1,
+    )
+    timer = ThroughputTimer()
+    steps_per_epoch = max(1, dm.num_train // train.batch_size)
+    trainer = pl.Trainer(
+        accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
+        strategy=train.strategy, precision=train.precision, max_epochs=train.max_epochs,
+        max_time=train.max_time, deterministic=train.deterministic, logger=logger,
+        callbacks=[checkpoint, timer, *callbacks], default_root_dir=str(state_dir),
+        log_every_n_steps=min(50, steps_per_epoch), limit_val_batches=None if has_val else 0,
+        enable_progress_bar=True, enable_model_summary=True,
+    )
+    wall0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm,
+                ckpt_path=str(ckpt_dir / LAST_CKPT) if resume else None, weights_only=True)
+    wall = time.perf_counter() - wall0
+    if trainer.interrupted:  # Lightning exits on Ctrl+C itself; this guards other interruptions
+        raise KeyboardInterrupt
+    if not trainer.is_global_zero:
+        return {}
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+    device = trainer.strategy.root_device
+    summary = {
+        "variant": variant,
+        "model": spec.model.name,
+        "epochs": int(trainer.current_epoch),
+        "global_step": int(trainer.global_step),
+        "resumed_from": resumed_from,
+        "train_rows": dm.num_train,
+        "val_rows": dm.num_val,
+        "batch_size": train.batch_size,
+        "world_size": int(trainer.world_size),
+        "wall_time_s": round(wall, 3),
+        "train_time_s": round(timer.train_seconds, 3),
+        "throughput_samples_per_s": round(timer.samples / timer.train_seconds, 1) if timer.train_seconds else None,
+        "device": _device_name(device),
+        "accelerator": type(trainer.accelerator).__name__,
+        "precision": str(trainer.precision),
+        "compile": train.compile,
+        "channels_last": train.channels_last,
+        "final": metrics,
+        "val_acc": metrics.get("val/acc"),
+    }
+
+    final = build(spec.model.name, dm.input_shape, len(dm.classes), spec.model.options)
+    final.load_state_dict({k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
+                           for k, v in module.net.state_dict().items()})
+    meta = model_meta(spec, dm, dataset)
+    with atomic_dir(out_dir) as tmp:
+        save_trained(final, meta, tmp)
+        if (state_dir / "live").exists():
+            shutil.copytree(state_dir / "live", tmp / "live")
+        (tmp / SUMMARY).write_text(to_json(summary))
+    return summary
+
+
+def model_meta(spec: VariantSpec, dm, dataset: Dataset) -> dict[str, Any]:
+    """``model.json``: what ``pipeline.models.load_trained`` needs, plus how inputs look."""
+    meta: dict[str, Any] = {
+        "model": {"name": spec.model.name, "options": dict(spec.model.options)},
+        "input": {
+            "kind": dm.kind,
+            "shape": list(dm.input_shape),
+            "dtype": "float32",
+            "layout": "NCHW, pixel values 0..255" if dm.kind == "image" else "NF, raw feature values",
+        },
+        "classes": list(dm.classes),
+        "normalization": {"mean": [round(float(v), 6) for v in dm.mean],
+                          "std": [round(float(v), 6) for v in dm.std]},
+        "tta_flip": bool(spec.train.tta_flip and dm.kind == "image"),
+    }
+    if dataset.features is not None:
+        meta["input"]["feature_names"] = list(dataset.features.columns)
+    return meta
+
+
+def run_fingerprint(dataset: Dataset, spec: VariantSpec) -> dict[str, Any]:
+    """What must not change between an interrupted run and its resumption."""
+    m = dataset.manifest
+    h = hashlib.sha256()
+    for col in ("id", "split", "label", "sha256"):
+        h.update("\x1f".join(map(str, m[col].tolist())).encode())
+        h.update(b"\x1e")
+    return json.loads(to_json({
+        "data_sha256": h.hexdigest(),
+        "model": spec.model.model_dump(),
+        "train": spec.train.model_dump(exclude=_RESUMABLE_CHANGES),
+    }))
+
+
+def read_checkpoint_progress(path: str | os.PathLike) -> dict[str, int]:
+    """``{"epoch", "global_step"}`` of a Lightning checkpoint (epochs completed, steps taken)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return {"epoch": int(ckpt["epoch"]) + 1, "global_step": int(ckpt["global_step"])}
+
+
+def _check_resumable(state_dir: Path, fingerprint: dict[str, Any]) -> dict[str, int]:
+    last = state_dir / "checkpoints" / LAST_CKPT
+    if not last.exists():
+        raise FmpipeError(f"{last}: no checkpoint to resume from; run without --resume to start afresh")
+    meta_path = state_dir / RUN_META
+    if meta_path.exists():
+        before = json.loads(meta_path.read_text())
+        changed = _diff(before, fingerprint)
+        if changed:
+            raise FmpipeError(
+                f"{state_dir}: cannot resume, the interrupted run had different {', '.join(changed)}; "
+                "run without --resume to start afresh"
+            )
+    try:
+        return read_checkpoint_progress(last)
+    except Exception as exc:  # a truncated or foreign file
+        raise FmpipeError(f"{last}: not a readable checkpoint ({exc}); run without --resume") from None
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".").replace("data_sha256", "data")]
+
+
+def _launch_rank() -> int:
+    """This process's global rank before the trainer exists (0 unless launched by DDP)."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        if os.environ.get(var, "0") not in ("", "0"):
+            return int(os.environ[var])
+    return 0
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0} {torch.cuda.get_device_name(device)}"
+    return str(device)
+
+
+def _quiet_dvclive() -> None:
+    # No browser, no Studio, no analytics: the train step has no side effects outside data/.
+    os.environ.setdefault("DVCLIVE_OPEN", "false")
+    os.environ.setdefault("DVC_STUDIO_OFFLINE", "true")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
