@@ -103,7 +103,12 @@ class TrainSpec(Strict):
     channels_last: bool = False
     compile: bool = False
     seed: int = 0
-    deterministic: bool = True
+    # True: deterministic algorithms only (bit-identical CPU runs); "warn": allow CUDA kernels
+    # that have no deterministic version (pooling backward, ...) with a warning.
+    deterministic: Union[bool, Literal["warn"]] = True
+    # torch intra-op threads when training on the CPU (None: torch's default, one per core).
+    # Tiny nets train faster on one thread: their ops are too small to split.
+    cpu_threads: Optional[int] = Field(None, ge=1)
 
 
 class EvaluateSpec(Strict):

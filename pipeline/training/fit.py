@@ -53,7 +53,8 @@ LAST_CKPT = "last.ckpt"
 SUMMARY = "train_summary.json"
 RUN_META = "run.json"
 # Keys that may change between an interrupted run and its resumption.
-_RESUMABLE_CHANGES = {"max_epochs", "max_time", "accelerator", "devices", "num_nodes", "strategy"}
+_RESUMABLE_CHANGES = {"max_epochs", "max_time", "accelerator", "devices", "num_nodes", "strategy",
+                      "cpu_threads"}
 
 
 def default_state_dir(out_dir: str | os.PathLike) -> Path:
@@ -119,9 +120,15 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         log_every_n_steps=min(50, steps_per_epoch), limit_val_batches=None if has_val else 0,
         enable_progress_bar=True, enable_model_summary=True,
     )
+    threads = torch.get_num_threads()
+    if train.cpu_threads and trainer.strategy.root_device.type == "cpu":
+        torch.set_num_threads(train.cpu_threads)
     wall0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm,
-                ckpt_path=str(ckpt_dir / LAST_CKPT) if resume else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=dm,
+                    ckpt_path=str(ckpt_dir / LAST_CKPT) if resume else None, weights_only=True)
+    finally:
+        torch.set_num_threads(threads)
     wall = time.perf_counter() - wall0
     if trainer.interrupted:  # Lightning exits on Ctrl+C itself; this guards other interruptions
         raise KeyboardInterrupt
@@ -146,6 +153,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         "device": _device_name(device),
         "accelerator": type(trainer.accelerator).__name__,
         "precision": str(trainer.precision),
+        "cpu_threads": (train.cpu_threads or threads) if device.type == "cpu" else None,
         "compile": train.compile,
         "channels_last": train.channels_last,
         "final": metrics,
