@@ -56,6 +56,12 @@ class ValidateSpec(Strict):
     # Largest share of the rows one class may hold (catches a collapsed label column).
     max_class_fraction: float = Field(1.0, gt=0, le=1)
 
+    @model_validator(mode="after")
+    def _row_bounds_ordered(self) -> "ValidateSpec":
+        if self.max_rows is not None and self.max_rows < self.min_rows:
+            raise ValueError(f"max_rows ({self.max_rows}) is below min_rows ({self.min_rows})")
+        return self
+
 
 class ModelSpec(Strict):
     """A named network from pipeline.models and its constructor options."""
