@@ -38,7 +38,8 @@ def split_arrays(ds: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(np.asarray(part.images).transpose(0, 3, 1, 2))
     else:
         x = part.features.to_numpy(dtype=np.float32)
-    return x, labels
+    # Own, writable, C-ordered copies: torch.from_numpy wants writable memory (not an mmap).
+    return np.require(x, requirements=["C", "W", "O"]), np.require(labels, requirements=["C", "W", "O"])
 
 
 def input_shape(ds: Dataset) -> tuple[int, ...]:

@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -95,6 +96,8 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         state_dir.mkdir(parents=True)
         atomic_write_json(state_dir / RUN_META, fingerprint)
 
+    # We log per epoch only, so Lightning's step-logging interval does not matter.
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     pl.seed_everything(train.seed, workers=True, verbose=False)
     dm = TensorDataModule(dataset, train.batch_size, augment=train.augment, seed=train.seed,
                           channels_last=train.channels_last)

@@ -1,0 +1,174 @@
+"""The train step: real (tiny) Lightning runs on the embedded variants, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.config import AugmentSpec, load_variant
+from pipeline.errors import FmpipeError
+from pipeline.manifest import read_dataset
+from pipeline.models import WEIGHTS, load_trained
+from stages import clean, collect
+from stages import train as train_step
+
+FMPIPE = Path(sys.executable).parent / "fmpipe"
+
+
+def annotated(variant: str) -> None:
+    """data/<variant>/annotate without the validate gate (its own tests cover it)."""
+    collect.run(variant)
+    clean.run(variant)
+    shutil.copytree(f"data/{variant}/clean", f"data/{variant}/annotate")
+
+
+def set_params(variant: str, train: dict | None = None, model_options: dict | None = None) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    section = params["variants"][variant]
+    section["train"].update(train or {})
+    section["model"]["options"].update(model_options or {})
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_accuracy(variant: str) -> float:
+    net, meta = load_trained(f"data/{variant}/train")
+    test = read_dataset(f"data/{variant}/annotate").split("test")
+    if test.kind == "image":
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(test.images).transpose(0, 3, 1, 2))).float()
+    else:
+        x = torch.from_numpy(test.features.to_numpy(np.float32, copy=True))
+    with torch.no_grad():
+        predicted = net(x).argmax(1).numpy()
+    return float((predicted == test.manifest["label"].to_numpy()).mean())
+
+
+test_accuracy.__test__ = False  # a helper, not a test
+
+
+def test_iris_trains_saves_and_loads(project):
+    annotated("iris")
+    set_params("iris", {"max_epochs": 30})
+    summary = train_step.run("iris")
+
+    out = Path("data/iris/train")
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "model.json", "train_summary.json", "live"}
+    assert summary["epochs"] == 30 and summary["global_step"] == 30 * (summary["train_rows"] // 16)
+    assert json.loads((out / "train_summary.json").read_text()) == summary
+    assert summary["throughput_samples_per_s"] > 0 and summary["device"] == "cpu"
+
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["input"] == {**meta["input"], "kind": "tabular", "shape": [4]}
+    assert meta["classes"] == read_dataset("data/iris/annotate").classes
+    assert test_accuracy("iris") >= 0.8  # chance is 1/3
+
+    # DVCLive: one row per epoch for each curve, for `dvc plots show`.
+    for curve in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        rows = (out / "live/plots/metrics" / f"{curve}.tsv").read_text().splitlines()
+        assert len(rows) == 1 + 30, curve
+    assert "val" in json.loads((out / "live/metrics.json").read_text())
+    # Run state beside the output, not inside it.
+    assert Path("data/iris/train-state/checkpoints/last.ckpt").exists()
+    assert not any(p.suffix == ".ckpt" for p in out.rglob("*"))
+
+
+def test_digits_image_path_with_augmentation(project):
+    annotated("digits")
+    set_params("digits", {"max_epochs": 2, "augment": {"flip": True, "translate": 1},
+                          "channels_last": True, "tta_flip": True})
+    summary = train_step.run("digits")
+    assert summary["epochs"] == 2 and summary["channels_last"] is True
+    net, meta = load_trained("data/digits/train")
+    assert meta["input"]["kind"] == "image" and meta["input"]["shape"] == [1, 8, 8]
+    assert meta["tta_flip"] is True
+    assert test_accuracy("digits") > 0.5  # chance is 0.1; two epochs are enough to be far above
+
+
+def test_batch_augmentation_is_seeded_and_shape_preserving():
+    from pipeline.training.data import augment_batch
+
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    aug = AugmentSpec(flip=True, translate=2)
+    a = augment_batch(x, aug, torch.Generator().manual_seed(1))
+    b = augment_batch(x, aug, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    # Reflect padding only moves pixels around: every output value is an input value of its image.
+    for i in range(2):
+        assert set(a[i].flatten().tolist()) <= set(x[i].flatten().tolist())
+    shifted = augment_batch(x, AugmentSpec(translate=1), torch.Generator().manual_seed(0))
+    flipped = augment_batch(x, AugmentSpec(flip=True), torch.Generator().manual_seed(0))
+    assert not torch.equal(shifted, x) or not torch.equal(flipped, x)
+
+
+def test_same_params_give_identical_weights(project):
+    annotated("digits")
+    set_params("digits", {"max_epochs": 1, "augment": {"flip": True, "translate": 1}},
+               model_options={"dropout": 0.3})
+    train_step.run("digits")
+    first = Path("data/digits/train", WEIGHTS).read_bytes()
+    train_step.run("digits")
+    assert Path("data/digits/train", WEIGHTS).read_bytes() == first
+    assert Path("data/digits/train/model.json").exists()
+
+
+def test_resume_continues_a_killed_run(project):
+    annotated("iris")
+    # Far more epochs than the run lives: it is killed right after its first checkpoint.
+    set_params("iris", {"max_epochs": 100_000, "batch_size": 4})
+    last = Path("data/iris/train-state/checkpoints/last.ckpt")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([str(FMPIPE), "train", "--stage", "iris"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not last.exists():
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not Path("data/iris/train/model.safetensors").exists()  # nothing final from a killed run
+
+    from pipeline.training.fit import read_checkpoint_progress
+
+    saved = read_checkpoint_progress(last)
+    assert saved["epoch"] >= 1
+
+    # A resumption must match the killed run: a different model is refused.
+    set_params("iris", model_options={"hidden": [8]})
+    with pytest.raises(FmpipeError, match="model"):
+        train_step.run("iris", resume=True)
+    set_params("iris", {"max_epochs": saved["epoch"] + 2}, model_options={"hidden": [64]})
+
+    done = subprocess.run([str(FMPIPE), "train", "--stage", "iris", "--resume"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(Path("data/iris/train/train_summary.json").read_text())
+    steps_per_epoch = summary["train_rows"] // 4
+    assert summary["resumed_from"] == saved
+    assert summary["epochs"] == saved["epoch"] + 2
+    assert summary["global_step"] == (saved["epoch"] + 2) * steps_per_epoch
+    load_trained("data/iris/train")
+
+
+def test_resume_without_a_checkpoint_is_an_error(project):
+    annotated("iris")
+    with pytest.raises(FmpipeError, match="no checkpoint to resume from"):
+        train_step.run("iris", resume=True)
+
+
+def test_bad_optimizer_name_is_a_clear_error(project):
+    set_params("iris", {"optimizer": {"name": "adamx"}})
+    with pytest.raises(FmpipeError, match=r"variants\.iris\.train\.optimizer\.name"):
+        load_variant("iris")
