@@ -59,8 +59,12 @@ class _EpochDVCLiveLogger(DVCLiveLogger):
     The stock logger decides whether to sync by walking ``inspect.stack()`` on every call
     (~80 ms each here, more than a small model's epoch). ``ClassifierModule`` logs only at
     epoch ends, so syncing every call costs one small file write per epoch instead.
+    Lightning's own ``epoch`` entry is left out: it would be a curve of its own with one
+    duplicate row per logging call; the x axis of every curve is the global step.
     """
 
     @rank_zero_only
     def log_metrics(self, metrics, step=None, sync=True) -> None:
-        super().log_metrics(metrics, step, sync=True)
+        metrics = {k: v for k, v in metrics.items() if k != "epoch"}
+        if metrics:
+            super().log_metrics(metrics, step, sync=True)

@@ -50,12 +50,23 @@ def input_shape(ds: Dataset) -> tuple[int, ...]:
     return (ds.features.shape[1],)
 
 
-def normalization_stats(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std per channel (N x C x H x W) or per feature (N x F), in float64 then float32."""
+def normalization_stats(x: np.ndarray, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per channel (N x C x H x W) or per feature (N x F), as float32 tensors.
+
+    Accumulated in float64 over chunks of rows, so a large uint8 image set is never copied
+    whole into floats.
+    """
     axes = (0, 2, 3) if x.ndim == 4 else (0,)
-    values = x.astype(np.float64, copy=False)
-    mean = values.mean(axis=axes)
-    std = values.std(axis=axes)
+    total = np.zeros(x.shape[1], dtype=np.float64)
+    squares = np.zeros(x.shape[1], dtype=np.float64)
+    count = 0
+    for start in range(0, len(x), chunk):
+        values = np.asarray(x[start:start + chunk], dtype=np.float64)
+        total += values.sum(axis=axes)
+        squares += (values * values).sum(axis=axes)
+        count += values.size // x.shape[1]
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - mean * mean, 0.0))
     return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
 
 

@@ -12,9 +12,8 @@ successful run (a failed or interrupted run leaves the previous one as it was):
   loss and accuracy, device, precision. It holds timings: declare it ``cache: false``
   (a metrics file), not part of a hashed output.
 - ``live/``: DVCLive's files: ``metrics.json`` (last values) and ``plots/metrics/{train,val}/
-  {loss,acc}.tsv`` (one row per epoch, x = global step) for ``dvc plots show``. DVCLive
-  writes a timestamp column in the .tsv files, so ``live/`` is also ``cache: false``
-  (plots/metrics), not part of a hashed output.
+  {loss,acc}.tsv`` (one row per epoch, columns step and value) for ``dvc plots show``. No
+  timings in them (identical across CPU runs), declared ``cache: false`` metrics/plots.
 
 ``data/<variant>/train-state/`` (``state_dir``) -- run state written *during* training; not a
 DVC output, survives an interrupted run:
@@ -38,6 +37,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -130,10 +130,16 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     try:
         trainer.fit(module, datamodule=dm,
                     ckpt_path=str(ckpt_dir / LAST_CKPT) if resume else None, weights_only=True)
+    except SystemExit:
+        # Lightning turns Ctrl+C into sys.exit(1) after its graceful shutdown.
+        if not trainer.interrupted:
+            raise
     finally:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - wall0
-    if trainer.interrupted:  # Lightning exits on Ctrl+C itself; this guards other interruptions
+    if trainer.interrupted:
+        print(f"training interrupted; `--resume` continues from {ckpt_dir / LAST_CKPT} if it exists",
+              file=sys.stderr)
         raise KeyboardInterrupt
     if not trainer.is_global_zero:
         return {}
