@@ -88,6 +88,18 @@ class WhiteningStem(nn.Module):
         return self.conv(x)
 
 
+class GlobalMaxPool(nn.Module):
+    """N x C x H x W -> N x C, the max over each map.
+
+    ``amax`` rather than ``nn.AdaptiveMaxPool2d(1)``: the latter's CUDA backward has no
+    deterministic implementation, so it fails under ``torch.use_deterministic_algorithms``
+    (train.deterministic) on a GPU; ``amax``'s backward is a plain mask and is deterministic.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.amax(x, dim=(2, 3))
+
+
 class Scale(nn.Module):
     def __init__(self, factor: float) -> None:
         super().__init__()
@@ -147,6 +159,6 @@ def airbench(input_shape: tuple[int, ...], num_classes: int, widths: list[int] =
     for c_out in widths:
         layers.append(_block(width, c_out, bn_momentum))
         width = c_out
-    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(width, num_classes, bias=False),
+    layers += [GlobalMaxPool(), nn.Linear(width, num_classes, bias=False),
                Scale(scale)]
     return nn.Sequential(*layers)
