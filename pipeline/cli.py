@@ -6,10 +6,11 @@ lightning or great_expectations) when it runs, so ``fmpipe --help`` stays instan
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 
@@ -26,20 +27,25 @@ StageOpt = typer.Option(..., "--stage", "-s", help="Pipeline variant from params
 ParamsOpt = typer.Option("params.yaml", "--params", help="Params file.")
 
 
-def _run_step(step: str, variant: str, params: str, **kwargs) -> None:
-    """Run stages.<step>.run; bad input becomes one line on stderr and exit code 1."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+@contextlib.contextmanager
+def _reported(what: str) -> Iterator[None]:
+    """Bad input (FmpipeError) becomes one line on stderr and exit code 1; Ctrl+C exit 130."""
     from pipeline.errors import FmpipeError
 
     try:
-        module = importlib.import_module(f"stages.{step}")
-        module.run(variant, params, **kwargs)
+        yield
     except FmpipeError as exc:
-        typer.echo(f"fmpipe {step} --stage {variant}: error: {exc}", err=True)
+        typer.echo(f"{what}: error: {exc}", err=True)
         raise typer.Exit(1)
     except KeyboardInterrupt:
-        typer.echo(f"fmpipe {step} --stage {variant}: interrupted; previous outputs left as they were", err=True)
+        typer.echo(f"{what}: interrupted; previous outputs left as they were", err=True)
         raise typer.Exit(130)
+
+
+def _run_step(step: str, variant: str, params: str, **kwargs) -> None:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    with _reported(f"fmpipe {step} --stage {variant}"):
+        importlib.import_module(f"stages.{step}").run(variant, params, **kwargs)
 
 
 def _step_command(step: str, doc: str) -> Callable:
@@ -107,17 +113,13 @@ def diff(
 ) -> None:
     """What changed in a variant's dataset between two versions: rows added, removed, relabelled."""
     from pipeline.audit import diff_versions, summary_lines
-    from pipeline.errors import FmpipeError
     from pipeline.io import to_json
 
     if step not in ("collect", "clean", "annotate"):
         typer.echo(f"fmpipe diff: error: --step must be collect, clean or annotate, not {step!r}", err=True)
         raise typer.Exit(2)
-    try:
+    with _reported("fmpipe diff"):
         result = diff_versions(stage, step, rev_a, rev_b)
-    except FmpipeError as exc:
-        typer.echo(f"fmpipe diff: error: {exc}", err=True)
-        raise typer.Exit(1)
     typer.echo(to_json(result) if as_json else "\n".join(summary_lines(result)))
 
 
@@ -125,13 +127,9 @@ def diff(
 def stages(params: str = ParamsOpt) -> None:
     """List the variants defined in params.yaml, and which ones `dvc repro` runs."""
     from pipeline.config import load_params
-    from pipeline.errors import FmpipeError
 
-    try:
+    with _reported("fmpipe stages"):
         p = load_params(params)
-    except FmpipeError as exc:
-        typer.echo(f"fmpipe stages: error: {exc}", err=True)
-        raise typer.Exit(1)
     for name, spec in p.variants.items():
         flag = "enabled " if name in p.enabled else "optional"
         typer.echo(f"{name:12s} {flag}  {spec.source.kind:12s} {spec.model.name:14s} {spec.description}")

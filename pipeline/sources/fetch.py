@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
 
 from pipeline.errors import FmpipeError
+from pipeline.io import file_digest
 
 DEFAULT_CACHE = "~/.cache/fmpipe"
 ALGORITHMS = ("md5", "sha256")
@@ -62,11 +63,7 @@ def checksum_from(md5: Optional[str] = None, sha256: Optional[str] = None) -> Op
 def digest(path: str | os.PathLike, algorithm: str) -> str:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unsupported checksum algorithm {algorithm!r}")
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, algorithm)
 
 
 def matches(path: str | os.PathLike, expected: Checksum) -> bool:
