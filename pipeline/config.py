@@ -64,10 +64,16 @@ class ValidateSpec(Strict):
 
 
 class ModelSpec(Strict):
-    """A named network from pipeline.models and its constructor options."""
+    """A named network from pipeline.models and its constructor options.
+
+    ``head``: ``softmax`` (one logit per class, cross-entropy) or ``sigmoid`` (two classes
+    only: one logit, the positive class's, trained with binary cross-entropy; predictions are
+    ``[1 - p, p]``).
+    """
 
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
+    head: Literal["softmax", "sigmoid"] = "softmax"
 
 
 class OptimizerSpec(Strict):
@@ -78,16 +84,121 @@ class OptimizerSpec(Strict):
     nesterov: bool = True  # sgd only
 
 
+class ParamGroupRule(Strict):
+    """One rule of ``train.param_groups``: which parameters, and how they train.
+
+    A parameter is selected when every selector given matches (shell-style patterns, ``*``
+    and ``?``): ``name`` against its full name in the network (``body.0.conv.bias``),
+    ``module`` against the class name of the module that owns it or any of its base classes
+    (``BatchNorm*``), ``param`` against its own name in that module (``weight``, ``bias``).
+    The first rule that selects a parameter decides for it; a rule that selects nothing is an
+    error (a typo would otherwise silently change nothing).
+    """
+
+    name: Optional[str] = None
+    module: Optional[str] = None
+    param: Optional[str] = None
+    lr_scale: float = Field(1.0, gt=0)  # times optimizer.lr (and the schedule)
+    wd_scale: float = Field(1.0, ge=0)  # times optimizer.weight_decay
+    frozen: bool = False  # never trained (kept at its initial value)
+    # Trained for the first N epochs only, then frozen (None: every epoch).
+    train_epochs: Optional[int] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> "ParamGroupRule":
+        if self.name is None and self.module is None and self.param is None:
+            raise ValueError("a rule needs at least one of name, module, param")
+        if self.frozen and self.train_epochs is not None:
+            raise ValueError("frozen and train_epochs exclude each other")
+        return self
+
+
+class AveragingSpec(Strict):
+    """Weight averaging: an exponential moving average of the network's float state.
+
+    Every ``every_n_steps`` optimizer steps from ``start_epoch`` on, ``avg = d * avg +
+    (1 - d) * weights`` with ``d = decay * (step / total_steps) ** decay_power`` (the decay
+    warms up from 0 when ``decay_power`` > 0). ``mode``: ``ema`` keeps the average aside;
+    ``lookahead`` also copies it back into the network after each update. Either way the
+    trained model written at the end is the average. BatchNorm running statistics are
+    averaged with the weights.
+    """
+
+    mode: Literal["ema", "lookahead"] = "ema"
+    start_epoch: int = Field(0, ge=0)
+    every_n_steps: int = Field(1, ge=1)
+    decay: float = Field(0.999, ge=0, lt=1)
+    decay_power: float = Field(0.0, ge=0)
+
+
 class ScheduleSpec(Strict):
+    """The learning-rate multiplier over the run's optimizer steps.
+
+    ``constant``: ``peak`` throughout. ``triangular``: linear ``start`` -> ``peak`` at
+    ``peak_at`` (a fraction of the steps) -> linear to ``end``. ``onecycle``: the same
+    rise, then a cosine to ``end``. ``cosine``: a cosine from ``peak`` to ``end``, no rise.
+    ``warmup_fraction`` is the older name of ``peak_at``.
+    """
+
     name: Literal["constant", "onecycle", "triangular", "cosine"] = "onecycle"
-    warmup_fraction: float = Field(0.2, ge=0, lt=1)  # onecycle/triangular: share of steps rising
+    peak_at: float = Field(0.2, ge=0, lt=1)
+    start: float = Field(0.0, ge=0)
+    peak: float = Field(1.0, gt=0)
+    end: float = Field(0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "warmup_fraction" in data:
+            if "peak_at" in data:
+                raise ValueError("give peak_at or its older name warmup_fraction, not both")
+            data = {("peak_at" if k == "warmup_fraction" else k): v for k, v in data.items()}
+        return data
 
 
 class AugmentSpec(Strict):
-    """Batch-level augmentation for images, applied on the training device."""
+    """Batch-level augmentation for images, applied on the training device.
 
-    flip: bool = False  # random horizontal flip
+    ``flip``: ``true`` flips each image on its own coin every batch; ``alternate`` gives each
+    image one seeded coin and flips the whole epoch over every other epoch, so every image is
+    seen in both orientations in turn (deterministic; the airbench scheme).
+    """
+
+    flip: Union[bool, Literal["alternate"]] = False
     translate: int = Field(0, ge=0)  # random shift by up to this many pixels (reflect padding)
+
+
+class TTAView(Strict):
+    """One test-time view: optional horizontal flip, then a shift (reflect padding).
+
+    ``shift: [dy, dx]``: the view's pixel (i, j) is the input's (i + dy, j + dx), mirrored at
+    the borders; the flip is applied after the shift.
+    """
+
+    flip: bool = False
+    shift: tuple[int, int] = (0, 0)
+    weight: float = Field(1.0, gt=0)
+
+
+class TTASpec(Strict):
+    """Test-time augmentation for images: evaluate (and a served package) averages views.
+
+    ``flip`` and ``translate`` build the views: the image (and its mirror, with ``flip``),
+    holding half the weight when ``translate`` > 0, the other half spread over the shifts by
+    (-t, -t) and (+t, +t) (and their mirrors). ``views`` lists them explicitly instead.
+    ``combine``: average the ``logits`` (then softmax) or the ``probs``.
+    """
+
+    flip: bool = False
+    translate: int = Field(0, ge=0)
+    views: Optional[list[TTAView]] = Field(None, min_length=1)
+    combine: Literal["logits", "probs"] = "logits"
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "TTASpec":
+        if self.views is not None and (self.flip or self.translate):
+            raise ValueError("give views, or flip/translate, not both")
+        return self
 
 
 class TrainSpec(Strict):
@@ -103,9 +214,14 @@ class TrainSpec(Strict):
     batch_size: int = Field(64, ge=1)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    param_groups: list[ParamGroupRule] = Field(default_factory=list)
+    averaging: Optional[AveragingSpec] = None
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    tta_flip: bool = False  # average predictions over the image and its mirror
+    tta: Optional[TTASpec] = None
+    # Older switch: average the probabilities of the image and its mirror (tta: {flip: true,
+    # combine: probs}). Kept so existing params keep their meaning.
+    tta_flip: bool = False
     channels_last: bool = False
     compile: bool = False
     seed: int = 0
@@ -116,12 +232,29 @@ class TrainSpec(Strict):
     # Tiny nets train faster on one thread: their ops are too small to split.
     cpu_threads: Optional[int] = Field(None, ge=1)
 
+    @model_validator(mode="after")
+    def _one_tta(self) -> "TrainSpec":
+        if self.tta is not None and self.tta_flip:
+            raise ValueError("give tta or the older tta_flip, not both")
+        return self
+
+    def tta_spec(self) -> Optional[TTASpec]:
+        """The TTA in effect (``tta_flip`` read as its equivalent), or None."""
+        if self.tta is not None:
+            return self.tta
+        if self.tta_flip:
+            return TTASpec(flip=True, combine="probs")
+        return None
+
 
 class EvaluateSpec(Strict):
     """The blessing gate: package refuses a model that fails it."""
 
     min_accuracy: float = Field(0.0, ge=0, le=1)
     min_macro_f1: float = Field(0.0, ge=0, le=1)
+    # Two-class models: predict the second class when its probability is at least this
+    # (the F1/precision/recall in metrics.json's "binary" use it).
+    binary_threshold: float = Field(0.5, gt=0, lt=1)
 
 
 class PackageSpec(Strict):

@@ -20,6 +20,7 @@ from pipeline.io import sha256_file, to_json
 from pipeline.models import WEIGHTS, load_trained
 from pipeline.packaging import BLESSING, CONFUSION, LINEAGE, METRICS, PER_CLASS, PREDICTIONS
 from pipeline.packaging.evaluation import (
+    binary_scores,
     bless,
     check_compatible,
     failed_checks,
@@ -27,8 +28,10 @@ from pipeline.packaging.evaluation import (
     predict_proba,
     read_baseline,
     score,
+    tta_description,
 )
 from pipeline.runner import step_path
+from pipeline.training.recipe import tta_record
 
 
 def run(ctx) -> None:
@@ -37,19 +40,30 @@ def run(ctx) -> None:
     test = ctx.dataset("annotate").split("test")
     check_compatible(meta, test, model_dir, data_dir)
 
-    tta = bool(ctx.spec.train.tta_flip and meta["input"]["kind"] == "image")
-    probs = predict_proba(net, model_inputs(test), tta_flip=tta)
+    # The TTA views the model is to be served with, as recorded in model.json (older models
+    # without the record: the train.tta_flip switch).
+    tta = meta.get("tta") if meta["input"]["kind"] == "image" else None
+    if tta is None and "tta" not in meta and meta["input"]["kind"] == "image":
+        tta_spec = ctx.spec.train.tta_spec()
+        tta = tta_record(tta_spec) if tta_spec is not None else None
+    head = meta["model"].get("head", "softmax")
+    probs = predict_proba(net, model_inputs(test), tta=tta, head=head)
     classes = list(test.classes)
     labels = test.manifest["label"].to_numpy()
     s = score(probs, labels, classes)
 
     metrics = {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "n_test": int(len(test))}
+    if len(classes) == 2:
+        metrics["binary"] = binary_scores(probs, labels, ctx.spec.evaluate.binary_threshold)
+    views = (tta or {}).get("views") or []
     # The previous package's lineage is the "last blessed model". It is deliberately not a DVC
     # dependency of this stage (package depends on evaluate; that would be a cycle): the
     # comparison is informational and never changes the verdict.
     baseline = read_baseline(step_path(registry.get("package").dir, ctx.variant) / LINEAGE)
     blessing = bless(metrics, ctx.spec.evaluate, baseline)
-    blessing["tta_flip"] = tta
+    blessing["tta_flip"] = any(v["flip"] for v in views)
+    blessing["tta_views"] = max(1, len(views))
+    blessing["tta"] = tta_description(tta)
     blessing["model"] = {"dir": str(model_dir), "sha256": sha256_file(model_dir / WEIGHTS),
                          "name": meta["model"]["name"]}
 
@@ -79,8 +93,12 @@ def run(ctx) -> None:
 
 
 def summary_line(metrics: dict, blessing: dict) -> str:
+    tta = f" ({blessing['tta']})" if blessing.get("tta") else ""
     head = (f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on "
-            f"{metrics['n_test']} test rows{' (flip TTA)' if blessing.get('tta_flip') else ''}")
+            f"{metrics['n_test']} test rows{tta}")
+    b = metrics.get("binary")
+    if b and b.get("roc_auc") is not None:
+        head += f", ROC-AUC {b['roc_auc']:.4f}, PR-AUC {b['pr_auc']:.4f}, F1 {b['f1']:.4f} at p >= {b['threshold']:g}"
     if blessing["blessed"]:
         verdict = "BLESSED"
     else:

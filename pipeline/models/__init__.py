@@ -7,8 +7,10 @@ N x C x H x W pixel values 0..255, tables as float32 N x F feature values.
 
 A trained model on disk (the train step's output directory):
 - ``model.safetensors``: the network's state dict, normalisation buffers included;
-- ``model.json``: what is needed to rebuild it: model name and options, input kind and
-  shape, class names.
+- ``model.json``: what is needed to rebuild it: model name, options and ``head``
+  (``softmax``: one logit per class; ``sigmoid``: one logit, probabilities ``[1 - p, p]``),
+  input kind and shape, class names, and ``tta``: the test-time views evaluate averaged
+  (``pipeline.training.recipe.tta_record``).
 """
 
 from __future__ import annotations
@@ -60,13 +62,21 @@ class Network(nn.Module):
 
 def build(name: str, input_shape: tuple[int, ...], num_classes: int,
           options: dict[str, Any] | None = None, mean: torch.Tensor | None = None,
-          std: torch.Tensor | None = None) -> Network:
-    """The network ``name`` for inputs of ``input_shape`` (C,H,W or F, no batch dim)."""
+          std: torch.Tensor | None = None, head: str = "softmax") -> Network:
+    """The network ``name`` for inputs of ``input_shape`` (C,H,W or F, no batch dim).
+
+    ``head="sigmoid"`` (two classes only) gives one output, the positive class's logit.
+    """
     _load_builtin_models()
     if name not in REGISTRY:
         raise FmpipeError(f"unknown model {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    outputs = num_classes
+    if head == "sigmoid":
+        if num_classes != 2:
+            raise FmpipeError(f"model.head: sigmoid needs exactly 2 classes, the data has {num_classes}")
+        outputs = 1
     try:
-        body = REGISTRY[name](tuple(input_shape), num_classes, **(options or {}))
+        body = REGISTRY[name](tuple(input_shape), outputs, **(options or {}))
     except TypeError as exc:
         raise FmpipeError(f"model {name!r}: bad options {options}: {exc}") from None
     stat_shape = (input_shape[0], 1, 1) if len(input_shape) == 3 else (input_shape[0],)
@@ -103,7 +113,7 @@ def load_trained(model_dir: str | Path, device: str = "cpu") -> tuple[Network, d
         raise FmpipeError(f"{model_dir}: no trained model ({MODEL_META} missing); run the train step first")
     meta = json.loads(meta_path.read_text())
     net = build(meta["model"]["name"], tuple(meta["input"]["shape"]), len(meta["classes"]),
-                meta["model"].get("options"))
+                meta["model"].get("options"), head=meta["model"].get("head", "softmax"))
     net.load_state_dict(load_file(str(model_dir / WEIGHTS), device=device))
     return net.to(device).eval(), meta
 

@@ -120,17 +120,17 @@ def _conv(c_in: int, c_out: int) -> nn.Conv2d:
     return conv
 
 
-def _block(c_in: int, c_out: int, bn_momentum: float) -> nn.Sequential:
+def _block(c_in: int, c_out: int, bn_momentum: float, bn_eps: float) -> nn.Sequential:
     return nn.Sequential(
-        _conv(c_in, c_out), nn.MaxPool2d(2), nn.BatchNorm2d(c_out, momentum=bn_momentum), nn.GELU(),
-        _conv(c_out, c_out), nn.BatchNorm2d(c_out, momentum=bn_momentum), nn.GELU(),
+        _conv(c_in, c_out), nn.MaxPool2d(2), nn.BatchNorm2d(c_out, eps=bn_eps, momentum=bn_momentum), nn.GELU(),
+        _conv(c_out, c_out), nn.BatchNorm2d(c_out, eps=bn_eps, momentum=bn_momentum), nn.GELU(),
     )
 
 
 @register("airbench")
 def airbench(input_shape: tuple[int, ...], num_classes: int, widths: list[int] = (64, 256, 256),
              stem: str = "whiten", stem_width: int | None = None, bn_momentum: float = 0.4,
-             scale: float = 1 / 9) -> nn.Module:
+             scale: float = 1 / 9, bn_eps: float = 1e-5) -> nn.Module:
     """The airbench-style net for C x H x W images (H, W >= 9 for three pools after the stem).
 
     ``widths``: output channels of the three blocks. ``stem``: "whiten" (data-set 2x2 filters,
@@ -157,7 +157,7 @@ def airbench(input_shape: tuple[int, ...], num_classes: int, widths: list[int] =
         raise FmpipeError(f"airbench: stem must be 'whiten' or 'plain', got {stem!r}")
     layers: list[nn.Module] = [first, nn.GELU()]
     for c_out in widths:
-        layers.append(_block(width, c_out, bn_momentum))
+        layers.append(_block(width, c_out, bn_momentum, float(bn_eps)))
         width = c_out
     layers += [GlobalMaxPool(), nn.Linear(width, num_classes, bias=False),
                Scale(scale)]

@@ -54,29 +54,70 @@ def check_compatible(meta: dict[str, Any], ds: "Dataset", model_dir: str | Path,
 
 
 def predict_proba(net: "torch.nn.Module", x: "torch.Tensor", tta_flip: bool = False,
-                  batch_size: int = 512) -> "torch.Tensor":
+                  batch_size: int = 512, tta: Optional[dict[str, Any]] = None,
+                  head: str = "softmax") -> "torch.Tensor":
     """Class probabilities (N x K), batch by batch, in eval mode.
 
-    With ``tta_flip`` (images only) the softmax of each image and of its horizontal mirror
-    are averaged, as the training config promises for served predictions.
+    ``tta``: model.json's ``tta`` record (views with weights, and whether logits or
+    probabilities are averaged; ``pipeline.training.recipe.tta_record``), images only.
+    ``tta_flip`` is the older switch: the softmax of each image and of its mirror averaged.
+    ``head="sigmoid"``: the network gives one logit; the probabilities are ``[1 - p, p]``.
     """
     import torch
 
     from pipeline.console import progress
+    from pipeline.training.recipe import tta_predict
 
+    if tta is None and tta_flip:
+        tta = {"combine": "probs", "views": [{"flip": False, "shift": [0, 0], "weight": 0.5},
+                                             {"flip": True, "shift": [0, 0], "weight": 0.5}]}
+    record = tta or {}
     net.eval()
     out = []
     starts = range(0, len(x), batch_size)
     with torch.inference_mode():
         for start in progress(starts, len(starts), "predict"):
-            batch = x[start:start + batch_size]
-            probs = torch.softmax(net(batch).float(), dim=1)
-            if tta_flip:
-                probs = (probs + torch.softmax(net(torch.flip(batch, dims=[-1])).float(), dim=1)) / 2
-            out.append(probs)
+            out.append(tta_predict(net, x[start:start + batch_size], record, head=head))
     if not out:
         return torch.empty(0, 0)
     return torch.cat(out)
+
+
+def tta_description(record: Optional[dict[str, Any]]) -> str:
+    """A short human description of a TTA record ("" when there is none)."""
+    views = (record or {}).get("views") or []
+    if len(views) <= 1:
+        return ""
+    flips = any(v["flip"] for v in views)
+    shifts = sorted({abs(int(d)) for v in views for d in v["shift"]} - {0})
+    parts = (["flip"] if flips else []) + [f"{t}px translate" for t in shifts]
+    return f"{' + '.join(parts)} TTA, {len(views)} views"
+
+
+def binary_scores(probs: "torch.Tensor", labels: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+    """Metrics of a two-class model, the second class positive: ROC-AUC, PR-AUC (average
+    precision), and precision/recall/F1 of predicting positive when p >= ``threshold``."""
+    import torch
+    from torchmetrics.functional.classification import (
+        binary_auroc,
+        binary_average_precision,
+        binary_f1_score,
+        binary_precision,
+        binary_recall,
+    )
+
+    p = probs[:, 1].float()
+    target = torch.tensor(np.array(labels, dtype=np.int64))
+    both = bool(target.min() != target.max()) if len(target) else False
+    return {
+        "threshold": float(threshold),
+        # AUCs are undefined with one class only in the test split.
+        "roc_auc": float(binary_auroc(p, target)) if both else None,
+        "pr_auc": float(binary_average_precision(p, target)) if both else None,
+        "f1": float(binary_f1_score(p, target, threshold=threshold)),
+        "precision": float(binary_precision(p, target, threshold=threshold)),
+        "recall": float(binary_recall(p, target, threshold=threshold)),
+    }
 
 
 def score(probs: "torch.Tensor", labels: np.ndarray, classes: list[str]) -> dict[str, Any]:

@@ -37,7 +37,11 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
         f"(see `pipeline/models/`), preceded by a fixed normalisation layer holding the training "
         "split's mean/std.")
     add(f"- Parameters: {n_params:,} (the normalisation statistics are buffers and not counted).")
-    add(f"- Input: {kind}, shape {shape} per example; output: {len(classes)} logits, one per class.")
+    if model.get("head") == "sigmoid":
+        add(f"- Input: {kind}, shape {shape} per example; output: one logit, the log-odds of "
+            f"`{classes[1]}` (probabilities [1 - sigmoid(logit), sigmoid(logit)]).")
+    else:
+        add(f"- Input: {kind}, shape {shape} per example; output: {len(classes)} logits, one per class.")
     add("- Files: `model.onnx` (opset {}, dynamic batch), `model.safetensors` + `model.json` "
         "(rebuild in PyTorch with `pipeline.models.load_trained(dir)`).\n".format(opset))
 
@@ -114,9 +118,18 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
         add("x = np.asarray(rows, dtype=np.float32)")
     add('logits = session.run(["logits"], {"input": x})[0]')
     add(f"classes = {json.dumps(classes)}")
-    add("predicted = [classes[i] for i in logits.argmax(axis=1)]")
+    if model.get("head") == "sigmoid":
+        add("predicted = [classes[int(v > 0)] for v in logits[:, 0]]")
+    else:
+        add("predicted = [classes[i] for i in logits.argmax(axis=1)]")
     add("```\n")
-    if metrics.get("tta_flip"):
+    views = (meta.get("tta") or {}).get("views") or []
+    if len(views) > 1:
+        add(f"The reported metrics average {len(views)} test-time views of each image (`model.json` key "
+            f"`tta`: flips and reflect-padded shifts with weights, combined as "
+            f"{(meta.get('tta') or {}).get('combine', 'logits')}); the ONNX graph scores one view, so "
+            "run it on each view and combine them to reproduce the metrics.\n")
+    elif metrics.get("tta_flip"):
         add("The reported metrics average the softmax of each image and its horizontal mirror; the ONNX "
             "graph scores one image, so run it on both and average to reproduce them.\n")
     add(f"The ONNX model was checked against PyTorch on {onnx_check['n_checked']} test inputs: max |logit "

@@ -70,12 +70,14 @@ def normalization_stats(x: np.ndarray, chunk: int = 4096) -> tuple[torch.Tensor,
     return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
 
 
-def augment_batch(x: torch.Tensor, aug: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, aug: AugmentSpec, gen: torch.Generator,
+                  flip_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Random translate (reflect padding) and horizontal flip of an N x C x H x W float batch.
 
     Every sample gets its own shift in ``[-translate, translate]`` on both axes and its own
     flip coin, all drawn from ``gen`` (on the batch's device) in a fixed order, so the same
-    generator state gives the same batch.
+    generator state gives the same batch. ``flip_mask`` (N bools) replaces the coins: the
+    ``alternate`` scheme decides the flips per image and epoch itself.
     """
     n, _, h, w = x.shape
     if aug.translate:
@@ -88,7 +90,9 @@ def augment_batch(x: torch.Tensor, aug: AugmentSpec, gen: torch.Generator) -> to
         idx = torch.arange(n, device=x.device)[:, None, None]
         # Advanced indices around a slice put their dims first: n x h x w x c.
         x = padded[idx, :, rows, cols].permute(0, 3, 1, 2)
-    if aug.flip:
+    if flip_mask is not None:
+        x = torch.where(flip_mask[:, None, None, None], x.flip(-1), x)
+    elif aug.flip:
         coin = torch.rand(n, device=x.device, generator=gen) < 0.5
         x = torch.where(coin[:, None, None, None], x.flip(-1), x)
     return x.contiguous()
@@ -139,9 +143,10 @@ class BatchStream:
                 aug_gen = torch.Generator(device=self.x.device)
                 aug_gen.manual_seed((self.seed * 1_000_003 + epoch) * 4099 + rank + 1)
             order = order.to(self.x.device)
+            flips = self._alternate_flips(n, epoch)
             for s in starts:
                 idx = order[s:s + self.batch_size]
-                yield self._prepare(self.x[idx], aug_gen), self.y[idx]
+                yield self._prepare(self.x[idx], aug_gen, None if flips is None else flips[idx]), self.y[idx]
         else:
             rows = torch.arange(rank, n, world, device=self.x.device) if world > 1 else None
             total = n if rows is None else len(rows)
@@ -153,12 +158,21 @@ class BatchStream:
                     xb, yb = self.x[idx], self.y[idx]
                 yield self._prepare(xb, None), yb
 
-    def _prepare(self, xb: torch.Tensor, gen: Optional[torch.Generator]) -> torch.Tensor:
+    def _alternate_flips(self, n: int, epoch: int) -> Optional[torch.Tensor]:
+        """``flip: alternate``: one seeded coin per image (the same every epoch), inverted on
+        odd epochs, so each image shows both orientations in turn. None for other schemes."""
+        if self.augment is None or self.augment.flip != "alternate":
+            return None
+        base = torch.rand(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + 7919)) < 0.5
+        return (base ^ bool(epoch % 2)).to(self.x.device)
+
+    def _prepare(self, xb: torch.Tensor, gen: Optional[torch.Generator],
+                 flip_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if xb.ndim != 4:
             return xb
         xb = xb.float()
         if gen is not None:
-            xb = augment_batch(xb, self.augment, gen)
+            xb = augment_batch(xb, self.augment, gen, flip_mask)
         if self.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         return xb

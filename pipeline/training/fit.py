@@ -79,6 +79,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from pipeline.models import build, save_trained
+    from pipeline.training.averaging import WeightAveraging
     from pipeline.training.callbacks import ThroughputTimer, _EpochDVCLiveLogger
     from pipeline.training.data import TensorDataModule
     from pipeline.training.flops import train_flops
@@ -105,8 +106,9 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
                           channels_last=train.channels_last)
     has_val = dm.num_val > 0
     net = build(spec.model.name, dm.input_shape, len(dm.classes), spec.model.options,
-                mean=dm.mean, std=dm.std)
-    module = ClassifierModule(net, len(dm.classes), train)
+                mean=dm.mean, std=dm.std, head=spec.model.head)
+    module = ClassifierModule(net, len(dm.classes), train, head=spec.model.head)
+    recipe_callbacks = [WeightAveraging(train.averaging)] if train.averaging is not None else []
 
     logger = _EpochDVCLiveLogger(dir=str(state_dir / "live"), resume=resume, save_dvc_exp=False,
                            dvcyaml=False, report=None)
@@ -123,7 +125,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
         strategy=train.strategy, precision=train.precision, max_epochs=train.max_epochs,
         max_time=train.max_time, deterministic=train.deterministic, logger=logger,
-        callbacks=[checkpoint, timer, *callbacks], default_root_dir=str(state_dir),
+        callbacks=[checkpoint, timer, *recipe_callbacks, *callbacks], default_root_dir=str(state_dir),
         log_every_n_steps=min(50, steps_per_epoch), limit_val_batches=None if has_val else 0,
         # Lightning's summary table prints an all-zero FLOPs column; one log line says what matters.
         enable_progress_bar=True, enable_model_summary=False,
@@ -174,7 +176,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         "val_acc": metrics.get("val/acc"),
     }
 
-    final = build(spec.model.name, dm.input_shape, len(dm.classes), spec.model.options)
+    final = build(spec.model.name, dm.input_shape, len(dm.classes), spec.model.options, head=spec.model.head)
     final.load_state_dict({k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
                            for k, v in module.net.state_dict().items()})
     meta = model_meta(spec, dm, dataset)
@@ -195,8 +197,11 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
 
 def model_meta(spec: VariantSpec, dm, dataset: Dataset) -> dict[str, Any]:
     """``model.json``: what ``pipeline.models.load_trained`` needs, plus how inputs look."""
+    from pipeline.training.recipe import tta_record
+
+    tta = spec.train.tta_spec() if dm.kind == "image" else None
     meta: dict[str, Any] = {
-        "model": {"name": spec.model.name, "options": dict(spec.model.options)},
+        "model": {"name": spec.model.name, "options": dict(spec.model.options), "head": spec.model.head},
         "input": {
             "kind": dm.kind,
             "shape": list(dm.input_shape),
@@ -206,7 +211,9 @@ def model_meta(spec: VariantSpec, dm, dataset: Dataset) -> dict[str, Any]:
         "classes": list(dm.classes),
         "normalization": {"mean": [round(float(v), 6) for v in dm.mean],
                           "std": [round(float(v), 6) for v in dm.std]},
-        "tta_flip": bool(spec.train.tta_flip and dm.kind == "image"),
+        # Test-time augmentation: the views evaluate averages, for predict/serve to do the same.
+        "tta": tta_record(tta),
+        "tta_flip": bool(tta is not None and any(v["flip"] for v in tta_record(tta)["views"])),
     }
     if dataset.features is not None:
         meta["input"]["feature_names"] = list(dataset.features.columns)

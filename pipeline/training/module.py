@@ -1,63 +1,34 @@
 """``ClassifierModule``: the LightningModule that trains any plain ``nn.Module`` classifier.
 
 The network stays a plain module (``pipeline.models``): this class only adds the loss
-(cross-entropy with label smoothing), per-split torchmetrics accuracy, the optimizer and the
-learning-rate schedule, all read from a :class:`pipeline.config.TrainSpec`.
+(cross-entropy with label smoothing; binary cross-entropy for a one-logit ``sigmoid`` head),
+train/val accuracy, the optimizer with its parameter groups and the learning-rate schedule,
+all read from a :class:`pipeline.config.TrainSpec` (see ``pipeline.training.recipe``).
 
 Logged once per epoch (so DVCLive writes one point per epoch per curve):
 ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``.
 
-The schedule is a multiplier of ``optimizer.lr`` stepped after every optimizer step
-(``interval="step"``), over ``trainer.estimated_stepping_batches`` steps in total:
-
-- ``constant``: 1 throughout;
-- ``onecycle``: linear rise over the first ``warmup_fraction`` of the steps, cosine decay to 0;
-- ``triangular``: linear rise, then linear decay to 0 (the airbench shape);
-- ``cosine``: cosine decay from 1 to 0, no warm-up.
+The schedule (``recipe.lr_multiplier``) multiplies every group's lr after every optimizer
+step (``interval="step"``), over ``trainer.estimated_stepping_batches`` steps in total.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
-from pipeline.config import OptimizerSpec, ScheduleSpec, TrainSpec
-
-
-def lr_multiplier(schedule: ScheduleSpec, total_steps: int) -> Callable[[int], float]:
-    """The factor on the base LR for step ``t`` (0-based) of ``total_steps``."""
-    total = max(1, int(total_steps))
-    warm = int(round(schedule.warmup_fraction * total)) if schedule.name in ("onecycle", "triangular") else 0
-
-    def factor(t: int) -> float:
-        if schedule.name == "constant":
-            return 1.0
-        if t < warm:
-            return (t + 1) / warm
-        progress = min(1.0, (t - warm) / max(1, total - warm))
-        if schedule.name == "triangular":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))  # onecycle's decay and cosine
-
-    return factor
-
-
-def make_optimizer(params, spec: OptimizerSpec) -> torch.optim.Optimizer:
-    if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
-                               weight_decay=spec.weight_decay)
-    if spec.name == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    if spec.name == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    raise ValueError(f"unknown optimizer {spec.name!r}")  # the schema's Literal rules this out
+from pipeline.config import TrainSpec
+from pipeline.training.recipe import (  # noqa: F401  (lr_multiplier, make_optimizer: re-exported)
+    apply_frozen,
+    lr_multiplier,
+    make_optimizer,
+    optimizer_groups,
+    resolve_param_groups,
+)
 
 
 class ClassifierModule(pl.LightningModule):
@@ -66,19 +37,24 @@ class ClassifierModule(pl.LightningModule):
     ``net`` is kept as ``self.net``, unchanged in type, so its ``state_dict`` keys (prefixed
     ``net.`` in Lightning checkpoints) match ``pipeline.models.build`` and the trained weights
     can be saved from ``module.net`` directly. ``train.compile`` compiles it in place
-    (``nn.Module.compile``), which keeps those keys.
+    (``nn.Module.compile``), which keeps those keys. ``head="sigmoid"``: ``net`` gives one
+    logit per row (the positive class's) and labels are 0/1.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int, train: TrainSpec) -> None:
+    def __init__(self, net: nn.Module, num_classes: int, train: TrainSpec, head: str = "softmax") -> None:
         super().__init__()
         self.net = net
         self.spec = train
-        # Updated every training step, so skip the per-call input validation (the inputs are
-        # our own logits and labels) and the NaN scan: a NaN loss should show in the logged
-        # mean rather than be dropped with a warning.
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        self.train_loss = MeanMetric(nan_strategy="disable")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.head = head
+        # Resolved before channels_last/compile, on the plain module tree; raises on a rule
+        # that selects nothing.
+        self.groups = resolve_param_groups(net, train.param_groups)
+        apply_frozen(self.groups, 0)
+        # Per step only three sums on the device (loss * n, correct, n): torchmetrics' update
+        # and self.log per step cost milliseconds, a visible share of a small net's step
+        # (bench/lightning_overhead.py). Logged once per epoch, summed across DDP ranks.
+        # Plain attributes, not buffers: a bf16-true run must not cast the counts.
+        self._sums: dict[str, Any] = {"train": None, "val": None}
         if train.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if train.compile:
@@ -88,37 +64,61 @@ class ClassifierModule(pl.LightningModule):
         return self.net(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.spec.label_smoothing)
+        ls = self.spec.label_smoothing
+        if self.head == "sigmoid":
+            target = y.to(torch.float32) * (1 - ls) + 0.5 * ls
+            return F.binary_cross_entropy_with_logits(logits.float().reshape(-1), target)
+        return F.cross_entropy(logits.float(), y, label_smoothing=ls)
+
+    def _correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.head == "sigmoid":
+            return ((logits.reshape(-1) > 0).long() == y).sum()
+        return (logits.argmax(dim=1) == y).sum()
+
+    def _accumulate(self, split: str, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        sums = self._sums[split]
+        if sums is None:
+            # float32 counts are exact up to 2**24 rows per epoch; MPS has no float64.
+            sums = self._sums[split] = torch.zeros(3, dtype=torch.float32, device=logits.device)
+        n = len(y)
+        sums[0] += loss.detach().float() * n
+        sums[1] += self._correct(logits.detach(), y)
+        sums[2] += n
+
+    def _log_sums(self, split: str) -> None:
+        sums = self._sums[split]
+        if sums is None:
+            return
+        total = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum") if self.trainer.world_size > 1 else sums
+        n = total[2].clamp_min(1)
+        self.log(f"{split}/loss", total[0] / n, prog_bar=True)
+        self.log(f"{split}/acc", total[1] / n, prog_bar=True)
+        self._sums[split] = None
+
+    def on_train_epoch_start(self) -> None:
+        # Groups with train_epochs stop training once their epochs are over (also after a resume).
+        apply_frozen(self.groups, self.current_epoch)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
-        # Only accumulate here; logged once in on_train_epoch_end. Two self.log calls and the
-        # metric's forward (which also computes a per-batch value) cost ~4 ms per step on a CPU,
-        # 17% of a small net's step (bench/lightning_overhead.py).
-        self.train_acc.update(logits.detach(), y)
-        self.train_loss.update(loss.detach(), weight=len(y))
+        self._accumulate("train", logits, y, loss)
         return loss
 
     def on_train_epoch_end(self) -> None:
-        # compute() all-reduces across DDP ranks itself, so no sync_dist here.
-        self.log("train/loss", self.train_loss.compute(), prog_bar=True)
-        self.log("train/acc", self.train_acc.compute(), prog_bar=True)
-        self.train_loss.reset()
-        self.train_acc.reset()
+        self._log_sums("train")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        n = len(y)
-        self.val_acc(logits, y)
-        self.log("val/loss", self._loss(logits, y), on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=n, sync_dist=True)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self._accumulate("val", logits, y, self._loss(logits, y))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_sums("val")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = make_optimizer(self.parameters(), self.spec.optimizer)
+        optimizer = make_optimizer(optimizer_groups(self.groups, self.spec.optimizer), self.spec.optimizer)
         factor = lr_multiplier(self.spec.schedule, self.trainer.estimated_stepping_batches)
         # A plain closure, not a callable object: LambdaLR then keeps only its step count in the
         # checkpoint, and a resumed run recomputes the curve for its own max_epochs.

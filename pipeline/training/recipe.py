@@ -1,0 +1,208 @@
+"""The training recipe's pieces as plain functions: LR schedule shapes, parameter groups, TTA views.
+
+Everything here is a function of params and a plain ``nn.Module``/tensor, with no Lightning, so
+the training module, the benchmarks and evaluate share one definition and tests can check each
+piece by hand.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+from pipeline.errors import FmpipeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from pipeline.config import OptimizerSpec, ParamGroupRule, ScheduleSpec, TTASpec
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_multiplier(schedule: "ScheduleSpec", total_steps: int) -> Callable[[int], float]:
+    """The factor on the base LR for optimizer step ``t`` (0-based) of ``total_steps``.
+
+    The rise runs from ``start`` at step 0 to ``peak`` at step ``round(peak_at * total)``;
+    a rise from 0 begins one step in ((t + 1) / rise), so that the first step is not wasted
+    at a zero learning rate. The fall runs from ``peak`` to ``end`` at the last step + 1.
+    """
+    total = max(1, int(total_steps))
+    s = schedule
+    rise = int(round(s.peak_at * total)) if s.name in ("onecycle", "triangular") else 0
+    lead = 1 if s.start == 0 else 0
+
+    def factor(t: int) -> float:
+        if s.name == "constant":
+            return s.peak
+        if t < rise:
+            return s.start + (s.peak - s.start) * min(1.0, (t + lead) / rise)
+        progress = min(1.0, (t - rise) / max(1, total - rise))
+        if s.name == "triangular":
+            return max(0.0, s.peak + (s.end - s.peak) * progress)
+        return s.end + (s.peak - s.end) * 0.5 * (1.0 + math.cos(math.pi * progress))  # onecycle, cosine
+
+    return factor
+
+
+# ----------------------------------------------------------------------------- param groups
+
+@dataclass
+class ParamGroup:
+    """The parameters one rule selected (rule index None: the rest) and how they train."""
+
+    rule: Optional[int]
+    names: list[str] = field(default_factory=list)
+    params: list[Any] = field(default_factory=list)
+    lr_scale: float = 1.0
+    wd_scale: float = 1.0
+    frozen: bool = False
+    train_epochs: Optional[int] = None
+
+
+def _class_names(module: "nn.Module") -> list[str]:
+    return [c.__name__ for c in type(module).__mro__]
+
+
+def resolve_param_groups(net: "nn.Module", rules: Sequence["ParamGroupRule"],
+                         where: str = "train.param_groups") -> list[ParamGroup]:
+    """Sort ``net``'s parameters into one group per rule plus the rest (first match wins).
+
+    Parameters that do not require gradients before any rule applies (a data-set whitening
+    filter, say) are left out of every group: nothing trains them. A rule that selects
+    nothing raises, naming ``where[i]``.
+    """
+    groups = [ParamGroup(rule=i, lr_scale=r.lr_scale, wd_scale=r.wd_scale, frozen=r.frozen,
+                         train_epochs=r.train_epochs) for i, r in enumerate(rules)]
+    rest = ParamGroup(rule=None)
+    for mod_name, module in net.named_modules():
+        classes = _class_names(module)
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if not p.requires_grad:
+                continue
+            target = rest
+            for g, r in zip(groups, rules):
+                if r.name is not None and not fnmatch.fnmatchcase(full, r.name):
+                    continue
+                if r.module is not None and not any(fnmatch.fnmatchcase(c, r.module) for c in classes):
+                    continue
+                if r.param is not None and not fnmatch.fnmatchcase(p_name, r.param):
+                    continue
+                target = g
+                break
+            target.names.append(full)
+            target.params.append(p)
+    for g, r in zip(groups, rules):
+        if not g.params:
+            sel = ", ".join(f"{k}={v!r}" for k, v in (("name", r.name), ("module", r.module), ("param", r.param))
+                            if v is not None)
+            raise FmpipeError(f"{where}[{g.rule}]: ({sel}) selects no trainable parameter of the network")
+    return [g for g in groups + [rest] if g.params]
+
+
+def apply_frozen(groups: Sequence[ParamGroup], epoch: int) -> None:
+    """Set ``requires_grad`` per group for ``epoch``: frozen never, ``train_epochs`` only before it.
+
+    A parameter without gradient is skipped by the optimizer's step (no momentum, no decay),
+    so it keeps its value.
+    """
+    for g in groups:
+        trainable = not g.frozen and (g.train_epochs is None or epoch < g.train_epochs)
+        for p in g.params:
+            p.requires_grad_(trainable)
+
+
+def optimizer_groups(groups: Sequence[ParamGroup], spec: "OptimizerSpec") -> list[dict[str, Any]]:
+    """torch optimizer param-group dicts: scaled lr and weight decay; frozen groups left out."""
+    return [{"params": list(g.params), "lr": spec.lr * g.lr_scale,
+             "weight_decay": spec.weight_decay * g.wd_scale}
+            for g in groups if not g.frozen]
+
+
+def make_optimizer(params, spec: "OptimizerSpec") -> "torch.optim.Optimizer":
+    """The optimizer over ``params`` (tensors, or group dicts with their own lr/weight_decay)."""
+    import torch
+
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                               weight_decay=spec.weight_decay)
+    if spec.name == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.name == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown optimizer {spec.name!r}")  # the schema's Literal rules this out
+
+
+# ----------------------------------------------------------------------------- TTA
+
+def tta_views(spec: Optional["TTASpec"]) -> list[dict[str, Any]]:
+    """The views of ``spec`` as ``{"flip", "shift": [dy, dx], "weight"}``, weights summing to 1.
+
+    No TTA is the one identity view. This list (with ``combine``) is what model.json records
+    under ``tta``, so a served package can apply the very same views.
+    """
+    if spec is None:
+        return [{"flip": False, "shift": [0, 0], "weight": 1.0}]
+    if spec.views is not None:
+        raw = [(v.flip, list(v.shift), v.weight) for v in spec.views]
+    else:
+        flips = [False, True] if spec.flip else [False]
+        raw = [(f, [0, 0], 1.0 / len(flips)) for f in flips]
+        if spec.translate:
+            t = spec.translate
+            shifted = [(f, [d, d]) for d in (-t, t) for f in flips]
+            raw = [(f, s, w * 0.5) for f, s, w in raw] + [(f, s, 0.5 / len(shifted)) for f, s in shifted]
+    total = sum(w for _, _, w in raw)
+    return [{"flip": f, "shift": s, "weight": w / total} for f, s, w in raw]
+
+
+def tta_record(spec: Optional["TTASpec"]) -> dict[str, Any]:
+    """model.json's ``tta`` entry: the views and how their outputs combine."""
+    return {"combine": spec.combine if spec is not None else "logits", "padding": "reflect",
+            "views": tta_views(spec)}
+
+
+def view(x: "torch.Tensor", flip: bool, shift: Sequence[int]) -> "torch.Tensor":
+    """One TTA view of an N x C x H x W batch (see ``TTAView``)."""
+    import torch.nn.functional as F
+
+    dy, dx = int(shift[0]), int(shift[1])
+    if dy or dx:
+        h, w = x.shape[-2:]
+        py, px = abs(dy), abs(dx)
+        padded = F.pad(x, (px, px, py, py), mode="reflect")
+        x = padded[..., py + dy:py + dy + h, px + dx:px + dx + w]
+    if flip:
+        x = x.flip(-1)
+    return x
+
+
+def tta_predict(forward: Callable[["torch.Tensor"], "torch.Tensor"], x: "torch.Tensor",
+                record: dict[str, Any], head: str = "softmax") -> "torch.Tensor":
+    """Class probabilities (N x K) of batch ``x`` averaged over ``record``'s views.
+
+    ``forward`` maps inputs to logits. ``head="sigmoid"``: one logit per row, probabilities
+    ``[1 - p, p]``. With ``combine="logits"`` the weighted logits are averaged first.
+    """
+    import torch
+
+    def to_probs(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if head == "sigmoid":
+            p = torch.sigmoid(logits.reshape(-1))
+            return torch.stack([1 - p, p], dim=1)
+        return torch.softmax(logits, dim=1)
+
+    views = record.get("views") or [{"flip": False, "shift": [0, 0], "weight": 1.0}]
+    combine = record.get("combine", "logits")
+    acc = None
+    for v in views:
+        out = forward(view(x, bool(v["flip"]), v["shift"])).float()
+        part = out if combine == "logits" else to_probs(out)
+        part = part * float(v["weight"])
+        acc = part if acc is None else acc + part
+    return to_probs(acc) if combine == "logits" else acc
