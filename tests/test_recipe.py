@@ -1,0 +1,386 @@
+"""The training recipe language: param groups, weight averaging, schedule shapes, alternating
+flip, TTA views; and the worked-example variants (binary, mnist) on offline data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from pipeline.config import (
+    AugmentSpec,
+    AveragingSpec,
+    OptimizerSpec,
+    ParamGroupRule,
+    ScheduleSpec,
+    TTASpec,
+    load_params,
+    load_variant,
+)
+from pipeline.errors import FmpipeError
+from pipeline.models import build, load_trained
+from pipeline.training.averaging import WeightAverager
+from pipeline.training.recipe import (
+    apply_frozen,
+    lr_multiplier,
+    optimizer_groups,
+    make_optimizer,
+    resolve_param_groups,
+    tta_predict,
+    tta_record,
+    tta_views,
+    view,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- param groups
+
+def cifar_rules() -> list[ParamGroupRule]:
+    return list(load_variant("cifar", REPO / "params.yaml").train.param_groups)
+
+
+def test_cifar_param_groups_select_bn_and_whitening_bias():
+    net = build("airbench", (3, 16, 16), 10, {"widths": [8, 16, 16], "bn_eps": 1e-12})
+    groups = resolve_param_groups(net, cifar_rules())
+    by_rule = {g.rule: g for g in groups}
+    bn = [n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bn) == 6 and all(m.eps == 1e-12 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert by_rule[0].names == [f"{n}.weight" for n in bn] and by_rule[0].frozen
+    assert by_rule[1].names == [f"{n}.bias" for n in bn]
+    assert by_rule[2].names == ["body.0.conv.bias"] and by_rule[2].train_epochs == 3
+    # The rest: every conv weight and the head; the whitening filters never train at all.
+    rest = by_rule[None].names
+    assert "body.0.conv.weight" not in rest and "body.0.conv.weight" not in sum((g.names for g in groups), [])
+    assert rest[-1] == "body.6.weight" and not any(".bias" in n for n in rest)
+
+    spec = OptimizerSpec(name="sgd", lr=1.5, weight_decay=0.00133, momentum=0.85)
+    apply_frozen(groups, 0)
+    opt = make_optimizer(optimizer_groups(groups, spec), spec)
+    # Frozen BN weights are in no optimizer group and have no gradient.
+    assert len(opt.param_groups) == 3
+    assert not any(p.requires_grad for p in by_rule[0].params)
+    bias_group = next(g for g in opt.param_groups if g["params"][0] is by_rule[1].params[0])
+    assert bias_group["lr"] == pytest.approx(1.5 * 64)
+    assert bias_group["weight_decay"] == pytest.approx(0.00133 / 64)
+    assert bias_group["lr"] * bias_group["weight_decay"] == pytest.approx(1.5 * 0.00133)  # same decay/step
+    rest_group = next(g for g in opt.param_groups if g["params"][0] is by_rule[None].params[0])
+    assert rest_group["lr"] == 1.5 and rest_group["weight_decay"] == 0.00133
+
+
+def test_train_epochs_freezes_after_its_epochs_and_optimizer_leaves_it_alone():
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    groups = resolve_param_groups(net, [ParamGroupRule(name="0.bias", train_epochs=1)])
+    spec = OptimizerSpec(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.1)
+    opt = make_optimizer(optimizer_groups(groups, spec), spec)
+    x = torch.randn(8, 3)
+    for epoch in range(3):
+        apply_frozen(groups, epoch)
+        before = net[0].bias.detach().clone()
+        opt.zero_grad(set_to_none=True)
+        net(x).pow(2).sum().backward()
+        opt.step()
+        moved = not torch.equal(before, net[0].bias.detach())
+        assert moved == (epoch < 1), epoch
+        assert net[0].weight.requires_grad
+
+
+def test_a_rule_that_selects_nothing_is_an_error():
+    net = build("mlp", (4,), 3, {"hidden": [8]})
+    with pytest.raises(FmpipeError, match=r"train.param_groups\[1\].*module='BatchNorm\*'.*selects no"):
+        resolve_param_groups(net, [ParamGroupRule(param="bias", lr_scale=2),
+                                   ParamGroupRule(module="BatchNorm*")])
+
+
+def test_first_matching_rule_wins():
+    net = build("mlp", (4,), 3, {"hidden": [8]})
+    groups = resolve_param_groups(net, [ParamGroupRule(name="body.1.*", lr_scale=3),
+                                        ParamGroupRule(param="bias", wd_scale=0)])
+    names = {g.rule: g.names for g in groups}
+    assert names[0] == ["body.1.weight", "body.1.bias"]
+    assert names[1] == ["body.3.bias"] and names[None] == ["body.3.weight"]
+
+
+# ----------------------------------------------------------------------------- schema
+
+def write_params(tmp_path: Path, train_update: dict) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["variants"]["iris"]["train"].update(train_update)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"param_groups": [{"lr_scale": 2}]}, "variants.iris.train.param_groups.0: Value error, a rule needs at least one"),
+    ({"param_groups": [{"name": "x", "lr_scale": 0}]}, "variants.iris.train.param_groups.0.lr_scale: Input should be greater than 0"),
+    ({"param_groups": [{"name": "x", "frozn": True}]}, "variants.iris.train.param_groups.0.frozn: unknown key (expected one of: name, module, param"),
+    ({"averaging": {"decay": 1.5}}, "variants.iris.train.averaging.decay: Input should be less than 1"),
+    ({"averaging": {"mode": "swa"}}, "variants.iris.train.averaging.mode: Input should be 'ema' or 'lookahead'"),
+    ({"schedule": {"name": "triangular", "warmup_fraction": 0.2, "peak_at": 0.3}}, "variants.iris.train.schedule: Value error, give peak_at or"),
+    ({"schedule": {"name": "triangular", "peak_at": 1.2}}, "variants.iris.train.schedule.peak_at: Input should be less than 1"),
+    ({"augment": {"flip": "sometimes"}}, "variants.iris.train.augment.flip"),
+    ({"tta": {"flip": True, "views": [{"flip": True}]}}, "variants.iris.train.tta: Value error, give views, or flip/translate"),
+    ({"tta": {"flip": True}, "tta_flip": True}, "variants.iris.train: Value error, give tta or the older tta_flip"),
+    ({"tta": {"views": [{"shift": [1]}]}}, "variants.iris.train.tta.views.0.shift"),
+])
+def test_recipe_schema_errors_name_the_key(tmp_path, update, message):
+    with pytest.raises(FmpipeError) as exc:
+        load_params(write_params(tmp_path, update))
+    assert message in str(exc.value), str(exc.value)
+
+
+def test_old_params_keep_working():
+    s = ScheduleSpec.model_validate({"name": "onecycle", "warmup_fraction": 0.25})
+    assert s.peak_at == 0.25
+    old = TTASpec(flip=True, combine="probs")
+    from pipeline.config import TrainSpec
+
+    assert TrainSpec(tta_flip=True).tta_spec() == old
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def test_schedule_shapes_at_start_peak_and_end():
+    total = 100
+    tri = lr_multiplier(ScheduleSpec(name="triangular", start=0.2, peak_at=0.23, end=0.07), total)
+    assert tri(0) == pytest.approx(0.2)
+    assert tri(23) == pytest.approx(1.0)
+    assert tri(11) == pytest.approx(0.2 + 0.8 * 11 / 23)
+    assert tri(total) == pytest.approx(0.07)
+    assert tri(total - 1) == pytest.approx(1 + (0.07 - 1) * 76 / 77)
+    # A rise from 0 begins one step in; the old triangular/onecycle defaults are unchanged.
+    old = lr_multiplier(ScheduleSpec(name="onecycle", peak_at=0.2), total)
+    assert old(0) == pytest.approx(1 / 20) and old(19) == pytest.approx(1.0)
+    assert old(20) == pytest.approx(1.0) and old(total) == pytest.approx(0.0)
+    cos = lr_multiplier(ScheduleSpec(name="cosine", peak=2.0, end=0.5), total)
+    assert cos(0) == pytest.approx(2.0) and cos(50) == pytest.approx(1.25) and cos(total) == pytest.approx(0.5)
+    assert lr_multiplier(ScheduleSpec(name="constant", peak=0.3), total)(57) == 0.3
+
+
+# ----------------------------------------------------------------------------- averaging
+
+def test_ema_weights_equal_a_hand_computation():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    spec = AveragingSpec(mode="ema", decay=0.9, decay_power=2.0, every_n_steps=1)
+    avg = WeightAverager(spec)
+    avg.start(net)
+    hand = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    total = 4
+    for step in range(1, total + 1):
+        opt.zero_grad()
+        (net(torch.randn(5, 3)) * torch.randn(5, 2)).sum().backward()
+        opt.step()
+        d = 0.9 * (step / total) ** 2
+        assert avg.decay(step, total) == pytest.approx(d)
+        avg.update(net, d)
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                hand[k] = d * hand[k] + (1 - d) * v
+    for k, v in avg.avg.items():
+        torch.testing.assert_close(v, hand[k], rtol=0, atol=1e-6)
+    # ema leaves the network alone until copy_to; BN running stats are averaged too.
+    assert not torch.allclose(net[0].weight, hand["0.weight"])
+    assert "1.running_mean" in avg.avg and "1.num_batches_tracked" not in avg.avg
+    avg.copy_to(net)
+    torch.testing.assert_close(net[0].weight.detach(), hand["0.weight"])
+
+
+def test_lookahead_copies_the_average_back():
+    net = nn.Linear(2, 1)
+    avg = WeightAverager(AveragingSpec(mode="lookahead", decay=0.5))
+    avg.start(net)
+    w0 = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    avg.update(net, 0.5)
+    torch.testing.assert_close(net.weight.detach(), w0 + 1.0)
+    torch.testing.assert_close(avg.avg["weight"], w0 + 1.0)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def test_alternate_flip_shows_each_image_both_ways_in_turn():
+    from pipeline.training.data import BatchStream
+
+    n = 16
+    x = torch.arange(n * 1 * 2 * 3, dtype=torch.uint8).reshape(n, 1, 2, 3)
+    y = torch.arange(n)
+    epoch = [0]
+    stream = BatchStream(x, y, 4, train=True, seed=3, augment=AugmentSpec(flip="alternate"),
+                         epoch=lambda: epoch[0])
+
+    def flipped_by_label(ep: int) -> dict[int, bool]:
+        epoch[0] = ep
+        out = {}
+        for xb, yb in stream:
+            for img, label in zip(xb, yb):
+                orig = x[int(label)].float()
+                out[int(label)] = bool(torch.equal(img, orig.flip(-1)))
+        return out
+
+    e0, e1, e2 = flipped_by_label(0), flipped_by_label(1), flipped_by_label(2)
+    assert e0 == e2 and all(e1[i] != e0[i] for i in e0)
+    assert 0 < sum(e0.values()) < n  # a coin per image, not the whole set
+    assert flipped_by_label(0) == e0  # deterministic
+
+
+# ----------------------------------------------------------------------------- TTA
+
+def test_tta_views_and_weights():
+    views = tta_views(TTASpec(flip=True, translate=1))
+    assert [(v["flip"], v["shift"]) for v in views] == [
+        (False, [0, 0]), (True, [0, 0]), (False, [-1, -1]), (True, [-1, -1]), (False, [1, 1]), (True, [1, 1])]
+    assert [v["weight"] for v in views] == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+    assert tta_views(None) == [{"flip": False, "shift": [0, 0], "weight": 1.0}]
+    assert [v["weight"] for v in tta_views(TTASpec(flip=True))] == [0.5, 0.5]
+
+    x = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
+    up_left = view(x, False, [-1, -1])  # pixel (i, j) is the input's (i - 1, j - 1)
+    assert torch.equal(up_left[0, 0, 1:, 1:], x[0, 0, :3, :3])
+    assert torch.equal(view(x, False, [1, 1])[0, 0, :3, :3], x[0, 0, 1:, 1:])
+    assert torch.equal(view(x, True, [0, 0]), x.flip(-1))
+
+
+def test_flip_symmetric_input_gives_the_same_prediction_under_flip_tta():
+    torch.manual_seed(0)
+    net = build("cnn_small", (3, 8, 8), 5, {"width": 4}).eval()
+    half = torch.rand(6, 3, 8, 4) * 255
+    x = torch.cat([half, half.flip(-1)], dim=-1)  # mirror-symmetric images
+    assert torch.equal(x, x.flip(-1))
+    plain = tta_predict(net, x, tta_record(None))
+    flip = tta_predict(net, x, tta_record(TTASpec(flip=True)))
+    torch.testing.assert_close(flip, plain)
+    # Averaging logits over views = softmax of the weighted mean logit.
+    record = tta_record(TTASpec(flip=True, translate=1))
+    with torch.no_grad():
+        expected = torch.softmax(sum(v["weight"] * net(view(x, v["flip"], v["shift"])) for v in record["views"]), 1)
+        torch.testing.assert_close(tta_predict(net, x, record), expected)
+    # A non-symmetric input does change under flip TTA (the test above can fail).
+    y = torch.rand(6, 3, 8, 8) * 255
+    with torch.no_grad():
+        assert not torch.allclose(tta_predict(net, y, tta_record(TTASpec(flip=True))), tta_predict(net, y, tta_record(None)))
+
+
+# ----------------------------------------------------------------------------- variants
+
+def annotated(variant: str) -> None:
+    from stages import clean, collect
+
+    collect.run(variant)
+    clean.run(variant)
+    shutil.copytree(f"data/{variant}/clean", f"data/{variant}/annotate")
+
+
+def update_params(variant: str, **sections) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    for key, value in sections.items():
+        target = params["variants"][variant]
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            target[key].update(value)
+        else:
+            target[key] = value
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_binary_variant_trains_evaluates_and_packages_offline(project):
+    import onnxruntime as ort
+
+    from stages import evaluate, package
+    from stages import train as train_step
+
+    annotated("binary")
+    update_params("binary", train={"max_epochs": 8})
+    train_step.run("binary")
+    net, meta = load_trained("data/binary/train")
+    assert meta["model"]["head"] == "sigmoid" and meta["classes"] == ["negative", "positive"]
+    assert net.body[-1].out_features == 1
+
+    evaluate.run("binary")
+    metrics = json.loads(Path("data/binary/evaluate/metrics.json").read_text())
+    b = metrics["binary"]
+    assert metrics["accuracy"] > 0.8 and b["roc_auc"] > 0.9 and b["pr_auc"] > 0.9
+    assert 0 < b["f1"] <= 1 and b["threshold"] == 0.5
+
+    package.run("binary")
+    lineage = json.loads(Path("data/binary/package/lineage.json").read_text())
+    assert lineage["onnx"]["argmax_mismatches"] == 0
+    session = ort.InferenceSession("data/binary/package/model.onnx", providers=["CPUExecutionProvider"])
+    from pipeline.manifest import read_dataset
+
+    test = read_dataset("data/binary/annotate").split("test")
+    x = test.features.to_numpy(np.float32)
+    logits = session.run(["logits"], {"input": x})[0]
+    assert logits.shape == (len(x), 1)
+    predicted = (logits[:, 0] > 0).astype(int)
+    assert (predicted == test.manifest["label"].to_numpy()).mean() == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert "one logit" in Path("data/binary/package/MODEL_CARD.md").read_text()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.mark.parametrize("variant", ["mnist", "mnist-cnn"])
+def test_mnist_variants_train_on_an_idx_fixture(project, variant):
+    """Digit-like IDX files (each class a bright bar at its own row), 200 train / 50 test."""
+    rng = np.random.default_rng(0)
+
+    def images(labels):
+        x = rng.integers(0, 40, (len(labels), 28, 28))
+        for i, c in enumerate(labels):
+            x[i, 2 + 2 * c:4 + 2 * c, 4:24] = 255
+        return x
+
+    ytr, yte = np.arange(200) % 10, np.arange(50) % 10
+    folder = Path("mnist-idx")
+    folder.mkdir()
+    for name, arr in {"train-images-idx3-ubyte.gz": images(ytr), "train-labels-idx1-ubyte.gz": ytr,
+                      "t10k-images-idx3-ubyte.gz": images(yte), "t10k-labels-idx1-ubyte.gz": yte}.items():
+        write_idx(folder / name, arr)
+    update_params(variant, source={"kind": "mnist", "path": str(folder), "verify": False},
+                  train={"max_epochs": 3, "batch_size": 16, "accelerator": "cpu"})
+    annotated(variant)
+    from stages import train as train_step
+
+    summary = train_step.run(variant)
+    spec = load_variant(variant)
+    assert summary["epochs"] == 3 and summary["train_rows"] == 180 and summary["model"] == spec.model.name
+    net, meta = load_trained(f"data/{variant}/train")
+    assert meta["input"]["shape"] == [1, 28, 28]
+    from pipeline.manifest import read_dataset
+
+    test = read_dataset(f"data/{variant}/annotate").split("test")
+    x = torch.from_numpy(np.asarray(test.images).transpose(0, 3, 1, 2).copy()).float()
+    with torch.no_grad():
+        acc = (net(x).argmax(1).numpy() == test.manifest["label"].to_numpy()).mean()
+    assert acc > 0.5  # chance is 0.1
+
+
+def test_cifar_default_is_the_reference_recipe():
+    spec = load_variant("cifar", REPO / "params.yaml")
+    t = spec.train
+    assert spec.model.options["bn_eps"] == 1e-12
+    assert (t.schedule.name, t.schedule.start, t.schedule.peak_at, t.schedule.end) == ("triangular", 0.2, 0.23, 0.07)
+    assert t.averaging == AveragingSpec(mode="lookahead", start_epoch=3, every_n_steps=5,
+                                        decay=0.7738, decay_power=3)
+    assert math.isclose(t.averaging.decay, 0.95 ** 5, abs_tol=1e-4)
+    assert t.augment.flip == "alternate" and t.augment.translate == 2
+    assert len(tta_views(t.tta_spec())) == 6
+    lenet = load_variant("cifar-lenet", REPO / "params.yaml").train
+    assert (lenet.batch_size, lenet.max_epochs, lenet.optimizer.lr, lenet.optimizer.momentum) == (4, 2, 0.001, 0.9)
+    mnist = load_variant("mnist", REPO / "params.yaml")
+    assert mnist.model.options["hidden"] == [128] and mnist.train.batch_size == 128 and mnist.train.max_epochs == 15
