@@ -340,13 +340,26 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     """Walk the schema along ``loc`` to list the keys allowed there (best effort)."""
     node: Any = Params
     for part in loc:
+        node = _model_of(node)
         if typing.get_origin(node) is dict:  # a variant name: step into the value type
             node = typing.get_args(node)[1]
+            continue
+        if typing.get_origin(node) is list:  # a list index (param_groups.0): the item type
+            node = typing.get_args(node)[0]
             continue
         fields = getattr(node, "model_fields", None)
         field = next((f for n, f in (fields or {}).items() if part in (n, f.alias)), None)
         if field is None:
             return []
         node = field.annotation
-    fields = getattr(node, "model_fields", None) or {}
+    fields = getattr(_model_of(node), "model_fields", None) or {}
     return [f.alias or n for n, f in fields.items()]
+
+
+def _model_of(node: Any) -> Any:
+    """``Optional[X]`` -> ``X`` (the one non-None member of a union); anything else as is."""
+    if typing.get_origin(node) is Union:
+        members = [a for a in typing.get_args(node) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return node
