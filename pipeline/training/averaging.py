@@ -72,7 +72,7 @@ class WeightAveraging(pl.Callback):
         if self.averager.avg is None:
             self.averager.start(pl_module.net)
         if step % self.spec.every_n_steps == 0:
-            self.averager.update(pl_module.net, self.averager.decay(step, trainer.estimated_stepping_batches))
+            self.averager.update(pl_module.net, self.averager.decay(step, self._total))
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.averager.copy_to(pl_module.net)
@@ -85,6 +85,8 @@ class WeightAveraging(pl.Callback):
         self._pending = state_dict.get("avg")
 
     def on_train_start(self, trainer, pl_module) -> None:
+        # Read once: the property re-walks the train loader's setup on every access.
+        self._total = int(trainer.estimated_stepping_batches)
         pending = getattr(self, "_pending", None)
         if pending is not None:
             device = pl_module.device

@@ -76,11 +76,15 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     """
     _quiet_dvclive()
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from pipeline.models import build, save_trained
     from pipeline.training.averaging import WeightAveraging
-    from pipeline.training.callbacks import ThroughputTimer, _EpochDVCLiveLogger
+    from pipeline.training.callbacks import (
+        ThroughputTimer,
+        _EpochDVCLiveLogger,
+        checkpoint_callback,
+        throttled_progress_bar,
+    )
     from pipeline.training.data import TensorDataModule
     from pipeline.training.flops import train_flops
     from pipeline.training.module import ClassifierModule
@@ -112,7 +116,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
 
     logger = _EpochDVCLiveLogger(dir=str(state_dir / "live"), resume=resume, save_dvc_exp=False,
                            dvcyaml=False, report=None)
-    checkpoint = ModelCheckpoint(
+    checkpoint = checkpoint_callback(
         dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
         monitor="val/acc" if has_val else None, mode="max", save_top_k=1 if has_val else 0,
         save_last=True, every_n_epochs=1,
@@ -125,7 +129,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
         strategy=train.strategy, precision=train.precision, max_epochs=train.max_epochs,
         max_time=train.max_time, deterministic=train.deterministic, logger=logger,
-        callbacks=[checkpoint, timer, *recipe_callbacks, *callbacks], default_root_dir=str(state_dir),
+        callbacks=[checkpoint, timer, throttled_progress_bar(), *recipe_callbacks, *callbacks], default_root_dir=str(state_dir),
         log_every_n_steps=min(50, steps_per_epoch), limit_val_batches=None if has_val else 0,
         # Lightning's summary table prints an all-zero FLOPs column; one log line says what matters.
         enable_progress_bar=True, enable_model_summary=False,

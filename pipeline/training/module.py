@@ -50,10 +50,10 @@ class ClassifierModule(pl.LightningModule):
         # that selects nothing.
         self.groups = resolve_param_groups(net, train.param_groups)
         apply_frozen(self.groups, 0)
-        # Per step only three sums on the device (loss * n, correct, n): torchmetrics' update
-        # and self.log per step cost milliseconds, a visible share of a small net's step
-        # (bench/lightning_overhead.py). Logged once per epoch, summed across DDP ranks.
-        # Plain attributes, not buffers: a bf16-true run must not cast the counts.
+        # Per step only the batch's loss * n and its correct count are kept (on the device, no
+        # sync): torchmetrics' update and self.log per step cost milliseconds, a visible share
+        # of a small net's step (bench/lightning_overhead.py). Logged once per epoch, summed
+        # across DDP ranks. Plain attributes, not buffers: bf16-true must not cast them.
         self._sums: dict[str, Any] = {"train": None, "val": None}
         if train.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -62,6 +62,13 @@ class ClassifierModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Our batches are made on the training device already (TensorDataModule): skip
+        # Lightning's walk over the batch structure on every step.
+        if isinstance(batch, (tuple, list)) and all(isinstance(t, torch.Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ls = self.spec.label_smoothing
@@ -76,24 +83,27 @@ class ClassifierModule(pl.LightningModule):
         return (logits.argmax(dim=1) == y).sum()
 
     def _accumulate(self, split: str, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
-        sums = self._sums[split]
-        if sums is None:
-            # float32 counts are exact up to 2**24 rows per epoch; MPS has no float64.
-            sums = self._sums[split] = torch.zeros(3, dtype=torch.float32, device=logits.device)
-        n = len(y)
-        sums[0] += loss.detach().float() * n
-        sums[1] += self._correct(logits.detach(), y)
-        sums[2] += n
+        # Appending two small tensors (no in-place sums, no host sync) is the cheapest record.
+        if self._sums[split] is None:
+            self._sums[split] = ([], [], [0])
+        losses, correct, count = self._sums[split]
+        losses.append(loss.detach() * len(y))
+        correct.append(self._correct(logits.detach(), y))
+        count[0] += len(y)
 
     def _log_sums(self, split: str) -> None:
-        sums = self._sums[split]
-        if sums is None:
-            return
-        total = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum") if self.trainer.world_size > 1 else sums
-        n = total[2].clamp_min(1)
-        self.log(f"{split}/loss", total[0] / n, prog_bar=True)
-        self.log(f"{split}/acc", total[1] / n, prog_bar=True)
+        record = self._sums[split]
         self._sums[split] = None
+        if record is None:
+            return
+        losses, correct, count = record
+        sums = torch.stack([torch.stack(losses).float().sum(), torch.stack(correct).float().sum(),
+                            torch.tensor(float(count[0]), device=losses[0].device)])
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        n = sums[2].clamp_min(1)
+        self.log(f"{split}/loss", sums[0] / n, prog_bar=True)
+        self.log(f"{split}/acc", sums[1] / n, prog_bar=True)
 
     def on_train_epoch_start(self) -> None:
         # Groups with train_epochs stop training once their epochs are over (also after a resume).
