@@ -388,3 +388,31 @@ def test_cifar_default_is_the_reference_recipe():
     assert (lenet.batch_size, lenet.max_epochs, lenet.optimizer.lr, lenet.optimizer.momentum) == (4, 2, 0.001, 0.9)
     mnist = load_variant("mnist", REPO / "params.yaml")
     assert mnist.model.options["hidden"] == [128] and mnist.train.batch_size == 128 and mnist.train.max_epochs == 15
+
+
+def test_recipe_runs_through_fit_and_evaluate(project):
+    """Param groups, averaging, alternating flip and 6-view TTA in a real (tiny) Lightning run."""
+    from stages import evaluate
+    from stages import train as train_step
+
+    annotated("digits")
+    update_params("digits", train={
+        "max_epochs": 2, "batch_size": 128,
+        "schedule": {"name": "triangular", "start": 0.2, "peak_at": 0.23, "end": 0.07},
+        "param_groups": [{"module": "BatchNorm*", "param": "weight", "frozen": True},
+                         {"module": "BatchNorm*", "param": "bias", "lr_scale": 4, "wd_scale": 0.25},
+                         {"name": "body.0.weight", "train_epochs": 1}],
+        "averaging": {"mode": "ema", "start_epoch": 1, "every_n_steps": 2, "decay": 0.5},
+        "augment": {"flip": "alternate", "translate": 1},
+        "tta": {"flip": True, "translate": 1},
+    })
+    summary = train_step.run("digits")
+    assert summary["epochs"] == 2
+    net, meta = load_trained("data/digits/train")
+    bn = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bn and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bn)  # frozen, averaged: still 1
+    assert meta["tta"]["combine"] == "logits" and len(meta["tta"]["views"]) == 6
+    assert meta["tta_flip"] is True
+    evaluate.run("digits")
+    metrics = json.loads(Path("data/digits/evaluate/metrics.json").read_text())
+    assert metrics["tta_views"] == 6 and metrics["accuracy"] > 0.3  # chance is 0.1

@@ -105,6 +105,8 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
 
     # We log per epoch only, so Lightning's step-logging interval does not matter.
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # ClassifierModule.transfer_batch_to_device is deliberate (batches are made on the device).
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     pl.seed_everything(train.seed, workers=True, verbose=False)
     dm = TensorDataModule(dataset, train.batch_size, augment=train.augment, seed=train.seed,
                           channels_last=train.channels_last)
