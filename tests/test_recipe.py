@@ -277,10 +277,10 @@ def test_flip_symmetric_input_gives_the_same_prediction_under_flip_tta():
 # ----------------------------------------------------------------------------- variants
 
 def annotated(variant: str) -> None:
-    from stages import clean, collect
+    from pipeline.runner import run_step
 
-    collect.run(variant)
-    clean.run(variant)
+    run_step("collect", variant)
+    run_step("clean", variant)
     shutil.copytree(f"data/{variant}/clean", f"data/{variant}/annotate")
 
 
@@ -298,23 +298,22 @@ def update_params(variant: str, **sections) -> None:
 def test_binary_variant_trains_evaluates_and_packages_offline(project):
     import onnxruntime as ort
 
-    from stages import evaluate, package
-    from stages import train as train_step
+    from pipeline.runner import run_step
 
     annotated("binary")
     update_params("binary", train={"max_epochs": 8})
-    train_step.run("binary")
+    run_step("train", "binary")
     net, meta = load_trained("data/binary/train")
     assert meta["model"]["head"] == "sigmoid" and meta["classes"] == ["negative", "positive"]
     assert net.body[-1].out_features == 1
 
-    evaluate.run("binary")
+    run_step("evaluate", "binary")
     metrics = json.loads(Path("data/binary/evaluate/metrics.json").read_text())
     b = metrics["binary"]
     assert metrics["accuracy"] > 0.8 and b["roc_auc"] > 0.9 and b["pr_auc"] > 0.9
     assert 0 < b["f1"] <= 1 and b["threshold"] == 0.5
 
-    package.run("binary")
+    run_step("package", "binary")
     lineage = json.loads(Path("data/binary/package/lineage.json").read_text())
     assert lineage["onnx"]["argmax_mismatches"] == 0
     session = ort.InferenceSession("data/binary/package/model.onnx", providers=["CPUExecutionProvider"])
@@ -358,9 +357,9 @@ def test_mnist_variants_train_on_an_idx_fixture(project, variant):
     if variant == "mnist-cnn":
         update_params(variant, model={"options": {"width": 8, "dropout": 0.0}})
     annotated(variant)
-    from stages import train as train_step
+    from pipeline.runner import run_step
 
-    summary = train_step.run(variant)
+    summary = run_step("train", variant)
     spec = load_variant(variant)
     assert summary["epochs"] == 8 and summary["train_rows"] == 180 and summary["model"] == spec.model.name
     net, meta = load_trained(f"data/{variant}/train")
@@ -392,8 +391,7 @@ def test_cifar_default_is_the_reference_recipe():
 
 def test_recipe_runs_through_fit_and_evaluate(project):
     """Param groups, averaging, alternating flip and 6-view TTA in a real (tiny) Lightning run."""
-    from stages import evaluate
-    from stages import train as train_step
+    from pipeline.runner import run_step
 
     annotated("digits")
     update_params("digits", train={
@@ -406,13 +404,15 @@ def test_recipe_runs_through_fit_and_evaluate(project):
         "augment": {"flip": "alternate", "translate": 1},
         "tta": {"flip": True, "translate": 1},
     })
-    summary = train_step.run("digits")
+    summary = run_step("train", "digits")
     assert summary["epochs"] == 2
     net, meta = load_trained("data/digits/train")
     bn = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bn and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bn)  # frozen, averaged: still 1
     assert meta["tta"]["combine"] == "logits" and len(meta["tta"]["views"]) == 6
     assert meta["tta_flip"] is True
-    evaluate.run("digits")
+    run_step("evaluate", "digits")
     metrics = json.loads(Path("data/digits/evaluate/metrics.json").read_text())
-    assert metrics["tta_views"] == 6 and metrics["accuracy"] > 0.3  # chance is 0.1
+    blessing = json.loads(Path("data/digits/evaluate/blessing.json").read_text())
+    assert blessing["tta_views"] == 6 and blessing["tta"] == "flip + 1px translate TTA, 6 views"
+    assert metrics["accuracy"] > 0.3  # chance is 0.1
