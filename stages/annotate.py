@@ -1,80 +1,57 @@
-"""Step 1d: apply human label overrides (data/<variant>/annotate/).
+"""Step 1d: apply people's label decisions (data/<variant>/annotate/).
 
-``annotations/<variant>.csv`` has columns ``id,label`` (label as class name or index) and
-optionally ``note``. Every row of the output says where its label came from
-(``label_source``: source or annotation) and keeps the source's label (``source_label``),
-so an audit can list every change. An override naming an unknown id or label is an error.
+Decisions live in ``annotations/<variant>/``: Label Studio JSON exports and ``id,label,note``
+CSV files (format, voting rules and error policy: ``pipeline/review/decisions.py``). A
+decision relabels, confirms or drops a row; every row says where its label came from
+(``label_source``, ``previous_label``, ``decision``, ``annotator``, ``annotated_at``,
+``decision_file``) and keeps the source's label (``source_label``). The report counts every
+kind of change and lists each one with its votes.
 """
 
 from __future__ import annotations
 
-import pandas as pd
+import sys
 
 from pipeline.config import DEFAULT_PARAMS, load_variant
 from pipeline.errors import FmpipeError
-from pipeline.manifest import make_report, read_dataset, write_dataset
-from pipeline.paths import annotations_file, step_dir
+from pipeline.manifest import make_report, read_dataset, read_report, write_dataset
+from pipeline.paths import annotations_dir, legacy_annotations_file, step_dir
+from pipeline.review.decisions import apply_decisions, read_decisions, resolve
 from stages.validate import require_passed
 
 
 def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
     load_variant(variant, params_path)  # an unknown variant or bad params stop here
     require_passed(variant)
-    ds = read_dataset(step_dir(variant, "clean"))
-    path = annotations_file(variant)
-    overrides = read_overrides(path, ds.classes)
-
-    m = ds.manifest.copy()
-    m["source_label"] = m["label"]
-    m["label_source"] = pd.array(["source"] * len(m), dtype="string")
-    row_of = {id_: row for row, id_ in enumerate(m["id"])}
-    unknown = [i for i in overrides if i not in row_of]
-    if unknown:
+    legacy = legacy_annotations_file(variant)
+    if legacy.exists():
         raise FmpipeError(
-            f"{path}: {len(unknown)} id(s) not in the cleaned dataset of {variant!r} "
-            f"(unknown, or removed by clean): {', '.join(unknown[:5])}"
+            f"{legacy}: decisions now live in the directory {annotations_dir(variant)}/ (the one dvc.yaml "
+            f"tracks); move this file there: git mv {legacy} {annotations_dir(variant)}/labels.csv"
         )
-    changes = []
-    for id_, (label, note) in overrides.items():
-        row = row_of[id_]
-        old = int(m.at[row, "label"])
-        m.at[row, "label"] = label
-        m.at[row, "label_name"] = ds.classes[label]
-        m.at[row, "label_source"] = "annotation"
-        changes.append({"id": id_, "from": ds.classes[old], "to": ds.classes[label], "note": note})
+    clean_dir = step_dir(variant, "clean")
+    ds = read_dataset(clean_dir)
+    removed_by_clean = {r["id"]: r["reason"] for r in read_report(clean_dir).get("removed", [])}
+    votes, stats = read_decisions(annotations_dir(variant), ds.classes)
+    manifest, keep, found = apply_decisions(ds.manifest, ds.classes, resolve(votes), removed_by_clean)
 
-    ds.manifest = m
-    report = make_report("annotate", variant, len(m), ds, annotations_file=str(path),
-                         overrides_applied=len(changes),
-                         labels_changed=sum(c["from"] != c["to"] for c in changes), changes=changes)
-    write_dataset(ds, step_dir(variant, "annotate"), report)
+    ds.manifest = manifest
+    out = ds.take(keep)
+    for skipped in found["skipped_removed_by_clean"]:
+        print(f"fmpipe annotate --stage {variant}: warning: decision for {skipped['id']} ignored: clean removed "
+              f"it ({skipped['clean_reason']}); in {', '.join(skipped['decision_files'])}", file=sys.stderr)
+    report = make_report(
+        "annotate", variant, len(manifest), out, removed=found["removed"],
+        annotations_dir=str(annotations_dir(variant)), decision_files=stats.files,
+        votes_read=stats.votes, cancelled_ignored=stats.cancelled_ignored, empty_ignored=stats.empty_ignored,
+        tasks_without_annotations=stats.tasks_without_annotations,
+        decision_rule="one vote per annotator (their latest); majority; a tie goes to the latest vote",
+        overrides_applied=found["relabelled"] + found["confirmed"], labels_changed=found["relabelled"],
+        **{k: found[k] for k in ("decisions_applied", "relabelled", "confirmed", "dropped", "untouched",
+                                 "contested", "superseded_votes", "skipped_removed_by_clean", "changes")},
+    )
+    write_dataset(out, step_dir(variant, "annotate"), report)
+    print(f"fmpipe annotate --stage {variant}: {found['relabelled']} relabelled, {found['confirmed']} confirmed, "
+          f"{found['dropped']} dropped, {found['untouched']} untouched ({stats.votes} votes in "
+          f"{len(stats.files)} file(s); {stats.cancelled_ignored} cancelled ignored)", file=sys.stderr)
     return report
-
-
-def read_overrides(path, classes: list[str]) -> dict[str, tuple[int, str]]:
-    """``{id: (label index, note)}``; a missing file means no overrides."""
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        return {}
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise FmpipeError(f"{path}: not a readable CSV: {exc}") from None
-    if list(table.columns[:2]) != ["id", "label"]:
-        raise FmpipeError(f"{path}: expected columns id,label[,note], got {','.join(table.columns)}")
-    by_name = {c: i for i, c in enumerate(classes)}
-    out: dict[str, tuple[int, str]] = {}
-    for line, rec in enumerate(table.to_dict("records"), start=2):
-        label = rec["label"].strip()
-        if label in by_name:
-            index = by_name[label]
-        elif label.lstrip("-").isdigit() and 0 <= int(label) < len(classes):
-            index = int(label)
-        else:
-            raise FmpipeError(
-                f"{path}:{line}: label {label!r} for id {rec['id']!r} is not a class "
-                f"(expected a name in {classes} or an index 0..{len(classes) - 1})"
-            )
-        if rec["id"] in out:
-            raise FmpipeError(f"{path}:{line}: id {rec['id']!r} is annotated twice")
-        out[rec["id"]] = (index, rec.get("note", ""))
-    return out

@@ -35,7 +35,7 @@ from pipeline.packaging.onnx_export import export_onnx, verify_onnx
 from pipeline.paths import STEPS, step_dir
 
 MAX_CHECK_INPUTS = 256
-UPSTREAM = [s for s in STEPS if s != "package"]
+UPSTREAM = list(STEPS[:STEPS.index("package")])  # review runs after package, from the same model
 
 
 def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
