@@ -74,13 +74,53 @@ for _step, _doc in [
     ("collect", "Load the variant's source and split it into train/val/test."),
     ("clean", "Drop invalid rows and exact duplicates, each removal listed with its reason."),
     ("validate", "Run the Great Expectations suite on the cleaned data; fail on any broken expectation."),
-    ("annotate", "Apply label overrides from annotations/<variant>.csv."),
+    ("annotate", "Apply people's decisions from annotations/<variant>/ (Label Studio exports, CSV)."),
     ("train", "Train the variant's model with PyTorch Lightning on the configured accelerator."),
     ("evaluate", "Score the trained model on the test split and decide its blessing."),
     ("package", "Export the blessed model: safetensors, ONNX (checked), model card, lineage."),
 ]:
     factory = _train_command if _step == "train" else functools.partial(_step_command, _step)
     app.command(name=_step, help=_doc)(factory(_doc))
+
+
+review_app = typer.Typer(
+    help="The trained model ranks suspect labels, near-duplicates and outliers into a queue for "
+    "people (data/<variant>/review/); `fmpipe review import` brings their Label Studio export back.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+
+@review_app.callback()
+def review(
+    ctx: typer.Context,
+    stage: Optional[str] = typer.Option(None, "--stage", "-s", help="Pipeline variant from params.yaml."),
+    params: str = ParamsOpt,
+) -> None:
+    """Queue suspect rows for review (fmpipe review --stage V), or import decisions (fmpipe review import)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if stage is None:
+        typer.echo("fmpipe review: error: --stage is required (or a subcommand: import)", err=True)
+        raise typer.Exit(2)
+    _run_step("review", stage, params)
+
+
+@review_app.command("import")
+def review_import(
+    file: str = typer.Argument(..., help="A Label Studio JSON export (or an id,label,note CSV)."),
+    stage: str = StageOpt,
+    name: Optional[str] = typer.Option(None, "--name", help="File name in annotations/<variant>/ (default: the file's own)."),
+) -> None:
+    """Check a Label Studio export against the variant's data, then copy it into annotations/<variant>/."""
+    from pipeline.review.importing import import_decisions
+
+    with _reported(f"fmpipe review import --stage {stage}"):
+        message = import_decisions(file, stage, name=name)
+    typer.echo(message)
+
+
+app.add_typer(review_app, name="review")
 
 
 @app.command()
