@@ -244,19 +244,20 @@ class PackageEmbedder:
     def layers(self) -> list[str]:
         return [name for name, _ in self.load().named_modules() if name]
 
-    def _target(self):
+    def _target(self, layer: str | None = ...):
         from torch import nn
 
+        layer = self.layer if layer is ... else layer
         net = self.load()
         modules = dict(net.named_modules())
-        if self.layer is None:
+        if layer is None:
             linear = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
             if not linear:
                 raise FmpipeError(f"{self.path}: network has no nn.Linear; name a layer (one of: {', '.join(self.layers())})")
             return linear[-1][0], linear[-1][1], "input"
-        if self.layer not in modules or not self.layer:
-            raise FmpipeError(f"{self.path}: no layer {self.layer!r} (layers: {', '.join(self.layers())})")
-        return self.layer, modules[self.layer], "output"
+        if layer not in modules or not layer:
+            raise FmpipeError(f"{self.path}: no layer {layer!r} (layers: {', '.join(self.layers())})")
+        return layer, modules[layer], "output"
 
     def describe(self) -> dict[str, Any]:
         name, _, side = self._target()
@@ -264,35 +265,58 @@ class PackageEmbedder:
                 "model": self._meta.get("model", {}).get("name")}
 
     def embed(self, images: np.ndarray) -> np.ndarray:
+        return self.embed_layers(images, [self.layer])[self.layer]
+
+    def embed_layers(self, inputs: np.ndarray, layers: list[str | None], *,
+                     with_output: bool = False) -> dict[Any, np.ndarray]:
+        """Several layers (and, with ``with_output``, the network's output under the key
+        ``"output"``) in one forward pass. ``inputs``: uint8 N x H x W x C images, or for a
+        network on a table, float N x F features. Added for review, which needs the logits,
+        the penultimate features and a duplicate layer of every row without three passes."""
         import torch
 
-        _check_images(images)
         net = self.load()
         shape = tuple(self._meta["input"]["shape"])
-        if tuple(images.shape[1:]) != (shape[1], shape[2], shape[0]):
-            raise FmpipeError(f"{self.path}: model takes images {shape[1]}x{shape[2]}x{shape[0]}, "
-                              f"data has {images.shape[1]}x{images.shape[2]}x{images.shape[3]}")
-        _, module, side = self._target()
-        captured: list[torch.Tensor] = []
+        if self._meta["input"]["kind"] == "image":
+            _check_images(inputs)
+            if tuple(inputs.shape[1:]) != (shape[1], shape[2], shape[0]):
+                raise FmpipeError(f"{self.path}: model takes images {shape[1]}x{shape[2]}x{shape[0]}, "
+                                  f"data has {inputs.shape[1]}x{inputs.shape[2]}x{inputs.shape[3]}")
+        elif inputs.ndim != 2 or inputs.shape[1] != shape[0]:
+            raise FmpipeError(f"{self.path}: model takes {shape[0]} features, data has shape {inputs.shape}")
+        layers = list(dict.fromkeys(layers))
+        captured: dict[Any, list[np.ndarray]] = {layer: [] for layer in layers}
+        handles = []
 
-        def hook(_module, inputs, output):
-            t = inputs[0] if side == "input" else output
-            # Spatial maps (N x C x H x W) are averaged over space; vectors are kept.
-            captured.append(t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t.reshape(len(t), -1))
+        def hook_for(layer, side):
+            def hook(_module, args, output):
+                t = args[0] if side == "input" else output
+                # Spatial maps (N x C x H x W) are averaged over space; vectors are kept.
+                t = t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t.reshape(len(t), -1)
+                captured[layer].append(t.float().cpu().numpy())
+            return hook
 
-        handle = module.register_forward_hook(hook)
-        chunks = []
+        for layer in layers:
+            _, module, side = self._target(layer)
+            handles.append(module.register_forward_hook(hook_for(layer, side)))
+        outputs = []
         try:
             with torch.inference_mode():
-                for start in range(0, len(images), self.batch_size):
-                    batch = torch.from_numpy(np.asarray(images[start:start + self.batch_size]))
-                    x = batch.permute(0, 3, 1, 2).float().to(self.device)
-                    captured.clear()
-                    net(x)
-                    chunks.append(captured[-1].float().cpu().numpy())
+                for start in range(0, len(inputs), self.batch_size):
+                    # A copy: a memory-mapped dataset is read-only, torch wants writable memory.
+                    batch = torch.from_numpy(np.array(inputs[start:start + self.batch_size]))
+                    x = batch.permute(0, 3, 1, 2).float() if batch.ndim == 4 else batch.float()
+                    out = net(x.to(self.device))
+                    if with_output:
+                        outputs.append(out.float().cpu().numpy())
         finally:
-            handle.remove()
-        return np.concatenate(chunks).astype(np.float32)
+            for handle in handles:
+                handle.remove()
+        result = {layer: (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)).astype(np.float32)
+                  for layer, parts in captured.items()}
+        if with_output:
+            result["output"] = np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+        return result
 
 
 @dataclass

@@ -208,7 +208,8 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
             group_counts[name] = {"rows": int(len(rows)), "label_issues": int(frame["is_issue"].sum())}
 
     notes: list[str] = []
-    inputs = ReviewInputs(manifest=m, probs=probs, issues=issues, penultimate=layers[None])
+    inputs = ReviewInputs(manifest=m, probs=probs, issues=issues, penultimate=layers[None],
+                          groups=np.where(split == "train", "train", "model").astype(object))
     if "near_duplicates" in rs.finders:
         inputs.duplicate_vectors = duplicate_vectors(ds, rs.duplicate_features, layers, notes)
     options = {"duplicate_threshold": rs.duplicate_threshold, "neighbors": rs.neighbors,
@@ -252,9 +253,12 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
                     "in_sample_predictions_used": False,
                     "embeddings": captured["describe"]},
         "cleanlab": {"version": cleanlab.__version__, "find_label_issues": {"filter_by": rs.filter_by},
-                     "ranked_by": rs.rank_by, "queue_order": "lowest label quality first (score = 1 - quality)",
+                     "ranked_by": rs.rank_by, "queue_order": ("rows cleanlab flags first, then the others; each part by label quality rank within "
+                                       "its scoring group (train: cross-validated, val+test: model), lowest first; "
+                                       "score = 1 - label quality; suggestion = the most probable other class"),
                      "groups": group_counts, "notes": cleanlab_notes},
-        "finders": {name: int(len(f)) for name, f in findings.items()},
+        "finders": {name: ({"flagged_by_cleanlab": int((f["reason"] == "label_issue").sum()), "ranked": int(len(f))}
+                           if name == "label_issues" else {"found": int(len(f))}) for name, f in findings.items()},
         "near_duplicates": ({"features": list(rs.duplicate_features), "threshold": rs.duplicate_threshold,
                              "index": inputs.extra.get("near_pairs"),
                              "pairs_by_reason": findings["near_duplicates"]["reason"].astype(str).value_counts().sort_index().to_dict()}
