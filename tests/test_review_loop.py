@@ -22,6 +22,8 @@ from PIL import Image
 from ls_export import annotation, dumps, task
 from test_dvc_pipeline import make_repo, sh
 
+pytestmark = pytest.mark.slow  # two `dvc repro` of digits: minutes
+
 NOISE = 0.04
 QUEUE = 120
 RECALL_BAR = 0.8  # share of the flipped (and still present) rows inside the queue
