@@ -131,7 +131,7 @@ def test_unknown_class_names_file_line_task_and_id():
 
 def test_unknown_id_is_an_error_and_an_id_removed_by_clean_a_warning():
     votes = parse_label_studio_export(export(task("img/99", [annotation("dog")])), "a.json", CLASSES)
-    with pytest.raises(FmpipeError, match=r"a\.json:2: task 0 \(id img/99\).*not in the dataset"):
+    with pytest.raises(FmpipeError, match=r"a\.json:2: task 0 \(id img/99\).*not in the cleaned dataset"):
         apply_decisions(manifest(), CLASSES, resolve(votes))
     _, keep, found = apply_decisions(manifest(), CLASSES, resolve(votes), {"img/99": "duplicate"})
     assert keep.all() and found["skipped_removed_by_clean"][0]["clean_reason"] == "duplicate"

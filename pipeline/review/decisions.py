@@ -405,7 +405,7 @@ def apply_decisions(manifest: pd.DataFrame, classes: list[str], resolutions: dic
     if unknown:
         first = min((v for r in unknown for v in r.votes), key=lambda v: (v.file, v.position))
         more = f" (and {len(unknown) - 1} more unknown id(s))" if len(unknown) > 1 else ""
-        raise FmpipeError(f"{first.where}: id {first.id!r} is not in the dataset{more}")
+        raise FmpipeError(f"{first.where}: id {first.id!r} is not in the cleaned dataset (and clean did not remove it){more}")
 
     labels = m["label"].to_numpy().astype(np.int64).copy()
     source_label = labels.copy()
