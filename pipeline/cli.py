@@ -14,9 +14,21 @@ from typing import Callable, Iterator, Optional
 
 import typer
 
+class _LifecycleOrder(typer.core.TyperGroup):
+    """Typer lists sub-apps after commands; keep ``review`` (a sub-app) in lifecycle order."""
+
+    def list_commands(self, ctx):
+        names = list(self.commands)
+        if "review" in names and "package" in names:
+            names.remove("review")
+            names.insert(names.index("package") + 1, "review")
+        return names
+
+
 app = typer.Typer(
+    cls=_LifecycleOrder,
     help="Reproducible classifier lifecycle: collect -> clean -> validate -> annotate -> "
-    "train -> evaluate -> package. Run one step of one variant with `fmpipe STEP --stage NAME`, "
+    "train -> evaluate -> package -> review (people's decisions feed annotate). Run one step of one variant with `fmpipe STEP --stage NAME`, "
     "or the whole DAG with `dvc repro`.",
     no_args_is_help=True,
     add_completion=False,
