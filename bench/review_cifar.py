@@ -59,15 +59,15 @@ def montage(images, table, path: Path, scale: int = 3, cols: int = 10) -> None:
 
     n = len(table)
     h, w = images.shape[1] * scale, images.shape[2] * scale
-    cell_w, cell_h = max(w, 96) + 8, h + 30
+    cell_w, cell_h = max(w, 120) + 8, h + 30
     sheet = Image.new("RGB", (cols * cell_w, max(1, -(-n // cols)) * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
     for k, (img, rec) in enumerate(zip(images, table.to_dict("records"))):
         tile = Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).resize((w, h), Image.NEAREST)
         x, y = (k % cols) * cell_w + 4, (k // cols) * cell_h + 2
         sheet.paste(tile, (x, y))
-        draw.text((x, y + h + 1), f"#{rec['rank']} {rec['given_label']}", fill=(170, 0, 0))
-        draw.text((x, y + h + 13), f"-> {rec['suggested_label']} {rec['score']:.2f}", fill=(0, 110, 0))
+        draw.text((x, y + h + 1), f"#{rec['rank']}: {rec['given_label']} -> {rec['suggested_label']}", fill=(0, 0, 0))
+        draw.text((x, y + h + 13), f"{rec['reason'].split('+')[0][:11]} {rec['score']:.2f}", fill=(90, 90, 90))
     sheet.save(path)
 
 
