@@ -186,3 +186,31 @@ def test_full_model_scoring_retrains_per_fold(project):
     assert probs.shape == (len(train_rows), 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
     assert (probs.argmax(1) == ds.manifest["label"].to_numpy()[train_rows]).mean() > 0.5
     assert not list(project.glob("fmpipe-review-folds-*"))  # the fold models are temporary
+
+
+def test_contact_sheet_renders_offline_in_chromium(tmp_path):
+    """The page people open: every image decodes from its data: URI, nothing is fetched."""
+    from browser import open_page
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(12, 32, 32, 3), dtype=np.uint8)
+    m = pd.DataFrame({"id": pd.array([f"test/{i}.png" for i in range(12)], dtype="string"),
+                      "split": pd.array(["test"] * 12, dtype="string"), "label": np.arange(12) % 3})
+    queue = pd.DataFrame({"row": np.arange(12), "reasons": ["label_issue"] * 11 + ["leak"],
+                          "score": np.linspace(1, 0.5, 12), "suggested": [1] * 11 + [DROP_INDEX],
+                          "suggested_prob": [0.9] * 11 + [np.nan], "given_prob": [0.05] * 12,
+                          "related_row": [-1] * 11 + [0], "distance": [np.nan] * 11 + [0.003]})
+    table = queue_table(queue, m, ["cat", "dog", "fox"], np.array(["model (out-of-sample)"] * 12, dtype=object))
+    page_file = tmp_path / "contact_sheet.html"
+    page_file.write_text(contact_sheet(table, queue, title="review", kind="image", images=images, features=None))
+    seen = {}
+
+    def check(page):
+        seen["cards"] = page.evaluate("document.querySelectorAll('.card').length")
+        seen["decoded"] = page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth == 32).length")
+        seen["text"] = page.evaluate("document.body.innerText")
+
+    page = open_page(page_file, tmp_path / "shot.png", check)
+    assert not page.external_requests and not page.console_errors
+    assert seen["cards"] == 12 and seen["decoded"] == 13  # the leak card shows its near copy too
+    assert "given cat" in seen["text"] and "suggested dog" in seen["text"] and "near copy: test/0.png" in seen["text"]
