@@ -149,6 +149,10 @@ class ReviewSpec(Strict):
     filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
                        "predicted_neq_given", "low_normalized_margin", "low_self_confidence"] = "prune_by_noise_rate"
     rank_by: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = "self_confidence"
+    # Besides cleanlab's flags, queue the lowest-quality rows up to this share of each scoring
+    # group (0: cleanlab's flags only). Needed on train rows, where memorised embeddings make
+    # confident learning flag too little (see pipeline/review/finders.py).
+    low_quality_fraction: float = Field(0.1, ge=0, le=1)
     # Near-duplicates: the vectors compared ("thumbs": the hand-designed image features of
     # pipeline/quality/embedders.py; "penultimate"; or a layer name of the network, spatially
     # average-pooled; several are concatenated, each L2-normalised), and the cosine distance

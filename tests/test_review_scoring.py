@@ -161,13 +161,13 @@ def test_review_step_writes_every_output_deterministically(digits_model):
     names = {"queue.parquet", "queue.csv", "label_studio_tasks.json", "label_config.xml", "contact_sheet.html",
              "report.json"}
     assert names <= {p.name for p in out.iterdir()}
-    assert report["queue"]["size"] == 300 and report["changes_data"] is False
+    assert 0 < report["queue"]["size"] <= 300 and report["changes_data"] is False
     assert report["scoring"]["by_split"]["test"]["scored_by"].startswith("trained network's softmax")
     first = {n: sha256_file(out / n) for n in names}
     review.run("digits")
     assert {n: sha256_file(out / n) for n in names} == first
     queue = pd.read_csv(out / "queue.csv")
-    assert len(json.loads((out / "label_studio_tasks.json").read_text())) == len(queue) == 300
+    assert len(json.loads((out / "label_studio_tasks.json").read_text())) == len(queue) == report["queue"]["size"]
 
 
 def test_full_model_scoring_retrains_per_fold(project):

@@ -5,7 +5,8 @@ suspect dataset row, columns :data:`FINDING_COLUMNS`, most suspect first. ``scor
 [0, 1], higher = more suspect; ``suggested`` is a class index or :data:`DROP_INDEX`.
 
 - ``label_issues``: rows cleanlab flags (see :mod:`pipeline.review.scoring`), then the
-  other rows by label quality (see :func:`find_label_issues` for why); score
+  other rows of the lowest ``low_quality_fraction`` of their scoring group by label quality
+  (see :func:`find_label_issues` for why); score
   ``1 - label quality``; suggestion: the most probable class other than the given one.
 - ``near_duplicates``: pairs of rows closer than a cosine-distance threshold in the duplicate
   embedding (:func:`pipeline.quality.neighbors.near_pairs`). A pair across splits is a
@@ -81,7 +82,11 @@ def find_label_issues(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataF
         ranks = np.empty(len(rows))
         ranks[np.lexsort((rows, quality[rows]))] = np.arange(len(rows))
         within[rows] = (ranks + 1) / len(rows)
+    # Unflagged rows only from the least trustworthy ``low_quality_fraction`` of their group:
+    # a queue longer than the doubt would otherwise fill up with confidently right labels.
+    keep = flagged | (within <= float(options.get("low_quality_fraction", 1.0)))
     order = np.lexsort((np.arange(n), within, ~flagged))
+    order = order[keep[order]]
     # The suggestion is the most probable class *other than* the given one: for a suspect
     # label that is the question to put to a person (for a memorised train row the argmax
     # would often be the given label itself).
@@ -91,6 +96,8 @@ def find_label_issues(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataF
         probs[np.arange(n), labels] = -1.0
     alternative = probs.argmax(axis=1)
     alt_prob = np.asarray(inputs.probs)[np.arange(n), alternative]
+    if len(order) == 0:
+        return _empty()
     out = pd.DataFrame({
         "row": order.astype(np.int64),
         "reason": pd.array(np.where(flagged[order], "label_issue", "low_label_quality"), dtype="string"),
@@ -98,8 +105,8 @@ def find_label_issues(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataF
         "suggested": alternative[order].astype(np.int64),
         "suggested_prob": alt_prob[order],
         "given_prob": iss["given_prob"].to_numpy()[order],
-        "related_row": np.full(n, -1, dtype=np.int64),
-        "distance": np.full(n, np.nan),
+        "related_row": np.full(len(order), -1, dtype=np.int64),
+        "distance": np.full(len(order), np.nan),
     })
     return out.reset_index(drop=True)
 

@@ -213,7 +213,7 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
     if "near_duplicates" in rs.finders:
         inputs.duplicate_vectors = duplicate_vectors(ds, rs.duplicate_features, layers, notes)
     options = {"duplicate_threshold": rs.duplicate_threshold, "neighbors": rs.neighbors,
-               "outlier_fraction": rs.outlier_fraction}
+               "outlier_fraction": rs.outlier_fraction, "low_quality_fraction": rs.low_quality_fraction}
     findings = {name: FINDERS[name](inputs, options) for name in rs.finders}
 
     decided = np.zeros(len(m), dtype=bool)
@@ -253,8 +253,9 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
                     "in_sample_predictions_used": False,
                     "embeddings": captured["describe"]},
         "cleanlab": {"version": cleanlab.__version__, "find_label_issues": {"filter_by": rs.filter_by},
-                     "ranked_by": rs.rank_by, "queue_order": ("rows cleanlab flags first, then the others; each part by label quality rank within "
-                                       "its scoring group (train: cross-validated, val+test: model), lowest first; "
+                     "ranked_by": rs.rank_by, "queue_order": ("rows cleanlab flags first, then the others of the lowest "
+                                       f"{rs.low_quality_fraction:g} of their group; each part by label quality rank "
+                                       "within its scoring group (train: cross-validated, val+test: model), lowest first; "
                                        "score = 1 - label quality; suggestion = the most probable other class"),
                      "groups": group_counts, "notes": cleanlab_notes},
         "finders": {name: ({"flagged_by_cleanlab": int((f["reason"] == "label_issue").sum()), "ranked": int(len(f))}
