@@ -3,7 +3,7 @@
     python bench/collect_cifar.py [--archive ../shared/datasets/cifar10-jpeg.tar.gz] [--runs 3]
 
 Each run is a fresh subprocess in a temp project directory (params.yaml with one imagefolder
-variant pointing at the archive), running ``stages.collect.run`` exactly as
+variant pointing at the archive), running the collect step through ``pipeline.runner.run_step`` exactly as
 ``fmpipe collect`` does: decode 60k JPEGs, split, hash, stats, manifest, atomic write.
 Wall time is measured around the subprocess (interpreter start and imports included); peak
 RSS is the child's own ``ru_maxrss``, reported by the child at the end, so each run's figure
@@ -29,8 +29,8 @@ TARGET_S, TARGET_RSS_GB = 30.0, 2.0
 
 CHILD = """
 import json, resource, sys
-from stages.collect import run
-report = run("cifar_bench")
+from pipeline.runner import run_step
+report = run_step("collect", "cifar_bench")
 json.dump({"rows_out": report["rows_out"], "rows_removed": report["rows_removed"],
            "rows_by_split": report["rows_by_split"],
            "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, sys.stdout)

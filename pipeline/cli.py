@@ -7,12 +7,13 @@ lightning or great_expectations) when it runs, so ``fmpipe --help`` stays instan
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
+import inspect
 import os
 from typing import Callable, Iterator, Optional
 
 import typer
+
+from pipeline.steps import DATASET_STEPS, ORDER, STEPS
 
 class _LifecycleOrder(typer.core.TyperGroup):
     """Typer lists sub-apps after commands; keep ``review`` (a sub-app) in lifecycle order."""
@@ -54,45 +55,31 @@ def _reported(what: str) -> Iterator[None]:
         raise typer.Exit(130)
 
 
-def _run_step(step: str, variant: str, params: str, **kwargs) -> None:
+def _run_step(step: str, variant: str, params: str, **flags: bool) -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    from pipeline.runner import run_step
+
     with _reported(f"fmpipe {step} --stage {variant}"):
-        importlib.import_module(f"stages.{step}").run(variant, params, **kwargs)
+        run_step(step, variant, params, **flags)
 
 
-def _step_command(step: str, doc: str) -> Callable:
-    def command(stage: str = StageOpt, params: str = ParamsOpt) -> None:
-        _run_step(step, stage, params)
+def _step_command(step) -> Callable:
+    """A typer command for a registered step: --stage, --params and the step's own flags."""
 
-    command.__doc__ = doc
-    command.__name__ = step
+    def command(stage: str, params: str, **flags: bool) -> None:
+        _run_step(step.name, stage, params, **flags)
+
+    # typer reads the signature: build it from the registry entry.
+    parameters = [
+        inspect.Parameter("stage", inspect.Parameter.KEYWORD_ONLY, default=StageOpt, annotation=str),
+        inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, default=ParamsOpt, annotation=str),
+        *(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                            default=typer.Option(False, f"--{f.name}", help=f.help)) for f in step.flags),
+    ]
+    command.__signature__ = inspect.Signature(parameters)
+    command.__name__ = step.name
+    command.__doc__ = step.help
     return command
-
-
-def _train_command(doc: str) -> Callable:
-    def train(
-        stage: str = StageOpt,
-        params: str = ParamsOpt,
-        resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of an interrupted run."),
-    ) -> None:
-        _run_step("train", stage, params, resume=resume)
-
-    train.__doc__ = doc
-    return train
-
-
-# Registered in lifecycle order, which is the order `fmpipe --help` lists them.
-for _step, _doc in [
-    ("collect", "Load the variant's source and split it into train/val/test."),
-    ("clean", "Drop invalid rows and exact duplicates, each removal listed with its reason."),
-    ("validate", "Run the Great Expectations suite on the cleaned data; fail on any broken expectation."),
-    ("annotate", "Apply people's decisions from annotations/<variant>/ (Label Studio exports, CSV)."),
-    ("train", "Train the variant's model with PyTorch Lightning on the configured accelerator."),
-    ("evaluate", "Score the trained model on the test split and decide its blessing."),
-    ("package", "Export the blessed model: safetensors, ONNX (checked), model card, lineage."),
-]:
-    factory = _train_command if _step == "train" else functools.partial(_step_command, _step)
-    app.command(name=_step, help=_doc)(factory(_doc))
 
 
 review_app = typer.Typer(
@@ -132,7 +119,13 @@ def review_import(
     typer.echo(message)
 
 
-app.add_typer(review_app, name="review")
+# Registered in lifecycle order, which is the order `fmpipe --help` lists them. review has a
+# subcommand (import), so it is a sub-app; _LifecycleOrder keeps it in its place in --help.
+for _step in STEPS:
+    if _step.name == "review":
+        app.add_typer(review_app, name="review")
+    else:
+        app.command(name=_step.name, help=_step.help)(_step_command(_step))
 
 
 @app.command()
@@ -142,9 +135,7 @@ def run(
     from_step: Optional[str] = typer.Option(None, "--from", help="Start at this step."),
 ) -> None:
     """Run every step of one variant in order, without DVC (no caching, no dvc.lock)."""
-    from pipeline.paths import STEPS
-
-    steps = list(STEPS)
+    steps = list(ORDER)
     if from_step is not None:
         if from_step not in steps:
             typer.echo(f"fmpipe run: error: unknown step {from_step!r} (steps: {', '.join(steps)})", err=True)
@@ -153,6 +144,20 @@ def run(
     for step in steps:
         typer.echo(f"==> fmpipe {step} --stage {stage}", err=True)
         _run_step(step, stage, params)
+
+
+@app.command()
+def resources(
+    stage: Optional[str] = typer.Option(None, "--stage", "-s", help="Variant (default: every variant with records)."),
+    all_variants: bool = typer.Option(False, "--all", help="Every variant that has records."),
+    as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
+) -> None:
+    """What each step's last run used (time, CPU, memory, data moved), per step and in total."""
+    from pipeline.resource_table import collect, render
+
+    with _reported("fmpipe resources"):
+        tables = collect(None if (all_variants or stage is None) else stage)
+    typer.echo(render(tables, as_json=as_json))
 
 
 @app.command()
@@ -167,8 +172,8 @@ def diff(
     from pipeline.audit import diff_versions, summary_lines
     from pipeline.io import to_json
 
-    if step not in ("collect", "clean", "annotate"):
-        typer.echo(f"fmpipe diff: error: --step must be collect, clean or annotate, not {step!r}", err=True)
+    if step not in DATASET_STEPS:
+        typer.echo(f"fmpipe diff: error: --step must be one of {', '.join(DATASET_STEPS)}, not {step!r}", err=True)
         raise typer.Exit(2)
     with _reported("fmpipe diff"):
         result = diff_versions(stage, step, rev_a, rev_b)

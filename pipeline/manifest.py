@@ -154,18 +154,24 @@ def build_manifest(ids: Iterable[str], labels: np.ndarray, classes: list[str],
 
 def write_dataset(ds: Dataset, out_dir: str | os.PathLike, report: dict[str, Any]) -> None:
     """Write the dataset directory atomically (replacing any previous one only on success)."""
+    with atomic_dir(out_dir) as tmp:
+        save_dataset(ds, tmp, report)
+
+
+def save_dataset(ds: Dataset, directory: str | os.PathLike, report: dict[str, Any]) -> None:
+    """Write the dataset's files into ``directory`` (the runner's temporary output)."""
+    tmp = Path(directory)
     missing = [c for c in REQUIRED_COLUMNS if c not in ds.manifest.columns]
     if missing:
         raise ValueError(f"manifest lacks required columns {missing}")
     check_report(report)
-    with atomic_dir(out_dir) as tmp:
-        ds.manifest.to_parquet(tmp / MANIFEST, index=False)
-        if ds.images is not None:
-            np.save(tmp / IMAGES, np.ascontiguousarray(ds.images), allow_pickle=False)
-        else:
-            ds.features.to_parquet(tmp / FEATURES, index=False)
-        (tmp / META).write_text(to_json(ds.meta()))
-        (tmp / REPORT).write_text(to_json(report))
+    ds.manifest.to_parquet(tmp / MANIFEST, index=False)
+    if ds.images is not None:
+        np.save(tmp / IMAGES, np.ascontiguousarray(ds.images), allow_pickle=False)
+    else:
+        ds.features.to_parquet(tmp / FEATURES, index=False)
+    (tmp / META).write_text(to_json(ds.meta()))
+    (tmp / REPORT).write_text(to_json(report))
 
 
 def read_dataset(in_dir: str | os.PathLike, mmap: bool = True) -> Dataset:

@@ -1,17 +1,17 @@
-"""Where each step of each variant reads and writes: ``data/<variant>/<step>/``."""
+"""Where each step of each variant reads and writes: ``data/<variant>/<step>/`` (see pipeline/steps.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-STEPS = ("collect", "clean", "validate", "annotate", "train", "evaluate", "package", "review")
+from pipeline.steps import ORDER as STEPS
+from pipeline.steps import get
+
 DATA_ROOT = Path("data")
 
 
 def step_dir(variant: str, step: str) -> Path:
-    if step not in STEPS:
-        raise ValueError(f"unknown step {step!r}")
-    return DATA_ROOT / variant / step
+    return Path(get(step).dir.format(v=variant))
 
 
 def annotations_dir(variant: str) -> Path:

@@ -1,48 +1,45 @@
-"""Step 1d: apply people's label decisions (data/<variant>/annotate/).
+"""Step 1d glue: apply people's decisions (``pipeline/review/decisions.py``) to the cleaned data.
 
 Decisions live in ``annotations/<variant>/``: Label Studio JSON exports and ``id,label,note``
-CSV files (format, voting rules and error policy: ``pipeline/review/decisions.py``). A
-decision relabels, confirms or drops a row; every row says where its label came from
+CSV files. A decision relabels, confirms or drops a row; every row records its provenance
 (``label_source``, ``previous_label``, ``decision``, ``annotator``, ``annotated_at``,
-``decision_file``) and keeps the source's label (``source_label``). The report counts every
-kind of change and lists each one with its votes.
+``decision_file``) and the report counts every kind of change, each listed with its votes.
 """
 
 from __future__ import annotations
 
 import sys
 
-from pipeline.config import DEFAULT_PARAMS, load_variant
 from pipeline.errors import FmpipeError
-from pipeline.manifest import make_report, read_dataset, read_report, write_dataset
-from pipeline.paths import annotations_dir, legacy_annotations_file, step_dir
+from pipeline.manifest import make_report, read_report, save_dataset
+from pipeline.paths import legacy_annotations_file
+from pipeline.quality.gate import require_passed
 from pipeline.review.decisions import apply_decisions, read_decisions, resolve
-from stages.validate import require_passed
+
+ANNOTATIONS = "annotations/{v}"
 
 
-def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
-    load_variant(variant, params_path)  # an unknown variant or bad params stop here
-    require_passed(variant)
-    legacy = legacy_annotations_file(variant)
+def run(ctx) -> None:
+    require_passed(ctx.input("validate/summary.json"), ctx.variant)
+    directory = ctx.source(ANNOTATIONS)
+    legacy = legacy_annotations_file(ctx.variant)
     if legacy.exists():
         raise FmpipeError(
-            f"{legacy}: decisions now live in the directory {annotations_dir(variant)}/ (the one dvc.yaml "
-            f"tracks); move this file there: git mv {legacy} {annotations_dir(variant)}/labels.csv"
+            f"{legacy}: decisions now live in the directory {directory}/ (the one dvc.yaml tracks); "
+            f"move this file there: git mv {legacy} {directory}/labels.csv"
         )
-    clean_dir = step_dir(variant, "clean")
-    ds = read_dataset(clean_dir)
-    removed_by_clean = {r["id"]: r["reason"] for r in read_report(clean_dir).get("removed", [])}
-    votes, stats = read_decisions(annotations_dir(variant), ds.classes)
+    ds = ctx.dataset("clean")
+    removed_by_clean = {r["id"]: r["reason"] for r in read_report(ctx.input("clean")).get("removed", [])}
+    votes, stats = read_decisions(directory, ds.classes)
     manifest, keep, found = apply_decisions(ds.manifest, ds.classes, resolve(votes), removed_by_clean)
-
     ds.manifest = manifest
     out = ds.take(keep)
     for skipped in found["skipped_removed_by_clean"]:
-        print(f"fmpipe annotate --stage {variant}: warning: decision for {skipped['id']} ignored: clean removed "
-              f"it ({skipped['clean_reason']}); in {', '.join(skipped['decision_files'])}", file=sys.stderr)
+        print(f"fmpipe annotate --stage {ctx.variant}: warning: decision for {skipped['id']} ignored: clean "
+              f"removed it ({skipped['clean_reason']}); in {', '.join(skipped['decision_files'])}", file=sys.stderr)
     report = make_report(
-        "annotate", variant, len(manifest), out, removed=found["removed"],
-        annotations_dir=str(annotations_dir(variant)), decision_files=stats.files,
+        "annotate", ctx.variant, len(manifest), out, removed=found["removed"],
+        annotations_dir=str(directory), decision_files=stats.files,
         votes_read=stats.votes, cancelled_ignored=stats.cancelled_ignored, empty_ignored=stats.empty_ignored,
         tasks_without_annotations=stats.tasks_without_annotations,
         decision_rule="one vote per annotator (their latest); majority; a tie goes to the latest vote",
@@ -50,8 +47,8 @@ def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
         **{k: found[k] for k in ("decisions_applied", "relabelled", "confirmed", "dropped", "untouched",
                                  "contested", "superseded_votes", "skipped_removed_by_clean", "changes")},
     )
-    write_dataset(out, step_dir(variant, "annotate"), report)
-    print(f"fmpipe annotate --stage {variant}: {found['relabelled']} relabelled, {found['confirmed']} confirmed, "
-          f"{found['dropped']} dropped, {found['untouched']} untouched ({stats.votes} votes in "
-          f"{len(stats.files)} file(s); {stats.cancelled_ignored} cancelled ignored)", file=sys.stderr)
-    return report
+    save_dataset(out, ctx.out, report)
+    ctx.result = report
+    ctx.summary = (f"{len(out)} rows; {found['relabelled']} relabelled, {found['confirmed']} confirmed, "
+                   f"{found['dropped']} dropped ({stats.votes} votes in {len(stats.files)} file(s), "
+                   f"{stats.cancelled_ignored} cancelled ignored)")

@@ -1,66 +1,16 @@
-"""Step 1b: drop invalid rows and exact duplicates (data/<variant>/clean/).
-
-Duplicates are found by content hash. Copies that agree on the label keep one row: the
-one in the most protected split (test, then val, then train), so a train/test leak is
-resolved by removing the training copy and the test set stays intact. Copies that disagree
-on the label are all dropped: no one knows which label is right.
-"""
+"""Step 1b glue: the collected dataset through clean's rules (``pipeline/quality/cleaning.py``)."""
 
 from __future__ import annotations
 
-import numpy as np
-
-from pipeline.config import DEFAULT_PARAMS, load_variant
-from pipeline.manifest import make_report, read_dataset, write_dataset
-from pipeline.paths import step_dir
-
-_SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}
+from pipeline.manifest import make_report, save_dataset
+from pipeline.quality.cleaning import clean
 
 
-def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
-    spec = load_variant(variant, params_path)
-    ds = read_dataset(step_dir(variant, "collect"))
-    m = ds.manifest
-    removed: list[dict] = []
-    keep = np.ones(len(m), dtype=bool)
-
-    invalid = _invalid_reasons(ds)
-    for row, reason in invalid.items():
-        keep[row] = False
-        removed.append({"id": m.at[row, "id"], "reason": reason})
-
-    if spec.clean.drop_duplicates:
-        candidates = m[keep].assign(_prio=m["split"].map(_SPLIT_PRIORITY))
-        for sha, group in candidates.groupby("sha256", sort=False):
-            if len(group) < 2:
-                continue
-            if group["label"].nunique() > 1:
-                for row in group.index:
-                    keep[row] = False
-                    removed.append({"id": m.at[row, "id"], "reason": "duplicate_conflicting_labels",
-                                    "sha256": sha})
-                continue
-            kept = group.sort_values(["_prio", "id"]).index[0]
-            for row in group.index.drop(kept):
-                keep[row] = False
-                removed.append({"id": m.at[row, "id"], "reason": "duplicate", "dup_of": m.at[kept, "id"],
-                                "split": m.at[row, "split"], "dup_of_split": m.at[kept, "split"]})
-
-    out = ds.take(keep)
-    report = make_report("clean", variant, len(m), out, removed=removed)
-    write_dataset(out, step_dir(variant, "clean"), report)
-    return report
-
-
-def _invalid_reasons(ds) -> dict[int, str]:
-    """Rows no model can use: missing feature values, labels outside the class list."""
-    m = ds.manifest
-    reasons: dict[int, str] = {}
-    bad_label = (m["label"] < 0) | (m["label"] >= len(ds.classes))
-    for row in np.flatnonzero(bad_label.to_numpy()):
-        reasons[int(row)] = "label_out_of_range"
-    if ds.features is not None:
-        values = ds.features.to_numpy(dtype=np.float64)
-        for row in np.flatnonzero(~np.isfinite(values).all(axis=1)):
-            reasons.setdefault(int(row), "missing_or_infinite_feature")
-    return reasons
+def run(ctx) -> None:
+    ds = ctx.dataset("collect")
+    out, removed = clean(ds, drop_duplicates=ctx.spec.clean.drop_duplicates)
+    report = make_report("clean", ctx.variant, len(ds), out, removed=removed)
+    save_dataset(out, ctx.out, report)
+    ctx.result = report
+    by_reason = ", ".join(f"{n} {r}" for r, n in report["removed_by_reason"].items()) or "nothing removed"
+    ctx.summary = f"{len(ds)} rows in, {len(out)} out ({by_reason})"

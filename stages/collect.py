@@ -1,16 +1,14 @@
-"""Step 1a: load the variant's source and split it (data/<variant>/collect/)."""
+"""Step 1a glue: load the variant's source and split it."""
 
 from __future__ import annotations
 
-from pipeline.config import DEFAULT_PARAMS, load_variant
-from pipeline.manifest import Dataset, build_manifest, feature_rows, image_rows, make_report, write_dataset
-from pipeline.paths import step_dir
+from pipeline.manifest import Dataset, build_manifest, feature_rows, image_rows, make_report, save_dataset
 from pipeline.sources import load
 from pipeline.splitting import assign_splits
 
 
-def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
-    spec = load_variant(variant, params_path)
+def run(ctx) -> None:
+    spec = ctx.spec
     col = load(spec.source)
     splits = assign_splits(
         col.ids, col.labels, seed=spec.split.seed, val_fraction=spec.split.val_fraction,
@@ -19,7 +17,10 @@ def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
     stats = image_rows(col.images) if col.images is not None else feature_rows(col.features)
     manifest = build_manifest(col.ids, col.labels, col.classes, splits, stats)
     ds = Dataset(manifest=manifest, classes=col.classes, images=col.images, features=col.features)
-    report = make_report("collect", variant, len(col.ids) + len(col.skipped), ds,
+    report = make_report("collect", ctx.variant, len(col.ids) + len(col.skipped), ds,
                          removed=col.skipped, source=col.info)
-    write_dataset(ds, step_dir(variant, "collect"), report)
-    return report
+    save_dataset(ds, ctx.out, report)
+    ctx.result = report
+    splits_line = ", ".join(f"{n} {s}" for s, n in report["rows_by_split"].items())
+    ctx.summary = (f"{len(ds)} rows ({splits_line}), {len(ds.classes)} classes"
+                   f"{f', {len(col.skipped)} unreadable skipped' if col.skipped else ''}")

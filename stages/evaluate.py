@@ -1,17 +1,11 @@
-"""Step 4: score the trained model on the test split and decide its blessing (data/<variant>/evaluate/).
+"""Step 4 glue: score the trained model on the test split and decide its blessing.
 
-Reads ``data/<variant>/train/`` (model.json + model.safetensors) and the test split of
-``data/<variant>/annotate/``. Writes, in one atomic directory:
-
-- ``metrics.json``: accuracy, macro_f1, n_test and per-class precision/recall (for
-  ``dvc metrics show/diff``);
-- ``confusion.csv``: ``actual,predicted`` class names, one row per test example (DVC's
-  confusion plot template);
-- ``per_class.csv``: class, precision, recall, f1, support;
-- ``predictions.parquet``: id, label, predicted, confidence (+ the class names);
-- ``blessing.json``: every threshold of ``variants.<v>.evaluate`` with its value and
-  verdict, the sha256 of the weights it judged (package checks it packages those very
-  bytes), and, when a previous package exists, the change against that last blessed model.
+Writes ``metrics.json`` (numbers people compare: accuracy, macro F1, test rows; a DVC
+metric), ``per_class.csv`` (precision/recall/F1/support per class; a DVC plot),
+``confusion.csv`` (actual/predicted per test row; DVC's confusion template),
+``predictions.parquet`` and ``blessing.json`` (every threshold with its value and verdict, and
+the sha256 of the weights judged: package packages those very bytes). Scoring and the gate
+live in ``pipeline/packaging/evaluation.py``.
 
 A model that fails the thresholds is not an error here: the step exits 0 so its metrics are
 recorded and visible; ``package`` is the step that refuses it.
@@ -19,13 +13,10 @@ recorded and visible; ``package`` is the step that refuses it.
 
 from __future__ import annotations
 
-import sys
-
 import pandas as pd
 
-from pipeline.config import DEFAULT_PARAMS, load_variant
-from pipeline.io import atomic_dir, sha256_file, to_json
-from pipeline.manifest import read_dataset
+from pipeline import steps as registry
+from pipeline.io import sha256_file, to_json
 from pipeline.models import WEIGHTS, load_trained
 from pipeline.packaging import BLESSING, CONFUSION, LINEAGE, METRICS, PER_CLASS, PREDICTIONS
 from pipeline.packaging.evaluation import (
@@ -37,35 +28,28 @@ from pipeline.packaging.evaluation import (
     read_baseline,
     score,
 )
-from pipeline.paths import step_dir
+from pipeline.runner import step_path
 
 
-def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
-    spec = load_variant(variant, params_path)
-    model_dir, data_dir = step_dir(variant, "train"), step_dir(variant, "annotate")
+def run(ctx) -> None:
+    model_dir, data_dir = ctx.input("train/model.json").parent, ctx.input("annotate")
     net, meta = load_trained(model_dir)
-    test = read_dataset(data_dir).split("test")
+    test = ctx.dataset("annotate").split("test")
     check_compatible(meta, test, model_dir, data_dir)
 
-    tta = bool(spec.train.tta_flip and meta["input"]["kind"] == "image")
+    tta = bool(ctx.spec.train.tta_flip and meta["input"]["kind"] == "image")
     probs = predict_proba(net, model_inputs(test), tta_flip=tta)
     classes = list(test.classes)
     labels = test.manifest["label"].to_numpy()
     s = score(probs, labels, classes)
 
-    metrics = {
-        "accuracy": s["accuracy"],
-        "macro_f1": s["macro_f1"],
-        "n_test": int(len(test)),
-        "tta_flip": tta,
-        "per_class": {c: {"precision": float(s["precision"][i]), "recall": float(s["recall"][i])}
-                      for i, c in enumerate(classes)},
-    }
+    metrics = {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "n_test": int(len(test))}
     # The previous package's lineage is the "last blessed model". It is deliberately not a DVC
     # dependency of this stage (package depends on evaluate; that would be a cycle): the
     # comparison is informational and never changes the verdict.
-    baseline = read_baseline(step_dir(variant, "package") / LINEAGE)
-    blessing = bless(metrics, spec.evaluate, baseline)
+    baseline = read_baseline(step_path(registry.get("package").dir, ctx.variant) / LINEAGE)
+    blessing = bless(metrics, ctx.spec.evaluate, baseline)
+    blessing["tta_flip"] = tta
     blessing["model"] = {"dir": str(model_dir), "sha256": sha256_file(model_dir / WEIGHTS),
                          "name": meta["model"]["name"]}
 
@@ -83,22 +67,20 @@ def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
         "precision": s["precision"], "recall": s["recall"], "f1": s["f1"], "support": s["support"],
     })
 
-    with atomic_dir(step_dir(variant, "evaluate")) as tmp:
-        (tmp / METRICS).write_text(to_json(metrics))
-        (tmp / BLESSING).write_text(to_json(blessing))
-        predictions[["label_name", "predicted_name"]].set_axis(["actual", "predicted"], axis=1).to_csv(
-            tmp / CONFUSION, index=False)
-        per_class.to_csv(tmp / PER_CLASS, index=False, float_format="%.6f")
-        predictions.to_parquet(tmp / PREDICTIONS, index=False)
+    out = ctx.out
+    (out / METRICS).write_text(to_json(metrics))
+    (out / BLESSING).write_text(to_json(blessing))
+    predictions[["label_name", "predicted_name"]].set_axis(["actual", "predicted"], axis=1).to_csv(
+        out / CONFUSION, index=False)
+    per_class.to_csv(out / PER_CLASS, index=False, float_format="%.6f")
+    predictions.to_parquet(out / PREDICTIONS, index=False)
+    ctx.summary = summary_line(metrics, blessing)
+    ctx.result = {"metrics": metrics, "blessing": blessing}
 
-    print(summary_line(variant, metrics, blessing), file=sys.stderr)
-    return {"metrics": metrics, "blessing": blessing}
 
-
-def summary_line(variant: str, metrics: dict, blessing: dict) -> str:
-    head = (f"fmpipe evaluate --stage {variant}: accuracy {metrics['accuracy']:.4f}, "
-            f"macro F1 {metrics['macro_f1']:.4f} on {metrics['n_test']} test rows"
-            f"{' (flip TTA)' if metrics['tta_flip'] else ''}")
+def summary_line(metrics: dict, blessing: dict) -> str:
+    head = (f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on "
+            f"{metrics['n_test']} test rows{' (flip TTA)' if blessing.get('tta_flip') else ''}")
     if blessing["blessed"]:
         verdict = "BLESSED"
     else:

@@ -15,116 +15,93 @@ failed run leaves the previous package untouched:
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 
 import numpy as np
 import pandas as pd
 
-from pipeline.config import DEFAULT_PARAMS, load_variant
+from pipeline import steps as registry
 from pipeline.errors import FmpipeError
-from pipeline.io import atomic_dir, sha256_file, to_json
-from pipeline.manifest import SPLITS, read_dataset, read_report
+from pipeline.io import sha256_file, to_json
+from pipeline.manifest import SPLITS, read_report
 from pipeline.models import MODEL_META, WEIGHTS, load_trained
 from pipeline.packaging import BLESSING, LINEAGE, METRICS, MODEL_CARD, ONNX_MODEL, PER_CLASS
-from pipeline.packaging.evaluation import check_compatible, failed_checks, model_inputs
-from pipeline.packaging.lineage import dvc_lock_entries, file_digests, git_info
+from pipeline.packaging.evaluation import check_compatible, failed_checks, model_inputs, read_json
+from pipeline.packaging.lineage import build_lineage, dvc_lock_entries, file_digests, git_info
 from pipeline.packaging.model_card import render_model_card
 from pipeline.packaging.onnx_export import export_onnx, verify_onnx
-from pipeline.paths import STEPS, step_dir
 
 MAX_CHECK_INPUTS = 256
-UPSTREAM = list(STEPS[:STEPS.index("package")])  # review runs after package, from the same model
 
 
-def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
-    spec = load_variant(variant, params_path)
-    eval_dir, model_dir, data_dir = (step_dir(variant, s) for s in ("evaluate", "train", "annotate"))
+def run(ctx) -> None:
+    spec, variant = ctx.spec, ctx.variant
+    blessing_path, metrics_path = ctx.input("evaluate/blessing.json"), ctx.input("evaluate/metrics.json")
+    model_dir, data_dir = ctx.input("train/model.json").parent, ctx.input("annotate")
 
-    blessing = _read_json(eval_dir / BLESSING, "run `fmpipe evaluate` first")
+    blessing = read_json(blessing_path, f"run `fmpipe evaluate --stage {variant}` first")
     if not blessing.get("blessed"):
         failed = ", ".join(failed_checks(blessing)) or "no failed check recorded"
-        raise FmpipeError(f"{eval_dir / BLESSING}: model is not blessed (failed: {failed}); "
+        raise FmpipeError(f"{blessing_path}: model is not blessed (failed: {failed}); "
                           f"refusing to package it, previous package left as it was")
     if not (model_dir / WEIGHTS).exists():
         raise FmpipeError(f"{model_dir / WEIGHTS}: not found; run `fmpipe train --stage {variant}` first")
     weights_sha = sha256_file(model_dir / WEIGHTS)
     if weights_sha != blessing.get("model", {}).get("sha256"):
         raise FmpipeError(f"{model_dir / WEIGHTS}: differs from the weights evaluate blessed "
-                          f"({eval_dir / BLESSING}); run `fmpipe evaluate --stage {variant}` again")
-    metrics = _read_json(eval_dir / METRICS, "run `fmpipe evaluate` first")
-    per_class = pd.read_csv(eval_dir / PER_CLASS, dtype={"class": str}, keep_default_na=False).to_dict("records")
+                          f"({blessing_path}); run `fmpipe evaluate --stage {variant}` again")
+    metrics = read_json(metrics_path, f"run `fmpipe evaluate --stage {variant}` first")
+    per_class = pd.read_csv(metrics_path.parent / PER_CLASS, dtype={"class": str},
+                            keep_default_na=False).to_dict("records")
 
     net, meta = load_trained(model_dir)
-    ds = read_dataset(data_dir)
+    ds = ctx.dataset("annotate")
     test = ds.split("test")
     check_compatible(meta, test, model_dir, data_dir)
     if len(test) == 0:
         raise FmpipeError(f"{data_dir}: the test split is empty; no inputs to check the ONNX export on")
     inputs = model_inputs(test.take(np.arange(min(len(test), MAX_CHECK_INPUTS))))
 
-    lineage = {
-        "variant": variant,
-        "model": {
-            "name": meta["model"]["name"],
-            "options": meta["model"].get("options") or {},
-            "n_params": sum(p.numel() for p in net.parameters()),
-            "input": meta["input"],
-            "classes": meta["classes"],
-            "sha256": weights_sha,
-        },
-        "git": git_info(),
-        "dvc_lock": dvc_lock_entries(variant, UPSTREAM),
-        "params": spec.model_dump(mode="json", by_alias=True),
-        "data": {
-            "dir": str(data_dir),
-            "rows_by_split": {s: int((ds.manifest["split"] == s).sum()) for s in SPLITS},
-            "classes": list(ds.classes),
-        },
-        "metrics": metrics,
-        "blessing": blessing,
-    }
+    lineage = build_lineage(
+        variant=variant, meta=meta, n_params=sum(p.numel() for p in net.parameters()),
+        weights_sha=weights_sha, git=git_info(),
+        dvc_lock=dvc_lock_entries(variant, registry.upstream_of("package")),
+        params=spec.model_dump(mode="json", by_alias=True), data_dir=str(data_dir),
+        rows_by_split={s: int((ds.manifest["split"] == s).sum()) for s in SPLITS},
+        classes=list(ds.classes), metrics=metrics, blessing=blessing,
+    )
 
-    with atomic_dir(step_dir(variant, "package")) as tmp:
-        shutil.copyfile(model_dir / WEIGHTS, tmp / WEIGHTS)
-        shutil.copyfile(model_dir / MODEL_META, tmp / MODEL_META)
-        onnx_model = export_onnx(net, inputs[:2], spec.package.onnx_opset, metadata={
-            "fmpipe.variant": variant,
-            "fmpipe.model": meta["model"],
-            "fmpipe.input": meta["input"],
-            "fmpipe.classes": meta["classes"],
-            "fmpipe.weights_sha256": weights_sha,
-        })
-        (tmp / ONNX_MODEL).write_bytes(onnx_model)
-        # Fails (and discards tmp) unless onnxruntime reproduces torch within package.onnx_atol.
-        lineage["onnx"] = {"opset": spec.package.onnx_opset,
-                           **verify_onnx(onnx_model, net, inputs, spec.package.onnx_atol)}
-        card = render_model_card(
-            variant=variant, description=spec.description, meta=meta,
-            n_params=lineage["model"]["n_params"], source=lineage["params"]["source"],
-            rows_by_split=lineage["data"]["rows_by_split"],
-            feature_names=list(ds.features.columns) if ds.features is not None else None,
-            annotate_report=read_report(data_dir), metrics=metrics, per_class=per_class,
-            blessing=blessing, onnx_check=lineage["onnx"], opset=spec.package.onnx_opset, lineage=lineage,
-        )
-        (tmp / MODEL_CARD).write_text(card)
-        lineage["files"] = file_digests(tmp, [WEIGHTS, MODEL_META, ONNX_MODEL, MODEL_CARD])
-        (tmp / LINEAGE).write_text(to_json(lineage))
+    out = ctx.out
+    shutil.copyfile(model_dir / WEIGHTS, out / WEIGHTS)
+    shutil.copyfile(model_dir / MODEL_META, out / MODEL_META)
+    onnx_model = export_onnx(net, inputs[:2], spec.package.onnx_opset, metadata={
+        "fmpipe.variant": variant,
+        "fmpipe.model": meta["model"],
+        "fmpipe.input": meta["input"],
+        "fmpipe.classes": meta["classes"],
+        "fmpipe.weights_sha256": weights_sha,
+    })
+    (out / ONNX_MODEL).write_bytes(onnx_model)
+    # Fails (and the runner discards the output) unless onnxruntime reproduces torch within
+    # package.onnx_atol.
+    lineage["onnx"] = {"opset": spec.package.onnx_opset,
+                       **verify_onnx(onnx_model, net, inputs, spec.package.onnx_atol)}
+    card = render_model_card(
+        variant=variant, description=spec.description, meta=meta,
+        n_params=lineage["model"]["n_params"], source=lineage["params"]["source"],
+        rows_by_split=lineage["data"]["rows_by_split"],
+        feature_names=list(ds.features.columns) if ds.features is not None else None,
+        annotate_report=read_report(data_dir), metrics={**metrics, "tta_flip": blessing.get("tta_flip")},
+        per_class=per_class, blessing=blessing, onnx_check=lineage["onnx"], opset=spec.package.onnx_opset,
+        lineage=lineage,
+    )
+    (out / MODEL_CARD).write_text(card)
+    lineage["files"] = file_digests(out, [WEIGHTS, MODEL_META, ONNX_MODEL, MODEL_CARD])
+    (out / LINEAGE).write_text(to_json(lineage))
+    ctx.result = lineage
 
     git = lineage["git"]
-    print(f"fmpipe package --stage {variant}: packaged {meta['model']['name']} "
-          f"(accuracy {metrics['accuracy']:.4f}); ONNX max |diff| {lineage['onnx']['max_abs_diff']:.3g} "
-          f"on {lineage['onnx']['n_checked']} test inputs; "
-          f"git {git.get('commit', 'n/a')[:12]}{' (dirty)' if git.get('dirty') else ''}; "
-          f"dvc.lock {'recorded' if lineage['dvc_lock']['available'] else 'absent'}", file=sys.stderr)
-    return lineage
-
-
-def _read_json(path, hint: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FmpipeError(f"{path}: not found; {hint}") from None
-    except json.JSONDecodeError as exc:
-        raise FmpipeError(f"{path}: not valid JSON: {exc}") from None
+    ctx.summary = (f"packaged {meta['model']['name']} (accuracy {metrics['accuracy']:.4f}); ONNX max |diff| "
+                   f"{lineage['onnx']['max_abs_diff']:.3g} on {lineage['onnx']['n_checked']} test inputs; "
+                   f"git {git.get('commit', 'n/a')[:12]}{' (dirty)' if git.get('dirty') else ''}; "
+                   f"dvc.lock {'recorded' if lineage['dvc_lock']['available'] else 'absent'}")

@@ -1,37 +1,27 @@
-"""Step 6: the trained model reviews the data it learned from (data/<variant>/review/).
+"""Step 6 glue: the trained model reviews the data it learned from (data/<variant>/review/).
 
-Reads the trained model (``data/<variant>/train/``) and the annotated dataset; writes the
-ranked queue of suspect rows (label issues, near-duplicates and leaks, outliers) as
-``queue.parquet``/``queue.csv``, a Label Studio import (``label_studio_tasks.json`` +
+Reads the trained model and the annotated dataset; writes the ranked queue of suspect rows
+(``queue.parquet``/``queue.csv``), a Label Studio import (``label_studio_tasks.json`` +
 ``label_config.xml``), an offline ``contact_sheet.html`` and ``report.json``. It never changes
-data: people's decisions come back through ``annotations/<variant>/`` and the annotate step.
-The logic is ``pipeline/review/``.
+data: people's decisions come back through ``annotations/<variant>/`` and annotate. The logic is
+``pipeline/review/``.
 """
 
 from __future__ import annotations
 
-import sys
-
-from pipeline.config import DEFAULT_PARAMS, load_variant
 from pipeline.io import sha256_file
-from pipeline.manifest import read_dataset
-from pipeline.models import WEIGHTS
-from pipeline.paths import step_dir
 
 
-def run(variant: str, params_path: str = DEFAULT_PARAMS) -> dict:
-    from pipeline.review.review import review, write_review
+def run(ctx) -> None:
+    from pipeline.review.review import review, write_files
 
-    spec = load_variant(variant, params_path)
-    model_dir = step_dir(variant, "train")
-    ds = read_dataset(step_dir(variant, "annotate"))
-    sha = sha256_file(model_dir / WEIGHTS) if (model_dir / WEIGHTS).exists() else ""
-    result = review(ds, model_dir, spec, variant=variant, model_sha256=sha)
-    out = step_dir(variant, "review")
-    write_review(result, out)
+    model_dir = ctx.input("train/model.json").parent
+    ds = ctx.dataset("annotate")
+    weights = ctx.input("train/model.safetensors")
+    sha = sha256_file(weights) if weights.exists() else ""
+    result = review(ds, model_dir, ctx.spec, variant=ctx.variant, model_sha256=sha)
+    write_files(result, ctx.out)
     q = result.report["queue"]
-    print(f"fmpipe review --stage {variant}: {q['size']} rows queued ("
-          + ", ".join(f"{k} {v}" for k, v in q["by_reason"].items())
-          + f"); open {out}/contact_sheet.html, or import {out}/label_studio_tasks.json into Label Studio",
-          file=sys.stderr)
-    return result.report
+    ctx.result = result.report
+    ctx.summary = (f"{q['size']} rows queued (" + ", ".join(f"{k} {v}" for k, v in q["by_reason"].items())
+                   + f"); open {ctx.final_dir}/contact_sheet.html or import label_studio_tasks.json into Label Studio")

@@ -1,23 +1,31 @@
-"""Step 3: train the variant's network with PyTorch Lightning (data/<variant>/train/).
+"""Step 3 glue: train the variant's network with PyTorch Lightning (``pipeline/training/``).
 
-Reads the annotated dataset (``data/<variant>/annotate/``), trains on its train split and
-validates on val, with every knob from ``variants.<variant>.model`` and ``.train``. Writes
-``model.safetensors``, ``model.json``, ``train_summary.json`` and DVCLive's ``live/`` into
-``data/<variant>/train/`` in one rename at the end; checkpoints and in-progress logs live in
-``data/<variant>/train-state/`` so ``fmpipe train --stage X --resume`` can continue an
-interrupted run. See ``pipeline/training/fit.py`` for the layout in full.
+Writes ``model.safetensors``, ``model.json``, ``train_summary.json`` and DVCLive's ``live/``
+into ``data/<variant>/train/`` in one rename at the end (train writes its own directory:
+checkpoints for ``--resume`` live beside it in ``train-state/``, and under DDP only global
+rank 0 writes). See ``pipeline/training/fit.py`` for the layout in full.
 """
 
 from __future__ import annotations
 
-from pipeline.config import DEFAULT_PARAMS, load_variant
-from pipeline.manifest import read_dataset
-from pipeline.paths import step_dir
 
-
-def run(variant: str, params_path: str = DEFAULT_PARAMS, resume: bool = False) -> dict:
+def run(ctx) -> None:
+    from pipeline.models import load_meta
     from pipeline.training.fit import fit
 
-    spec = load_variant(variant, params_path)
-    dataset = read_dataset(step_dir(variant, "annotate"))
-    return fit(dataset, spec, step_dir(variant, "train"), resume=resume, variant=variant)
+    summary = fit(ctx.dataset("annotate"), ctx.spec, ctx.final_dir, resume=bool(ctx.flags.get("resume")),
+                  variant=ctx.variant)
+    if not summary:  # a DDP rank other than 0: rank 0 records and reports
+        ctx.record = False
+        return
+    ctx.result = summary
+    training = load_meta(ctx.final_dir)["training"]  # the deterministic cost figures fit recorded
+    ctx.figures = {
+        "epochs": training["epochs"],
+        "optimizer_steps": training["optimizer_steps"],
+        "samples_seen": training["samples_seen"],
+        "samples_per_s": summary.get("throughput_samples_per_s"),
+        "train_gflop": training["gflop"],
+    }
+    val = f", val acc {summary['val_acc']:.4f}" if summary.get("val_acc") is not None else ""
+    ctx.summary = f"{summary['epochs']} epochs, {summary['global_step']} steps on {summary['device']}{val}"

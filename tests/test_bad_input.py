@@ -7,12 +7,13 @@ import subprocess
 import sys
 
 import pytest
+
+from pipeline.runner import run_step
 import yaml
 
 from pipeline.config import load_params
 from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file
-from stages import clean, collect
 
 
 def fmpipe(*args: str) -> subprocess.CompletedProcess:
@@ -49,7 +50,7 @@ def test_enabled_variant_must_be_defined(project):
 
 
 def test_bad_params_key_fails_cli_and_leaves_outputs_untouched(project):
-    collect.run("iris")
+    run_step("collect", "iris")
     before = sha256_file("data/iris/collect/manifest.parquet")
     edit_params(lambda p: p["variants"]["iris"]["split"].update(sed=1))
     result = fmpipe("collect", "--stage", "iris")
@@ -75,12 +76,11 @@ def test_unknown_variant_lists_known_ones(project):
     ],
 )
 def test_bad_annotation_row_is_an_error_and_keeps_previous_output(project, row, expected):
-    from stages import annotate, validate
 
-    collect.run("iris")
-    clean.run("iris")
-    validate.run("iris")
-    annotate.run("iris")
+    run_step("collect", "iris")
+    run_step("clean", "iris")
+    run_step("validate", "iris")
+    run_step("annotate", "iris")
     before = sha256_file("data/iris/annotate/manifest.parquet")
     with open("annotations/iris/labels.csv", "a") as fh:
         fh.write(row + "\n")
@@ -91,14 +91,13 @@ def test_bad_annotation_row_is_an_error_and_keeps_previous_output(project, row, 
 
 
 def test_annotation_overrides_label_and_records_source(project):
-    from stages import annotate, validate
 
-    collect.run("iris")
-    clean.run("iris")
-    validate.run("iris")
+    run_step("collect", "iris")
+    run_step("clean", "iris")
+    run_step("validate", "iris")
     with open("annotations/iris/labels.csv", "a") as fh:
         fh.write("iris/000,versicolor,relabelled in review\n")
-    report = annotate.run("iris")
+    report = run_step("annotate", "iris")
     assert report["overrides_applied"] == 1 and report["labels_changed"] == 1
     from pipeline.manifest import read_dataset
 

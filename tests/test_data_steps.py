@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.manifest import REQUIRED_COLUMNS, read_dataset, read_report
-from stages import clean, collect
+from pipeline.runner import run_step
 
 
 def test_collect_digits_follows_contract(project):
-    report = collect.run("digits")
+    report = run_step("collect", "digits")
     ds = read_dataset("data/digits/collect")
     assert len(ds) == 1797 and ds.images.shape == (1797, 8, 8, 1) and ds.images.dtype == np.uint8
     assert set(REQUIRED_COLUMNS) <= set(ds.manifest.columns)
@@ -23,16 +23,16 @@ def test_collect_digits_follows_contract(project):
 
 
 def test_collect_is_deterministic(project):
-    collect.run("iris")
+    run_step("collect", "iris")
     first = read_dataset("data/iris/collect").manifest
-    collect.run("iris")
+    run_step("collect", "iris")
     again = read_dataset("data/iris/collect").manifest
     pd.testing.assert_frame_equal(first, again)
 
 
 def test_clean_removes_iris_duplicate_keeping_test_copy(project):
-    collect.run("iris")
-    report = clean.run("iris")
+    run_step("collect", "iris")
+    report = run_step("clean", "iris")
     assert report["rows_in"] == 150 and report["rows_out"] == 149
     (removed,) = report["removed"]
     assert removed["reason"] == "duplicate"

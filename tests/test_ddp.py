@@ -25,13 +25,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from pipeline.runner import run_step
 import torch
 import yaml
 
 from pipeline.manifest import read_dataset
 from pipeline.models import load_trained
-from stages import clean, collect
-from stages import train as train_step
 
 FMPIPE = Path(sys.executable).parent / "fmpipe"
 
@@ -52,13 +52,13 @@ def _test_accuracy(model_dir: str) -> float:
 
 
 def test_two_process_ddp_matches_single_process(project):
-    collect.run("iris")
-    clean.run("iris")
+    run_step("collect", "iris")
+    run_step("clean", "iris")
     shutil.copytree("data/iris/clean", "data/iris/annotate")  # the validate gate has its own tests
     common = {"accelerator": "cpu", "max_epochs": 30, "cpu_threads": 1, "seed": 0}
 
     _set_train(**common, devices=1, strategy="auto", batch_size=16)
-    single = train_step.run("iris")
+    single = run_step("train", "iris")
     shutil.move("data/iris/train", "data/iris/train-single")
 
     _set_train(**common, devices=2, strategy="ddp", batch_size=8)  # per device: global batch 16

@@ -175,17 +175,17 @@ def fmpipe(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def iris_clean(project):
-    from stages import clean, collect, validate
+    from pipeline.runner import run_step
 
-    collect.run("iris")
-    clean.run("iris")
-    validate.run("iris")
+    run_step("collect", "iris")
+    run_step("clean", "iris")
+    run_step("validate", "iris")
     return project
 
 
 def test_annotate_applies_an_imported_export_with_provenance(iris_clean, tmp_path):
     from pipeline.manifest import read_dataset
-    from stages import annotate
+    from pipeline.runner import run_step
 
     before = read_dataset("data/iris/clean").manifest.set_index("id")
     src = tmp_path / "project-3-at-2026-11-24.json"
@@ -202,7 +202,7 @@ def test_annotate_applies_an_imported_export_with_provenance(iris_clean, tmp_pat
     assert dest.read_bytes() == src.read_bytes()
     assert "already imported" in fmpipe("review", "import", str(src), "--stage", "iris").stdout
 
-    report = annotate.run("iris")
+    report = run_step("annotate", "iris")
     assert (report["relabelled"], report["confirmed"], report["dropped"], report["cancelled_ignored"]) == (1, 1, 1, 1)
     assert report["rows_in"] == report["rows_out"] + report["rows_removed"] == len(before)
     assert report["removed"][0]["id"] == "iris/002"
@@ -241,9 +241,9 @@ def test_legacy_csv_location_is_refused_with_the_move_command(iris_clean):
 
 def test_bad_decision_file_stops_annotate_and_keeps_previous_output(iris_clean):
     from pipeline.io import sha256_file
-    from stages import annotate
+    from pipeline.runner import run_step
 
-    annotate.run("iris")
+    run_step("annotate", "iris")
     before = sha256_file("data/iris/annotate/manifest.parquet")
     (iris_clean / "annotations/iris/x.json").write_text(json.dumps([{"data": {"fmpipe_id": "iris/000"},
                                                                        "annotations": [{"result": [], "completed_by": 1,

@@ -142,11 +142,11 @@ def test_label_studio_files_and_contact_sheet():
 
 @pytest.fixture
 def digits_model(project):
-    from stages import clean, collect
+    from pipeline.runner import run_step
     from test_evaluate_package import make_model
 
-    collect.run("digits")
-    clean.run("digits")
+    run_step("collect", "digits")
+    run_step("clean", "digits")
     shutil.copytree("data/digits/clean", "data/digits/annotate")
     make_model("digits", epochs=2)
     return project
@@ -154,9 +154,9 @@ def digits_model(project):
 
 def test_review_step_writes_every_output_deterministically(digits_model):
     from pipeline.io import sha256_file
-    from stages import review
+    from pipeline.runner import run_step
 
-    report = review.run("digits")
+    report = run_step("review", "digits")
     out = digits_model / "data/digits/review"
     names = {"queue.parquet", "queue.csv", "label_studio_tasks.json", "label_config.xml", "contact_sheet.html",
              "report.json"}
@@ -164,7 +164,7 @@ def test_review_step_writes_every_output_deterministically(digits_model):
     assert 0 < report["queue"]["size"] <= 300 and report["changes_data"] is False
     assert report["scoring"]["by_split"]["test"]["scored_by"].startswith("trained network's softmax")
     first = {n: sha256_file(out / n) for n in names}
-    review.run("digits")
+    run_step("review", "digits")
     assert {n: sha256_file(out / n) for n in names} == first
     queue = pd.read_csv(out / "queue.csv")
     assert len(json.loads((out / "label_studio_tasks.json").read_text())) == len(queue) == report["queue"]["size"]
@@ -175,10 +175,10 @@ def test_full_model_scoring_retrains_per_fold(project):
     from pipeline.config import load_variant
     from pipeline.manifest import read_dataset
     from pipeline.review.review import full_model_probs
-    from stages import clean, collect
+    from pipeline.runner import run_step
 
-    collect.run("iris")
-    clean.run("iris")
+    run_step("collect", "iris")
+    run_step("clean", "iris")
     ds = read_dataset("data/iris/clean", mmap=False)
     spec = load_variant("iris")
     train_rows = np.flatnonzero(ds.manifest["split"].to_numpy() == "train")

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from pipeline.runner import run_step
 import yaml
 from PIL import Image
 
@@ -413,14 +415,13 @@ def _add_variant(project: Path, name: str, source: dict, **extra) -> None:
 
 
 def test_collect_imagefolder_end_to_end(project):
-    from stages.collect import run
 
     files = {f"{c}/{i:02d}.png": png_bytes((i * 10, 0, 0) if c == "cat" else (0, 0, i * 10)) for c in ("cat", "dog") for i in range(10)}
     files["cat/broken.png"] = b"\x89PNG\r\n\x1a\n truncated"
     write_tree(project / "pics", files)
     _add_variant(project, "pics", {"kind": "imagefolder", "path": "pics"},
                  split={"seed": 0, "val_fraction": 0.2, "test_fraction": 0.2})
-    report = run("pics")
+    report = run_step("collect", "pics")
     assert report["rows_in"] == 21 and report["rows_out"] == 20 and report["rows_removed"] == 1
     assert report["removed"][0]["id"] == "cat/broken.png"
     assert report["rows_by_split"] == {"train": 12, "val": 4, "test": 4}
@@ -432,7 +433,7 @@ def test_collect_imagefolder_end_to_end(project):
     # A split layout keeps its own val and test folders.
     write_tree(project / "split", SPLIT_TREE)
     _add_variant(project, "split", {"kind": "imagefolder", "path": "split"})
-    assert run("split")["rows_by_split"] == {"train": 4, "val": 2, "test": 2}
+    assert run_step("collect", "split")["rows_by_split"] == {"train": 4, "val": 2, "test": 2}
 
 
 # ---------------------------------------------------------------- CSV
@@ -460,12 +461,11 @@ def test_csv_errors(tmp_path):
 
 
 def test_collect_csv_end_to_end(project):
-    from stages.collect import run
 
     rows = [f"{i},{i * 0.5},{'even' if i % 2 == 0 else 'odd'}" for i in range(20)]
     (project / "t.csv").write_text("x,y,label\n" + "\n".join(rows) + "\n")
     _add_variant(project, "tab", {"kind": "csv", "path": "t.csv"})
-    report = run("tab")
+    report = run_step("collect", "tab")
     assert report["rows_out"] == 20 and report["rows_by_class"] == {"even": 10, "odd": 10}
     ds = read_dataset(project / "data" / "tab" / "collect")
     assert list(ds.features.columns) == ["x", "y"]
@@ -476,10 +476,9 @@ def test_collect_csv_end_to_end(project):
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="../shared/datasets/cifar10-jpeg.tar.gz not present")
 def test_collect_full_cifar10_jpeg(project):
-    from stages.collect import run
 
     _add_variant(project, "cifar_jpeg", {"kind": "imagefolder", "path": str(SHARED_CIFAR), "channels": 3})
-    report = run("cifar_jpeg")
+    report = run_step("collect", "cifar_jpeg")
     splits = report["rows_by_split"]
     assert splits["test"] == 10_000 and splits["train"] + splits["val"] == 50_000
     assert report["rows_removed"] == 0

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from pipeline.runner import run_step
 import torch
 import yaml
 
@@ -20,16 +22,14 @@ from pipeline.config import AugmentSpec, load_variant
 from pipeline.errors import FmpipeError
 from pipeline.manifest import read_dataset
 from pipeline.models import WEIGHTS, load_trained
-from stages import clean, collect
-from stages import train as train_step
 
 FMPIPE = Path(sys.executable).parent / "fmpipe"
 
 
 def annotated(variant: str) -> None:
     """data/<variant>/annotate without the validate gate (its own tests cover it)."""
-    collect.run(variant)
-    clean.run(variant)
+    run_step("collect", variant)
+    run_step("clean", variant)
     shutil.copytree(f"data/{variant}/clean", f"data/{variant}/annotate")
 
 
@@ -59,7 +59,7 @@ test_accuracy.__test__ = False  # a helper, not a test
 def test_iris_trains_saves_and_loads(project):
     annotated("iris")
     set_params("iris", {"max_epochs": 30})
-    summary = train_step.run("iris")
+    summary = run_step("train", "iris")
 
     out = Path("data/iris/train")
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "model.json", "train_summary.json", "live"}
@@ -86,7 +86,7 @@ def test_digits_image_path_with_augmentation(project):
     annotated("digits")
     set_params("digits", {"max_epochs": 2, "augment": {"flip": True, "translate": 1},
                           "channels_last": True, "tta_flip": True})
-    summary = train_step.run("digits")
+    summary = run_step("train", "digits")
     assert summary["epochs"] == 2 and summary["channels_last"] is True
     net, meta = load_trained("data/digits/train")
     assert meta["input"]["kind"] == "image" and meta["input"]["shape"] == [1, 8, 8]
@@ -114,9 +114,9 @@ def test_same_params_give_identical_weights(project):
     annotated("digits")
     set_params("digits", {"max_epochs": 1, "augment": {"flip": True, "translate": 1}},
                model_options={"dropout": 0.3})
-    train_step.run("digits")
+    run_step("train", "digits")
     first = Path("data/digits/train", WEIGHTS).read_bytes()
-    train_step.run("digits")
+    run_step("train", "digits")
     assert Path("data/digits/train", WEIGHTS).read_bytes() == first
     assert Path("data/digits/train/model.json").exists()
 
@@ -148,7 +148,7 @@ def test_resume_continues_a_killed_run(project):
     # A resumption must match the killed run: a different model is refused.
     set_params("iris", model_options={"hidden": [8]})
     with pytest.raises(FmpipeError, match="model"):
-        train_step.run("iris", resume=True)
+        run_step("train", "iris", resume=True)
     set_params("iris", {"max_epochs": saved["epoch"] + 2}, model_options={"hidden": [64]})
 
     done = subprocess.run([str(FMPIPE), "train", "--stage", "iris", "--resume"], env=env,
@@ -165,7 +165,7 @@ def test_resume_continues_a_killed_run(project):
 def test_resume_without_a_checkpoint_is_an_error(project):
     annotated("iris")
     with pytest.raises(FmpipeError, match="no checkpoint to resume from"):
-        train_step.run("iris", resume=True)
+        run_step("train", "iris", resume=True)
 
 
 def test_bad_optimizer_name_is_a_clear_error(project):

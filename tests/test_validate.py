@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from pipeline.quality.gate import require_passed
+from pipeline.runner import run_step
 import yaml
 
 from pipeline.errors import FmpipeError
-from stages import annotate, clean, collect, validate
 
 FMPIPE = Path(sys.executable).with_name("fmpipe")
 
@@ -30,8 +32,8 @@ def cleaned_data(tmp_path_factory) -> Path:
     os.chdir(root)
     try:
         for variant in ("digits", "iris"):
-            collect.run(variant)
-            clean.run(variant)
+            run_step("collect", variant)
+            run_step("clean", variant)
     finally:
         os.chdir(cwd)
     return root / "data"
@@ -60,7 +62,7 @@ def _set_validate_params(variant: str, **values) -> None:
 
 @pytest.mark.parametrize("variant", ["digits", "iris"])
 def test_embedded_variants_pass(cleaned, variant):
-    summary = validate.run(variant)
+    summary = run_step("validate", variant)
     out = Path("data") / variant / "validate"
     assert summary["success"] and summary["failed"] == []
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -74,14 +76,14 @@ def test_embedded_variants_pass(cleaned, variant):
     assert f"{variant}.manifest" in index
     # GX ran in memory: no GX project scaffolded in the working directory.
     assert not any(p.name in ("gx", "great_expectations", "great_expectations.yml") for p in cleaned.rglob("*"))
-    validate.require_passed(variant)  # does not raise
-    annotate.run(variant)
+    require_passed(Path(f"data/{variant}/validate/summary.json"), variant)  # does not raise
+    run_step("annotate", variant)
 
 
 def test_row_count_threshold_fails_and_annotate_refuses(cleaned):
     _set_validate_params("digits", min_rows=100000, max_rows=200000)
     with pytest.raises(FmpipeError) as failure:
-        validate.run("digits")
+        run_step("validate", "digits")
     message = str(failure.value)
     assert "expect_table_row_count_to_be_between" in message and "observed 1797" in message
     # The outputs are there to read even though the gate failed.
@@ -92,7 +94,7 @@ def test_row_count_threshold_fails_and_annotate_refuses(cleaned):
     assert summary["failed"][0]["observed"] == 1797
     assert (out / "data_docs" / "index.html").exists()
     with pytest.raises(FmpipeError, match="fmpipe validate --stage digits"):
-        annotate.run("digits")
+        run_step("annotate", "digits")
 
 
 def test_corrupt_manifest_names_each_broken_expectation(cleaned):
@@ -102,7 +104,7 @@ def test_corrupt_manifest_names_each_broken_expectation(cleaned):
 
     _edit_manifest("digits", corrupt)
     with pytest.raises(FmpipeError) as failure:
-        validate.run("digits")
+        run_step("validate", "digits")
     failed = json.loads(Path("data/digits/validate/summary.json").read_text())["failed"]
     # label 42 also breaks the label/label_name pairing; nothing else is wrong.
     assert {(f["expectation"], f["column"]) for f in failed} == {
@@ -122,7 +124,7 @@ def test_corrupt_manifest_names_each_broken_expectation(cleaned):
 def test_class_count_thresholds_name_the_class(cleaned):
     _set_validate_params("iris", min_rows_per_class=51, max_class_fraction=0.3)
     with pytest.raises(FmpipeError) as failure:
-        validate.run("iris")
+        run_step("validate", "iris")
     failed = json.loads(Path("data/iris/validate/summary.json").read_text())["failed"]
     columns = {f["column"]: f for f in failed if f["table"] == "class_counts"}
     assert set(columns) == {"rows", "fraction"}
@@ -141,7 +143,7 @@ def test_missing_split_and_infinite_feature_fail(cleaned):
     features.iloc[2, 1] = np.inf
     features.to_parquet(features_path, index=False)
     with pytest.raises(FmpipeError) as failure:
-        validate.run("iris")
+        run_step("validate", "iris")
     message = str(failure.value)
     assert "expect_column_distinct_values_to_contain_set on column split" in message and "['test']" in message
     assert f"features: expect_column_values_to_be_between on column {features.columns[1]}" in message
@@ -151,9 +153,9 @@ def test_missing_split_and_infinite_feature_fail(cleaned):
 
 def test_require_passed_without_validation(cleaned):
     with pytest.raises(FmpipeError, match=r"not been validated.*fmpipe validate --stage iris"):
-        validate.require_passed("iris")
+        require_passed(Path("data/iris/validate/summary.json"), "iris")
     with pytest.raises(FmpipeError, match="fmpipe validate --stage iris"):
-        annotate.run("iris")
+        run_step("annotate", "iris")
 
 
 def test_cli_exits_nonzero_naming_the_expectation(cleaned):

@@ -85,6 +85,14 @@ def save_trained(net: Network, meta: dict[str, Any], out_dir: str | Path) -> Non
     (out_dir / MODEL_META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def load_meta(model_dir: str | Path) -> dict[str, Any]:
+    """``model.json`` of a trained model or package."""
+    meta_path = Path(model_dir) / MODEL_META
+    if not meta_path.exists():
+        raise FmpipeError(f"{model_dir}: no trained model ({MODEL_META} missing); run the train step first")
+    return json.loads(meta_path.read_text())
+
+
 def load_trained(model_dir: str | Path, device: str = "cpu") -> tuple[Network, dict[str, Any]]:
     """Rebuild a trained network from ``model.json`` + ``model.safetensors`` (no pickle)."""
     from safetensors.torch import load_file

@@ -62,10 +62,13 @@ def predict_proba(net: "torch.nn.Module", x: "torch.Tensor", tta_flip: bool = Fa
     """
     import torch
 
+    from pipeline.console import progress
+
     net.eval()
     out = []
+    starts = range(0, len(x), batch_size)
     with torch.inference_mode():
-        for start in range(0, len(x), batch_size):
+        for start in progress(starts, len(starts), "predict"):
             batch = x[start:start + batch_size]
             probs = torch.softmax(net(batch).float(), dim=1)
             if tta_flip:
@@ -169,3 +172,13 @@ def _change(new: Any, old: Any) -> Optional[float]:
     if new is None or old is None:
         return None
     return float(new) - float(old)
+
+
+def read_json(path: Path, hint: str) -> dict[str, Any]:
+    """A JSON file another step wrote, or one clear error naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FmpipeError(f"{path}: not found; {hint}") from None
+    except json.JSONDecodeError as exc:
+        raise FmpipeError(f"{path}: not valid JSON: {exc}") from None

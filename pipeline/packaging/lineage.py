@@ -82,3 +82,27 @@ def file_digests(root: str | Path, names: list[str]) -> dict[str, dict[str, Any]
     """``{name: {"sha256", "size"}}`` for files under ``root``."""
     root = Path(root)
     return {name: {"sha256": sha256_file(root / name), "size": (root / name).stat().st_size} for name in names}
+
+
+def build_lineage(*, variant: str, meta: dict[str, Any], n_params: int, weights_sha: str,
+                  git: dict[str, Any], dvc_lock: dict[str, Any], params: dict[str, Any],
+                  data_dir: str, rows_by_split: dict[str, int], classes: list[str],
+                  metrics: dict[str, Any], blessing: dict[str, Any]) -> dict[str, Any]:
+    """The lineage record's layout, in one place (package writes it, audit reads it)."""
+    return {
+        "variant": variant,
+        "model": {
+            "name": meta["model"]["name"],
+            "options": meta["model"].get("options") or {},
+            "n_params": n_params,
+            "input": meta["input"],
+            "classes": meta["classes"],
+            "sha256": weights_sha,
+        },
+        "git": git,
+        "dvc_lock": dvc_lock,
+        "params": params,
+        "data": {"dir": data_dir, "rows_by_split": rows_by_split, "classes": list(classes)},
+        "metrics": metrics,
+        "blessing": blessing,
+    }

@@ -41,6 +41,16 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
     add("- Files: `model.onnx` (opset {}, dynamic batch), `model.safetensors` + `model.json` "
         "(rebuild in PyTorch with `pipeline.models.load_trained(dir)`).\n".format(opset))
 
+    training = meta.get("training")
+    if training:
+        add("## Cost of training\n")
+        add(f"- {training['epochs']} epochs, {training['optimizer_steps']:,} optimizer steps, "
+            f"{training['samples_seen']:,} samples seen.")
+        add(f"- About {training['gflop']:,.1f} GFLOP of training compute (torch's FLOP counter on one "
+            "step, times the samples; matmuls and convolutions).")
+        add("- Time, CPU and memory of every step vary from run to run, so they are not in this card: "
+            f"`fmpipe resources --stage {variant}` prints them.\n")
+
     add("## Intended use\n")
     add(f"Classifying {kind} inputs drawn from the same distribution as the `{variant}` training data "
         f"into one of: {', '.join(f'`{c}`' for c in classes)}. It is a pipeline-produced baseline meant for "

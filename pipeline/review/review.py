@@ -282,19 +282,27 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
                         probs=probs, scored_by=scored_by)
 
 
-def write_review(result: ReviewResult, out_dir: str | os.PathLike) -> None:
-    """Write every review output into ``out_dir`` in one atomic rename."""
+def write_files(result: ReviewResult, out_dir: str | os.PathLike) -> None:
+    """Write every review output into ``out_dir`` (an existing directory)."""
     import json
 
-    from pipeline.io import atomic_dir, to_json
+    from pipeline.io import to_json
+
+    out = Path(out_dir)
+    result.table.to_parquet(out / QUEUE_PARQUET, index=False)
+    result.table.to_csv(out / QUEUE_CSV, index=False, float_format="%.6f")
+    (out / LS_TASKS).write_text(json.dumps(result.tasks, indent=1) + "\n")
+    (out / LS_CONFIG).write_text(result.config_xml)
+    (out / CONTACT_SHEET).write_text(result.html)
+    (out / REPORT).write_text(to_json(result.report))
+
+
+def write_review(result: ReviewResult, out_dir: str | os.PathLike) -> None:
+    """The same, replacing ``out_dir`` in one atomic rename (outside the runner: benchmarks)."""
+    from pipeline.io import atomic_dir
 
     with atomic_dir(out_dir) as tmp:
-        result.table.to_parquet(tmp / QUEUE_PARQUET, index=False)
-        result.table.to_csv(tmp / QUEUE_CSV, index=False, float_format="%.6f")
-        (tmp / LS_TASKS).write_text(json.dumps(result.tasks, indent=1) + "\n")
-        (tmp / LS_CONFIG).write_text(result.config_xml)
-        (tmp / CONTACT_SHEET).write_text(result.html)
-        (tmp / REPORT).write_text(to_json(result.report))
+        write_files(result, tmp)
 
 
 def subset_for_sheet(result: ReviewResult, split: str, limit: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -39,11 +38,10 @@ _CHUNK = 1 << 20
 # ---------------------------------------------------------------- progress
 
 def progress(total: Optional[int], desc: str, unit: str = "it", unit_scale: bool = False):
-    """A tqdm bar on stderr. ``FMPIPE_PROGRESS=0`` silences it (e.g. in CI logs)."""
-    from tqdm import tqdm
+    """The console's progress bar (``pipeline/console.py``); ``unit_scale`` counts bytes."""
+    from pipeline.console import Bar
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr,
-                leave=False, mininterval=0.5, disable=os.environ.get("FMPIPE_PROGRESS") == "0")
+    return Bar(total, desc, unit=unit, in_bytes=unit_scale)
 
 
 # ---------------------------------------------------------------- checksums

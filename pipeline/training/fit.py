@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -80,6 +81,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     from pipeline.models import build, save_trained
     from pipeline.training.callbacks import ThroughputTimer, _EpochDVCLiveLogger
     from pipeline.training.data import TensorDataModule
+    from pipeline.training.flops import train_flops
     from pipeline.training.module import ClassifierModule
 
     out_dir = Path(out_dir)
@@ -114,6 +116,8 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         save_last=True, every_n_epochs=1,
     )
     timer = ThroughputTimer()
+    logging.getLogger("fmpipe").info(
+        "model %s: %s parameters", spec.model.name, f"{sum(p.numel() for p in net.parameters()):,}")
     steps_per_epoch = max(1, dm.num_train // train.batch_size)
     trainer = pl.Trainer(
         accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
@@ -121,7 +125,8 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         max_time=train.max_time, deterministic=train.deterministic, logger=logger,
         callbacks=[checkpoint, timer, *callbacks], default_root_dir=str(state_dir),
         log_every_n_steps=min(50, steps_per_epoch), limit_val_batches=None if has_val else 0,
-        enable_progress_bar=True, enable_model_summary=True,
+        # Lightning's summary table prints an all-zero FLOPs column; one log line says what matters.
+        enable_progress_bar=True, enable_model_summary=False,
     )
     threads = torch.get_num_threads()
     if train.cpu_threads and trainer.strategy.root_device.type == "cpu":
@@ -173,6 +178,13 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     final.load_state_dict({k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
                            for k, v in module.net.state_dict().items()})
     meta = model_meta(spec, dm, dataset)
+    # The cost of making this model, in figures that do not vary run to run (the model card
+    # carries them; times and memory go to the runner's uncached resource records).
+    samples = int(timer.samples)
+    meta["training"] = {"epochs": int(trainer.current_epoch), "optimizer_steps": int(trainer.global_step),
+                        "samples_seen": samples,
+                        "gflop": round(train_flops(spec, dataset, samples) / 1e9, 3)}
+    summary["samples_seen"] = samples
     with atomic_dir(out_dir) as tmp:
         save_trained(final, meta, tmp)
         if (state_dir / "live").exists():

@@ -1,0 +1,97 @@
+"""One console style for every step: warnings through logging, progress bars, quiet neighbours.
+
+- Warnings (ours and third-party ones a user can act on) go through :mod:`logging` to stderr
+  as ``WARNING fmpipe: ...`` lines.
+- :func:`progress` wraps long loops (collecting a large archive, cleaning, scoring a large
+  test set) in a rich progress bar on a terminal, and in nothing when stderr is a file or
+  DVC's pipe, so logs stay readable.
+- What a user cannot act on is silenced: third-party deprecation warnings, Lightning's "tip"
+  advertisements, and GX's and DVCLive's INFO chatter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Iterable, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
+_SET_UP = False
+
+# Loggers whose INFO lines advertise products or repeat what our summary line says.
+_QUIET_LOGGERS = ("great_expectations", "dvclive", "lightning.pytorch.utilities.rank_zero",
+                  "lightning.fabric.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning's 'Tip: ... try installing litmodels/litlogger' and similar one-liners."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("Tip:" in msg or "💡" in msg or "litlogger" in msg or "litmodels" in msg)
+
+
+def setup_console(level: int = logging.INFO) -> None:
+    global _SET_UP
+    if _SET_UP:
+        return
+    _SET_UP = True
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_DropAdverts())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("fmpipe").setLevel(level)
+    logging.captureWarnings(True)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).addFilter(_DropAdverts())
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+class Bar:
+    """A progress bar on stderr (rich) for work longer than a few seconds.
+
+    Drawn only when stderr is a terminal and ``FMPIPE_PROGRESS`` is not ``0``; otherwise it
+    just counts, so DVC's logs and CI output stay one line per step. ``n`` is the count so
+    far either way (downloads check it against the expected size).
+    """
+
+    def __init__(self, total: Optional[int], description: str, unit: str = "it", in_bytes: bool = False):
+        self.total, self.description, self.unit, self.in_bytes = total, description, unit, in_bytes
+        self.n = 0
+        self._progress = None
+
+    def __enter__(self) -> "Bar":
+        if sys.stderr.isatty() and os.environ.get("FMPIPE_PROGRESS") != "0":
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeRemainingColumn, TransferSpeedColumn)
+
+            count = (DownloadColumn(), TransferSpeedColumn()) if self.in_bytes else (MofNCompleteColumn(),)
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), *count,
+                                      TimeRemainingColumn(), transient=True, console=Console(stderr=True))
+            self._progress.start()
+            self._task = self._progress.add_task(self.description, total=self.total)
+        return self
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def progress(items: Iterable[T], total: Optional[int] = None, description: str = "") -> Iterator[T]:
+    """Yield ``items`` while a :class:`Bar` counts them."""
+    with Bar(total, description) as bar:
+        for item in items:
+            yield item
+            bar.update()

@@ -1,0 +1,35 @@
+"""The validation gate as data: what validate concludes, and what annotate checks before it runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.artefacts import ValidationSummary
+from pipeline.errors import FmpipeError
+from pipeline.manifest import SPLITS
+
+RESULTS = "results.json"
+SUMMARY = "summary.json"
+DATA_DOCS = "data_docs"
+
+
+def summarize(variant: str, ds, source: str, outcome) -> ValidationSummary:
+    m = ds.manifest
+    facts = {"source": source, "kind": ds.kind, "rows": int(len(m)), "classes": len(ds.classes)}
+    if "split" in m.columns:
+        facts["rows_by_split"] = {s: int((m["split"] == s).sum()) for s in SPLITS}
+    return ValidationSummary(variant=variant, success=outcome.success, expectations=outcome.expectations,
+                             failed=outcome.failed, dataset=facts)
+
+
+def require_passed(path: Path, variant: str) -> ValidationSummary:
+    """Refuse to go on unless the variant's last validation exists and succeeded."""
+    rerun = f"run `fmpipe validate --stage {variant}`"
+    summary = ValidationSummary.read(path, hint=f"the data of {variant!r} has not been validated ({rerun})")
+    if not summary.success:
+        names = ", ".join(sorted({f"{f.expectation}({f.column or 'table'})" for f in summary.failed}))
+        raise FmpipeError(
+            f"{path}: the data of {variant!r} failed validation ({len(summary.failed)} expectation(s): "
+            f"{names}); fix the data or params, then {rerun}"
+        )
+    return summary

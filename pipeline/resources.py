@@ -1,0 +1,150 @@
+"""What a step run cost: wall and CPU time, peak memory, accelerator, bytes and rows moved.
+
+:class:`ResourceMeter` brackets one step run. It costs next to nothing: clock and
+``getrusage`` reads at the start and end, and one reset of the kernel's peak-RSS counter
+(``/proc/self/clear_refs``), so the peak it reports belongs to this step even when
+``fmpipe run`` executes several steps in one process. No pass over the data is added: bytes
+are file sizes, rows come from parquet footers.
+
+The result is the typed :class:`pipeline.artefacts.Resources`, written by the runner to
+``data/resources/<v>/<step>.json``: numbers only (a DVC metric that ``dvc metrics show`` and
+``dvc exp show`` compare); the device's name goes to ``data/runs/<v>/<step>.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.artefacts import Resources, RunEnvironment
+
+_MB = 1 << 20
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes(reset_worked: bool) -> int:
+    if reset_worked:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
+
+
+def path_bytes(paths: Iterable[Path]) -> int:
+    total = 0
+    for p in paths:
+        if p.is_file():
+            total += p.stat().st_size
+        elif p.is_dir():
+            for root, _, files in os.walk(p):
+                total += sum((Path(root) / f).stat().st_size for f in files)
+    return total
+
+
+def path_rows(paths: Iterable[Path]) -> int:
+    """Rows of the datasets and tables among ``paths``: a dataset directory counts its manifest."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for p in paths:
+        table = p / "manifest.parquet" if p.is_dir() else p
+        if table.suffix == ".parquet" and table.is_file():
+            try:
+                total += pq.read_metadata(table).num_rows
+            except Exception:  # an unreadable table is the step's error to report, not ours
+                pass
+    return total
+
+
+class ResourceMeter:
+    """``with ResourceMeter() as m: ...``; then ``m.result(inputs, outputs, extra)``."""
+
+    def __enter__(self) -> "ResourceMeter":
+        self._reset = _reset_peak_rss()
+        self._wall0 = time.perf_counter()
+        self._times0 = os.times()
+        self._cuda = self._cuda_start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self._wall0
+        t0, t1 = self._times0, os.times()
+        own = (t1.user - t0.user) + (t1.system - t0.system)
+        children = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
+        self.cpu = own + children  # children: DDP ranks or tools a step waited for
+        peak = _peak_rss_bytes(self._reset)
+        if children > 0:  # a child's peak counts too (the largest child since this process began)
+            peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+        self.peak_rss = peak
+        self.accel = self._cuda_end()
+
+    @staticmethod
+    def _cuda_start() -> bool:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+            return True
+        return False
+
+    def _cuda_end(self) -> dict:
+        """Peak accelerator memory and the time the device was held, when the step used CUDA."""
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_initialized():
+            return {}
+        return {
+            "accelerator_s": round(self.wall, 3),
+            "accelerator_peak_mb": round(torch.cuda.max_memory_allocated() / _MB, 1),
+            "name": torch.cuda.get_device_name(),
+        }
+
+    def result(self, inputs: list[Path], outputs: list[Path], extra: dict | None = None) -> Resources:
+        extra = dict(extra or {})
+        return Resources(
+            wall_s=round(self.wall, 3),
+            cpu_s=round(self.cpu, 3),
+            peak_rss_mb=round(self.peak_rss / _MB, 1),
+            read_mb=round(path_bytes(inputs) / _MB, 3),
+            written_mb=round(path_bytes(outputs) / _MB, 3),
+            rows_read=path_rows(inputs),
+            rows_written=path_rows(outputs),
+            accelerator_s=self.accel.get("accelerator_s"),
+            accelerator_peak_mb=self.accel.get("accelerator_peak_mb"),
+            **extra,
+        )
+
+    def environment(self) -> RunEnvironment:
+        import platform
+
+        torch = sys.modules.get("torch")
+        return RunEnvironment(
+            device=self.accel.get("name") or f"cpu: {_cpu_model() or platform.machine()}",
+            cpu_count=os.cpu_count() or 0,
+            torch_threads=torch.get_num_threads() if torch is not None else None,
+            python=platform.python_version(),
+        )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""

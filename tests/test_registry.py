@@ -1,0 +1,105 @@
+"""The step registry (pipeline/steps.py) and dvc.yaml say the same thing, and the runner keeps its promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import steps as registry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _entries(items) -> dict[str, dict]:
+    """dvc.yaml's out/metric/plot list as {path: props}."""
+    out = {}
+    for item in items or []:
+        if isinstance(item, str):
+            out[item] = {}
+        else:
+            (path, props), = item.items()
+            out[path] = dict(props or {})
+    return out
+
+
+def _expected(step: registry.Step) -> dict[str, dict[str, dict]]:
+    sections: dict[str, dict[str, dict]] = {"outs": {}, "metrics": {}, "plots": {}}
+    for path, out in step.out_paths():
+        props = {} if out.cache else {"cache": False}
+        props.update(out.plot)
+        sections[{"out": "outs", "metric": "metrics", "plot": "plots"}[out.kind]][path.replace("{v}", "${item}")] = props
+    return sections
+
+
+def dvc_stages(text: str) -> dict:
+    return yaml.safe_load(text)["stages"]
+
+
+def disagreements(dvc_yaml: str) -> list[str]:
+    stages = dvc_stages(dvc_yaml)
+    problems = []
+    if list(stages) != list(registry.ORDER):
+        problems.append(f"stage order {list(stages)} != registry {list(registry.ORDER)}")
+    for step in registry.STEPS:
+        stage = stages.get(step.name)
+        if stage is None:
+            continue
+        assert stage["foreach"] == "${enabled}"
+        do = stage["do"]
+        if do["cmd"] != f"fmpipe {step.name} --stage ${{item}}":
+            problems.append(f"{step.name}: cmd {do['cmd']!r}")
+        deps = {d.replace("{v}", "${item}") for d in step.dep_paths()}
+        if set(do.get("deps") or []) != deps:
+            problems.append(f"{step.name}: deps differ: dvc.yaml only {sorted(set(do.get('deps') or []) - deps)}, "
+                            f"registry only {sorted(deps - set(do.get('deps') or []))}")
+        params = {f"variants.${{item}}.{p}" for p in step.params}
+        if set(do.get("params") or []) != params:
+            problems.append(f"{step.name}: params {sorted(do.get('params') or [])} != {sorted(params)}")
+        for section, expected in _expected(step).items():
+            if _entries(do.get(section)) != expected:
+                problems.append(f"{step.name}: {section} {_entries(do.get(section))} != {expected}")
+    return problems
+
+
+def test_dvc_yaml_agrees_with_the_registry():
+    assert disagreements((REPO / "dvc.yaml").read_text()) == []
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t: t.replace("        - stages/clean.py\n", "", 1),                      # a dep dropped
+    lambda t: t.replace("variants.${item}.clean", "variants.${item}.split", 1),   # a params section
+    lambda t: t.replace("data/${item}/evaluate/blessing.json\n", "data/${item}/evaluate/verdict.json\n", 1),
+    lambda t: t.replace("fmpipe train --stage", "fmpipe fit --stage", 1),
+])
+def test_the_check_fails_when_dvc_yaml_changes_alone(edit):
+    text = (REPO / "dvc.yaml").read_text()
+    changed = edit(text)
+    assert changed != text
+    assert disagreements(changed)
+
+
+def test_the_check_fails_when_the_registry_changes_alone(monkeypatch):
+    text = (REPO / "dvc.yaml").read_text()
+    clean = registry.get("clean")
+    monkeypatch.setattr(registry, "STEPS", tuple(
+        registry.Step(**{**s.__dict__, "code": (*s.code, "pipeline/extra.py")}) if s is clean else s
+        for s in registry.STEPS))
+    assert any("clean: deps differ" in p for p in disagreements(text))
+
+
+def test_cli_lists_exactly_the_registered_steps_in_order():
+    from typer.main import get_command
+
+    from pipeline.cli import app
+
+    # list_commands: the order `fmpipe --help` shows (review is a sub-app, for `review import`).
+    names = list(get_command(app).list_commands(None))
+    assert names[:len(registry.ORDER)] == list(registry.ORDER)
+
+
+def test_upstream_of_package_is_every_other_step():
+    # review comes after package (it reads the trained model, never package's output).
+    assert registry.upstream_of("package") == [s for s in registry.ORDER if s not in ("package", "review")]
+    assert registry.upstream_of("collect") == []

@@ -1,0 +1,156 @@
+"""The runner: resource accounting for every step, figures that add up, and no effect on hashed outputs;
+clean's and annotate's logic tested in memory, without any file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import steps as registry
+from pipeline.errors import FmpipeError
+from pipeline.manifest import Dataset, build_manifest, image_rows
+from pipeline.quality.cleaning import clean
+from pipeline.review.decisions import apply_decisions, parse_decisions_csv, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+# Outputs that legitimately differ between two runs (GX run ids and timestamps).
+_VARYING = ("validate/results.json", "validate/data_docs/")
+
+
+def fmpipe(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def _project(root: Path) -> Path:
+    root.mkdir(parents=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copytree(REPO / "annotations", root / "annotations")
+    return root
+
+
+def _hashed_outputs(root: Path, variant: str) -> dict[str, str]:
+    files = {}
+    for step in registry.STEPS:
+        for path, out in step.out_paths():
+            if not out.cache:
+                continue
+            p = root / path.format(v=variant)
+            for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
+                rel = f.relative_to(root / "data" / variant).as_posix()
+                if not rel.startswith(_VARYING):
+                    files[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return files
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    """The digits variant run twice: with resource accounting and without."""
+    base = tmp_path_factory.mktemp("runner")
+    with_acc, without = _project(base / "with"), _project(base / "without")
+    for root, env in ((with_acc, {}), (without, {"FMPIPE_RESOURCES": "0"})):
+        result = fmpipe(root, "run", "--stage", "digits", env=env)
+        assert result.returncode == 0, result.stderr
+    return with_acc, without, result
+
+
+def test_every_step_records_positive_figures(digits_runs):
+    root = digits_runs[0]
+    for step in registry.STEPS:
+        rec = json.loads((root / step.resources.format(v="digits")).read_text())
+        assert rec["wall_s"] > 0 and rec["cpu_s"] > 0 and rec["peak_rss_mb"] > 50, (step.name, rec)
+        assert rec["written_mb"] > 0, step.name
+        if step.reads:
+            assert rec["read_mb"] > 0 and rec["rows_read"] > 0, step.name
+        env = json.loads((root / step.run_record.format(v="digits")).read_text())
+        assert env["device"].startswith("cpu")
+    train = json.loads((root / registry.get("train").resources.format(v="digits")).read_text())
+    assert train["epochs"] == 15 and train["optimizer_steps"] > 0
+    assert train["samples_seen"] >= train["optimizer_steps"] and train["samples_per_s"] > 0
+    assert train["train_gflop"] > 0
+    collect = json.loads((root / registry.get("collect").resources.format(v="digits")).read_text())
+    assert collect["rows_written"] == 1797
+
+
+def test_resources_command_totals_add_up(digits_runs):
+    root = digits_runs[0]
+    result = fmpipe(root, "resources", "--stage", "digits", "--json")
+    assert result.returncode == 0, result.stderr
+    table = json.loads(result.stdout)["digits"]
+    assert [r["step"] for r in table["steps"]] == list(registry.ORDER)
+    for key in ("wall_s", "cpu_s", "read_mb", "written_mb"):
+        assert table["total"][key] == pytest.approx(sum(r[key] for r in table["steps"]), abs=1e-3)
+    assert table["total"]["peak_rss_mb"] == max(r["peak_rss_mb"] for r in table["steps"])
+    text = fmpipe(root, "resources", "--stage", "digits").stdout
+    assert "total" in text and "train" in text
+
+
+def test_accounting_changes_no_hashed_output(digits_runs):
+    with_acc, without, _ = digits_runs
+    assert not (without / "data/resources").exists()
+    a, b = _hashed_outputs(with_acc, "digits"), _hashed_outputs(without, "digits")
+    assert a and a == b
+    assert "train/model.safetensors" in a and "package/model.onnx" in a
+
+
+def test_one_summary_line_per_step(digits_runs):
+    stderr = digits_runs[2].stderr
+    for step in registry.ORDER:
+        lines = [l for l in stderr.splitlines() if l.startswith(f"fmpipe {step} --stage digits: ")]
+        assert len(lines) == 1, (step, stderr[-2000:])
+    assert "Tip:" not in stderr and "FLOPs" not in stderr
+
+
+def test_resources_without_records_is_one_clear_error(tmp_path):
+    result = fmpipe(tmp_path, "resources", "--stage", "digits")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "no resource records" in result.stderr
+
+
+# ---------------------------------------------------------------- step logic in memory
+
+def _images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 4, 4, 1), dtype=np.uint8)
+
+
+def _dataset(images: np.ndarray, labels: list[int], splits: list[str]) -> Dataset:
+    ids = [f"img{i}" for i in range(len(labels))]
+    manifest = build_manifest(ids, np.array(labels), ["a", "b"], splits, image_rows(images))
+    return Dataset(manifest=manifest, classes=["a", "b"], images=images)
+
+
+def test_clean_logic_in_memory():
+    images = _images(6, 0)
+    images[1] = images[0]  # same label, train copy of a test image: the train copy goes
+    images[3] = images[2]  # conflicting labels: both go
+    ds = _dataset(images, [0, 0, 0, 1, 1, 0], ["test", "train", "train", "val", "train", "val"])
+    out, removed = clean(ds)
+    assert list(out.manifest["id"]) == ["img0", "img4", "img5"]
+    reasons = {r["id"]: r["reason"] for r in removed}
+    assert reasons == {"img1": "duplicate", "img2": "duplicate_conflicting_labels",
+                       "img3": "duplicate_conflicting_labels"}
+    assert next(r for r in removed if r["id"] == "img1")["dup_of"] == "img0"
+    np.testing.assert_array_equal(out.images, images[[0, 4, 5]])
+
+
+def test_annotate_logic_in_memory():
+    ds = _dataset(_images(3, 1), [0, 0, 1], ["train", "val", "test"])
+    votes = parse_decisions_csv("id,label,note\nimg1,1,looks like b\n", "a.csv", ds.classes)
+    m, keep, found = apply_decisions(ds.manifest, ds.classes, resolve(votes))
+    assert list(m["label"]) == [0, 1, 1] and keep.all()
+    assert list(m["label_source"]) == ["source", "annotation", "source"]
+    assert list(m["source_label"]) == [0, 0, 1]
+    assert [(c["id"], c["from"], c["to"], c["note"]) for c in found["changes"]] == [
+        ("img1", ds.classes[0], ds.classes[1], "looks like b")]
+    assert list(ds.manifest["label"]) == [0, 0, 1]  # the input is not modified
+    with pytest.raises(FmpipeError, match="img9"):
+        apply_decisions(ds.manifest, ds.classes, resolve(parse_decisions_csv("id,label\nimg9,0\n", "a.csv", ds.classes)))
