@@ -63,32 +63,41 @@ class Artefact(BaseModel):
 
 
 class Resources(Artefact):
-    """``data/resources/<v>/<step>.json``: what one step run used. Numbers only (a DVC metric)."""
+    """``data/resources/<v>/<step>.json``: what one step run used, as a DVC metric.
+
+    Numbers people compare and nothing else (no schema field, no names): every key becomes a
+    column of ``dvc metrics show``, so the set is kept small. Details that are not compared
+    across runs (optimizer steps, throughput, the device) are in the :class:`RunRecord`.
+    """
 
     wall_s: float = Field(ge=0)
     cpu_s: float = Field(ge=0)
-    peak_rss_mb: float = Field(ge=0)
+    peak_mb: float = Field(ge=0)
     read_mb: float = Field(ge=0)
-    written_mb: float = Field(ge=0)
-    rows_read: int = Field(ge=0)
-    rows_written: int = Field(ge=0)
-    accelerator_s: Optional[float] = None
-    accelerator_peak_mb: Optional[float] = None
+    write_mb: float = Field(ge=0)
+    rows_in: int = Field(ge=0)
+    rows_out: int = Field(ge=0)
+    accel_s: Optional[float] = None  # wall time a CUDA device was held
+    accel_mb: Optional[float] = None  # its peak allocated memory
     # train only
     epochs: Optional[int] = None
-    optimizer_steps: Optional[int] = None
-    samples_seen: Optional[int] = None
-    samples_per_s: Optional[float] = None
-    train_gflop: Optional[float] = None  # measured FLOPs per sample x samples seen, in 1e9
+    samples: Optional[int] = None
+    gflop: Optional[float] = None  # measured FLOPs per sample x samples seen, in 1e9
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True, exclude={"schema_version"}) + "\n"
 
 
-class RunEnvironment(Artefact):
-    """``data/runs/<v>/<step>.json``: where a step ran (strings: not a metric)."""
+class RunRecord(Artefact):
+    """``data/runs/<v>/<step>.json``: where and how a step ran (strings allowed: not a metric)."""
 
+    step: str
     device: str
     cpu_count: int
     torch_threads: Optional[int] = None
     python: str
+    optimizer_steps: Optional[int] = None  # train
+    samples_per_s: Optional[float] = None  # train: throughput, validation excluded
 
 
 class Removal(BaseModel):

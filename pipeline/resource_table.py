@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import steps as registry
-from pipeline.artefacts import Resources, RunEnvironment
+from pipeline.artefacts import Resources, RunRecord
 from pipeline.errors import FmpipeError
 
 # Columns summed into the totals row (peak memory takes the maximum instead).
-_SUMMED = ("wall_s", "cpu_s", "read_mb", "written_mb", "accelerator_s", "train_gflop")
+_SUMMED = ("wall_s", "cpu_s", "read_mb", "write_mb", "accel_s", "gflop")
 
 
 def collect(variant: Optional[str]) -> dict[str, list[dict[str, Any]]]:
@@ -25,11 +25,11 @@ def collect(variant: Optional[str]) -> dict[str, list[dict[str, Any]]]:
             path = Path(step.resources.format(v=v))
             if not path.exists():
                 continue
-            row = {"step": step.name, **Resources.read(path).model_dump(exclude_none=True)}
-            row.pop("schema_version", None)
-            env = Path(step.run_record.format(v=v))
-            if env.exists():
-                row["device"] = RunEnvironment.read(env).device
+            row = {"step": step.name, **Resources.read(path).model_dump(exclude_none=True, exclude={"schema_version"})}
+            record = Path(step.run_record.format(v=v))
+            if record.exists():
+                rec = RunRecord.read(record)
+                row.update(device=rec.device, optimizer_steps=rec.optimizer_steps, samples_per_s=rec.samples_per_s)
             rows.append(row)
         if rows:
             tables[v] = rows
@@ -46,7 +46,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in rows if r.get(key) is not None]
         if values:
             total[key] = round(sum(values), 4)
-    total["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rows)
+    total["peak_mb"] = max(r["peak_mb"] for r in rows)
     return total
 
 
@@ -59,10 +59,11 @@ def render(tables: dict[str, list[dict[str, Any]]], as_json: bool = False) -> st
     console = Console(width=160, record=True, file=open("/dev/null", "w"))
     for v, rows in tables.items():
         table = Table(title=f"resources: {v}", title_justify="left")
-        cols = [("step", "step"), ("wall s", "wall_s"), ("CPU s", "cpu_s"), ("peak MB", "peak_rss_mb"),
-                ("read MB", "read_mb"), ("written MB", "written_mb"), ("rows in", "rows_read"),
-                ("rows out", "rows_written"), ("epochs", "epochs"), ("samples/s", "samples_per_s"),
-                ("GFLOP", "train_gflop"), ("accel s", "accelerator_s"), ("accel MB", "accelerator_peak_mb"),
+        cols = [("step", "step"), ("wall s", "wall_s"), ("CPU s", "cpu_s"), ("peak MB", "peak_mb"),
+                ("read MB", "read_mb"), ("written MB", "write_mb"), ("rows in", "rows_in"),
+                ("rows out", "rows_out"), ("epochs", "epochs"), ("steps", "optimizer_steps"), ("samples", "samples"),
+                ("samples/s", "samples_per_s"),
+                ("GFLOP", "gflop"), ("accel s", "accel_s"), ("accel MB", "accel_mb"),
                 ("device", "device")]
         present = [(h, k) for h, k in cols if any(r.get(k) is not None for r in rows)]
         for h, k in present:

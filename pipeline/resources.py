@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.artefacts import Resources, RunEnvironment
+from pipeline.artefacts import Resources, RunRecord
 
 _MB = 1 << 20
 
@@ -108,8 +108,8 @@ class ResourceMeter:
         if torch is None or not torch.cuda.is_initialized():
             return {}
         return {
-            "accelerator_s": round(self.wall, 3),
-            "accelerator_peak_mb": round(torch.cuda.max_memory_allocated() / _MB, 1),
+            "accel_s": round(self.wall, 3),
+            "accel_mb": round(torch.cuda.max_memory_allocated() / _MB, 1),
             "name": torch.cuda.get_device_name(),
         }
 
@@ -118,25 +118,27 @@ class ResourceMeter:
         return Resources(
             wall_s=round(self.wall, 3),
             cpu_s=round(self.cpu, 3),
-            peak_rss_mb=round(self.peak_rss / _MB, 1),
+            peak_mb=round(self.peak_rss / _MB, 1),
             read_mb=round(path_bytes(inputs) / _MB, 3),
-            written_mb=round(path_bytes(outputs) / _MB, 3),
-            rows_read=path_rows(inputs),
-            rows_written=path_rows(outputs),
-            accelerator_s=self.accel.get("accelerator_s"),
-            accelerator_peak_mb=self.accel.get("accelerator_peak_mb"),
+            write_mb=round(path_bytes(outputs) / _MB, 3),
+            rows_in=path_rows(inputs),
+            rows_out=path_rows(outputs),
+            accel_s=self.accel.get("accel_s"),
+            accel_mb=self.accel.get("accel_mb"),
             **extra,
         )
 
-    def environment(self) -> RunEnvironment:
+    def record(self, step: str, details: dict | None = None) -> RunRecord:
         import platform
 
         torch = sys.modules.get("torch")
-        return RunEnvironment(
+        return RunRecord(
+            step=step,
             device=self.accel.get("name") or f"cpu: {_cpu_model() or platform.machine()}",
             cpu_count=os.cpu_count() or 0,
             torch_threads=torch.get_num_threads() if torch is not None else None,
             python=platform.python_version(),
+            **(details or {}),
         )
 
 

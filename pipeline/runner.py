@@ -50,7 +50,8 @@ class StepContext:
     flags: dict[str, bool] = field(default_factory=dict)
     summary: str = ""  # the step's one-line account, printed by the runner
     result: Any = None  # what run_step returns (the step's report, metrics, lineage, ...)
-    figures: dict[str, Any] = field(default_factory=dict)  # extra resource figures (train)
+    figures: dict[str, Any] = field(default_factory=dict)  # extra resource metrics (train)
+    details: dict[str, Any] = field(default_factory=dict)  # extra run-record fields (train)
     # A gate that failed after its evidence was written (validate): the runner commits the
     # outputs so people can read them, then raises this.
     failure: Optional[str] = None
@@ -120,8 +121,8 @@ def run_step(name: str, variant: str, params_path: str = "params.yaml", **flags:
         outputs = [step_path(p, variant) for p, _ in step.out_paths()]
         res = meter.result(inputs, outputs, ctx.figures)
         res.write(step_path(step.resources, variant))
-        meter.environment().write(step_path(step.run_record, variant))
-        cost = f" [{res.wall_s:.1f} s, {res.cpu_s:.1f} s CPU, {res.peak_rss_mb / 1024:.2f} GB peak]"
+        meter.record(name, ctx.details).write(step_path(step.run_record, variant))
+        cost = f" [{res.wall_s:.1f} s, {res.cpu_s:.1f} s CPU, {res.peak_mb / 1024:.2f} GB peak]"
     else:
         cost = ""
     print(f"fmpipe {name} --stage {variant}: {ctx.summary or 'done'}{cost}", file=sys.stderr)

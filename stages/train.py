@@ -20,12 +20,8 @@ def run(ctx) -> None:
         return
     ctx.result = summary
     training = load_meta(ctx.final_dir)["training"]  # the deterministic cost figures fit recorded
-    ctx.figures = {
-        "epochs": training["epochs"],
-        "optimizer_steps": training["optimizer_steps"],
-        "samples_seen": training["samples_seen"],
-        "samples_per_s": summary.get("throughput_samples_per_s"),
-        "train_gflop": training["gflop"],
-    }
+    ctx.figures = {"epochs": training["epochs"], "samples": training["samples_seen"], "gflop": training["gflop"]}
+    ctx.details = {"optimizer_steps": training["optimizer_steps"],
+                   "samples_per_s": summary.get("throughput_samples_per_s")}
     val = f", val acc {summary['val_acc']:.4f}" if summary.get("val_acc") is not None else ""
     ctx.summary = f"{summary['epochs']} epochs, {summary['global_step']} steps on {summary['device']}{val}"

@@ -91,7 +91,11 @@ def test_second_repro_runs_nothing(reproduced):
 
 def test_metrics_and_plots_commands_work(reproduced):
     metrics = sh(reproduced, "dvc", "metrics", "show", "--json").stdout
-    assert "accuracy" in metrics
+    assert "accuracy" in metrics and "data/resources/digits/train.json" in metrics
+    table = sh(reproduced, "dvc", "metrics", "show").stdout.splitlines()
+    # Readable: numbers people compare, a row per file, fitting a wide (200-column) terminal.
+    assert max(len(line) for line in table) <= 200, table[0]
+    assert len(table[0].split()) <= 16, table[0]
     plots = sh(reproduced, "dvc", "plots", "show", "--json").stdout
     assert "confusion" in plots
     sh(reproduced, "git", "add", "-A")
