@@ -15,9 +15,21 @@ import typer
 
 from pipeline.steps import DATASET_STEPS, ORDER, STEPS
 
+class _LifecycleOrder(typer.core.TyperGroup):
+    """Typer lists sub-apps after commands; keep ``review`` (a sub-app) in lifecycle order."""
+
+    def list_commands(self, ctx):
+        names = list(self.commands)
+        if "review" in names and "package" in names:
+            names.remove("review")
+            names.insert(names.index("package") + 1, "review")
+        return names
+
+
 app = typer.Typer(
+    cls=_LifecycleOrder,
     help="Reproducible classifier lifecycle: collect -> clean -> validate -> annotate -> "
-    "train -> evaluate -> package. Run one step of one variant with `fmpipe STEP --stage NAME`, "
+    "train -> evaluate -> package -> review (people's decisions feed annotate). Run one step of one variant with `fmpipe STEP --stage NAME`, "
     "or the whole DAG with `dvc repro`.",
     no_args_is_help=True,
     add_completion=False,
@@ -70,9 +82,50 @@ def _step_command(step) -> Callable:
     return command
 
 
-# Registered in lifecycle order, which is the order `fmpipe --help` lists them.
+review_app = typer.Typer(
+    help="The trained model ranks suspect labels, near-duplicates and outliers into a queue for "
+    "people (data/<variant>/review/); `fmpipe review import` brings their Label Studio export back.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+
+@review_app.callback()
+def review(
+    ctx: typer.Context,
+    stage: Optional[str] = typer.Option(None, "--stage", "-s", help="Pipeline variant from params.yaml."),
+    params: str = ParamsOpt,
+) -> None:
+    """Queue suspect rows for review (fmpipe review --stage V), or import decisions (fmpipe review import)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if stage is None:
+        typer.echo("fmpipe review: error: --stage is required (or a subcommand: import)", err=True)
+        raise typer.Exit(2)
+    _run_step("review", stage, params)
+
+
+@review_app.command("import")
+def review_import(
+    file: str = typer.Argument(..., help="A Label Studio JSON export (or an id,label,note CSV)."),
+    stage: str = StageOpt,
+    name: Optional[str] = typer.Option(None, "--name", help="File name in annotations/<variant>/ (default: the file's own)."),
+) -> None:
+    """Check a Label Studio export against the variant's data, then copy it into annotations/<variant>/."""
+    from pipeline.review.importing import import_decisions
+
+    with _reported(f"fmpipe review import --stage {stage}"):
+        message = import_decisions(file, stage, name=name)
+    typer.echo(message)
+
+
+# Registered in lifecycle order, which is the order `fmpipe --help` lists them. review has a
+# subcommand (import), so it is a sub-app; _LifecycleOrder keeps it in its place in --help.
 for _step in STEPS:
-    app.command(name=_step.name, help=_step.help)(_step_command(_step))
+    if _step.name == "review":
+        app.add_typer(review_app, name="review")
+    else:
+        app.command(name=_step.name, help=_step.help)(_step_command(_step))
 
 
 @app.command()

@@ -262,6 +262,45 @@ class PackageSpec(Strict):
     onnx_atol: float = Field(1e-4, gt=0)  # max |onnxruntime - torch| on test logits
 
 
+class ReviewSpec(Strict):
+    """The review queue (pipeline/review/): which rows the trained model finds suspect."""
+
+    queue_size: int = Field(300, ge=1)
+    # How train rows get out-of-fold probabilities: a logistic-regression head refitted per
+    # fold on the penultimate embeddings (cheap), or the whole network retrained per fold.
+    scoring: Literal["linear_head", "full_model"] = "linear_head"
+    folds: int = Field(5, ge=2)
+    seed: int = 0
+    # linear_head: inverse L2 strength of the logistic regression. Strong (0.01): the train
+    # embeddings partly memorise wrong labels; a stiff head ranks 96% of 4% flipped digits
+    # labels in the lowest 80 of 1258 train rows (C=1: 86%).
+    head_c: float = Field(0.01, gt=0)
+    full_model_epochs: Optional[int] = Field(None, ge=1)  # full_model: epochs per fold (default train.max_epochs)
+    finders: list[Literal["label_issues", "near_duplicates", "outliers"]] = Field(
+        default_factory=lambda: ["label_issues", "near_duplicates", "outliers"])
+    # cleanlab: the confident-learning pruning rule, and the label quality score that ranks.
+    filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                       "predicted_neq_given", "low_normalized_margin", "low_self_confidence"] = "prune_by_noise_rate"
+    rank_by: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = "self_confidence"
+    # Besides cleanlab's flags, queue the lowest-quality rows up to this share of each scoring
+    # group (0: cleanlab's flags only). Needed on train rows, where memorised embeddings make
+    # confident learning flag too little (see pipeline/review/finders.py).
+    low_quality_fraction: float = Field(0.1, ge=0, le=1)
+    # Near-duplicates: the vectors compared ("thumbs": the hand-designed image features of
+    # pipeline/quality/embedders.py; "penultimate"; or a layer name of the network, spatially
+    # average-pooled; several are concatenated, each L2-normalised), and the cosine distance
+    # under which two rows are a pair.
+    # Default from bench/review_duplicates.py on digits: thumbs alone beat every network layer
+    # and every thumbs+layer mix (mean recall 0.74 at 1% false pairs, threshold 0.009).
+    duplicate_features: list[str] = Field(default_factory=lambda: ["thumbs"], min_length=1)
+    duplicate_threshold: float = Field(0.01, ge=0, le=2)
+    neighbors: int = Field(10, ge=1)  # at most this many near copies per row
+    outlier_fraction: float = Field(0.005, ge=0, lt=1)  # share of rows flagged as outliers
+    skip_decided: bool = True  # leave out rows people already decided (label_source: annotation)
+    contact_sheet_rows: int = Field(100, ge=0)
+    batch_size: int = Field(512, ge=1)  # inference batch for embeddings and probabilities
+
+
 class VariantSpec(Strict):
     """One variant. Every step's section is required (its fields have defaults): dvc.yaml
     tracks each section by name, and DVC stops on a tracked section that is absent."""
@@ -275,6 +314,7 @@ class VariantSpec(Strict):
     train: TrainSpec
     evaluate: EvaluateSpec
     package: PackageSpec
+    review: ReviewSpec
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

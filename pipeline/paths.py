@@ -14,6 +14,11 @@ def step_dir(variant: str, step: str) -> Path:
     return Path(get(step).dir.format(v=variant))
 
 
-def annotations_file(variant: str) -> Path:
-    """Label overrides for a variant (a dvc.yaml dependency of its annotate stage)."""
+def annotations_dir(variant: str) -> Path:
+    """People's decisions for a variant (a dvc.yaml dependency of its annotate stage)."""
+    return Path("annotations") / variant
+
+
+def legacy_annotations_file(variant: str) -> Path:
+    """Where label overrides lived before ``annotations/<variant>/`` (refused, with a hint)."""
     return Path("annotations") / f"{variant}.csv"

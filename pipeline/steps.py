@@ -118,11 +118,11 @@ STEPS: tuple[Step, ...] = (
     Step(
         name="annotate",
         writes_dataset=True,
-        help="Apply label overrides from annotations/<variant>.csv.",
+        help="Apply people's decisions from annotations/<variant>/ (Label Studio exports, CSV).",
         module="stages.annotate",
         reads=("clean", "validate/summary.json"),
-        sources=("annotations/{v}.csv",),
-        code=("stages/annotate.py", "pipeline/annotations.py", *_DATASET_CODE),
+        sources=("annotations/{v}",),
+        code=("stages/annotate.py", "pipeline/review/decisions.py", *_DATASET_CODE),
     ),
     Step(
         name="train",
@@ -167,6 +167,16 @@ STEPS: tuple[Step, ...] = (
                "evaluate/metrics.json", "annotate"),
         code=("stages/package.py", "pipeline/packaging"),
         params=("package",),
+    ),
+    Step(
+        name="review",
+        help="The trained model queues suspect labels, near-duplicates and outliers for people "
+        "(Label Studio import, contact sheet); `fmpipe review import` brings their export back.",
+        module="stages.review",
+        reads=("train/model.safetensors", "train/model.json", "annotate"),
+        code=("stages/review.py", "pipeline/review", "pipeline/quality/embedders.py",
+              "pipeline/quality/neighbors.py"),
+        params=("review", "train"),
     ),
 )
 

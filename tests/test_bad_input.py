@@ -82,11 +82,11 @@ def test_bad_annotation_row_is_an_error_and_keeps_previous_output(project, row, 
     run_step("validate", "iris")
     run_step("annotate", "iris")
     before = sha256_file("data/iris/annotate/manifest.parquet")
-    with open("annotations/iris.csv", "a") as fh:
+    with open("annotations/iris/labels.csv", "a") as fh:
         fh.write(row + "\n")
     result = fmpipe("annotate", "--stage", "iris")
     assert result.returncode != 0
-    assert expected in result.stderr and "annotations/iris.csv" in result.stderr
+    assert expected in result.stderr and "annotations/iris/labels.csv" in result.stderr
     assert sha256_file("data/iris/annotate/manifest.parquet") == before
 
 
@@ -95,7 +95,7 @@ def test_annotation_overrides_label_and_records_source(project):
     run_step("collect", "iris")
     run_step("clean", "iris")
     run_step("validate", "iris")
-    with open("annotations/iris.csv", "a") as fh:
+    with open("annotations/iris/labels.csv", "a") as fh:
         fh.write("iris/000,versicolor,relabelled in review\n")
     report = run_step("annotate", "iris")
     assert report["overrides_applied"] == 1 and report["labels_changed"] == 1

@@ -15,7 +15,7 @@ def fmpipe(*args: str) -> subprocess.CompletedProcess:
 
 def test_help_lists_every_step_in_order():
     out = fmpipe("--help").stdout
-    steps = ["collect", "clean", "validate", "annotate", "train", "evaluate", "package"]
+    steps = ["collect", "clean", "validate", "annotate", "train", "evaluate", "package", "review"]
     positions = [out.index(f" {s} ") for s in steps]
     assert positions == sorted(positions)
 

@@ -108,7 +108,7 @@ def test_relabel_is_traced_by_diff_between_versions(reproduced):
     """Auditing: a new annotation re-runs the downstream steps, and `fmpipe diff` names it."""
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "baseline", check=False)
-    with open(reproduced / "annotations/iris.csv", "a") as fh:
+    with open(reproduced / "annotations/iris/labels.csv", "a") as fh:
         fh.write("iris/000,versicolor,review\n")
     out = sh(reproduced, "dvc", "repro", "package@iris").stdout
     assert "annotate@iris" in out and "collect@iris" not in out.replace("Stage 'collect@iris' didn't change", "")

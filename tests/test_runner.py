@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 
 from pipeline import steps as registry
-from pipeline.annotations import apply_overrides
 from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset, build_manifest, image_rows
 from pipeline.quality.cleaning import clean
+from pipeline.review.decisions import apply_decisions, parse_decisions_csv, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 # Outputs that legitimately differ between two runs (GX run ids and timestamps).
@@ -149,11 +149,13 @@ def test_clean_logic_in_memory():
 
 def test_annotate_logic_in_memory():
     ds = _dataset(_images(3, 1), [0, 0, 1], ["train", "val", "test"])
-    out, changes = apply_overrides(ds, {"img1": (1, "looks like b")})
-    assert list(out.manifest["label"]) == [0, 1, 1]
-    assert list(out.manifest["label_source"]) == ["source", "annotation", "source"]
-    assert list(out.manifest["source_label"]) == [0, 0, 1]
-    assert changes == [{"id": "img1", "from": "a", "to": "b", "note": "looks like b"}]
+    votes = parse_decisions_csv("id,label,note\nimg1,1,looks like b\n", "a.csv", ds.classes)
+    m, keep, found = apply_decisions(ds.manifest, ds.classes, resolve(votes))
+    assert list(m["label"]) == [0, 1, 1] and keep.all()
+    assert list(m["label_source"]) == ["source", "annotation", "source"]
+    assert list(m["source_label"]) == [0, 0, 1]
+    assert [(c["id"], c["from"], c["to"], c["note"]) for c in found["changes"]] == [
+        ("img1", ds.classes[0], ds.classes[1], "looks like b")]
     assert list(ds.manifest["label"]) == [0, 0, 1]  # the input is not modified
     with pytest.raises(FmpipeError, match="img9"):
-        apply_overrides(ds, {"img9": (0, "")})
+        apply_decisions(ds.manifest, ds.classes, resolve(parse_decisions_csv("id,label\nimg9,0\n", "a.csv", ds.classes)))

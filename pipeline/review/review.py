@@ -1,0 +1,313 @@
+"""The review step as one function of data: ``review(dataset, model_dir, spec) -> ReviewResult``.
+
+It reads nothing but its arguments and writes nothing (``write_review`` does, atomically), so
+it runs in memory in tests. What it does, in order:
+
+1. one forward pass of the trained network over every row, capturing the logits, the
+   penultimate embedding and any layers named in ``review.duplicate_features`` (forward hooks
+   of :class:`pipeline.quality.embedders.PackageEmbedder`); a second pass over the mirrored
+   val/test images when the variant predicts with flip TTA;
+2. out-of-sample probabilities (:mod:`pipeline.review.scoring`): val/test from the network,
+   train from the cross-validated head (or per-fold networks with ``scoring: full_model``);
+3. cleanlab per scoring group; the finders (:mod:`pipeline.review.finders`); the queue;
+4. the queue tables, Label Studio tasks + config, the HTML contact sheet, and a report that
+   says which rows were scored how.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import VariantSpec
+from pipeline.errors import FmpipeError
+from pipeline.manifest import Dataset
+from pipeline.review import export
+from pipeline.review.finders import FINDERS, ReviewInputs, build_queue
+from pipeline.review.scoring import cross_validated_head_probs, fold_assignment, label_issues
+
+QUEUE_PARQUET = "queue.parquet"
+QUEUE_CSV = "queue.csv"
+LS_TASKS = "label_studio_tasks.json"
+LS_CONFIG = "label_config.xml"
+CONTACT_SHEET = "contact_sheet.html"
+REPORT = "report.json"
+
+MODEL_SCORED = "model"  # val/test: the trained network's softmax, out-of-sample
+
+
+@dataclass
+class ReviewResult:
+    table: pd.DataFrame  # the published queue (queue.parquet / queue.csv)
+    queue: pd.DataFrame  # the same rows with dataset row indices (for images)
+    report: dict[str, Any]
+    tasks: list[dict[str, Any]]
+    config_xml: str
+    html: str
+    probs: np.ndarray = field(repr=False, default=None)  # N x K, what cleanlab saw
+    scored_by: np.ndarray = field(repr=False, default=None)
+
+
+def scoring_description(method: str, folds: int, tta: bool) -> dict[str, str]:
+    model = "trained network's softmax" + (" (flip TTA)" if tta else "") + "; out-of-sample (never trained on)"
+    if method == "linear_head":
+        train = (f"cross-validated head: logistic regression refitted on {folds} folds of the network's "
+                 "penultimate embeddings, each fold predicted by the head fitted on the others. The head "
+                 "is out-of-fold; the embeddings are not (the network trained on these rows)")
+    else:
+        train = (f"full model per fold: the network retrained with the variant's recipe on {folds - 1} of "
+                 f"{folds} folds, predicting the held-out fold; out-of-sample")
+    return {"val": model, "test": model, "train": train}
+
+
+def _scored_by_label(split: str, method: str, folds: int) -> str:
+    if split in ("val", "test"):
+        return "model (out-of-sample)"
+    return f"{method} ({folds}-fold cross-validated)"
+
+
+def embed_dataset(model_dir: str | os.PathLike, ds: Dataset, layers: list[Optional[str]], *,
+                  batch_size: int = 512, tta_rows: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """Logits, penultimate embedding (``None``) and named layers for every row, one pass."""
+    from pipeline.packaging.evaluation import check_compatible
+    from pipeline.quality.embedders import PackageEmbedder
+
+    embedder = PackageEmbedder(path=str(model_dir), batch_size=batch_size)
+    embedder.load()
+    check_compatible(embedder._meta, ds, model_dir, "the dataset under review")
+    inputs = ds.images if ds.images is not None else ds.features.to_numpy(dtype=np.float32)
+    captured = embedder.embed_layers(inputs, layers, with_output=True)
+    out = {"layers": {k: v for k, v in captured.items() if k != "output"}, "logits": captured["output"],
+           "meta": embedder._meta, "describe": embedder.describe()}
+    if tta_rows is not None and len(tta_rows) and ds.images is not None:
+        mirrored = np.ascontiguousarray(np.asarray(ds.images[tta_rows])[:, :, ::-1, :])
+        out["logits_mirrored"] = embedder.embed_layers(mirrored, [], with_output=True)["output"]
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def full_model_probs(ds: Dataset, spec: VariantSpec, train_rows: np.ndarray, folds: int, seed: int, *,
+                     epochs: Optional[int] = None, workdir: Optional[str | os.PathLike] = None,
+                     variant: str = "") -> np.ndarray:
+    """Out-of-fold probabilities for ``train_rows`` from networks retrained per fold."""
+    from pipeline.models import load_trained
+    from pipeline.packaging.evaluation import model_inputs, predict_proba
+    from pipeline.training.fit import fit
+
+    labels = ds.manifest["label"].to_numpy()
+    fold_of = fold_assignment(labels[train_rows], folds, seed)
+    probs = np.zeros((len(train_rows), len(ds.classes)), dtype=np.float64)
+    train_spec = spec.train if epochs is None else spec.train.model_copy(update={"max_epochs": epochs})
+    fold_spec = spec.model_copy(update={"train": train_spec})
+    tta = bool(spec.train.tta_flip and ds.kind == "image")
+    split = ds.manifest["split"].astype(str).to_numpy()
+    with tempfile.TemporaryDirectory(prefix="fmpipe-review-folds-", dir=workdir) as tmp:
+        for f in range(int(fold_of.max()) + 1):
+            held = train_rows[fold_of == f]
+            fit_rows = train_rows[fold_of != f]
+            keep = np.sort(np.concatenate([fit_rows, np.flatnonzero(split == "val")]))
+            fold_ds = ds.take(keep)
+            out_dir = Path(tmp) / f"fold{f}" / "train"
+            fit(fold_ds, fold_spec, out_dir, state_dir=Path(tmp) / f"fold{f}" / "state",
+                variant=f"{variant} (review fold {f + 1}/{folds})")
+            net, _ = load_trained(out_dir)
+            p = predict_proba(net, model_inputs(ds.take(held)), tta_flip=tta)
+            probs[fold_of == f] = p.numpy()
+    return probs
+
+
+def duplicate_vectors(ds: Dataset, features: list[str], layers: dict[Optional[str], np.ndarray],
+                      notes: list[str]) -> Optional[np.ndarray]:
+    """The concatenated, per-part L2-normalised vectors the near-duplicate finder compares."""
+    parts = []
+    for name in features:
+        if name == "thumbs":
+            if ds.images is None:
+                notes.append("duplicate_features: 'thumbs' needs images; left out for this table")
+                continue
+            from pipeline.quality.embedders import ThumbsEmbedder
+
+            vec = ThumbsEmbedder().embed(np.asarray(ds.images))
+        elif name == "penultimate":
+            vec = layers[None]
+        else:
+            vec = layers[name]
+        vec = np.asarray(vec, dtype=np.float32)
+        parts.append(vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12))
+    if not parts:
+        return None
+    return np.concatenate(parts, axis=1) / np.sqrt(len(parts))
+
+
+def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, variant: str = "",
+           model_sha256: str = "", workdir: Optional[str | os.PathLike] = None) -> ReviewResult:
+    """Score, find, queue and render (see the module docstring). Changes no data."""
+    import cleanlab
+
+    rs = spec.review
+    if len(ds) == 0:
+        raise FmpipeError("review: the dataset is empty")
+    m = ds.manifest.reset_index(drop=True)
+    split = m["split"].astype(str).to_numpy()
+    labels = m["label"].to_numpy().astype(np.int64)
+    k = len(ds.classes)
+    train_rows = np.flatnonzero(split == "train")
+    held_rows = np.flatnonzero(split != "train")
+    tta = bool(spec.train.tta_flip and ds.kind == "image")
+
+    named = [f for f in rs.duplicate_features if f not in ("thumbs", "penultimate")] \
+        if "near_duplicates" in rs.finders else []
+    layers_wanted: list[Optional[str]] = [None, *dict.fromkeys(named)]
+    captured = embed_dataset(model_dir, ds, layers_wanted, batch_size=rs.batch_size,
+                             tta_rows=held_rows if tta else None)
+    layers = captured["layers"]
+    probs = np.zeros((len(m), k), dtype=np.float64)
+    model_probs = softmax(captured["logits"][held_rows])
+    if tta and "logits_mirrored" in captured:
+        model_probs = (model_probs + softmax(captured["logits_mirrored"])) / 2
+    probs[held_rows] = model_probs
+    if len(train_rows):
+        if rs.scoring == "linear_head":
+            probs[train_rows] = cross_validated_head_probs(layers[None][train_rows], labels[train_rows], k,
+                                                           folds=rs.folds, seed=rs.seed, c=rs.head_c)
+        else:
+            probs[train_rows] = full_model_probs(ds, spec, train_rows, rs.folds, rs.seed,
+                                                 epochs=rs.full_model_epochs, workdir=workdir, variant=variant)
+    scored_by = np.array([_scored_by_label(s, rs.scoring, rs.folds) for s in split], dtype=object)
+
+    # cleanlab once per scoring group: its per-class thresholds assume one source of probabilities.
+    issues = pd.DataFrame({"is_issue": np.zeros(len(m), bool), "quality": np.ones(len(m)),
+                           "suggested": probs.argmax(axis=1).astype(np.int64),
+                           "given_prob": probs[np.arange(len(m)), labels],
+                           "suggested_prob": probs.max(axis=1)})
+    groups = {"train (cross-validated)": train_rows, "val+test (model)": held_rows}
+    cleanlab_notes: dict[str, list[str]] = {}
+    group_counts: dict[str, dict[str, int]] = {}
+    if "label_issues" in rs.finders:
+        for name, rows in groups.items():
+            if len(rows) == 0:
+                continue
+            frame, notes = label_issues(labels[rows], probs[rows], filter_by=rs.filter_by, rank_by=rs.rank_by)
+            for col in frame.columns:
+                values = issues[col].to_numpy().copy()
+                values[rows] = frame[col].to_numpy()
+                issues[col] = values
+            cleanlab_notes[name] = notes
+            group_counts[name] = {"rows": int(len(rows)), "label_issues": int(frame["is_issue"].sum())}
+
+    notes: list[str] = []
+    inputs = ReviewInputs(manifest=m, probs=probs, issues=issues, penultimate=layers[None],
+                          groups=np.where(split == "train", "train", "model").astype(object))
+    if "near_duplicates" in rs.finders:
+        inputs.duplicate_vectors = duplicate_vectors(ds, rs.duplicate_features, layers, notes)
+    options = {"duplicate_threshold": rs.duplicate_threshold, "neighbors": rs.neighbors,
+               "outlier_fraction": rs.outlier_fraction, "low_quality_fraction": rs.low_quality_fraction}
+    findings = {name: FINDERS[name](inputs, options) for name in rs.finders}
+
+    decided = np.zeros(len(m), dtype=bool)
+    if rs.skip_decided and "label_source" in m.columns:
+        decided = (m["label_source"].astype(str) == "annotation").to_numpy()
+    queue = build_queue(findings, rs.queue_size, skip_rows=np.flatnonzero(decided))
+    table = export.queue_table(queue, m, ds.classes, scored_by)
+
+    model_version = f"fmpipe review {variant} {model_sha256[:12]}".strip()
+    tasks = export.label_studio_tasks(table, queue, kind=ds.kind, images=ds.images, features=ds.features,
+                                      model_version=model_version)
+    config_xml = export.label_config(ds.classes, ds.kind)
+
+    predicted = probs.argmax(axis=1)
+    per_split = {}
+    for s in ("train", "val", "test"):
+        rows = split == s
+        per_split[s] = {
+            "rows": int(rows.sum()),
+            "scored_by": scoring_description(rs.scoring, rs.folds, tta)[s] if rows.any() else None,
+            "agreement_with_given_labels": float((predicted[rows] == labels[rows]).mean()) if rows.any() else None,
+            "label_issues": int(issues["is_issue"].to_numpy()[rows].sum()),
+            "queued": int((table["split"] == s).sum()),
+        }
+    in_queue_reasons: dict[str, int] = {}
+    for r in table["reason"].astype(str):
+        for part in r.split("+"):
+            in_queue_reasons[part] = in_queue_reasons.get(part, 0) + 1
+    report = {
+        "step": "review",
+        "variant": variant,
+        "model": {"dir": str(model_dir), "sha256": model_sha256, "name": captured["meta"]["model"]["name"]},
+        "rows": int(len(m)),
+        "changes_data": False,
+        "scoring": {"method": rs.scoring, "folds": rs.folds, "seed": rs.seed, "tta_flip": tta,
+                    "by_split": per_split,
+                    "in_sample_predictions_used": False,
+                    "embeddings": captured["describe"]},
+        "cleanlab": {"version": cleanlab.__version__, "find_label_issues": {"filter_by": rs.filter_by},
+                     "ranked_by": rs.rank_by, "queue_order": ("rows cleanlab flags first, then the others of the lowest "
+                                       f"{rs.low_quality_fraction:g} of their group; each part by label quality rank "
+                                       "within its scoring group (train: cross-validated, val+test: model), lowest first; "
+                                       "score = 1 - label quality; suggestion = the most probable other class"),
+                     "groups": group_counts, "notes": cleanlab_notes},
+        "finders": {name: ({"flagged_by_cleanlab": int((f["reason"] == "label_issue").sum()), "ranked": int(len(f))}
+                           if name == "label_issues" else {"found": int(len(f))}) for name, f in findings.items()},
+        "near_duplicates": ({"features": list(rs.duplicate_features), "threshold": rs.duplicate_threshold,
+                             "index": inputs.extra.get("near_pairs"),
+                             "pairs_by_reason": findings["near_duplicates"]["reason"].astype(str).value_counts().sort_index().to_dict()}
+                            if "near_duplicates" in findings else None),
+        "outliers": ({"method": "cosine distance to the nearest train class mean (penultimate embedding)",
+                      "fraction": rs.outlier_fraction} if "outliers" in findings else None),
+        "queue": {"size": int(len(table)), "max_size": rs.queue_size,
+                  "order": "the finders' ranked lists interleaved, one from each in turn: " + ", ".join(rs.finders),
+                  "by_reason": dict(sorted(in_queue_reasons.items())),
+                  "by_split": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")},
+                  "skipped_already_decided": int(decided.sum())},
+        "notes": notes,
+        "files": [QUEUE_PARQUET, QUEUE_CSV, LS_TASKS, LS_CONFIG, CONTACT_SHEET, REPORT],
+    }
+    summary = (f"{len(table)} queued of {len(m)} rows; " + ", ".join(f"{k} {v}" for k, v in report["queue"]["by_reason"].items())
+               + f". Train rows: {rs.scoring} {rs.folds}-fold; val/test: the model (out-of-sample).")
+    html = export.contact_sheet(table, queue, title=f"fmpipe review queue: {variant}", kind=ds.kind, images=ds.images,
+                                features=ds.features, summary=summary, limit=rs.contact_sheet_rows)
+    return ReviewResult(table=table, queue=queue, report=report, tasks=tasks, config_xml=config_xml, html=html,
+                        probs=probs, scored_by=scored_by)
+
+
+def write_files(result: ReviewResult, out_dir: str | os.PathLike) -> None:
+    """Write every review output into ``out_dir`` (an existing directory)."""
+    import json
+
+    from pipeline.io import to_json
+
+    out = Path(out_dir)
+    result.table.to_parquet(out / QUEUE_PARQUET, index=False)
+    result.table.to_csv(out / QUEUE_CSV, index=False, float_format="%.6f")
+    (out / LS_TASKS).write_text(json.dumps(result.tasks, indent=1) + "\n")
+    (out / LS_CONFIG).write_text(result.config_xml)
+    (out / CONTACT_SHEET).write_text(result.html)
+    (out / REPORT).write_text(to_json(result.report))
+
+
+def write_review(result: ReviewResult, out_dir: str | os.PathLike) -> None:
+    """The same, replacing ``out_dir`` in one atomic rename (outside the runner: benchmarks)."""
+    from pipeline.io import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        write_files(result, tmp)
+
+
+def subset_for_sheet(result: ReviewResult, split: str, limit: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The queue rows of one split, top ``limit`` (the CIFAR benchmark's test-split sheet)."""
+    mask = (result.table["split"] == split).to_numpy()
+    return (result.table[mask].head(limit).reset_index(drop=True),
+            result.queue[mask].head(limit).reset_index(drop=True))
+

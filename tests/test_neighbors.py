@@ -1,0 +1,193 @@
+"""The near-pair index and the embedders: exact vs approximate backends, constructed copies."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.errors import FmpipeError
+from pipeline.quality.embedders import PackageEmbedder, ThumbsEmbedder, make_embedder, symmetrise, _mirror_perm
+from pipeline.quality.neighbors import describe, near_pairs, normalize
+
+
+def _brute(q, b, threshold, within):
+    d = 1 - normalize(q) @ normalize(b).T
+    pairs = {(i, j) for i, j in zip(*np.nonzero(d <= threshold)) if not within or i < j}
+    return pairs
+
+
+def _planted(n=400, dim=32, copies=30, noise=0.02, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    src = rng.choice(n, copies, replace=False)
+    near = x[src] + noise * rng.normal(size=(copies, dim)).astype(np.float32)
+    return x, near, src
+
+
+def test_exact_within_matches_brute_force_each_pair_once():
+    x, near, src = _planted()
+    data = np.concatenate([x, near])
+    pairs = near_pairs(data, threshold=0.01, method="exact", chunk_bytes=4096)  # many chunks
+    got = set(zip(pairs["i"], pairs["j"]))
+    assert got == _brute(data, data, 0.01, within=True)
+    assert got == {(int(s), 400 + c) for c, s in enumerate(src)}
+    assert (pairs["i"] < pairs["j"]).all() and not pairs.duplicated(["i", "j"]).any()
+    assert list(pairs.columns) == ["i", "j", "distance"] and pairs["distance"].dtype == np.float32
+    record = describe(pairs)
+    assert record["method"] == "exact" and record["threshold"] == 0.01 and record["pairs"] == 30
+
+
+def test_query_against_base_and_k_limit():
+    x, near, src = _planted()
+    pairs = near_pairs(near, x, threshold=0.01, method="exact")
+    assert (x.shape[0] > pairs["j"]).all()
+    assert set(zip(pairs["i"], pairs["j"])) == {(c, int(s)) for c, s in enumerate(src)}
+    # Twelve identical vectors: each query row keeps at most k neighbours.
+    same = np.ones((12, 4), np.float32)
+    capped = near_pairs(same[:1], same, threshold=0.0, k=5, method="exact")
+    assert len(capped) == 5 and (capped["distance"] == 0).all()
+    within = near_pairs(same, threshold=0.0, k=3, method="exact")
+    assert within.groupby("i").size().max() <= 3 and (within["i"] < within["j"]).all()
+
+
+@pytest.mark.parametrize("method", ["faiss-ivf", "faiss-hnsw", "usearch"])
+def test_approximate_backends_find_the_planted_pairs(method):
+    x, near, src = _planted(n=2000, dim=48, copies=40)
+    data = np.concatenate([x, near])
+    exact = near_pairs(data, threshold=0.01, method="exact")
+    approx = near_pairs(data, threshold=0.01, method=method)
+    assert set(zip(approx["i"], approx["j"])) == set(zip(exact["i"], exact["j"]))
+    # Distances are recomputed exactly, so they agree with the exact backend.
+    merged = exact.merge(approx, on=["i", "j"])
+    np.testing.assert_allclose(merged["distance_x"], merged["distance_y"], atol=1e-6)
+    assert describe(approx)["method"] == method and describe(approx)["params"]
+    cross = near_pairs(near, x, threshold=0.01, method=method)
+    assert set(zip(cross["i"], cross["j"])) == {(c, int(s)) for c, s in enumerate(src)}
+
+
+def test_auto_switches_to_ann_above_the_size_limit():
+    x, near, _ = _planted()
+    assert describe(near_pairs(x, threshold=0.1))["method"] == "exact"
+    big = near_pairs(x, threshold=0.1, exact_max_pairs=1000)
+    assert describe(big)["method"] == "faiss-ivf" and describe(big)["requested"] == "auto"
+
+
+def test_bad_arguments_are_clear_errors():
+    x = np.zeros((3, 4), np.float32)
+    with pytest.raises(FmpipeError, match="unknown method"):
+        near_pairs(x, threshold=0.1, method="annoy")
+    with pytest.raises(FmpipeError, match="threshold"):
+        near_pairs(x, threshold=3.0)
+    with pytest.raises(FmpipeError, match="dimension"):
+        near_pairs(x, np.zeros((2, 5)), threshold=0.1)
+    assert near_pairs(x[:1], threshold=0.1).empty
+
+
+# ---------------------------------------------------------------- embedders
+
+def _photos(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Distinct smooth 'photos': random blobs of colour on a gradient, plus fine texture."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    out = np.empty((n, size, size, 3), np.uint8)
+    for k in range(n):
+        img = rng.uniform(40, 200, 3) + 60 * (rng.uniform(-1, 1, 3) * yy[..., None] + rng.uniform(-1, 1, 3) * xx[..., None])
+        for _ in range(8):
+            cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.2)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            img = img + blob[..., None] * rng.uniform(-120, 120, 3)
+        img = img + rng.normal(0, 6, (size, size, 1))
+        out[k] = np.clip(img, 0, 255).astype(np.uint8)
+    return out
+
+
+def _jpeg(img: np.ndarray, quality: int = 60) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def _edits(img: np.ndarray) -> dict[str, np.ndarray]:
+    h, w, _ = img.shape
+    def shift(dy, dx):  # the uncovered border filled from the edge
+        return np.pad(img, ((dy, 0), (dx, 0), (0, 0)), mode="edge")[:h, :w]
+
+    crop = np.asarray(Image.fromarray(img[2:h - 2, 2:w - 2]).resize((w, h), Image.BILINEAR))
+    recolour = np.clip(img.astype(np.float32) * [1.15, 0.95, 0.85] + 10, 0, 255).astype(np.uint8)
+    # A 2+2 pixel diagonal shift of a 32 px image reaches distances ~0.05: past the default
+    # threshold for some images (bench/embedder_ablation.py measures it on CIFAR-10).
+    return {"shift 1,1": shift(1, 1), "shift 0,2": shift(0, 2), "shift 2,0": shift(2, 0), "crop+resize": crop, "recolour": recolour,
+            "mirror": img[:, ::-1].copy(), "jpeg": _jpeg(img)}
+
+
+THRESHOLD = 0.04  # the clean default (pipeline.config.CleanSpec.near_threshold)
+
+
+def test_thumbs_finds_edited_copies_and_not_distinct_images():
+    photos = _photos(120)
+    emb = ThumbsEmbedder()
+    base = emb.embed(photos)
+    assert base.shape == (120, emb.dim) and base.dtype == np.float32
+    # Distinct images are not near-duplicates of each other at the default threshold.
+    assert near_pairs(base, threshold=THRESHOLD).empty
+    sources = np.arange(0, 120, 4)
+    for name in _edits(photos[0]):
+        copies = np.stack([_edits(photos[s])[name] for s in sources])
+        found = near_pairs(emb.embed(copies), base, threshold=THRESHOLD, k=1)
+        assert list(found["i"]) == list(range(len(sources))), name
+        assert list(found["j"]) == list(sources), name
+
+
+def test_mirror_symmetrisation_is_exactly_invariant():
+    photos = _photos(5, seed=1)
+    emb = ThumbsEmbedder()
+    np.testing.assert_allclose(emb.embed(photos), emb.embed(photos[:, :, ::-1].copy()), atol=1e-5)
+    perm = _mirror_perm((3, 4, 6), bin_axis_reflect=True)
+    assert sorted(perm) == list(range(72)) and (perm[perm] == np.arange(72)).all()
+    f = np.random.default_rng(0).normal(size=(2, 72))
+    assert symmetrise(f, perm).shape == (2, 72)
+    np.testing.assert_allclose(symmetrise(f, perm), symmetrise(f[:, perm], perm))
+
+
+def test_thumbs_handles_gray_and_other_sizes():
+    gray = _photos(6)[..., :1]
+    out = ThumbsEmbedder().embed(gray)
+    assert out.shape == (6, ThumbsEmbedder().dim) and np.isfinite(out).all()
+    big = np.repeat(np.repeat(_photos(3), 2, axis=1), 2, axis=2)  # 64 x 64
+    assert np.isfinite(ThumbsEmbedder().embed(big)).all()
+    blank = np.zeros((2, 8, 8, 3), np.uint8)
+    assert np.isfinite(ThumbsEmbedder().embed(blank)).all()
+    with pytest.raises(FmpipeError, match="parts"):
+        ThumbsEmbedder(parts=("sift",))
+    with pytest.raises(FmpipeError, match="uint8"):
+        ThumbsEmbedder().embed(np.zeros((2, 8, 8), np.float32))
+
+
+def test_package_embedder_hooks_a_named_layer(tmp_path):
+    import torch
+
+    from pipeline.models import build, save_trained
+
+    torch.manual_seed(0)
+    net = build("cnn_small", (3, 32, 32), 4, {"width": 8})
+    meta = {"model": {"name": "cnn_small", "options": {"width": 8}},
+            "input": {"kind": "image", "shape": [3, 32, 32]}, "classes": list("abcd")}
+    save_trained(net, meta, tmp_path)
+    photos = _photos(10)
+    penultimate = make_embedder("package", path=str(tmp_path))
+    feats = penultimate.embed(photos)
+    assert feats.shape == (10, 16)  # the input of the last Linear: 2 * width
+    assert penultimate.describe()["layer"] == "body.17" and penultimate.describe()["taken"] == "input"
+    conv = PackageEmbedder(str(tmp_path), layer="body.2", batch_size=3)
+    assert "body.2" in conv.layers()
+    assert conv.embed(photos).shape == (10, 8)  # spatially pooled conv map: one value per channel
+    with pytest.raises(FmpipeError, match="no layer 'nope'"):
+        PackageEmbedder(str(tmp_path), layer="nope").embed(photos)
+    with pytest.raises(FmpipeError, match="model takes images"):
+        penultimate.embed(photos[:, :16, :16])
+    with pytest.raises(FmpipeError, match="no model.json"):
+        PackageEmbedder(str(tmp_path / "missing")).embed(photos)

@@ -1,0 +1,216 @@
+"""The review step's parts in memory: cross-validated scoring, cleanlab, finders, the queue and
+the files people look at; then the whole step on a tiny digits model, twice (same bytes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.review.export import contact_sheet, label_config, label_studio_tasks, queue_table
+from pipeline.review.finders import (
+    DROP_INDEX,
+    ReviewInputs,
+    build_queue,
+    find_label_issues,
+    find_near_duplicates,
+    find_outliers,
+)
+from pipeline.review.scoring import cross_validated_head_probs, label_issues
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def blobs(n_per_class: int = 100, k: int = 3, flip: float = 0.05, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, 8)) * 4
+    y = np.repeat(np.arange(k), n_per_class)
+    x = centres[y] + rng.normal(size=(len(y), 8))
+    noisy = y.copy()
+    flipped = rng.choice(len(y), size=int(flip * len(y)), replace=False)
+    noisy[flipped] = (y[flipped] + 1) % k
+    return x, y, noisy, flipped
+
+
+def manifest_for(labels: np.ndarray, split=None) -> pd.DataFrame:
+    n = len(labels)
+    return pd.DataFrame({"id": pd.array([f"r{i:03d}" for i in range(n)], dtype="string"),
+                         "split": pd.array(split if split is not None else ["train"] * n, dtype="string"),
+                         "label": labels.astype(np.int64)})
+
+
+def test_cross_validated_head_finds_flipped_labels():
+    x, truth, noisy, flipped = blobs()
+    probs = cross_validated_head_probs(x, noisy, 3, folds=5, seed=0, c=1.0)
+    assert np.allclose(probs.sum(axis=1), 1.0)
+    # Out-of-fold: a flipped row's own (wrong) label did not train the head that scored it.
+    assert (probs[flipped].argmax(axis=1) == truth[flipped]).mean() >= 0.9
+    frame, _ = label_issues(noisy, probs, rank_by="self_confidence")
+    flagged = set(np.flatnonzero(frame["is_issue"].to_numpy()))
+    assert len(flagged & set(flipped)) >= 0.8 * len(flipped)
+    assert len(flagged - set(flipped)) <= 5
+    # The same seed gives the same folds and the same probabilities.
+    assert np.array_equal(probs, cross_validated_head_probs(x, noisy, 3, folds=5, seed=0, c=1.0))
+
+
+def test_label_list_puts_flagged_first_and_ranks_within_scoring_groups():
+    labels = np.zeros(6, dtype=np.int64)
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.99, 0.01], [0.55, 0.45], [0.7, 0.3]])
+    issues = pd.DataFrame({"is_issue": [False, True, False, False, False, False], "quality": probs[:, 0],
+                           "suggested": probs.argmax(1), "given_prob": probs[:, 0], "suggested_prob": probs.max(1)})
+    groups = np.array(["a", "a", "a", "b", "b", "b"], dtype=object)
+    found = find_label_issues(ReviewInputs(manifest_for(labels), probs, issues, groups=groups), {})
+    assert found["row"].tolist()[0] == 1 and found["reason"].tolist()[:2] == ["label_issue", "low_label_quality"]
+    # By rank within its group: row 4 (b's lowest) before row 2 (a's 2nd lowest, a's lowest is
+    # the flagged row 1), then row 5 (b's 2nd lowest; ties go to the lower row index).
+    assert found["row"].tolist()[1:4] == [4, 2, 5]
+    assert (found["suggested"] == 1).all()  # the best class other than the given one
+
+
+def test_near_duplicates_queue_the_less_protected_copy_and_suggest_drop():
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(6, 16)).astype(np.float32)
+    vecs[4] = vecs[0] + 1e-4  # test row 0 ~ train row 4: a leak
+    vecs[5] = vecs[2] + 1e-4  # two train rows: a near duplicate (the later id queued)
+    m = manifest_for(np.array([0, 1, 0, 1, 1, 0]), split=["test", "train", "train", "train", "train", "train"])
+    issues = pd.DataFrame({"given_prob": np.full(6, 0.9)})
+    found = find_near_duplicates(ReviewInputs(m, np.zeros((6, 2)), issues, duplicate_vectors=vecs),
+                                 {"duplicate_threshold": 0.01})
+    got = {(r, rel, reason) for r, rel, reason in zip(found["row"], found["related_row"], found["reason"])}
+    assert got == {(4, 0, "leak_conflicting_labels"), (5, 2, "near_duplicate")}
+    assert (found["suggested"] == DROP_INDEX).all()
+
+
+def test_outliers_flag_the_row_far_from_every_class():
+    x, _, y, _ = blobs(flip=0.0)
+    x = np.vstack([x, np.full((1, 8), 50.0) * np.array([1, -1] * 4)])
+    y = np.append(y, 0)
+    m = manifest_for(y)
+    issues = pd.DataFrame({"suggested": np.zeros(len(y), np.int64), "suggested_prob": np.ones(len(y)),
+                           "given_prob": np.ones(len(y))})
+    found = find_outliers(ReviewInputs(m, np.zeros((len(y), 3)), issues, penultimate=x), {"outlier_fraction": 0.01})
+    assert found["row"].iloc[0] == len(y) - 1 and len(found) == 4
+
+
+def test_queue_interleaves_finders_merges_reasons_and_skips_decided_rows():
+    def frame(rows, reason):
+        n = len(rows)
+        return pd.DataFrame({"row": rows, "reason": [reason] * n, "score": np.linspace(1, 0.5, n),
+                             "suggested": [0] * n, "suggested_prob": [0.5] * n, "given_prob": [0.1] * n,
+                             "related_row": [-1] * n, "distance": [np.nan] * n})
+
+    q = build_queue({"label_issues": frame([1, 2, 3, 4, 5], "label_issue"),
+                     "near_duplicates": frame([2, 7], "near_duplicate"),
+                     "outliers": frame([9], "outlier")}, size=6, skip_rows=np.array([3]))
+    assert q["row"].tolist() == [1, 2, 9, 4, 7, 5]
+    assert q["reasons"].tolist()[1] == "label_issue+near_duplicate"
+    assert len(build_queue({"a": frame([1, 2, 3], "x")}, size=2)) == 2
+
+
+def test_label_studio_files_and_contact_sheet():
+    m = pd.DataFrame({"id": pd.array(["a/1", "a/2"], dtype="string"), "split": pd.array(["train", "test"], dtype="string"),
+                      "label": np.array([0, 1])})
+    classes = ["cat", "dog & co"]
+    queue = pd.DataFrame({"row": [0, 1], "reasons": ["label_issue", "leak"], "score": [0.9, 0.99],
+                          "suggested": [1, DROP_INDEX], "suggested_prob": [0.8, np.nan], "given_prob": [0.1, 0.7],
+                          "related_row": [-1, 0], "distance": [np.nan, 0.004]})
+    table = queue_table(queue, m, classes, np.array(["cv", "model"], dtype=object))
+    assert table["suggested_label"].tolist() == ["dog & co", "drop"] and table["related_id"].tolist()[1] == "a/1"
+    images = np.random.default_rng(0).integers(0, 255, size=(2, 8, 8, 3), dtype=np.uint8)
+    tasks = label_studio_tasks(table, queue, kind="image", images=images, features=None, model_version="v1")
+    assert tasks[0]["data"]["fmpipe_id"] == "a/1" and tasks[0]["predictions"][0]["score"] == 0.8
+    assert tasks[0]["predictions"][0]["result"][0]["value"] == {"choices": ["dog & co"]}
+    assert tasks[1]["predictions"][0]["result"][0]["value"] == {"choices": ["drop"]}
+    config = ET.fromstring(label_config(classes, "image"))
+    assert [c.get("value") for c in config.iter("Choice")] == ["cat", "dog & co", "drop"]
+    html = contact_sheet(table, queue, title="t", kind="image", images=images, features=None, limit=1)
+    assert html.count('class="card"') == 1 and "data:image/png;base64," in html and "http" not in html
+
+
+# ---------------------------------------------------------------- the step on a tiny model
+
+@pytest.fixture
+def digits_model(project):
+    from pipeline.runner import run_step
+    from test_evaluate_package import make_model
+
+    run_step("collect", "digits")
+    run_step("clean", "digits")
+    shutil.copytree("data/digits/clean", "data/digits/annotate")
+    make_model("digits", epochs=2)
+    return project
+
+
+def test_review_step_writes_every_output_deterministically(digits_model):
+    from pipeline.io import sha256_file
+    from pipeline.runner import run_step
+
+    report = run_step("review", "digits")
+    out = digits_model / "data/digits/review"
+    names = {"queue.parquet", "queue.csv", "label_studio_tasks.json", "label_config.xml", "contact_sheet.html",
+             "report.json"}
+    assert names <= {p.name for p in out.iterdir()}
+    assert 0 < report["queue"]["size"] <= 300 and report["changes_data"] is False
+    assert report["scoring"]["by_split"]["test"]["scored_by"].startswith("trained network's softmax")
+    first = {n: sha256_file(out / n) for n in names}
+    run_step("review", "digits")
+    assert {n: sha256_file(out / n) for n in names} == first
+    queue = pd.read_csv(out / "queue.csv")
+    assert len(json.loads((out / "label_studio_tasks.json").read_text())) == len(queue) == report["queue"]["size"]
+
+
+def test_full_model_scoring_retrains_per_fold(project):
+    """``scoring: full_model`` (meant for a GPU): tiny here, iris, 2 folds of 3 epochs."""
+    from pipeline.config import load_variant
+    from pipeline.manifest import read_dataset
+    from pipeline.review.review import full_model_probs
+    from pipeline.runner import run_step
+
+    run_step("collect", "iris")
+    run_step("clean", "iris")
+    ds = read_dataset("data/iris/clean", mmap=False)
+    spec = load_variant("iris")
+    train_rows = np.flatnonzero(ds.manifest["split"].to_numpy() == "train")
+    probs = full_model_probs(ds, spec, train_rows, folds=2, seed=0, epochs=3, workdir=project)
+    assert probs.shape == (len(train_rows), 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert (probs.argmax(1) == ds.manifest["label"].to_numpy()[train_rows]).mean() > 0.5
+    assert not list(project.glob("fmpipe-review-folds-*"))  # the fold models are temporary
+
+
+def test_contact_sheet_renders_offline_in_chromium(tmp_path):
+    """The page people open: every image decodes from its data: URI, nothing is fetched."""
+    from browser import open_page
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(12, 32, 32, 3), dtype=np.uint8)
+    m = pd.DataFrame({"id": pd.array([f"test/{i}.png" for i in range(12)], dtype="string"),
+                      "split": pd.array(["test"] * 12, dtype="string"), "label": np.arange(12) % 3})
+    queue = pd.DataFrame({"row": np.arange(12), "reasons": ["label_issue"] * 11 + ["leak"],
+                          "score": np.linspace(1, 0.5, 12), "suggested": [1] * 11 + [DROP_INDEX],
+                          "suggested_prob": [0.9] * 11 + [np.nan], "given_prob": [0.05] * 12,
+                          "related_row": [-1] * 11 + [0], "distance": [np.nan] * 11 + [0.003]})
+    table = queue_table(queue, m, ["cat", "dog", "fox"], np.array(["model (out-of-sample)"] * 12, dtype=object))
+    page_file = tmp_path / "contact_sheet.html"
+    page_file.write_text(contact_sheet(table, queue, title="review", kind="image", images=images, features=None))
+    seen = {}
+
+    def check(page):
+        seen["cards"] = page.evaluate("document.querySelectorAll('.card').length")
+        seen["decoded"] = page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth == 32).length")
+        seen["text"] = page.evaluate("document.body.innerText")
+
+    page = open_page(page_file, tmp_path / "shot.png", check)
+    assert not page.external_requests and not page.console_errors
+    assert seen["cards"] == 12 and seen["decoded"] == 13  # the leak card shows its near copy too
+    assert "given cat" in seen["text"] and "suggested dog" in seen["text"] and "near copy: test/0.png" in seen["text"]
