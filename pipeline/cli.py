@@ -74,6 +74,11 @@ def _step_command(step) -> Callable:
 for _step in STEPS:
     app.command(name=_step.name, help=_step.help)(_step_command(_step))
 
+# Deployment (predict / verify / serve a package, no torch): their own module, listed after the steps.
+from pipeline.deploy_cli import register as _register_deploy  # noqa: E402
+
+_register_deploy(app)
+
 
 @app.command()
 def run(

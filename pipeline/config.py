@@ -122,6 +122,11 @@ class EvaluateSpec(Strict):
 
     min_accuracy: float = Field(0.0, ge=0, le=1)
     min_macro_f1: float = Field(0.0, ge=0, le=1)
+    # Fit one temperature on the val split (NLL) so confidences match accuracy; the fitted
+    # value travels into the package's preprocess.json and predict/serve apply it.
+    temperature_scaling: bool = False
+    calibration_bins: int = Field(15, ge=2, le=100)  # equal-width bins for ECE and the diagram
+    gallery_size: int = Field(24, ge=0, le=500)  # confident mistakes shown (image variants)
 
 
 class PackageSpec(Strict):

@@ -99,5 +99,6 @@ def test_cli_lists_exactly_the_registered_steps_in_order():
 
 
 def test_upstream_of_package_is_every_other_step():
-    assert registry.upstream_of("package") == [s for s in registry.ORDER if s != "package"]
+    assert registry.upstream_of("package") == [s for s in registry.ORDER if s not in ("package", "dist")]
+    assert registry.upstream_of("dist") == [s for s in registry.ORDER if s != "dist"]
     assert registry.upstream_of("collect") == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -79,6 +79,26 @@ def predict_proba(net: "torch.nn.Module", x: "torch.Tensor", tta_flip: bool = Fa
     return torch.cat(out)
 
 
+def predict_logits(net: "torch.nn.Module", x: "torch.Tensor", flip: bool = False,
+                   batch_size: int = 512) -> np.ndarray:
+    """Raw network outputs (N x K, or N x 1 for a single-logit binary net) as float32 numpy.
+
+    ``flip``: of the horizontally mirrored inputs (for flip TTA). Probabilities are made from
+    these by ``pipeline.inference.probabilities``, the same function predict and serve use.
+    """
+    import torch
+
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            batch = x[start:start + batch_size]
+            if flip:
+                batch = torch.flip(batch, dims=[-1])
+            out.append(net(batch).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
 def score(probs: "torch.Tensor", labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """torchmetrics scores of the argmax predictions against ``labels``.
 
@@ -117,12 +137,11 @@ def score(probs: "torch.Tensor", labels: np.ndarray, classes: list[str]) -> dict
     }
 
 
-def bless(metrics: dict[str, Any], spec: "EvaluateSpec",
-          baseline: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def bless(metrics: dict[str, Any], spec: "EvaluateSpec") -> dict[str, Any]:
     """The gate: every threshold of ``EvaluateSpec`` must hold (value >= threshold).
 
-    ``baseline`` (the last packaged model's metrics) is reported, never enforced: a model
-    slightly worse than the last one may still be the one the data supports.
+    A pure function of this evaluation: the change against the last blessed model is reported
+    separately (``pipeline.packaging.summary.comparison``, an uncached file), never enforced.
     """
     checks = []
     for name, key in (("min_accuracy", "accuracy"), ("min_macro_f1", "macro_f1")):
@@ -130,48 +149,13 @@ def bless(metrics: dict[str, Any], spec: "EvaluateSpec",
         value = float(metrics[key])
         checks.append({"name": name, "metric": key, "threshold": threshold, "value": value,
                        "passed": bool(value >= threshold)})
-    blessing: dict[str, Any] = {"blessed": all(c["passed"] for c in checks), "checks": checks}
-    if baseline is not None:
-        blessing["baseline"] = {
-            **baseline,
-            "accuracy_change": _change(metrics.get("accuracy"), baseline.get("accuracy")),
-            "macro_f1_change": _change(metrics.get("macro_f1"), baseline.get("macro_f1")),
-        }
-    return blessing
+    return {"blessed": all(c["passed"] for c in checks), "checks": checks}
 
 
 def failed_checks(blessing: dict[str, Any]) -> list[str]:
     """``name (value < threshold)`` for each failed check, for error messages."""
     return [f"{c['name']} ({c['value']:.4f} < {c['threshold']:.4f})"
             for c in blessing.get("checks", []) if not c.get("passed")]
-
-
-def read_baseline(lineage_path: str | Path) -> Optional[dict[str, Any]]:
-    """The last packaged (hence blessed) model's metrics from its ``lineage.json``, if any.
-
-    An unreadable lineage is reported as such instead of failing the evaluation.
-    """
-    path = Path(lineage_path)
-    if not path.exists():
-        return None
-    try:
-        lineage = json.loads(path.read_text())
-        metrics = lineage["metrics"]
-        return {
-            "source": str(path),
-            "accuracy": float(metrics["accuracy"]),
-            "macro_f1": float(metrics["macro_f1"]),
-            "model_sha256": lineage.get("model", {}).get("sha256"),
-            "git_commit": (lineage.get("git") or {}).get("commit"),
-        }
-    except (ValueError, KeyError, TypeError) as exc:
-        return {"source": str(path), "error": f"unreadable lineage: {exc!r}"}
-
-
-def _change(new: Any, old: Any) -> Optional[float]:
-    if new is None or old is None:
-        return None
-    return float(new) - float(old)
 
 
 def read_json(path: Path, hint: str) -> dict[str, Any]:
