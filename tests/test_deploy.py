@@ -167,6 +167,7 @@ def test_package_has_spec_checks_archive_and_model_repository(digits):
     # Same package -> same archive bytes (sorted members, no times, no owners).
     first = hashlib.sha256(archives[0].read_bytes()).hexdigest()
     fmpipe("package", "--stage", "digits", cwd=digits)
+    fmpipe("dist", "--stage", "digits", cwd=digits)
     assert hashlib.sha256(archives[0].read_bytes()).hexdigest() == first
     import tarfile
 

@@ -93,7 +93,8 @@ def check_evaluation(variant: str) -> dict:
 
     per_class = pd.read_csv(out / "per_class.csv", dtype={"class": str})
     assert list(per_class["class"]) == list(test.classes)
-    assert set(metrics) == {"accuracy", "macro_f1", "n_test"}  # numbers people compare; per class: the CSV
+    # numbers people compare (ECE and the fitted temperature too); per class: the CSV
+    assert set(metrics) == {"accuracy", "macro_f1", "n_test", "ece", "temperature"}
     assert per_class["support"].sum() == metrics["n_test"]
     for row in per_class.to_dict("records"):
         actual = preds["label_name"] == row["class"]  # recall of this class, recomputed
