@@ -16,20 +16,18 @@ import typer
 from pipeline.steps import DATASET_STEPS, ORDER, STEPS
 
 class _LifecycleOrder(typer.core.TyperGroup):
-    """Typer lists sub-apps after commands; keep ``review`` (a sub-app) in lifecycle order."""
+    """Typer lists sub-apps after commands; list the registered steps first, in lifecycle order
+    (``review`` is a sub-app), then everything else."""
 
     def list_commands(self, ctx):
         names = list(self.commands)
-        if "review" in names and "package" in names:
-            names.remove("review")
-            names.insert(names.index("package") + 1, "review")
-        return names
+        return [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
 
 
 app = typer.Typer(
     cls=_LifecycleOrder,
     help="Reproducible classifier lifecycle: collect -> clean -> validate -> annotate -> "
-    "train -> evaluate -> package -> review (people's decisions feed annotate). Run one step of one variant with `fmpipe STEP --stage NAME`, "
+    "train -> evaluate -> package -> dist -> review (people's decisions feed annotate). Run one step of one variant with `fmpipe STEP --stage NAME`, "
     "or the whole DAG with `dvc repro`.",
     no_args_is_help=True,
     add_completion=False,
@@ -126,6 +124,11 @@ for _step in STEPS:
         app.add_typer(review_app, name="review")
     else:
         app.command(name=_step.name, help=_step.help)(_step_command(_step))
+
+# Deployment (predict / verify / serve a package, no torch): their own module, listed after the steps.
+from pipeline.deploy_cli import register as _register_deploy  # noqa: E402
+
+_register_deploy(app)
 
 
 @app.command()

@@ -255,6 +255,11 @@ class EvaluateSpec(Strict):
     # Two-class models: predict the second class when its probability is at least this
     # (the F1/precision/recall in metrics.json's "binary" use it).
     binary_threshold: float = Field(0.5, gt=0, lt=1)
+    # Fit one temperature on the val split (NLL) so confidences match accuracy; the fitted
+    # value travels into the package's preprocess.json and predict/serve apply it.
+    temperature_scaling: bool = False
+    calibration_bins: int = Field(15, ge=2, le=100)  # equal-width bins for ECE and the diagram
+    gallery_size: int = Field(24, ge=0, le=500)  # confident mistakes shown (image variants)
 
 
 class PackageSpec(Strict):

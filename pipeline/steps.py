@@ -147,11 +147,15 @@ STEPS: tuple[Step, ...] = (
         help="Score the trained model on the test split and decide its blessing.",
         module="stages.evaluate",
         reads=("train/model.safetensors", "train/model.json", "annotate"),
-        code=("stages/evaluate.py", "pipeline/packaging"),
+        code=("stages/evaluate.py", "pipeline/packaging", "pipeline/inference.py"),
         params=("evaluate", "train"),
         outs=(
             Out("predictions.parquet"),
             Out("blessing.json"),
+            # calibration.json, reliability.png, mistakes.html (image variants): deterministic
+            Out("details"),
+            # vs the last blessed model (the previous package, not a declared input): uncached
+            Out("comparison.json", cache=False),
             Out("metrics.json", kind="metric", cache=False),
             Out("confusion.csv", kind="plot", cache=False,
                 plot={"template": "confusion", "x": "actual", "y": "predicted"}),
@@ -164,9 +168,16 @@ STEPS: tuple[Step, ...] = (
         help="Export the blessed model: safetensors, ONNX (checked), model card, lineage.",
         module="stages.package",
         reads=("train/model.safetensors", "train/model.json", "evaluate/blessing.json",
-               "evaluate/metrics.json", "annotate"),
-        code=("stages/package.py", "pipeline/packaging"),
+               "evaluate/metrics.json", "evaluate/details", "annotate"),
+        code=("stages/package.py", "pipeline/packaging", "pipeline/inference.py"),
         params=("package",),
+    ),
+    Step(
+        name="dist",
+        help="Archive the package (deterministic <variant>-<hash>.tar.gz) and lay out a Triton/KServe model repository.",
+        module="stages.dist",
+        reads=("package",),
+        code=("stages/dist.py", "pipeline/packaging/deploy.py"),
     ),
     Step(
         name="review",

@@ -1,11 +1,18 @@
 """Step 4 glue: score the trained model on the test split and decide its blessing.
 
-Writes ``metrics.json`` (numbers people compare: accuracy, macro F1, test rows; a DVC
-metric), ``per_class.csv`` (precision/recall/F1/support per class; a DVC plot),
-``confusion.csv`` (actual/predicted per test row; DVC's confusion template),
-``predictions.parquet`` and ``blessing.json`` (every threshold with its value and verdict, and
-the sha256 of the weights judged: package packages those very bytes). Scoring and the gate
-live in ``pipeline/packaging/evaluation.py``.
+Writes ``metrics.json`` (numbers people compare: accuracy, macro F1, test rows, ECE and the
+temperature; for two-class models ROC-AUC, PR-AUC and F1; a DVC metric), ``per_class.csv``
+(precision/recall/F1/support per class; a DVC plot), ``confusion.csv`` (actual/predicted per
+test row; DVC's confusion template), ``predictions.parquet`` (with every class probability) and
+``blessing.json`` (every threshold with its value and verdict, the TTA used, and the sha256 of
+the weights judged: package packages those very bytes; a pure function of the declared
+inputs). Also ``details/``: ``calibration.json`` (temperature fitted on val when
+``temperature_scaling`` is on, ECE, reliability bins), ``reliability.png`` and, for image
+variants, ``mistakes.html``; and the uncached ``comparison.json``: the change against the last
+blessed model (the previous package, which is not a declared input, so it stays out of every
+cached output). Scoring and the gate live in ``pipeline/packaging/evaluation.py``, calibration
+in ``calibration.py``; probabilities come from ``pipeline.inference.probabilities``, the same
+function predict and serve use.
 
 A model that fails the thresholds is not an error here: the step exits 0 so its metrics are
 recorded and visible; ``package`` is the step that refuses it.
@@ -14,58 +21,71 @@ recorded and visible; ``package`` is the step that refuses it.
 from __future__ import annotations
 
 import pandas as pd
+import torch
 
 from pipeline import steps as registry
+from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file, to_json
 from pipeline.models import WEIGHTS, load_trained
-from pipeline.packaging import BLESSING, CONFUSION, LINEAGE, METRICS, PER_CLASS, PREDICTIONS
+from pipeline.packaging import (BLESSING, CALIBRATION, COMPARISON, CONFUSION, DETAILS, LINEAGE, METRICS,
+                                MISTAKES, PER_CLASS, PREDICTIONS, RELIABILITY_PNG)
+from pipeline.packaging.calibration import calibrate, reliability_png
 from pipeline.packaging.evaluation import (
     binary_scores,
     bless,
     check_compatible,
+    effective_tta,
     failed_checks,
     model_inputs,
-    predict_proba,
-    read_baseline,
+    predict_logits,
     score,
     tta_description,
 )
+from pipeline.packaging.gallery import render_gallery
+from pipeline.packaging.summary import comparison, read_last_blessed, render_table
 from pipeline.runner import step_path
-from pipeline.training.recipe import tta_record
 
 
 def run(ctx) -> None:
     model_dir, data_dir = ctx.input("train/model.json").parent, ctx.input("annotate")
     net, meta = load_trained(model_dir)
-    test = ctx.dataset("annotate").split("test")
+    ds = ctx.dataset("annotate")
+    test = ds.split("test")
     check_compatible(meta, test, model_dir, data_dir)
+    ev = ctx.spec.evaluate
 
-    # The TTA views the model is to be served with, as recorded in model.json (older models
-    # without the record: the train.tta_flip switch).
-    tta = meta.get("tta") if meta["input"]["kind"] == "image" else None
-    if tta is None and "tta" not in meta and meta["input"]["kind"] == "image":
-        tta_spec = ctx.spec.train.tta_spec()
-        tta = tta_record(tta_spec) if tta_spec is not None else None
-    head = meta["model"].get("head", "softmax")
-    probs = predict_proba(net, model_inputs(test), tta=tta, head=head)
+    tta = effective_tta(meta, ctx.spec.train)
+    logits = predict_logits(net, model_inputs(test), tta)
     classes = list(test.classes)
     labels = test.manifest["label"].to_numpy()
+    val_scores = None
+    if ev.temperature_scaling:
+        val = ds.split("val")
+        if len(val) == 0:
+            raise FmpipeError(f"{data_dir}: the val split is empty; temperature_scaling "
+                              f"(params.yaml: variants.{ctx.variant}.evaluate) needs it")
+        val_scores = (predict_logits(net, model_inputs(val), tta), val.manifest["label"].to_numpy())
+    probs_np, calibration = calibrate(logits, labels, val_scores, ev.temperature_scaling,
+                                      ev.calibration_bins, tta)
+    probs = torch.from_numpy(probs_np)
     s = score(probs, labels, classes)
 
-    metrics = {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "n_test": int(len(test))}
+    metrics = {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "n_test": int(len(test)),
+               "ece": calibration["ece"], "temperature": calibration["temperature"]}
     if len(classes) == 2:
-        metrics["binary"] = binary_scores(probs, labels, ctx.spec.evaluate.binary_threshold)
+        metrics["binary"] = binary_scores(probs, labels, ev.binary_threshold)
+    blessing = bless(metrics, ev)
     views = (tta or {}).get("views") or []
-    # The previous package's lineage is the "last blessed model". It is deliberately not a DVC
-    # dependency of this stage (package depends on evaluate; that would be a cycle): the
-    # comparison is informational and never changes the verdict.
-    baseline = read_baseline(step_path(registry.get("package").dir, ctx.variant) / LINEAGE)
-    blessing = bless(metrics, ctx.spec.evaluate, baseline)
     blessing["tta_flip"] = any(v["flip"] for v in views)
     blessing["tta_views"] = max(1, len(views))
     blessing["tta"] = tta_description(tta)
-    blessing["model"] = {"dir": str(model_dir), "sha256": sha256_file(model_dir / WEIGHTS),
-                         "name": meta["model"]["name"]}
+    weights_sha = sha256_file(model_dir / WEIGHTS)
+    blessing["model"] = {"dir": str(model_dir), "sha256": weights_sha, "name": meta["model"]["name"]}
+    # The previous package is the "last blessed model". It is not a DVC dependency of this
+    # step (package depends on evaluate; the reverse would be a cycle), so the comparison goes
+    # to the uncached comparison.json, never into blessing.json or the verdict.
+    compared = comparison(metrics, read_last_blessed(step_path(registry.get("package").dir, ctx.variant) / LINEAGE),
+                          weights_sha)
 
     predicted = s["predicted"]
     predictions = pd.DataFrame({
@@ -73,6 +93,7 @@ def run(ctx) -> None:
         "label": labels.astype("int64"),
         "predicted": predicted.astype("int64"),
         "confidence": s["confidence"].astype("float32"),
+        "probabilities": list(probs_np.astype("float32")),
         "label_name": [classes[i] for i in labels],
         "predicted_name": [classes[i] for i in predicted],
     })
@@ -88,11 +109,23 @@ def run(ctx) -> None:
         out / CONFUSION, index=False)
     per_class.to_csv(out / PER_CLASS, index=False, float_format="%.6f")
     predictions.to_parquet(out / PREDICTIONS, index=False)
-    ctx.summary = summary_line(metrics, blessing)
-    ctx.result = {"metrics": metrics, "blessing": blessing}
+    (out / COMPARISON).write_text(to_json(compared))
+    details = out / DETAILS
+    details.mkdir()
+    (details / CALIBRATION).write_text(to_json(calibration))
+    (details / RELIABILITY_PNG).write_bytes(reliability_png(
+        calibration["bins"], f"{ctx.variant}: reliability (test, ECE {calibration['ece']:.4f}, "
+                             f"T {calibration['temperature']:.3g})"))
+    if test.images is not None:
+        (details / MISTAKES).write_text(render_gallery(
+            variant=ctx.variant, images=test.images, ids=list(predictions["id"]), labels=labels,
+            probs=probs_np, classes=classes, limit=ev.gallery_size, n_test=len(test)))
+    render_table(ctx.variant, metrics, per_class.to_dict("records"), blessing, compared)
+    ctx.summary = summary_line(metrics, blessing, compared)
+    ctx.result = {"metrics": metrics, "blessing": blessing, "comparison": compared, "calibration": calibration}
 
 
-def summary_line(metrics: dict, blessing: dict) -> str:
+def summary_line(metrics: dict, blessing: dict, compared: dict | None = None) -> str:
     tta = f" ({blessing['tta']})" if blessing.get("tta") else ""
     head = (f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on "
             f"{metrics['n_test']} test rows{tta}")
@@ -103,7 +136,7 @@ def summary_line(metrics: dict, blessing: dict) -> str:
         verdict = "BLESSED"
     else:
         verdict = "NOT BLESSED: " + ", ".join(failed_checks(blessing)) + "; package will refuse it"
-    change = (blessing.get("baseline") or {}).get("accuracy_change")
+    change = ((compared or {}).get("changes") or {}).get("accuracy")
     if change is not None:
         verdict += f" (accuracy {change:+.4f} vs last package)"
     return f"{head} -> {verdict}"

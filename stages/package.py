@@ -9,8 +9,13 @@ failed run leaves the previous package untouched:
   against torch on up to 256 real test inputs (``package.onnx_atol``, identical argmax);
 - ``MODEL_CARD.md``: architecture, intended use, data, evaluation, input format, how to run
   it, limitations, lineage summary;
+- ``preprocess.json`` + ``checks/``: the machine-readable input/output contract (shape,
+  channels, value range, resize rule, classes, fitted temperature, output kind) and a few
+  check inputs with PyTorch's logits, for ``fmpipe predict/serve/verify`` (no torch needed);
 - ``lineage.json``: git commit, upstream ``dvc.lock`` entries, the variant's params, metrics,
   blessing, the ONNX check and the sha256 + size of every other packaged file.
+
+The ``dist`` step then archives it and lays out a Triton / KServe model repository.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file, to_json
 from pipeline.manifest import SPLITS, read_report
 from pipeline.models import MODEL_META, WEIGHTS, load_trained
-from pipeline.packaging import BLESSING, LINEAGE, METRICS, MODEL_CARD, ONNX_MODEL, PER_CLASS
-from pipeline.packaging.evaluation import check_compatible, failed_checks, model_inputs, read_json
+from pipeline.packaging import CALIBRATION, DETAILS, LINEAGE, MODEL_CARD, ONNX_MODEL, PER_CLASS, deploy
+from pipeline.packaging.evaluation import check_compatible, effective_tta, failed_checks, model_inputs, read_json
 from pipeline.packaging.lineage import build_lineage, dvc_lock_entries, file_digests, git_info
 from pipeline.packaging.model_card import render_model_card
 from pipeline.packaging.onnx_export import export_onnx, verify_onnx
@@ -51,6 +56,8 @@ def run(ctx) -> None:
         raise FmpipeError(f"{model_dir / WEIGHTS}: differs from the weights evaluate blessed "
                           f"({blessing_path}); run `fmpipe evaluate --stage {variant}` again")
     metrics = read_json(metrics_path, f"run `fmpipe evaluate --stage {variant}` first")
+    calibration = read_json(ctx.input("evaluate/details") / CALIBRATION,
+                            f"run `fmpipe evaluate --stage {variant}` first")
     per_class = pd.read_csv(metrics_path.parent / PER_CLASS, dtype={"class": str},
                             keep_default_na=False).to_dict("records")
 
@@ -86,6 +93,17 @@ def run(ctx) -> None:
     # package.onnx_atol.
     lineage["onnx"] = {"opset": spec.package.onnx_opset,
                        **verify_onnx(onnx_model, net, inputs, spec.package.onnx_atol)}
+    import torch
+
+    with torch.inference_mode():
+        check_logits = net.eval()(inputs[:deploy.N_CHECKS]).float().numpy()
+    pre = deploy.build_preprocess_spec(
+        variant=variant, meta=meta, n_outputs=int(check_logits.shape[1]),
+        temperature=float(calibration.get("temperature", 1.0)), tta=effective_tta(meta, spec.train),
+        atol=spec.package.onnx_atol,
+        feature_names=list(ds.features.columns) if ds.features is not None else None)
+    (out / deploy.PREPROCESS).write_text(deploy.spec_json(pre))
+    check_files = deploy.write_checks(out, inputs[:deploy.N_CHECKS].numpy(), check_logits)
     card = render_model_card(
         variant=variant, description=spec.description, meta=meta,
         n_params=lineage["model"]["n_params"], source=lineage["params"]["source"],
@@ -97,6 +115,7 @@ def run(ctx) -> None:
     )
     (out / MODEL_CARD).write_text(card)
     lineage["files"] = file_digests(out, [WEIGHTS, MODEL_META, ONNX_MODEL, MODEL_CARD])
+    lineage["files"].update(file_digests(out, [deploy.PREPROCESS, *check_files]))
     (out / LINEAGE).write_text(to_json(lineage))
     ctx.result = lineage
 

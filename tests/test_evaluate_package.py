@@ -30,7 +30,8 @@ from pipeline.manifest import read_dataset
 from pipeline.models import build, save_trained
 from pipeline.packaging.evaluation import model_inputs
 
-PACKAGE_FILES = {"model.safetensors", "model.json", "model.onnx", "MODEL_CARD.md", "lineage.json"}
+PACKAGE_FILES = {"model.safetensors", "model.json", "model.onnx", "MODEL_CARD.md", "lineage.json",
+                 "preprocess.json", "checks/input.npy", "checks/logits.npy"}
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +93,8 @@ def check_evaluation(variant: str) -> dict:
 
     per_class = pd.read_csv(out / "per_class.csv", dtype={"class": str})
     assert list(per_class["class"]) == list(test.classes)
-    assert set(metrics) == {"accuracy", "macro_f1", "n_test"}  # numbers people compare; per class: the CSV
+    # numbers people compare (ECE and the fitted temperature too); per class: the CSV
+    assert set(metrics) == {"accuracy", "macro_f1", "n_test", "ece", "temperature"}
     assert per_class["support"].sum() == metrics["n_test"]
     for row in per_class.to_dict("records"):
         actual = preds["label_name"] == row["class"]  # recall of this class, recomputed
@@ -109,7 +111,7 @@ def check_evaluation(variant: str) -> dict:
 
 def check_package(variant: str, net: torch.nn.Module, metrics: dict) -> dict:
     out = Path(f"data/{variant}/package")
-    assert {p.name for p in out.iterdir()} == PACKAGE_FILES
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == PACKAGE_FILES
     lineage = json.loads((out / "lineage.json").read_text())
     for name, digest in lineage["files"].items():
         assert digest == {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}
@@ -147,7 +149,8 @@ def test_iris_evaluate_and_package(project, capsys):
     assert "BLESSED" in capsys.readouterr().err
     ev = check_evaluation("iris")
     assert ev["blessing"]["blessed"] is True and result["blessing"]["blessed"] is True
-    assert "baseline" not in ev["blessing"]  # nothing packaged before
+    assert "baseline" not in ev["blessing"]  # never in the cached blessing
+    assert json.loads(Path("data/iris/evaluate/comparison.json").read_text())["baseline"] is None
 
     lineage = run_step("package", "iris")
     check_package("iris", net, ev["metrics"])
@@ -155,10 +158,14 @@ def test_iris_evaluate_and_package(project, capsys):
     card = Path("data/iris/package/MODEL_CARD.md").read_text()
     assert "`sepal_length_cm`, `sepal_width_cm`" in card  # raw features listed in input order
 
-    # Evaluating again compares with the model just packaged (the last blessed one).
+    # Evaluating again compares with the model just packaged (the last blessed one), in the
+    # uncached comparison.json; the cached blessing.json stays byte-identical.
+    blessing_before = Path("data/iris/evaluate/blessing.json").read_bytes()
     run_step("evaluate", "iris")
-    baseline = json.loads(Path("data/iris/evaluate/blessing.json").read_text())["baseline"]
-    assert baseline["accuracy_change"] == 0.0 and baseline["model_sha256"] == lineage["model"]["sha256"]
+    assert Path("data/iris/evaluate/blessing.json").read_bytes() == blessing_before
+    compared = json.loads(Path("data/iris/evaluate/comparison.json").read_text())
+    assert compared["changes"]["accuracy"] == 0.0 and compared["same_weights"] is True
+    assert compared["baseline"]["model_sha256"] == lineage["model"]["sha256"]
 
 
 def test_digits_evaluate_and_package(project):
@@ -189,7 +196,9 @@ def test_unblessed_model_is_not_packaged(project):
     blessing = json.loads(Path("data/digits/evaluate/blessing.json").read_text())
     assert blessing["blessed"] is False
     assert {c["name"]: c["passed"] for c in blessing["checks"]}["min_accuracy"] is False
-    assert blessing["baseline"]["accuracy_change"] < -0.5  # vs the sentinel's 0.99, reported only
+    assert "baseline" not in blessing
+    compared = json.loads(Path("data/digits/evaluate/comparison.json").read_text())
+    assert compared["changes"]["accuracy"] < -0.5  # vs the sentinel's 0.99, reported only
 
     with pytest.raises(FmpipeError, match="not blessed.*min_accuracy"):
         run_step("package", "digits")
@@ -197,6 +206,7 @@ def test_unblessed_model_is_not_packaged(project):
     assert result.exit_code == 1 and "min_accuracy" in result.output
     assert {p.name: p.read_bytes() for p in sentinel.iterdir()} == before
     assert not [p for p in sentinel.parent.iterdir() if p.name.startswith(".package")]  # no temp dirs left
+    assert not Path("data/digits/dist").exists()  # no archive, no model repository
 
 
 def test_package_refuses_weights_changed_after_evaluate(project):
@@ -249,8 +259,9 @@ def test_flip_tta_averages_image_and_mirror(project):
     metrics = result["metrics"]
     assert result["blessing"]["tta_flip"] is True
     x = model_inputs(read_dataset("data/digits/annotate").split("test"))
+    t = metrics["temperature"]  # fitted on val with the same TTA (temperature_scaling in params)
     with torch.inference_mode():
-        probs = (net(x).softmax(1) + net(x.flip(-1)).softmax(1)) / 2
+        probs = ((net(x) / t).softmax(1) + (net(x.flip(-1)) / t).softmax(1)) / 2
     preds = pd.read_parquet("data/digits/evaluate/predictions.parquet")
     np.testing.assert_allclose(preds["confidence"], probs.max(1).values.numpy(), atol=1e-6)
     assert (preds["predicted"].to_numpy() == probs.argmax(1).numpy()).all()

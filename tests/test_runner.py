@@ -70,7 +70,9 @@ def test_every_step_records_positive_figures(digits_runs):
         assert rec["wall_s"] > 0 and rec["cpu_s"] > 0 and rec["peak_mb"] > 50, (step.name, rec)
         assert rec["write_mb"] > 0, step.name
         if step.reads:
-            assert rec["read_mb"] > 0 and rec["rows_in"] > 0, step.name
+            assert rec["read_mb"] > 0, step.name
+        if any(r.split("/")[0] in registry.DATASET_STEPS for r in step.reads):  # dist reads no dataset
+            assert rec["rows_in"] > 0, step.name
         assert "schema_version" not in rec  # a metric file holds numbers people compare
         record = json.loads((root / step.run_record.format(v="digits")).read_text())
         assert record["device"].startswith("cpu") and record["step"] == step.name

@@ -4,10 +4,15 @@ The evaluate and package steps (``stages/evaluate.py``, ``stages/package.py``) a
 wrappers over these modules:
 
 - ``evaluation``: dataset -> raw model inputs, batched inference (with optional flip TTA),
-  torchmetrics scores, and the TFX-style blessing (thresholds + change vs the last package);
+  torchmetrics scores, and the TFX-style blessing (thresholds only);
 - ``onnx_export``: export a network to ONNX with a dynamic batch dimension and prove that
   onnxruntime reproduces the torch logits;
 - ``model_card``: the human-readable ``MODEL_CARD.md``;
+- ``calibration``: ECE, reliability diagram, temperature scaling fitted on val;
+- ``gallery``: the most confident mistakes as a self-contained HTML page;
+- ``summary``: the terminal table and the comparison with the last blessed model (uncached);
+- ``deploy``: ``preprocess.json``, check outputs, the deterministic archive and the
+  Triton/KServe model repository; ``verify``: ``fmpipe verify``;
 - ``lineage``: git state, the upstream ``dvc.lock`` entries and file digests that travel
   inside the package.
 
@@ -24,3 +29,8 @@ PREDICTIONS = "predictions.parquet"
 ONNX_MODEL = "model.onnx"
 MODEL_CARD = "MODEL_CARD.md"
 LINEAGE = "lineage.json"
+COMPARISON = "comparison.json"  # evaluate: vs the last blessed model (uncached)
+DETAILS = "details"  # evaluate: calibration + gallery directory
+CALIBRATION = "calibration.json"
+RELIABILITY_PNG = "reliability.png"
+MISTAKES = "mistakes.html"

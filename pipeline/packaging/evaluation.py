@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -118,6 +118,40 @@ def binary_scores(probs: "torch.Tensor", labels: np.ndarray, threshold: float = 
         "precision": float(binary_precision(p, target, threshold=threshold)),
         "recall": float(binary_recall(p, target, threshold=threshold)),
     }
+def effective_tta(meta: dict[str, Any], train_spec) -> Optional[dict[str, Any]]:
+    """The TTA record a model is evaluated and served with: model.json's ``tta`` (older models
+    without one: what ``train`` params say), None for tables or no TTA."""
+    if meta["input"]["kind"] != "image":
+        return None
+    if "tta" in meta:
+        return meta["tta"]
+    from pipeline.training.recipe import tta_record
+
+    spec = train_spec.tta_spec()
+    return tta_record(spec) if spec is not None else None
+
+
+def predict_logits(net: "torch.nn.Module", x: "torch.Tensor", tta: Optional[dict[str, Any]] = None,
+                   batch_size: int = 512):
+    """Raw network outputs as float32 numpy: one N x K (or N x 1) array, or with ``tta`` one
+    per view, in the form ``pipeline.inference.probabilities`` (evaluate, predict, serve) takes."""
+    import torch
+
+    from pipeline.console import progress
+    from pipeline.training.recipe import view
+
+    views = (tta or {}).get("views")
+    net.eval()
+    outs: list[list[np.ndarray]] = [[] for _ in (views or [None])]
+    starts = range(0, len(x), batch_size)
+    with torch.inference_mode():
+        for start in progress(starts, len(starts), "predict"):
+            batch = x[start:start + batch_size]
+            for i, v in enumerate(views or [None]):
+                b = batch if v is None else view(batch, bool(v["flip"]), v["shift"])
+                outs[i].append(net(b).float().cpu().numpy())
+    arrays = [np.concatenate(o) if o else np.zeros((0, 0), dtype=np.float32) for o in outs]
+    return arrays if views else arrays[0]
 
 
 def score(probs: "torch.Tensor", labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -158,12 +192,11 @@ def score(probs: "torch.Tensor", labels: np.ndarray, classes: list[str]) -> dict
     }
 
 
-def bless(metrics: dict[str, Any], spec: "EvaluateSpec",
-          baseline: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def bless(metrics: dict[str, Any], spec: "EvaluateSpec") -> dict[str, Any]:
     """The gate: every threshold of ``EvaluateSpec`` must hold (value >= threshold).
 
-    ``baseline`` (the last packaged model's metrics) is reported, never enforced: a model
-    slightly worse than the last one may still be the one the data supports.
+    A pure function of this evaluation: the change against the last blessed model is reported
+    separately (``pipeline.packaging.summary.comparison``, an uncached file), never enforced.
     """
     checks = []
     for name, key in (("min_accuracy", "accuracy"), ("min_macro_f1", "macro_f1")):
@@ -171,48 +204,13 @@ def bless(metrics: dict[str, Any], spec: "EvaluateSpec",
         value = float(metrics[key])
         checks.append({"name": name, "metric": key, "threshold": threshold, "value": value,
                        "passed": bool(value >= threshold)})
-    blessing: dict[str, Any] = {"blessed": all(c["passed"] for c in checks), "checks": checks}
-    if baseline is not None:
-        blessing["baseline"] = {
-            **baseline,
-            "accuracy_change": _change(metrics.get("accuracy"), baseline.get("accuracy")),
-            "macro_f1_change": _change(metrics.get("macro_f1"), baseline.get("macro_f1")),
-        }
-    return blessing
+    return {"blessed": all(c["passed"] for c in checks), "checks": checks}
 
 
 def failed_checks(blessing: dict[str, Any]) -> list[str]:
     """``name (value < threshold)`` for each failed check, for error messages."""
     return [f"{c['name']} ({c['value']:.4f} < {c['threshold']:.4f})"
             for c in blessing.get("checks", []) if not c.get("passed")]
-
-
-def read_baseline(lineage_path: str | Path) -> Optional[dict[str, Any]]:
-    """The last packaged (hence blessed) model's metrics from its ``lineage.json``, if any.
-
-    An unreadable lineage is reported as such instead of failing the evaluation.
-    """
-    path = Path(lineage_path)
-    if not path.exists():
-        return None
-    try:
-        lineage = json.loads(path.read_text())
-        metrics = lineage["metrics"]
-        return {
-            "source": str(path),
-            "accuracy": float(metrics["accuracy"]),
-            "macro_f1": float(metrics["macro_f1"]),
-            "model_sha256": lineage.get("model", {}).get("sha256"),
-            "git_commit": (lineage.get("git") or {}).get("commit"),
-        }
-    except (ValueError, KeyError, TypeError) as exc:
-        return {"source": str(path), "error": f"unreadable lineage: {exc!r}"}
-
-
-def _change(new: Any, old: Any) -> Optional[float]:
-    if new is None or old is None:
-        return None
-    return float(new) - float(old)
 
 
 def read_json(path: Path, hint: str) -> dict[str, Any]:

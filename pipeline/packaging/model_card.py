@@ -88,24 +88,27 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
     for c in blessing["checks"]:
         add(f"| {c['name']} | {c['threshold']:.4f} | {c['value']:.4f} | {'yes' if c['passed'] else 'no'} |")
     add("")
-    base = blessing.get("baseline")
-    if base and base.get("accuracy_change") is not None:
-        add(f"Against the previously packaged model: accuracy {base['accuracy_change']:+.4f}, "
-            f"macro F1 {base['macro_f1_change']:+.4f}.\n")
 
     add("## Input format and preprocessing\n")
     if kind == "image":
         c, h, w = shape
         add(f"A float32 tensor N x {c} x {h} x {w} (NCHW) of **raw pixel values 0..255** (uint8 pixels cast to "
             "float, no scaling). Mean/std normalisation is inside the model; do not normalise again. "
-            "Images must already have this size and channel count (no resizing is done).\n")
+            "The ONNX graph does no resizing: `fmpipe predict`/`fmpipe serve` convert and resize any image by "
+            "the rule in `preprocess.json` (colour mode, then bicubic resize).\n")
     else:
         names = feature_names or [f"feature {i}" for i in range(shape[0])]
         add(f"A float32 tensor N x {shape[0]} of **raw feature values** in this order: "
             + ", ".join(f"`{n}`" for n in names)
             + ". Standardisation is inside the model; missing values are not supported.\n")
 
-    add("## Running it with onnxruntime\n")
+    add("## Running it\n")
+    add("Without fmpipe's training code or torch (numpy, Pillow and onnxruntime only), from this directory "
+        "or its `.tar.gz` archive: `fmpipe predict <package> <images, folders or CSV files>`, "
+        "`fmpipe serve <package>` (KServe V2 REST) and `fmpipe verify <package>` (file hashes and recorded "
+        "outputs). `preprocess.json` holds the input contract (shape, colour mode, resize rule, feature "
+        "order), the class names and the temperature those commands apply.\n")
+    add("### With onnxruntime directly\n")
     add("```python")
     add("import numpy as np")
     add("import onnxruntime as ort\n")
@@ -139,7 +142,11 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
     add(f"- Measured on {n_test} test examples from the same source as training; the interval above is "
         "the sampling uncertainty alone. Accuracy on data from other devices, scanners, populations or "
         "time periods (distribution shift) is unknown.")
-    add("- Softmax confidences are not calibrated probabilities.")
+    if metrics.get("ece") is not None:
+        add(f"- Confidences: expected calibration error {float(metrics['ece']):.4f} on the test split"
+            f" (temperature {float(metrics.get('temperature', 1.0)):.3g}, applied by predict/serve).")
+    else:
+        add("- Softmax confidences are not calibrated probabilities.")
     add(f"- Only the {len(classes)} classes above exist for the model: an input of any other kind still "
         "gets one of them.")
     weakest = min(per_class, key=lambda r: r["f1"]) if per_class else None

@@ -1,0 +1,105 @@
+"""``fmpipe predict / verify / serve``: run a package without the training stack.
+
+Registered on the main app by ``pipeline.cli``; kept in their own module so the lifecycle
+commands and these stay independent. Imports happen inside the commands and go through
+``pipeline.inference`` only: numpy, PIL and onnxruntime, never torch or lightning.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import typer
+
+PackageArg = typer.Argument(..., help="A package directory (data/<variant>/package) or its .tar.gz archive.")
+
+
+def _fail(what: str, exc: Exception) -> None:
+    typer.echo(f"{what}: error: {exc}", err=True)
+    raise typer.Exit(1)
+
+
+def predict(
+    package: str = PackageArg,
+    inputs: List[str] = typer.Argument(..., help="Image files, folders of images, or CSV files of feature rows."),
+    top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="How many classes to show per input."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document (a list, one entry per input)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="onnxruntime intra-op threads (0: its default)."),
+) -> None:
+    """Predict with a packaged model: images of any size (resized by the package's rule) or CSV rows."""
+    import json
+
+    from pipeline import inference
+    from pipeline.errors import FmpipeError
+    from pipeline.serving import prediction_records
+
+    try:
+        pkg = inference.open_package(package)
+        names, x = inference.load_inputs(inputs, pkg.spec)
+        probs = inference.Predictor(pkg, threads=threads or None).predict_proba(x)
+    except FmpipeError as exc:
+        _fail("fmpipe predict", exc)
+    records = prediction_records(names, probs, pkg.classes, top_k)
+    if as_json:
+        typer.echo(json.dumps(records, indent=2))
+        return
+    for r in records:
+        typer.echo(f"{r['input']}: " + ", ".join(f"{t['label']} {t['probability']:.4f}" for t in r["top_k"]))
+
+
+def verify(package: str = PackageArg) -> None:
+    """Re-hash every packaged file against lineage.json and check the ONNX model reproduces its recorded outputs."""
+    from pipeline.errors import FmpipeError
+    from pipeline.packaging.verify import verify_package
+
+    try:
+        r = verify_package(package)
+    except FmpipeError as exc:
+        _fail("fmpipe verify", exc)
+    typer.echo(f"fmpipe verify: {r['package']}: OK: {r['files']} files match lineage.json; model.onnx reproduces "
+               f"{r['checks']} recorded check outputs (max |diff| {r['max_abs_diff']:.3g}, allowed {r['atol']:g})")
+
+
+def serve(
+    package: str = PackageArg,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="onnxruntime intra-op threads per request."),
+    max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Largest request body accepted."),
+    max_batch: int = typer.Option(1024, "--max-batch", min=1, help="Largest batch accepted in one request."),
+    verbose: bool = typer.Option(False, "--verbose", help="Log every request."),
+) -> None:
+    """Serve a package over the Open Inference Protocol (KServe V2 REST) plus POST /predict for image files."""
+    from pipeline import inference
+    from pipeline.errors import FmpipeError
+    from pipeline.serving import make_server
+
+    try:
+        pkg = inference.open_package(package)
+        server = make_server(pkg, host, port, threads=threads, max_body=int(max_body_mb * (1 << 20)),
+                             max_batch=max_batch, verbose=verbose)
+    except FmpipeError as exc:
+        _fail("fmpipe serve", exc)
+    except OSError as exc:
+        _fail("fmpipe serve", f"cannot listen on {host}:{port} ({exc.strerror or exc})")
+    import signal
+
+    def _stop(signum, frame):  # SIGTERM (docker stop, kubernetes) stops like Ctrl+C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    h, p = server.server_address[:2]
+    typer.echo(f"fmpipe serve: model {pkg.name!r} on http://{h}:{p} (KServe V2: /v2/models/{pkg.name}/infer; "
+               f"images: POST /predict); Ctrl+C stops", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("fmpipe serve: stopped", err=True)
+    finally:
+        server.server_close()
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(predict)
+    app.command()(verify)
+    app.command()(serve)

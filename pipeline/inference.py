@@ -1,0 +1,388 @@
+"""Run a packaged model on raw inputs: the one inference path of predict, serve and verify.
+
+A package (the ``data/<variant>/package/`` directory or its ``<variant>-<hash>.tar.gz``
+archive) carries ``preprocess.json``, the machine-readable contract of its ONNX model:
+
+- ``input``: tensor name, kind (image/tabular), layout and shape (batch ``-1``), dtype, value
+  range, and for images the colour mode, size and the resize rule (the same rule the
+  imagefolder source used when the training data was collected: convert the colour mode,
+  then bicubic resize to the model's size when it differs); for tables the feature order;
+- ``output``: tensor name and kind: ``softmax`` (one logit per class) or ``sigmoid`` (one
+  logit for a binary model, read as [1 - p, p]);
+- ``classes`` (logit order), ``temperature`` (divides the logits before softmax/sigmoid;
+  fitted by evaluate when ``temperature_scaling`` is on), ``tta_flip`` (average the image and
+  its mirror, as evaluate scored it).
+
+Only numpy, PIL and onnxruntime are used here: this module must never import torch or
+lightning, so a service runs a package without the training stack.
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from pipeline.errors import FmpipeError
+
+PREPROCESS = "preprocess.json"
+LINEAGE = "lineage.json"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+TABLE_SUFFIXES = {".csv"}
+
+
+# ---------------------------------------------------------------- the package on disk
+
+@dataclass
+class Package:
+    """An opened package: its root directory and its preprocessing spec."""
+
+    root: Path
+    spec: dict[str, Any]
+    source: str  # what the user named (directory or archive), for messages
+    _tmp: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.spec.get("name") or self.spec.get("variant") or "model")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.spec["classes"])
+
+    @property
+    def kind(self) -> str:
+        return str(self.spec["input"]["kind"])
+
+    def lineage(self) -> dict[str, Any]:
+        return _read_json(self.root / LINEAGE, self.source)
+
+    def close(self) -> None:
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def open_package(path: str | os.PathLike) -> Package:
+    """Open a package directory or a ``.tar.gz`` archive of one (extracted to a temp dir)."""
+    p = Path(path)
+    if p.is_dir():
+        root, tmp = p, None
+    elif p.is_file() and (p.name.endswith(".tar.gz") or p.name.endswith(".tgz") or p.suffix == ".tar"):
+        tmp = tempfile.mkdtemp(prefix="fmpipe-package-")
+        atexit.register(shutil.rmtree, tmp, True)
+        root = _safe_extract(p, Path(tmp))
+    elif not p.exists():
+        raise FmpipeError(f"{p}: not found; expected a package directory or its .tar.gz archive")
+    else:
+        raise FmpipeError(f"{p}: not a package directory or a .tar.gz archive")
+    spec_path = root / PREPROCESS
+    if not spec_path.exists():
+        raise FmpipeError(f"{p}: no {PREPROCESS} in the package; package it again with "
+                          "`fmpipe package` (older packages lack the preprocessing spec)")
+    spec = _read_json(spec_path, f"{p}/{PREPROCESS}")
+    _check_spec(spec, f"{p}/{PREPROCESS}")
+    return Package(root=root, spec=spec, source=str(p), _tmp=tmp)
+
+
+def _safe_extract(archive: Path, dest: Path) -> Path:
+    """Extract regular files and directories only, none escaping ``dest``; return the root."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                target = (dest / m.name).resolve()
+                if not (m.isfile() or m.isdir()) or m.name.startswith("/") or not str(target).startswith(str(dest.resolve()) + os.sep):
+                    raise FmpipeError(f"{archive}: member {m.name!r} is not a plain file inside the archive; refusing it")
+            for m in members:
+                target = dest / m.name
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(m)
+                with open(target, "wb") as fh:
+                    shutil.copyfileobj(src, fh)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise FmpipeError(f"{archive}: not a readable tar archive ({exc})") from None
+    entries = [e for e in dest.iterdir()]
+    # Archives hold one top-level folder named after the package; accept a flat one too.
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return dest
+
+
+def _read_json(path: Path, where: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FmpipeError(f"{where}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FmpipeError(f"{where}: not valid JSON ({exc})") from None
+
+
+def _check_spec(spec: dict[str, Any], where: str) -> None:
+    try:
+        inp, out = spec["input"], spec["output"]
+        assert inp["kind"] in ("image", "tabular"), "input.kind must be image or tabular"
+        assert isinstance(inp["name"], str) and isinstance(out["name"], str)
+        assert out["kind"] in ("softmax", "sigmoid"), "output.kind must be softmax or sigmoid"
+        assert isinstance(spec["classes"], list) and spec["classes"], "classes must be a non-empty list"
+        assert float(spec.get("temperature", 1.0)) > 0, "temperature must be > 0"
+        if inp["kind"] == "image":
+            assert int(inp["channels"]) in (1, 3) and int(inp["height"]) > 0 and int(inp["width"]) > 0
+        else:
+            assert isinstance(inp["features"], list)
+    except (KeyError, TypeError, ValueError, AssertionError) as exc:
+        raise FmpipeError(f"{where}: not a valid preprocessing spec ({exc or type(exc).__name__})") from None
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def image_array(data: bytes | str | os.PathLike, spec: dict[str, Any], where: str = "image") -> np.ndarray:
+    """One image (bytes or a path) as the model's C x H x W float32 raw pixels (0..255)."""
+    from PIL import Image, UnidentifiedImageError
+
+    inp = spec["input"]
+    channels, h, w = int(inp["channels"]), int(inp["height"]), int(inp["width"])
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        raw = data if isinstance(data, bytes) else Path(data).read_bytes()
+        with Image.open(io.BytesIO(raw)) as im:
+            # Exactly the collect step's rule (pipeline/sources/imagefolder.py): a JPEG of
+            # another size is decoded at a reduced scale (still >= the target), then the colour
+            # mode is converted, then a bicubic resize.
+            if im.size != (w, h) and im.format == "JPEG":
+                im.draft(mode, (w, h))
+            out = im.convert(mode)
+            if out.size != (w, h):
+                out = out.resize((w, h), Image.Resampling.BICUBIC)
+            arr = np.asarray(out, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FmpipeError(f"{where}: not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise FmpipeError(f"{where}: not a readable image ({type(exc).__name__}: {exc})") from None
+    return arr.reshape(h, w, channels).transpose(2, 0, 1).astype(np.float32)
+
+
+def table_rows(path: str | os.PathLike, spec: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    """CSV feature rows -> (row names, N x F float32).
+
+    With a header naming every model feature, columns are taken by name (others, e.g. an id or
+    label column, are ignored; a column named ``id`` names the rows). Without such a header the
+    file must have exactly F numeric columns in the model's feature order.
+    """
+    features = list(spec["input"]["features"])
+    f = len(features) or int(spec["input"]["shape"][-1])
+    where = str(path)
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FmpipeError(f"{where}: cannot read ({exc})") from None
+    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise FmpipeError(f"{where}: no rows")
+    header = [c.strip() for c in rows[0]]
+    names: list[str] = []
+    if features and set(features) <= set(header):
+        idx = [header.index(c) for c in features]
+        id_col = header.index("id") if "id" in header else None
+        body = rows[1:]
+    else:
+        idx, id_col = list(range(f)), None
+        body = rows
+        if not _numeric(rows[0]):
+            body = rows[1:]  # a header that does not name the features: positional columns
+    out = np.empty((len(body), f), dtype=np.float32)
+    for n, row in enumerate(body):
+        line = n + (2 if body is not rows else 1)
+        if id_col is None and len(row) != f:
+            raise FmpipeError(f"{where}: line {line}: {len(row)} columns, expected {f} features "
+                              f"({', '.join(features) if features else 'in model order'}) or a header naming them")
+        try:
+            out[n] = [float(row[i]) for i in idx]
+        except (ValueError, IndexError):
+            raise FmpipeError(f"{where}: line {line}: expected {f} numbers for {', '.join(features) or 'the features'}") from None
+        names.append(f"{Path(path).name}:{row[id_col] if id_col is not None else line}")
+    if not np.isfinite(out).all():
+        raise FmpipeError(f"{where}: missing or non-finite feature values are not supported")
+    return names, out
+
+
+def _numeric(row: Sequence[str]) -> bool:
+    try:
+        [float(c) for c in row]
+        return True
+    except ValueError:
+        return False
+
+
+def expand_inputs(paths: Iterable[str | os.PathLike], kind: str) -> list[Path]:
+    """Files to predict: each path as given, folders expanded to their image/CSV files (sorted)."""
+    wanted = IMAGE_SUFFIXES if kind == "image" else TABLE_SUFFIXES
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in wanted)
+            if not found:
+                raise FmpipeError(f"{p}: no {'image' if kind == 'image' else 'CSV'} files in this folder")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FmpipeError(f"{p}: not found")
+    if not out:
+        raise FmpipeError("no inputs given")
+    return out
+
+
+def load_inputs(paths: Iterable[str | os.PathLike], spec: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    """(names, model input batch) for image files / folders or CSV files of feature rows."""
+    kind = spec["input"]["kind"]
+    files = expand_inputs(paths, kind)
+    if kind == "image":
+        return [str(f) for f in files], np.stack([image_array(f, spec, str(f)) for f in files])
+    names, parts = [], []
+    for f in files:
+        n, x = table_rows(f, spec)
+        names += n
+        parts.append(x)
+    return names, np.concatenate(parts)
+
+
+def check_batch(x: Any, spec: dict[str, Any], where: str = "input") -> np.ndarray:
+    """A client-supplied batch as float32 of the model's shape, or a clear error."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu":
+        raise FmpipeError(f"{where}: expected numbers, got dtype {arr.dtype}")
+    want = [int(d) for d in spec["input"]["shape"][1:]]
+    if arr.ndim != len(want) + 1 or list(arr.shape[1:]) != want:
+        raise FmpipeError(f"{where}: shape {list(arr.shape)}, expected [-1, {', '.join(map(str, want))}]")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise FmpipeError(f"{where}: non-finite values")
+    return arr
+
+
+# ---------------------------------------------------------------- the model
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def as_class_logits(logits: np.ndarray) -> np.ndarray:
+    """N x K logits as they are; a binary model's N x 1 logit z as [0, z] (softmax = [1-p, p])."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim == 2 and logits.shape[1] == 1:
+        return np.concatenate([np.zeros_like(logits), logits], axis=1)
+    return logits
+
+
+# The TTA record of an older package that only knew ``tta_flip``: image and mirror, softmax averaged.
+LEGACY_FLIP_TTA = {"combine": "probs", "padding": "reflect",
+                   "views": [{"flip": False, "shift": [0, 0], "weight": 0.5},
+                             {"flip": True, "shift": [0, 0], "weight": 0.5}]}
+
+
+def tta_view(x: np.ndarray, flip: bool, shift: Sequence[int]) -> np.ndarray:
+    """One TTA view of an N x C x H x W batch: pixel (i, j) is input pixel (i+dy, j+dx),
+    mirrored at the borders, then the horizontal flip (as ``pipeline.training.recipe.view``)."""
+    dy, dx = int(shift[0]), int(shift[1])
+    if dy or dx:
+        h, w = x.shape[-2:]
+        py, px = abs(dy), abs(dx)
+        padded = np.pad(x, ((0, 0), (0, 0), (py, py), (px, px)), mode="reflect")
+        x = padded[..., py + dy:py + dy + h, px + dx:px + dx + w]
+    if flip:
+        x = x[..., ::-1]
+    return np.ascontiguousarray(x)
+
+
+def probabilities(view_logits, temperature: float = 1.0, tta: Optional[dict[str, Any]] = None) -> np.ndarray:
+    """Class probabilities from the logits of each TTA view, with the temperature applied.
+
+    ``view_logits``: one N x K (or N x 1 binary) array when there is no TTA, else a list
+    aligned with ``tta["views"]``. ``combine: logits`` averages the weighted logits before the
+    softmax; ``combine: probs`` averages the softmaxes. Evaluate, predict and serve all use it.
+    """
+    if tta is None or isinstance(view_logits, np.ndarray):
+        return softmax(as_class_logits(view_logits).astype(np.float64) / temperature).astype(np.float32)
+    views = tta["views"]
+    if tta.get("combine", "logits") == "logits":
+        z = sum(float(v["weight"]) * as_class_logits(l).astype(np.float64) for v, l in zip(views, view_logits))
+        return softmax(z / temperature).astype(np.float32)
+    p = sum(float(v["weight"]) * softmax(as_class_logits(l).astype(np.float64) / temperature)
+            for v, l in zip(views, view_logits))
+    return p.astype(np.float32)
+
+
+class Predictor:
+    """An onnxruntime session over a package, with the package's postprocessing.
+
+    ``session.run`` is thread-safe in onnxruntime, so one Predictor serves concurrent requests.
+    """
+
+    def __init__(self, package: Package, threads: Optional[int] = None, max_batch: int = 256) -> None:
+        import onnxruntime as ort
+
+        self.package = package
+        self.spec = package.spec
+        self.input_name = self.spec["input"]["name"]
+        self.output_name = self.spec["output"]["name"]
+        self.temperature = float(self.spec.get("temperature", 1.0))
+        self.tta = None
+        if package.kind == "image":
+            self.tta = self.spec.get("tta") or (LEGACY_FLIP_TTA if self.spec.get("tta_flip") else None)
+        self.max_batch = max_batch
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        model_path = package.root / self.spec.get("model_file", "model.onnx")
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise FmpipeError(f"{package.source}: {model_path.name} does not load in onnxruntime ({exc})") from None
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Raw model outputs, in batches of ``max_batch``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        outs = [self.session.run([self.output_name], {self.input_name: x[i:i + self.max_batch]})[0]
+                for i in range(0, len(x), self.max_batch)]
+        if not outs:
+            return np.zeros((0, len(self.package.classes)), dtype=np.float32)
+        return np.concatenate(outs)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities (N x K) as evaluate scored them: temperature and TTA views applied."""
+        return probabilities(self.view_logits(x), self.temperature, self.tta)
+
+    def view_logits(self, x: np.ndarray, plain: Optional[np.ndarray] = None):
+        """The logits of every TTA view (one array without TTA); ``plain``: x's own, if known."""
+        if self.tta is None:
+            return self.logits(x) if plain is None else plain
+        return [plain if plain is not None and not v["flip"] and not any(v["shift"])
+                else self.logits(tta_view(x, bool(v["flip"]), v["shift"])) for v in self.tta["views"]]
+
+
+def top_k(probs: np.ndarray, classes: Sequence[str], k: int = 3) -> list[list[dict[str, Any]]]:
+    """Per row, the k most probable classes (ties: lower index first) with probabilities."""
+    k = max(1, min(int(k), len(classes)))
+    out = []
+    for row in probs:
+        order = np.argsort(-row, kind="stable")[:k]
+        out.append([{"index": int(i), "label": classes[i], "probability": float(row[i])} for i in order])
+    return out

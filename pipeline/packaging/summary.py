@@ -1,0 +1,75 @@
+"""The evaluation as people read it in a terminal, and the comparison with the last blessed model.
+
+``comparison`` is deliberately not part of ``blessing.json``: the last blessed model is the
+previous package, which is not a declared dependency of evaluate (package depends on
+evaluate; the reverse would be a cycle). Its numbers therefore go to the uncached
+``evaluate/comparison.json`` and never into a cached output or the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+COMPARED = ("accuracy", "macro_f1", "ece")
+
+
+def read_last_blessed(lineage_path: str | Path) -> Optional[dict[str, Any]]:
+    """The previous package's metrics (it was blessed, or package would have refused it)."""
+    path = Path(lineage_path)
+    if not path.exists():
+        return None
+    try:
+        lineage = json.loads(path.read_text())
+        metrics = lineage["metrics"]
+        return {
+            "source": str(path),
+            **{k: float(metrics[k]) for k in COMPARED if metrics.get(k) is not None},
+            "model_sha256": (lineage.get("model") or {}).get("sha256"),
+        }
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"source": str(path), "error": f"unreadable lineage: {exc!r}"}
+
+
+def comparison(metrics: dict[str, Any], baseline: Optional[dict[str, Any]],
+               model_sha256: Optional[str] = None) -> dict[str, Any]:
+    if baseline is None:
+        return {"baseline": None, "note": "no previous package: nothing to compare with"}
+    out: dict[str, Any] = {"baseline": baseline, "changes": {}}
+    for key in COMPARED:
+        if metrics.get(key) is not None and baseline.get(key) is not None:
+            out["changes"][key] = float(metrics[key]) - float(baseline[key])
+    if model_sha256 is not None:
+        out["same_weights"] = model_sha256 == baseline.get("model_sha256")
+    return out
+
+
+def render_table(variant: str, metrics: dict[str, Any], per_class: list[dict[str, Any]],
+                 blessing: dict[str, Any], compared: dict[str, Any]) -> None:
+    """Overall + per-class table on stderr (rich), then the verdict and the change."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True, highlight=False)
+    changes = compared.get("changes") or {}
+    overall = Table(title=f"{variant}: test split ({metrics['n_test']} rows)", title_justify="left")
+    for col in ("metric", "value", "vs last blessed"):
+        overall.add_column(col, justify="left" if col == "metric" else "right")
+    rows = [("accuracy", metrics["accuracy"]), ("macro F1", metrics["macro_f1"]),
+            ("ECE (lower is better)", metrics.get("ece")), ("temperature", metrics.get("temperature"))]
+    for (label, value), key in zip(rows, ("accuracy", "macro_f1", "ece", None)):
+        if value is None:
+            continue
+        ch = changes.get(key) if key else None
+        overall.add_row(label, f"{value:.4f}", "" if ch is None else f"{ch:+.4f}")
+    console.print(overall)
+    table = Table(title="per class", title_justify="left")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for r in per_class:
+        table.add_row(str(r["class"]), f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}",
+                      str(int(r["support"])))
+    console.print(table)
+    if compared.get("baseline") is None:
+        console.print("no previous package: nothing to compare with")

@@ -1,0 +1,78 @@
+"""``fmpipe verify PACKAGE``: is this package exactly what fmpipe packaged, and does it still run?
+
+1. every file listed in ``lineage.json`` (``files``: sha256 + size) is present and unchanged,
+   and no other file sits in the package (a stray file could shadow one at load time);
+2. ``preprocess.json`` is a valid spec and ``model.onnx`` loads in onnxruntime;
+3. the recorded check inputs give the recorded logits (within the package's ONNX tolerance,
+   same argmax).
+
+No torch: only onnxruntime, numpy and the standard library. Any failure is one FmpipeError
+naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import FmpipeError
+from pipeline.io import sha256_file
+
+LINEAGE = "lineage.json"
+
+
+def verify_package(path: str | os.PathLike) -> dict[str, Any]:
+    from pipeline import inference
+
+    source = Path(path)
+    if source.is_dir():
+        root = source
+        pkg = None
+    else:
+        pkg = inference.open_package(source)  # extracts an archive; names a missing path
+        root = pkg.root
+    where = lambda name: f"{source}/{name}" if source.is_dir() else f"{source}:{name}"  # noqa: E731
+
+    lineage = inference._read_json(root / LINEAGE, where(LINEAGE))
+    files = lineage.get("files")
+    if not isinstance(files, dict) or not files:
+        raise FmpipeError(f"{where(LINEAGE)}: no `files` digests recorded; cannot verify this package")
+    for name in sorted(files):
+        entry = files[name]
+        p = root / name
+        if not p.is_file():
+            raise FmpipeError(f"{where(name)}: missing (listed in lineage.json)")
+        if p.stat().st_size != entry.get("size") or sha256_file(p) != entry.get("sha256"):
+            raise FmpipeError(f"{where(name)}: sha256 differs from lineage.json (file changed since packaging)")
+    present = {q.relative_to(root).as_posix() for q in root.rglob("*") if q.is_file()}
+    extra = sorted(present - set(files) - {LINEAGE})
+    if extra:
+        raise FmpipeError(f"{where(extra[0])}: not part of the package (not listed in lineage.json)")
+
+    if pkg is None:
+        pkg = inference.open_package(root)
+    predictor = inference.Predictor(pkg, threads=1)
+    checks = pkg.spec.get("checks") or {}
+    try:
+        x = np.load(root / checks["input"], allow_pickle=False)
+        expected = np.load(root / checks["logits"], allow_pickle=False)
+        atol = float(checks["atol"])
+    except (KeyError, TypeError):
+        raise FmpipeError(f"{where('preprocess.json')}: no `checks` (input, logits, atol) recorded") from None
+    except (OSError, ValueError) as exc:
+        raise FmpipeError(f"{where(checks.get('input', 'checks'))}: unreadable check arrays ({exc})") from None
+    got = predictor.logits(x)
+    if got.shape != expected.shape:
+        raise FmpipeError(f"{where(pkg.spec.get('model_file', 'model.onnx'))}: output shape {list(got.shape)} "
+                          f"differs from the recorded {list(expected.shape)}")
+    diff = float(np.abs(got - expected).max()) if got.size else 0.0
+    same_argmax = got.shape[1] == 1 or bool((got.argmax(1) == expected.argmax(1)).all())
+    if not diff <= atol or not same_argmax:
+        raise FmpipeError(f"{where(pkg.spec.get('model_file', 'model.onnx'))}: does not reproduce the recorded "
+                          f"check outputs (max |diff| {diff:.3g}, allowed {atol:g}"
+                          f"{', different argmax' if not same_argmax else ''})")
+    return {"package": str(source), "files": len(files), "checks": int(len(x)), "max_abs_diff": diff,
+            "atol": atol, "name": pkg.name}

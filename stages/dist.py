@@ -1,0 +1,29 @@
+"""Step 6 glue: the package as one archive plus a model-server layout (data/<variant>/dist/).
+
+Writes ``<variant>-<hash>.tar.gz`` (the package directory as a deterministic archive: the same
+package gives the same bytes; the hash names the packaged files' content) and
+``model_repository/<variant>/`` (``1/model.onnx``, ``config.pbtxt``, ``labels.txt``: an ONNX
+model repository NVIDIA Triton or KServe loads as it is). No torch: the logic is in
+``pipeline/packaging/deploy.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.errors import FmpipeError
+from pipeline.packaging import LINEAGE, ONNX_MODEL, deploy
+
+
+def run(ctx) -> None:
+    package_dir = ctx.input("package")
+    try:
+        lineage = json.loads((package_dir / LINEAGE).read_text())
+        spec = json.loads((package_dir / deploy.PREPROCESS).read_text())
+    except FileNotFoundError as exc:
+        raise FmpipeError(f"{exc.filename}: not found; run `fmpipe package --stage {ctx.variant}` first") from None
+    archive = deploy.archive_name(ctx.variant, deploy.package_digest(lineage["files"]))
+    deploy.write_archive(package_dir, ctx.out / archive, top=archive[: -len(".tar.gz")])
+    deploy.write_model_repository(ctx.out / "model_repository", ctx.variant, package_dir / ONNX_MODEL, spec)
+    ctx.summary = f"{ctx.final_dir / archive}; model repository {ctx.final_dir / 'model_repository' / ctx.variant}"
+    ctx.result = {"archive": str(ctx.final_dir / archive)}
