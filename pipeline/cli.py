@@ -58,6 +58,13 @@ def _run_step(step: str, variant: str, params: str, **flags: bool) -> None:
     from pipeline.runner import run_step
 
     with _reported(f"fmpipe {step} --stage {variant}"):
+        if step == "validate" and flags.pop("init", False):
+            # Writes a source file people curate, not a step output: no runner, no outputs.
+            from pipeline.quality.expectations import init_command
+
+            init_command(variant, params, force=flags.get("force", False))
+            return
+        flags.pop("force", None)
         run_step(step, variant, params, **flags)
 
 

@@ -101,7 +101,7 @@ STEPS: tuple[Step, ...] = (
     Step(
         name="clean",
         writes_dataset=True,
-        help="Drop invalid rows and exact duplicates, each removal listed with its reason.",
+        help="Find invalid rows, exact/near duplicates, leakage, unhealthy images; drop or flag each by policy.",
         module="stages.clean",
         reads=("collect",),
         code=("stages/clean.py", "pipeline/quality", *_DATASET_CODE),
@@ -109,11 +109,16 @@ STEPS: tuple[Step, ...] = (
     ),
     Step(
         name="validate",
-        help="Run the Great Expectations suite on the cleaned data; fail on any broken expectation.",
+        help="Run the variant's curated GX suite (expectations/<stage>.json); critical failures stop, "
+             "warnings are recorded.",
         module="stages.validate",
         reads=("clean",),
+        sources=("expectations/{v}.json",),
         code=("stages/validate.py", "pipeline/quality"),
         params=("validate",),
+        flags=(Flag("init", "Write a starting suite, expectations/<stage>.json, from the current cleaned "
+                            "data and params (then review and commit it); runs nothing else."),
+               Flag("force", "With --init: overwrite an existing suite.")),
     ),
     Step(
         name="annotate",

@@ -1,32 +1,51 @@
-"""Step 1c glue: the Great Expectations gate on the cleaned data (``pipeline/quality/``).
+"""Step 1c glue: the variant's curated GX suite on the cleaned data (``pipeline/quality/``).
 
-Outputs: ``results.json`` (GX's full validation result), ``summary.json`` (the verdict annotate
-checks: ``pipeline/quality/gate.py``) and ``data_docs/`` (GX's HTML Data Docs). They are written
-even when an expectation fails, so the docs can be read; the runner then stops with the
-failures, the CLI exits non-zero and DVC stops before annotate.
+The suite is ``expectations/<variant>.json`` (GX's own JSON, each expectation with GX's
+``severity``; ``fmpipe validate --stage V --init`` writes a starting one). Outputs:
+``results.json`` (GX's full validation result), ``summary.json`` (the verdict annotate checks,
+``pipeline/quality/gate.py``: critical failures in ``failed``, warning/info failures in
+``warnings``, one row per expectation in ``table``) and ``data_docs/``. They are written even
+when a critical expectation fails, so they can be read; the runner then stops with the
+failures. Warnings are printed and recorded; the pipeline goes on.
 """
 
 from __future__ import annotations
+
+import sys
 
 from pipeline.io import to_json
 from pipeline.quality.gate import DATA_DOCS, RESULTS, SUMMARY, summarize
 
 
 def run(ctx) -> None:
-    from pipeline.quality.expectations import build_checks, failure_line, run_checks
+    from pipeline.errors import FmpipeError
+    from pipeline.quality import expectations as X
 
     source = ctx.input("clean")
     ds = ctx.dataset("clean")
-    checks = build_checks(ds, ctx.spec.validate_)
-    outcome = run_checks(checks, suite_prefix=ctx.variant, docs_dir=ctx.out / DATA_DOCS)
-    (ctx.out / RESULTS).write_text(to_json({"success": outcome.success, "validations": outcome.results}))
+    path = ctx.source("expectations/{v}.json")
+    table = X.validation_table(ds)
+    suite = X.load_suite(path, table)
+    parameters = X.suite_parameters(ds, ctx.spec.validate_)
+    try:
+        outcome = X.run_suite(suite, table, parameters, docs_dir=ctx.out / DATA_DOCS)
+    except FmpipeError:
+        raise
+    except Exception as exc:  # GX refuses e.g. bounds that cross once params are filled in
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise FmpipeError(f"{path}: GX could not run the suite with the params of "
+                          f"variants.{ctx.variant}.validate {parameters}: {detail}") from None
+    (ctx.out / RESULTS).write_text(to_json({"success": outcome.success, "validation": outcome.results}))
     summary = summarize(ctx.variant, ds, str(source), outcome)
     summary.write(ctx.out / SUMMARY)
     ctx.result = summary.model_dump(mode="json")
 
-    passed = outcome.expectations - len(outcome.failed)
-    ctx.summary = (f"{passed}/{outcome.expectations} expectations passed "
-                   f"(docs: {ctx.final_dir / DATA_DOCS / 'index.html'})")
+    print("\n".join(X.table_lines(outcome.rows)))
+    passed = outcome.expectations - len(outcome.failed) - len(outcome.warnings)
+    ctx.summary = (f"{passed}/{outcome.expectations} expectations passed, {len(outcome.failed)} critical "
+                   f"failure(s), {len(outcome.warnings)} warning(s) (docs: {ctx.final_dir / DATA_DOCS / 'index.html'})")
+    for w in outcome.warnings:
+        print(f"  {X.failure_line(w)}", file=sys.stderr)
     if not outcome.success:
-        lines = "\n".join(f"  {failure_line(f)}" for f in outcome.failed)
-        ctx.failure = f"{len(outcome.failed)} of {outcome.expectations} expectations failed on {source}:\n{lines}"
+        lines = "\n".join(f"  {X.failure_line(f)}" for f in outcome.failed)
+        ctx.failure = (f"{len(outcome.failed)} critical expectation(s) of {path} failed on {source}:\n{lines}")

@@ -35,6 +35,7 @@ def _project(root: Path) -> Path:
     root.mkdir(parents=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     shutil.copytree(REPO / "annotations", root / "annotations")
+    shutil.copytree(REPO / "expectations", root / "expectations")
     return root
 
 

@@ -1,1 +1,8 @@
-"""Data quality: the Great Expectations suites that gate a dataset before annotation/training."""
+"""Data quality: clean's rules and the validate gate.
+
+- ``embedders``: images -> vectors (hand-designed ``thumbs``; a trained fmpipe network's layer);
+- ``neighbors``: ``near_pairs``, the near-duplicate index (exact or faiss/usearch ANN);
+- ``rules``: clean's registered rules and their drop/flag/off policies;
+- ``clean``: clean as a function of a Dataset; ``sheet``: the offline HTML contact sheet;
+- ``expectations``: the curated GX suite per variant (init, load, run, report).
+"""

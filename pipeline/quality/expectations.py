@@ -1,200 +1,303 @@
-"""The Great Expectations (1.x) suites that gate a cleaned dataset, and running them.
+"""The curated Great Expectations (1.x) suite of a variant: create it, load it, run it.
 
-Three tables are validated, each with its own suite:
+Each variant has one suite, ``expectations/<variant>.json``, in GX's own serialisation (an
+``ExpectationSuite`` as JSON: ``name``, ``expectations`` with ``type``, ``kwargs``, ``meta``
+and GX's native ``severity``: critical, warning or info). ``fmpipe validate --stage NAME
+--init`` writes a starting suite from the current cleaned data and params; people then edit
+it (bounds, severities, new expectations) and commit it; it is a dvc.yaml dep of validate.
 
-- ``manifest``: the dataset contract (schema, row count, label/split/id/hash columns, and for
-  images the per-image shape and pixel stats);
-- ``features`` (tabular datasets only): every feature column numeric, non-null and finite;
-- ``class_counts``: a small table derived from the manifest, one row per class of
-  ``dataset.json`` (absent classes included, with 0 rows), so that "every class has enough
-  rows" and "no class dominates" are ordinary GX column expectations with the offending
-  class named in the result.
+The suite validates one table: the cleaned manifest, with the feature columns beside it for
+tables. Rows per split and per class are ``expect_table_row_count_to_be_between`` with a GX
+``row_condition`` (``split=="test"``, ``label==3``), so a failure names the split or class.
+Bounds that params own are GX expectation parameters (``{"$PARAMETER": "min_rows"}``),
+filled from the variant's ``validate`` section at run time (:func:`suite_parameters`), so
+changing params.yaml still moves them; bounds measured at ``--init`` are literal numbers.
 
-Everything runs in an in-memory (ephemeral) GX context: nothing is written to the working
-directory except the Data Docs site, which is rendered into a directory the caller chooses.
-``great_expectations`` takes seconds to import, so it is imported inside the functions that
-need it, never at module import.
+Severity decides what stops the pipeline: a failed ``critical`` expectation (or one GX could
+not evaluate) fails the step; ``warning`` and ``info`` failures are recorded in summary.json
+and printed, and the pipeline goes on.
+
+Everything runs in an in-memory (ephemeral) GX context: the only files written are the
+Data Docs site and the results. ``great_expectations`` takes seconds to import, so it is
+imported inside the functions that need it, never at module import.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from pipeline.config import ValidateSpec
-from pipeline.manifest import REQUIRED_COLUMNS, SPLITS, Dataset
+from pipeline.errors import FmpipeError
+from pipeline.manifest import REQUIRED_COLUMNS, Dataset
 
-# Splits that must hold at least one row: a model needs something to train on and to be
-# scored on. ``val`` may legitimately be empty (val_fraction: 0).
 REQUIRED_SPLITS = ("train", "test")
+SPLITS_ALL = ("train", "val", "test")
 IMAGE_STAT_COLUMNS = ("height", "width", "channels", "mean", "std")
 SHA256_HEX = r"^[0-9a-f]{64}$"
-# Numeric dtypes a feature column may have (pandas dtype names, numpy and nullable variants).
 NUMERIC_DTYPES = [
     "float64", "float32", "float16", "Float64", "Float32",
     "int64", "int32", "int16", "int8", "Int64", "Int32", "Int16", "Int8",
     "uint64", "uint32", "uint16", "uint8", "UInt64", "UInt32", "UInt16", "UInt8",
 ]
-# How many offending values / row ids each failed expectation reports.
+SEVERITIES = ("critical", "warning", "info")
 PARTIAL_UNEXPECTED_COUNT = 10
 DOCS_SITE = "fmpipe"
+SUITES_DIR = Path("expectations")
+# --init: how far rows per split and pixel statistics may drift from today's before warning.
+SPLIT_ROWS_TOLERANCE = 0.05
+PIXEL_STAT_TOLERANCE = 5.0
+# Kwargs that name columns of the validated table (checked before GX runs).
+_COLUMN_KWARGS = ("column", "column_A", "column_B")
 
 
-@dataclass
-class TableCheck:
-    """One table and the expectations it must meet; becomes one GX suite and one result."""
+def suite_path(variant: str) -> Path:
+    return SUITES_DIR / f"{variant}.json"
 
-    table: str
-    frame: pd.DataFrame
-    expectations: list[Any]  # great_expectations.expectations.Expectation instances
-    # Column(s) that identify an offending row in the results (GX reports their values).
-    id_columns: tuple[str, ...] = ()
 
+def validation_table(ds: Dataset) -> pd.DataFrame:
+    """The one table a variant's suite validates: the manifest (+ feature columns)."""
+    if ds.features is None:
+        return ds.manifest
+    clash = set(ds.features.columns) & set(ds.manifest.columns)
+    if clash:
+        raise FmpipeError(f"feature columns {sorted(clash)} clash with manifest columns; rename them in the source")
+    return pd.concat([ds.manifest.reset_index(drop=True), ds.features.reset_index(drop=True)], axis=1)
+
+
+def suite_parameters(ds: Dataset, spec) -> dict[str, Any]:
+    """Values for the suite's ``$PARAMETER`` references, from params (validate section)."""
+    n = len(ds.manifest)
+    return {
+        "min_rows": spec.min_rows,
+        "max_rows": spec.max_rows,
+        "min_rows_per_class": spec.min_rows_per_class,
+        # A class holding most rows usually means a collapsed or mis-mapped label column.
+        "max_rows_per_class": int(math.floor(spec.max_class_fraction * n + 1e-9)),
+    }
+
+
+# ---------------------------------------------------------------- --init: a starting suite
+
+def _e(cls, severity: str, covers: str, **kwargs):
+    return cls(severity=severity, meta={"covers": covers}, **kwargs)
+
+
+def initial_expectations(ds: Dataset) -> list[Any]:
+    """The starting suite for ``ds``: contract, sizes, labels, balance, images/features, leakage."""
+    import great_expectations.expectations as gxe
+
+    m = ds.manifest
+    classes = list(ds.classes)
+    P = lambda name: {"$PARAMETER": name}  # noqa: E731
+    kind_columns = IMAGE_STAT_COLUMNS if ds.kind == "image" else ("n_missing",)
+    columns = [*REQUIRED_COLUMNS, *kind_columns] + (["leaked"] if "leaked" in m.columns else [])
+    out: list[Any] = [_e(gxe.ExpectColumnToExist, "critical", "contract", column=c) for c in columns]
+    out += [
+        _e(gxe.ExpectColumnValuesToNotBeNull, "critical", "contract", column=c) for c in REQUIRED_COLUMNS
+    ]
+    out += [
+        _e(gxe.ExpectColumnValuesToBeInTypeList, "critical", "contract: types", column="label",
+           type_list=["int64", "int32", "Int64", "Int32"]),
+        _e(gxe.ExpectColumnValuesToBeUnique, "critical", "contract: unique ids", column="id"),
+        # clean drops exact duplicates: a repeated hash means clean was skipped or broken.
+        _e(gxe.ExpectColumnValuesToBeUnique, "critical", "contract: unique hashes", column="sha256"),
+        _e(gxe.ExpectColumnValuesToMatchRegex, "critical", "contract: hashes", column="sha256", regex=SHA256_HEX),
+        _e(gxe.ExpectTableRowCountToBeBetween, "critical", "rows", min_value=P("min_rows"), max_value=P("max_rows")),
+        _e(gxe.ExpectColumnValuesToBeInSet, "critical", "label set", column="label", value_set=list(range(len(classes)))),
+        _e(gxe.ExpectColumnValuesToBeInSet, "critical", "label set", column="label_name", value_set=classes),
+        _e(gxe.ExpectColumnPairValuesToBeInSet, "critical", "label set: label_name == classes[label]",
+           column_A="label", column_B="label_name", value_pairs_set=[[i, c] for i, c in enumerate(classes)]),
+        _e(gxe.ExpectColumnValuesToBeInSet, "critical", "splits", column="split", value_set=list(SPLITS_ALL)),
+        _e(gxe.ExpectColumnDistinctValuesToContainSet, "critical", "splits: train and test not empty",
+           column="split", value_set=list(REQUIRED_SPLITS)),
+    ]
+    for split in SPLITS_ALL:
+        rows = int((m["split"] == split).sum())
+        if rows == 0:
+            continue
+        out.append(_e(gxe.ExpectTableRowCountToBeBetween, "warning", f"rows per split: {split}",
+                      min_value=int(math.floor(rows * (1 - SPLIT_ROWS_TOLERANCE))),
+                      max_value=int(math.ceil(rows * (1 + SPLIT_ROWS_TOLERANCE))),
+                      row_condition=f'split=="{split}"', condition_parser="pandas"))
+    for i, name in enumerate(classes):
+        out.append(_e(gxe.ExpectTableRowCountToBeBetween, "critical", f"class balance: {name}",
+                      min_value=P("min_rows_per_class"), max_value=P("max_rows_per_class"),
+                      row_condition=f"label=={i}", condition_parser="pandas"))
+    if ds.kind == "image":
+        h, w, c = (int(x) for x in ds.images.shape[1:])
+        mean_of_means = float(m["mean"].mean())
+        mean_of_stds = float(m["std"].mean())
+        out += [
+            _e(gxe.ExpectColumnValuesToBeInSet, "critical", "image shape", column="height", value_set=[h]),
+            _e(gxe.ExpectColumnValuesToBeInSet, "critical", "image shape", column="width", value_set=[w]),
+            _e(gxe.ExpectColumnValuesToBeInSet, "critical", "image shape", column="channels", value_set=[c]),
+            _e(gxe.ExpectColumnValuesToBeBetween, "critical", "pixel range", column="mean", min_value=0, max_value=255),
+            # The standard deviation of values in 0..255 is at most half the range.
+            _e(gxe.ExpectColumnValuesToBeBetween, "critical", "pixel range", column="std", min_value=0, max_value=127.5),
+            _e(gxe.ExpectColumnMeanToBeBetween, "warning", "pixel mean range", column="mean",
+               min_value=round(mean_of_means - PIXEL_STAT_TOLERANCE, 2), max_value=round(mean_of_means + PIXEL_STAT_TOLERANCE, 2)),
+            _e(gxe.ExpectColumnMeanToBeBetween, "warning", "pixel std range", column="std",
+               min_value=round(max(mean_of_stds - PIXEL_STAT_TOLERANCE, 0), 2), max_value=round(mean_of_stds + PIXEL_STAT_TOLERANCE, 2)),
+            # Blank images have (almost) no spread; clean drops or flags them.
+            _e(gxe.ExpectColumnValuesToBeBetween, "info", "image health: not blank", column="std", min_value=2.0),
+        ]
+    else:
+        for column in ds.features.columns:
+            out += [
+                _e(gxe.ExpectColumnToExist, "critical", "contract: features", column=column),
+                _e(gxe.ExpectColumnValuesToBeInTypeList, "critical", "contract: feature types", column=column,
+                   type_list=NUMERIC_DTYPES),
+                _e(gxe.ExpectColumnValuesToNotBeNull, "critical", "features: no NaN", column=column),
+                # Within the float64 range == finite: +-inf fall outside (NaN is the null check's).
+                _e(gxe.ExpectColumnValuesToBeBetween, "critical", "features: finite", column=column,
+                   min_value=-1.7976931348623157e308, max_value=1.7976931348623157e308),
+                # A constant column carries nothing (clean flags it; info only).
+                _e(gxe.ExpectColumnStdevToBeBetween, "info", "table health: not constant", column=column,
+                   min_value=0, strict_min=True),
+            ]
+    if "leaked" in m.columns:
+        # clean marks rows that still have a copy in another split (leakage flagged, not dropped).
+        out.append(_e(gxe.ExpectColumnValuesToBeInSet, "critical", "no leakage left after cleaning",
+                      column="leaked", value_set=[False]))
+    return out
+
+
+def init_suite(ds: Dataset, variant: str) -> dict[str, Any]:
+    """The starting suite as GX's JSON (ids stripped, so regenerating gives the same file)."""
+    _ephemeral_context(None)
+    import great_expectations as gx
+
+    suite = gx.ExpectationSuite(name=variant, expectations=initial_expectations(ds),
+                                meta={"fmpipe": {
+                                    "created_by": f"fmpipe validate --stage {variant} --init",
+                                    "edit": "bounds, severities (critical stops the pipeline; warning/info are "
+                                            "recorded) and expectations are yours to change; "
+                                            "$PARAMETER values come from params.yaml (validate section)",
+                                }})
+    data = json_safe(suite.to_json_dict())
+    data.pop("id", None)
+    for e in data["expectations"]:
+        e.pop("id", None)
+    data.get("meta", {}).pop("great_expectations_version", None)
+    return data
+
+
+def write_suite(data: dict[str, Any], path: Path) -> None:
+    from pipeline.io import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def init_command(variant: str, params_path: str = "params.yaml", force: bool = False) -> dict[str, Any]:
+    """``fmpipe validate --stage V --init``: write expectations/V.json from data/V/clean."""
+    import sys
+
+    from pipeline.config import load_variant
+    from pipeline.manifest import read_dataset
+
+    load_variant(variant, params_path)  # an unknown variant is a clear error first
+    path = suite_path(variant)
+    if path.exists() and not force:
+        raise FmpipeError(f"{path}: exists (people curate it); pass --force to overwrite it with a fresh suite")
+    source = Path("data") / variant / "clean"
+    data = init_suite(read_dataset(source), variant)
+    write_suite(data, path)
+    print(f"validate {variant}: wrote {path} ({len(data['expectations'])} expectations from {source} "
+          f"and params); review it, then commit it", file=sys.stderr)
+    return data
+
+
+# ---------------------------------------------------------------- loading a suite
+
+def load_suite(path: Path, table: pd.DataFrame):
+    """The suite at ``path`` as a GX ExpectationSuite; bad JSON, unknown expectations and
+    columns the table lacks are one clear error naming the file."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        variant = Path(path).stem
+        raise FmpipeError(f"{path}: not found; write a starting suite with "
+                          f"`fmpipe validate --stage {variant} --init`, review it and commit it") from None
+    except json.JSONDecodeError as exc:
+        raise FmpipeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("expectations"), list):
+        raise FmpipeError(f"{path}: expected a GX ExpectationSuite (an object with an 'expectations' list)")
+    present = set(map(str, table.columns))
+    for n, e in enumerate(raw["expectations"]):
+        if not isinstance(e, dict) or "type" not in e:
+            raise FmpipeError(f"{path}: expectations[{n}] has no 'type'")
+        if e.get("severity", "critical") not in SEVERITIES:
+            raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}): severity {e.get('severity')!r} "
+                              f"is not one of {', '.join(SEVERITIES)}")
+        if e["type"] == "expect_column_to_exist":
+            continue  # a missing column is then the data's failure, reported as such
+        kwargs = e.get("kwargs") or {}
+        for key in _COLUMN_KWARGS:
+            if key in kwargs and str(kwargs[key]) not in present:
+                raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}) names column {kwargs[key]!r}, "
+                                  f"which the data does not have (columns: {', '.join(sorted(present))})")
+        for column in kwargs.get("column_list") or []:
+            if str(column) not in present:
+                raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}) names column {column!r}, "
+                                  f"which the data does not have")
+    _ephemeral_context(None)
+    import great_expectations as gx
+
+    try:
+        return gx.ExpectationSuite(**{k: v for k, v in raw.items() if k in ("name", "expectations", "meta", "notes")})
+    except Exception as exc:  # GX raises many types for a bad expectation config
+        raise FmpipeError(f"{path}: not a valid GX suite: {_first_line(exc)}") from None
+
+
+# ---------------------------------------------------------------- running it
 
 @dataclass
 class Outcome:
-    """Results of one validation run: GX's JSON per table, plus a plain summary of failures."""
-
-    success: bool
-    results: dict[str, dict[str, Any]]  # table -> ExpectationSuiteValidationResult JSON
+    success: bool  # no critical failure
+    results: dict[str, Any]  # GX's ExpectationSuiteValidationResult JSON
     expectations: int
-    failed: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # one per expectation: type, column, severity, success, observed
+    failed: list[dict[str, Any]]  # critical failures (stop the pipeline)
+    warnings: list[dict[str, Any]]  # warning/info failures (recorded, the pipeline goes on)
 
 
-# ---------------------------------------------------------------- building the suites
-
-def build_checks(ds: Dataset, spec: ValidateSpec) -> list[TableCheck]:
-    """The tables to validate and their expectations, from the variant's thresholds."""
-    checks = [TableCheck("manifest", ds.manifest, manifest_expectations(ds, spec),
-                         id_columns=("id",) if "id" in ds.manifest.columns else ())]
-    if ds.features is not None:
-        checks.append(TableCheck("features", ds.features, feature_expectations(ds.features)))
-    checks.append(TableCheck("class_counts", class_count_table(ds), class_count_expectations(spec),
-                             id_columns=("label_name",)))
-    return checks
-
-
-def manifest_expectations(ds: Dataset, spec: ValidateSpec) -> list[Any]:
-    import great_expectations.expectations as gxe
-
-    classes = list(ds.classes)
-    kind_columns = IMAGE_STAT_COLUMNS if ds.kind == "image" else ("n_missing",)
-    expectations: list[Any] = [gxe.ExpectColumnToExist(column=c) for c in (*REQUIRED_COLUMNS, *kind_columns)]
-    expectations += [
-        gxe.ExpectTableRowCountToBeBetween(min_value=spec.min_rows, max_value=spec.max_rows),
-        # In-set / regex / between expectations skip nulls, so nulls are checked on their own.
-        *(gxe.ExpectColumnValuesToNotBeNull(column=c) for c in REQUIRED_COLUMNS),
-        gxe.ExpectColumnValuesToBeUnique(column="id"),
-        # clean drops exact duplicates, so a repeated hash here means clean was skipped or broken.
-        gxe.ExpectColumnValuesToBeUnique(column="sha256"),
-        gxe.ExpectColumnValuesToMatchRegex(column="sha256", regex=SHA256_HEX),
-        gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(range(len(classes)))),
-        gxe.ExpectColumnValuesToBeInSet(column="label_name", value_set=classes),
-        # label and label_name must agree: label_name == classes[label].
-        gxe.ExpectColumnPairValuesToBeInSet(column_A="label", column_B="label_name",
-                                            value_pairs_set=[(i, name) for i, name in enumerate(classes)]),
-        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
-        # Containing train and test among the distinct values == neither split is empty.
-        gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=list(REQUIRED_SPLITS)),
-    ]
-    if ds.kind == "image":
-        height, width, channels = (int(x) for x in ds.images.shape[1:])
-        expectations += [
-            gxe.ExpectColumnValuesToBeInSet(column="height", value_set=[height]),
-            gxe.ExpectColumnValuesToBeInSet(column="width", value_set=[width]),
-            gxe.ExpectColumnValuesToBeInSet(column="channels", value_set=[channels]),
-            gxe.ExpectColumnValuesToBeBetween(column="mean", min_value=0, max_value=255),
-            # The standard deviation of values in 0..255 is at most half the range.
-            gxe.ExpectColumnValuesToBeBetween(column="std", min_value=0, max_value=127.5),
-        ]
-    return expectations
-
-
-def feature_expectations(features: pd.DataFrame) -> list[Any]:
-    import great_expectations.expectations as gxe
-
-    expectations: list[Any] = []
-    for column in features.columns:
-        expectations += [
-            gxe.ExpectColumnValuesToBeInTypeList(column=column, type_list=NUMERIC_DTYPES),
-            gxe.ExpectColumnValuesToNotBeNull(column=column),
-            # Within the float64 range == finite: +-inf fall outside (NaN is the null check's).
-            gxe.ExpectColumnValuesToBeBetween(column=column, min_value=-sys.float_info.max,
-                                              max_value=sys.float_info.max),
-        ]
-    return expectations
-
-
-def class_count_table(ds: Dataset) -> pd.DataFrame:
-    """One row per class of dataset.json: its row count and share of all rows.
-
-    Classes with no rows are kept (count 0) so a vanished class fails ``min_rows_per_class``;
-    labels outside the class list are not counted here, the manifest suite reports them.
-    """
-    counts = ds.manifest["label"].value_counts() if "label" in ds.manifest.columns else pd.Series(dtype=int)
-    rows = [int(counts.get(i, 0)) for i in range(len(ds.classes))]
-    total = max(len(ds.manifest), 1)
-    return pd.DataFrame({
-        "label": range(len(ds.classes)),
-        "label_name": pd.array(ds.classes, dtype="string"),
-        "rows": rows,
-        "fraction": [r / total for r in rows],
-    })
-
-
-def class_count_expectations(spec: ValidateSpec) -> list[Any]:
-    import great_expectations.expectations as gxe
-
-    return [
-        gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=spec.min_rows_per_class),
-        # A class holding most rows usually means a collapsed or mis-mapped label column.
-        gxe.ExpectColumnValuesToBeBetween(column="fraction", min_value=0, max_value=spec.max_class_fraction),
-    ]
-
-
-# ---------------------------------------------------------------- running them
-
-def run_checks(checks: list[TableCheck], suite_prefix: str, docs_dir: str | os.PathLike) -> Outcome:
-    """Validate every table with GX and render the Data Docs site into ``docs_dir``."""
+def run_suite(suite, table: pd.DataFrame, parameters: dict[str, Any], docs_dir: str | os.PathLike,
+              id_columns: tuple[str, ...] = ("id",)) -> Outcome:
+    """Validate ``table`` with ``suite`` and render the Data Docs site into ``docs_dir``."""
     context = _ephemeral_context(Path(docs_dir).resolve())
     import great_expectations as gx
 
     source = context.data_sources.add_pandas("fmpipe")
-    results: dict[str, dict[str, Any]] = {}
-    failed: list[dict[str, Any]] = []
-    total = 0
-    for check in checks:
-        name = f"{suite_prefix}.{check.table}"
-        suite = context.suites.add(gx.ExpectationSuite(name=name))
-        for expectation in check.expectations:
-            suite.add_expectation(expectation)
-        batch = source.add_dataframe_asset(check.table).add_batch_definition_whole_dataframe("all_rows")
-        definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        result_format: dict[str, Any] = {"result_format": "SUMMARY",
-                                         "partial_unexpected_count": PARTIAL_UNEXPECTED_COUNT}
-        if check.id_columns:
-            result_format["unexpected_index_column_names"] = list(check.id_columns)
-        # ValidationDefinition.run also stores the result in the context, where the docs builder finds it.
-        result = definition.run(batch_parameters={"dataframe": check.frame}, result_format=result_format)
-        as_json = json_safe(result.to_json_dict())
-        results[check.table] = as_json
-        total += len(as_json["results"])
-        failed += [_describe(check, r) for r in as_json["results"] if not r["success"]]
+    suite = context.suites.add(suite)
+    batch = source.add_dataframe_asset("dataset").add_batch_definition_whole_dataframe("all_rows")
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=suite.name, data=batch, suite=suite))
+    result_format: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": PARTIAL_UNEXPECTED_COUNT}
+    ids = [c for c in id_columns if c in table.columns]
+    if ids:
+        result_format["unexpected_index_column_names"] = ids
+    result = definition.run(batch_parameters={"dataframe": table}, expectation_parameters=parameters,
+                            result_format=result_format)
+    as_json = json_safe(result.to_json_dict())
+    rows = [_describe(table, r, tuple(ids)) for r in as_json["results"]]
     context.build_data_docs(site_names=[DOCS_SITE])
     _drop_unreferenced_images(Path(docs_dir))
-    return Outcome(success=not failed, results=results, expectations=total, failed=failed)
+    failed = [r for r in rows if not r["success"] and (r["severity"] == "critical" or r.get("error"))]
+    warnings = [r for r in rows if not r["success"] and r not in failed]
+    return Outcome(success=not failed, results=as_json, expectations=len(rows), rows=rows,
+                   failed=failed, warnings=warnings)
 
 
-def _ephemeral_context(docs_dir: Path):
-    """An in-memory GX context whose only on-disk output is the Data Docs site at ``docs_dir``."""
+def _ephemeral_context(docs_dir: Path | None):
+    """An in-memory GX context whose only on-disk output is the Data Docs site at ``docs_dir``
+    (None: no site; for building and loading suites, which GX ties to an active context)."""
     # Offline and quiet: no usage statistics, no tqdm bars, GX's INFO chatter off.
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
@@ -209,7 +312,7 @@ def _ephemeral_context(docs_dir: Path):
         store_backend_defaults=InMemoryStoreBackendDefaults(),
         analytics_enabled=False,
         progress_bars=ProgressBarsConfig(globally=False),
-        data_docs_sites={
+        data_docs_sites={} if docs_dir is None else {
             DOCS_SITE: {
                 "class_name": "SiteBuilder",
                 "show_how_to_buttons": False,
@@ -236,22 +339,28 @@ def _drop_unreferenced_images(docs_dir: Path) -> None:
             image.unlink()
 
 
-# ---------------------------------------------------------------- reporting failures
+# ---------------------------------------------------------------- reporting
 
-def _describe(check: TableCheck, result: dict[str, Any]) -> dict[str, Any]:
-    """A failed expectation as one plain record: what was expected, on what, what was seen."""
+def _describe(table: pd.DataFrame, result: dict[str, Any], id_columns: tuple[str, ...]) -> dict[str, Any]:
+    """One expectation's outcome as a plain record: what was expected, on what, what was seen."""
     config = result["expectation_config"]
-    kwargs = {k: v for k, v in config["kwargs"].items() if k != "batch_id"}
+    kwargs = {k: v for k, v in config["kwargs"].items() if k not in ("batch_id", "condition_parser")}
+    condition = kwargs.pop("row_condition", None)
+    if isinstance(condition, dict):
+        condition = condition.get("pass_through_filter") or json.dumps(condition)
     column = kwargs.get("column")
     if column is None and "column_A" in kwargs:
         column = f"{kwargs['column_A']},{kwargs['column_B']}"
-    if config["type"] == "expect_column_to_exist":
-        # GX reports nothing for a missing column; the columns that are there say more.
-        observed: Any = {"columns_present": [str(c) for c in check.frame.columns]}
+    if config["type"] == "expect_column_to_exist" and not result["success"]:
+        observed: Any = {"columns_present": [str(c) for c in table.columns]}
     else:
-        observed = _observed(result, check.id_columns)
-    return {"table": check.table, "expectation": config["type"], "column": column, "kwargs": kwargs,
-            "observed": observed}
+        observed = _observed(result, id_columns)
+    record = {"expectation": config["type"], "column": column, "where": condition, "kwargs": kwargs,
+              "severity": str(config.get("severity") or "critical"), "success": bool(result["success"]),
+              "observed": observed, "covers": (config.get("meta") or {}).get("covers")}
+    if isinstance(observed, dict) and "error" in observed:
+        record["error"] = observed["error"]
+    return record
 
 
 def _observed(result: dict[str, Any], id_columns: tuple[str, ...]) -> Any:
@@ -267,43 +376,72 @@ def _observed(result: dict[str, Any], id_columns: tuple[str, ...]) -> Any:
         observed = {"unexpected_count": outcome["unexpected_count"],
                     "unexpected_percent": outcome.get("unexpected_percent"),
                     "unexpected_values": outcome.get("partial_unexpected_list", [])}
-        # GX lists each offending row as {tested column: value, id column: value}; keep the ids.
         rows = outcome.get("partial_unexpected_index_list") or []
         if id_columns and rows:
             observed["offending_rows"] = {c: [row.get(c) for row in rows if isinstance(row, dict)]
                                           for c in id_columns}
         return observed
     if "observed_value" in outcome:
-        observed = outcome["observed_value"]
         if outcome.get("partial_missing_list"):  # distinct values lacking part of a required set
             return {"missing": outcome["partial_missing_list"]}
-        return observed
+        return outcome["observed_value"]
     return outcome
 
 
-def failure_line(failure: dict[str, Any]) -> str:
-    """One human line per failed expectation: table, type, column, observed value."""
-    where = f"column {failure['column']}" if failure["column"] else "table"
-    observed = failure["observed"]
+def _seen(observed: Any) -> str:
     if isinstance(observed, dict) and "error" in observed:
-        seen = f"could not be evaluated: {observed['error']}"
-    elif isinstance(observed, dict) and "unexpected_count" in observed:
+        return f"could not be evaluated: {observed['error']}"
+    if isinstance(observed, dict) and observed.get("unexpected_count") == 0:
+        return "0 unexpected"
+    if isinstance(observed, dict) and "unexpected_count" in observed:
         percent = observed.get("unexpected_percent") or 0.0
         seen = (f"{observed['unexpected_count']} unexpected value(s) ({percent:.2f}%), "
                 f"e.g. {_short(observed['unexpected_values'])}")
         for id_column, ids in observed.get("offending_rows", {}).items():
             seen += f" at {id_column} {_short(ids)}"
-    elif isinstance(observed, dict):
-        seen = "observed " + ", ".join(f"{k}={_short(v)}" for k, v in observed.items())
-    else:
-        seen = f"observed {_short(observed)}"
-    expected = ", ".join(f"{k}={_short(v)}" for k, v in failure["kwargs"].items()
+        return seen
+    if isinstance(observed, dict):
+        return "observed " + ", ".join(f"{k}={_short(v)}" for k, v in observed.items())
+    return f"observed {_short(observed)}"
+
+
+def _target(record: dict[str, Any]) -> str:
+    where = f"column {record['column']}" if record["column"] else "table"
+    if record.get("where"):
+        where += f" where {record['where']}"
+    return where
+
+
+def failure_line(record: dict[str, Any]) -> str:
+    """One human line per failed expectation: severity, type, target, expected, observed."""
+    expected = ", ".join(f"{k}={_short(v)}" for k, v in record["kwargs"].items()
                          if k not in ("column", "column_A", "column_B"))
     expected = f" ({expected})" if expected else ""
-    return f"{failure['table']}: {failure['expectation']} on {where}{expected}: {seen}"
+    return f"[{record['severity']}] {record['expectation']} on {_target(record)}{expected}: {_seen(record['observed'])}"
+
+
+def table_lines(rows: list[dict[str, Any]], width: int = 70) -> list[str]:
+    """The readable table ``fmpipe validate`` prints: expectation, severity, result, observed."""
+    def cut(text: str, n: int) -> str:
+        return text if len(text) <= n else text[: n - 1] + "…"
+
+    body = []
+    for r in rows:
+        name = f"{r['expectation'].removeprefix('expect_')} · {_target(r)}"
+        observed = _seen(r["observed"]).removeprefix("observed ")
+        result = "pass" if r["success"] else "FAIL"
+        body.append((cut(name, width), r["severity"], result, cut(observed, 60)))
+    w0 = max([len("expectation")] + [len(b[0]) for b in body])
+    lines = [f"{'expectation':<{w0}}  {'severity':<8}  {'result':<6}  observed", "-" * (w0 + 30)]
+    lines += [f"{a:<{w0}}  {b:<8}  {c:<6}  {d}" for a, b, c, d in body]
+    return lines
 
 
 def _short(value: Any, limit: int = 160) -> str:
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()  # numpy scalars print as plain numbers
+    if isinstance(value, float):
+        value = round(value, 4)
     text = repr(value) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

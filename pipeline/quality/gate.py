@@ -18,8 +18,15 @@ def summarize(variant: str, ds, source: str, outcome) -> ValidationSummary:
     facts = {"source": source, "kind": ds.kind, "rows": int(len(m)), "classes": len(ds.classes)}
     if "split" in m.columns:
         facts["rows_by_split"] = {s: int((m["split"] == s).sum()) for s in SPLITS}
+    extra = {}
+    if hasattr(outcome, "warnings"):  # the curated suite's run (pipeline/quality/expectations.py)
+        by_severity: dict[str, dict[str, int]] = {}
+        for r in outcome.rows:
+            entry = by_severity.setdefault(r["severity"], {"passed": 0, "failed": 0})
+            entry["passed" if r["success"] else "failed"] += 1
+        extra = {"warnings": outcome.warnings, "by_severity": by_severity, "table": outcome.rows}
     return ValidationSummary(variant=variant, success=outcome.success, expectations=outcome.expectations,
-                             failed=outcome.failed, dataset=facts)
+                             failed=outcome.failed, dataset=facts, **extra)
 
 
 def require_passed(path: Path, variant: str) -> ValidationSummary:
