@@ -18,7 +18,8 @@ import pytest
 from pipeline import steps as registry
 from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset, build_manifest, image_rows
-from pipeline.quality.cleaning import clean
+from pipeline.config import CleanSpec
+from pipeline.quality.clean import clean_dataset
 from pipeline.review.decisions import apply_decisions, parse_decisions_csv, resolve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,12 +142,14 @@ def test_clean_logic_in_memory():
     images[1] = images[0]  # same label, train copy of a test image: the train copy goes
     images[3] = images[2]  # conflicting labels: both go
     ds = _dataset(images, [0, 0, 0, 1, 1, 0], ["test", "train", "train", "val", "train", "val"])
-    out, removed = clean(ds)
+    cleaned = clean_dataset(ds, CleanSpec())
+    out, removed = cleaned.dataset, cleaned.removed
     assert list(out.manifest["id"]) == ["img0", "img4", "img5"]
-    reasons = {r["id"]: r["reason"] for r in removed}
-    assert reasons == {"img1": "duplicate", "img2": "duplicate_conflicting_labels",
-                       "img3": "duplicate_conflicting_labels"}
+    assert {r["id"]: r["reason"] for r in removed} == {"img1": "exact_duplicate", "img2": "exact_duplicate",
+                                                      "img3": "exact_duplicate"}
     assert next(r for r in removed if r["id"] == "img1")["dup_of"] == "img0"
+    assert {r["detail"] for r in removed if r["id"] in ("img2", "img3")} == {"conflicting labels"}
+    assert list(cleaned.findings["action"]) == ["drop"] * 3
     np.testing.assert_array_equal(out.images, images[[0, 4, 5]])
 
 
