@@ -1,6 +1,7 @@
 """People's label corrections as data: read ``annotations/<v>.csv`` and apply it to a dataset.
 
-The CSV has columns ``id,label`` (label as a class name or index) and optionally ``note``.
+The CSV (required; a header alone means no overrides) has columns ``id,label`` (label as a
+class name, or as an index when no class has that name) and optionally ``note``.
 Every row of the result says where its label came from (``label_source``: source or
 annotation) and keeps the source's label (``source_label``), so an audit can list every
 change. An override naming an unknown id or label is an error naming the file and line.
@@ -17,15 +18,26 @@ from pipeline.manifest import Dataset
 
 
 def read_overrides(path: Path, classes: list[str]) -> dict[str, tuple[int, str]]:
-    """``{id: (label index, note)}``; a missing file means no overrides."""
+    """``{id: (label index, note)}``; a file with only the header means no overrides.
+
+    A missing file is an error, not "no overrides": dvc.yaml declares it as an input of the
+    annotate stage, so DVC needs it too, and a deleted file should not silently undo every
+    correction in it.
+    """
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        return {}
+        raise FmpipeError(f"{path}: not found; the annotate step reads its label overrides from it "
+                          "(create it with the header line id,label,note: a header alone means no overrides)") from None
+    except pd.errors.EmptyDataError:
+        raise FmpipeError(f"{path}: empty file; expected a header line id,label,note "
+                          "(a header alone means no label overrides)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise FmpipeError(f"{path}: not a readable CSV: {exc}") from None
+        raise FmpipeError(f"{path}: not a readable CSV: {' '.join(str(exc).split())}") from None
     if list(table.columns[:2]) != ["id", "label"]:
         raise FmpipeError(f"{path}: expected columns id,label[,note], got {','.join(table.columns)}")
+    # A label is a class name first, an index only when no class has that name: with classes
+    # named "1", "2", "3", the label "1" is the class "1" (index 0), never index 1.
     by_name = {c: i for i, c in enumerate(classes)}
     out: dict[str, tuple[int, str]] = {}
     for line, rec in enumerate(table.to_dict("records"), start=2):

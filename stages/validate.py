@@ -9,6 +9,7 @@ failures, the CLI exits non-zero and DVC stops before annotate.
 from __future__ import annotations
 
 from pipeline.io import to_json
+from pipeline.manifest import check_classifiable
 from pipeline.quality.gate import DATA_DOCS, RESULTS, SUMMARY, summarize
 
 
@@ -17,6 +18,7 @@ def run(ctx) -> None:
 
     source = ctx.input("clean")
     ds = ctx.dataset("clean")
+    check_classifiable(ds, source)  # one clear line, before GX, for data no classifier can learn
     checks = build_checks(ds, ctx.spec.validate_)
     outcome = run_checks(checks, suite_prefix=ctx.variant, docs_dir=ctx.out / DATA_DOCS)
     (ctx.out / RESULTS).write_text(to_json({"success": outcome.success, "validations": outcome.results}))
