@@ -43,11 +43,11 @@ def good(tmp_path_factory) -> Path:
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        from stages import annotate, clean, collect, evaluate, train, validate
+        from pipeline.runner import run_step
 
         for variant in ("iris", "digits"):
-            for step in (collect, clean, validate, annotate, train, evaluate):
-                step.run(variant)
+            for step in ("collect", "clean", "validate", "annotate", "train", "evaluate"):
+                run_step(step, variant)
     finally:
         os.chdir(cwd)
     return root

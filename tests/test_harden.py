@@ -18,7 +18,8 @@ from pipeline.config import load_params
 from pipeline.errors import FmpipeError
 from pipeline.io import atomic_dir, atomic_write_text
 from pipeline.manifest import read_dataset
-from stages.annotate import read_overrides
+from pipeline.annotations import read_overrides
+from pipeline.runner import run_step
 
 
 # ---------------------------------------------------------------- atomic outputs
@@ -83,9 +84,8 @@ def test_duplicate_params_key_names_both_lines(tmp_path):
 # ---------------------------------------------------------------- dataset contract
 
 def test_payload_swapped_behind_the_manifest_is_refused(project):
-    from stages import collect
 
-    collect.run("digits")
+    run_step("collect", "digits")
     path = Path("data/digits/collect/images.npy")
     images = np.load(path)
     np.save(path, images[::-1].copy(), allow_pickle=False)
@@ -94,9 +94,8 @@ def test_payload_swapped_behind_the_manifest_is_refused(project):
 
 
 def test_dataset_json_records_rows_and_digests(project):
-    from stages import collect
 
-    collect.run("iris")
+    run_step("collect", "iris")
     meta = json.loads(Path("data/iris/collect/dataset.json").read_text())
     assert meta["rows"] == 150
     assert set(meta["files"]) == {"manifest.parquet", "features.parquet"}
@@ -140,7 +139,6 @@ def test_float_images_scale_from_unit_range_and_out_of_range_is_skipped(tmp_path
 def test_unreadable_image_reason_is_deterministic(project, tmp_path):
     import yaml
 
-    from stages import collect
 
     pics = tmp_path / "pics"
     for cls in ("a", "b"):
@@ -152,9 +150,9 @@ def test_unreadable_image_reason_is_deterministic(project, tmp_path):
     params["variants"]["pics"] = {**params["variants"]["digits"],
                                   "source": {"kind": "imagefolder", "path": str(pics), "channels": 1}}
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    collect.run("pics")
+    run_step("collect", "pics")
     first = Path("data/pics/collect/report.json").read_bytes()
-    collect.run("pics")
+    run_step("collect", "pics")
     assert Path("data/pics/collect/report.json").read_bytes() == first
     reasons = [r["reason"] for r in json.loads(first)["removed"]]
     assert reasons == ["unreadable image (not a format Pillow recognises)"]
@@ -204,15 +202,14 @@ def test_annotate_refuses_a_validation_of_other_data(project):
     import pandas as pd
 
     from pipeline.manifest import reseal
-    from stages import annotate, clean, collect, validate
 
-    collect.run("iris")
-    clean.run("iris")
-    validate.run("iris")
+    run_step("collect", "iris")
+    run_step("clean", "iris")
+    run_step("validate", "iris")
     path = Path("data/iris/clean/manifest.parquet")
     manifest = pd.read_parquet(path)
     manifest.loc[0, "label"], manifest.loc[0, "label_name"] = 1, "versicolor"
     manifest.to_parquet(path, index=False)
     reseal(path.parent)
     with pytest.raises(FmpipeError, match=r"validate/summary\.json: validates other data than the current data/iris/clean"):
-        annotate.run("iris")
+        run_step("annotate", "iris")

@@ -16,15 +16,14 @@ import yaml
 from pipeline.errors import FmpipeError
 from pipeline.models import WEIGHTS
 from pipeline.training.fit import read_checkpoint_progress
-from stages import clean, collect
-from stages import train as train_step
+from pipeline.runner import run_step
 
 STATE = Path("data/{v}/train-state")
 
 
 def annotated(variant: str) -> None:
-    collect.run(variant)
-    clean.run(variant)
+    run_step("collect", variant)
+    run_step("clean", variant)
     shutil.copytree(f"data/{variant}/clean", f"data/{variant}/annotate")
 
 
@@ -55,7 +54,7 @@ def test_last_checkpoint_is_the_last_epoch_even_without_improvement(project):
     annotated("iris")
     # A learning rate this small leaves val/acc flat: Lightning's save_last would keep epoch 1.
     set_train("iris", max_epochs=4, optimizer={"name": "sgd", "lr": 1e-12})
-    train_step.run("iris")
+    run_step("train", "iris")
     ckpts = STATE.as_posix().format(v="iris") + "/checkpoints"
     assert read_checkpoint_progress(f"{ckpts}/last.ckpt")["epoch"] == 4
     best = sorted(Path(ckpts).glob("best-*.ckpt"))
@@ -67,7 +66,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(project):
     """digits: cnn_small with dropout (the global RNG) and a one-cycle schedule."""
     annotated("digits")
     set_train("digits", max_epochs=3)
-    train_step.run("digits")
+    run_step("train", "digits")
     uninterrupted = Path("data/digits/train", WEIGHTS).read_bytes()
     full_curve = curve("digits")
     shutil.rmtree("data/digits/train")
@@ -87,7 +86,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(project):
     tsv = Path(STATE.as_posix().format(v="digits") + "/live/plots/metrics/val/acc.tsv")
     tsv.write_text(tsv.read_text() + f"{saved['global_step'] + 7}\t0.5\n")
 
-    train_step.run("digits", resume=True)
+    run_step("train", "digits", resume=True)
     assert Path("data/digits/train", WEIGHTS).read_bytes() == uninterrupted
     resumed_curve = curve("digits")
     steps = [s for s, _ in resumed_curve]
@@ -109,7 +108,7 @@ def test_disk_full_while_checkpointing_leaves_no_partial_file(project, monkeypat
 
     monkeypatch.setattr(pio.os, "replace", full_disk)
     with pytest.raises(FmpipeError, match=r"last\.ckpt: cannot write the output: disk full"):
-        train_step.run("iris")
+        run_step("train", "iris")
     ckpts = Path(STATE.as_posix().format(v="iris") + "/checkpoints")
     assert not list(ckpts.glob("*")) if ckpts.exists() else True
     assert not Path("data/iris/train").exists()
@@ -121,7 +120,7 @@ def test_gpu_accelerator_without_a_gpu_names_what_exists(project):
     annotated("iris")
     set_train("iris", accelerator="gpu")
     with pytest.raises(FmpipeError) as err:
-        train_step.run("iris")
+        run_step("train", "iris")
     message = str(err.value)
     assert "variants.iris.train.accelerator: 'gpu' is not available" in message
     assert "available: cpu" in message and "\n" not in message
