@@ -66,6 +66,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     ``FmpipeError`` naming ``target``; the temp directory is removed in every case.
     """
     target = Path(target)
+    # Parents this call creates: removed again if the step fails, so a failed first run of
+    # a new variant leaves no empty data/<variant>/ behind.
+    created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = _mkdtemp(target.parent, f".{target.name}.tmp-")
@@ -78,6 +81,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         _carry_owned_files(target, tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # deepest first; only if still empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         if is_environment_error(exc):
             raise cannot_write(target, exc) from None
         raise
