@@ -42,11 +42,19 @@ ParamsOpt = typer.Option("params.yaml", "--params", help="Params file.")
 def _reported(what: str) -> Iterator[None]:
     """Bad input (FmpipeError) becomes one line on stderr and exit code 1; Ctrl+C exit 130."""
     from pipeline.errors import FmpipeError
+    from pipeline.io import is_environment_error
 
     try:
         yield
     except FmpipeError as exc:
         typer.echo(f"{what}: error: {exc}", err=True)
+        raise typer.Exit(1)
+    except OSError as exc:
+        # A full disk or a permission refused outside an output write (those are FmpipeErrors
+        # already): still one line naming the file, not a traceback. Other OSErrors are bugs.
+        if not is_environment_error(exc):
+            raise
+        typer.echo(f"{what}: error: {exc.filename or '?'}: {exc.strerror}", err=True)
         raise typer.Exit(1)
     except KeyboardInterrupt:
         typer.echo(f"{what}: interrupted; previous outputs left as they were", err=True)

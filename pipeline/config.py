@@ -24,7 +24,10 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import FmpipeError
 from pipeline.schema import Strict
+from pipeline.sources import _MODULES as _SOURCE_MODULES
 from pipeline.sources import SourceSpec
+
+_SOURCE_KINDS = frozenset(_SOURCE_MODULES)
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -383,30 +386,65 @@ class Params(Strict):
     enabled: list[str]
     variants: dict[str, VariantSpec]
 
-    @model_validator(mode="after")
-    def _enabled_are_defined(self) -> "Params":
-        unknown = [v for v in self.enabled if v not in self.variants]
-        if unknown:
-            raise ValueError(
-                f"names variants that are not defined: {unknown} (defined: {sorted(self.variants)})"
-            )
-        return self
-
 
 def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise FmpipeError(f"{path}: not found (run fmpipe from the project root, or pass --params)")
     except yaml.YAMLError as exc:
-        raise FmpipeError(f"{path}: not valid YAML: {exc}") from None
+        # One line: PyYAML's own message spans several, with a context snippet.
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).replace("\n", " ")
+        raise FmpipeError(f"{path}{where}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise FmpipeError(f"{path}: expected a mapping with keys 'enabled' and 'variants'")
+    variants = raw.get("variants")
+    if isinstance(variants, dict):
+        for name, section in variants.items():
+            if not isinstance(section, dict):
+                raise FmpipeError(
+                    f"{path}: variants.{name}: the variant's section is "
+                    f"{'empty' if section is None else 'not a mapping'} (expected a mapping with "
+                    f"keys {', '.join(_allowed_keys(['variants', name]))})")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         raise FmpipeError(_describe(path, exc)) from None
+    # Checked here rather than in a model validator: pydantic would quote the whole mapping.
+    undefined = [v for v in params.enabled if v not in params.variants]
+    if undefined:
+        raise FmpipeError(
+            f"{path}: enabled: names {', '.join(map(repr, undefined))}, which "
+            f"{'has' if len(undefined) == 1 else 'have'} no section under variants "
+            f"(defined: {', '.join(sorted(params.variants)) or 'none'})")
+    return params
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error.
+
+    Plain PyYAML keeps the last value silently, while DVC refuses the same file later; both
+    are worse than naming the two lines now.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None,
+                        f"duplicate key {key!r} on lines {seen[key]} and {line}", key_node.start_mark)
+                try:
+                    seen[key] = line
+                except TypeError:  # an unhashable key: let the base loader report it
+                    pass
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_variant(name: str, path: str | os.PathLike = DEFAULT_PARAMS) -> VariantSpec:
@@ -421,19 +459,38 @@ def load_variant(name: str, path: str | os.PathLike = DEFAULT_PARAMS) -> Variant
 def _describe(path: Path, exc: ValidationError) -> str:
     """One line per problem, each naming the full key path and what was expected."""
     lines = []
+    missing: dict[str, list[str]] = {}
     for err in exc.errors():
         # Discriminated unions add the tag ('sklearn', ...) to the location; it is no key.
         loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        # The source union also adds its tag after "source" (source.imagefolder.size): no key either.
+        loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] == "source" and p in _SOURCE_KINDS)]
         key = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
             hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
             lines.append(f"{path}: {key}: unknown key{hint}")
         elif err["type"] == "missing":
-            lines.append(f"{path}: {key}: required key is missing")
+            # Several missing keys of one section make one line, not one each.
+            parent = ".".join(loc[:-1]) or "(top level)"
+            missing.setdefault(parent, []).append(loc[-1] if loc else key)
         else:
-            lines.append(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{path}: {key}: {err['msg']} (got {_short(err.get('input'))})")
+    for parent, keys in missing.items():
+        if len(keys) == 1:
+            full = keys[0] if parent == "(top level)" else f"{parent}.{keys[0]}"
+            lines.append(f"{path}: {full}: required key is missing")
+        else:
+            lines.append(f"{path}: {parent}: required keys are missing: {', '.join(keys)}")
     return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value for an error line: a whole mapping would make the line unreadable."""
+    if isinstance(value, dict):
+        return f"a mapping with keys {', '.join(map(str, value))}"[:limit]
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ step could mistake for a good one, and a previous good output survives a failed 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,24 +17,89 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.errors import FmpipeError
+
+
+# Files inside an output directory that belong to DVC or git, not to the step: DVC writes a
+# .gitignore listing the cached files of a directory whose files are outputs (data/V/train/),
+# and a person may keep a .dvcignore there. A hand-run step must not drop them, or the next
+# `git add -A` commits the model binaries the .gitignore was hiding.
+KEEP_ACROSS_REPLACE = (".gitignore", ".dvcignore")
+
+# Errors of the disk or of permissions: bad circumstances, not bugs. They become one line
+# naming the output; anything else keeps its traceback.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def is_environment_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS
+
+
+def cannot_write(target: str | os.PathLike, exc: OSError) -> FmpipeError:
+    """The one-line error for a write that the disk or the permissions refused."""
+    what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system"}.get(exc.errno, "permission denied")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return FmpipeError(f"{target}: cannot write the output: {what}{where}; "
+                       "previous outputs left as they were, no temporary files left behind")
+
+
+def umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _mkdtemp(parent: Path, prefix: str) -> Path:
+    """mkdtemp, but with the mode a plain mkdir would give (mkdtemp's is always 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temp directory; on success it replaces ``target`` in one rename."""
+    """Yield an empty temp directory; on success it replaces ``target`` in one rename.
+
+    Files DVC or git own in the old ``target`` (``KEEP_ACROSS_REPLACE``) are carried over
+    unless the step wrote its own. A full disk or a permission error becomes a
+    ``FmpipeError`` naming ``target``; the temp directory is removed in every case.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # Parents this call creates: removed again if the step fails, so a failed first run of
+    # a new variant leaves no empty data/<variant>/ behind.
+    created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _mkdtemp(target.parent, f".{target.name}.tmp-")
+    except OSError as exc:
+        if is_environment_error(exc):
+            raise cannot_write(target, exc) from None
+        raise
     try:
         yield tmp
-    except BaseException:
+        _carry_owned_files(target, tmp)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # deepest first; only if still empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        if is_environment_error(exc):
+            raise cannot_write(target, exc) from None
         raise
     old = None
-    if target.exists() or target.is_symlink():
-        # Move the old output aside first: rename() cannot replace a non-empty directory.
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(tmp, target)
+    try:
+        if target.exists() or target.is_symlink():
+            # Move the old output aside first: rename() cannot replace a non-empty directory.
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:
+        # Ctrl+C (or a failure) between the two renames: put the old output back.
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
@@ -41,16 +107,38 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             old.unlink(missing_ok=True)
 
 
+def _carry_owned_files(target: Path, tmp: Path) -> None:
+    if not target.is_dir():
+        return
+    for dirpath, _, filenames in os.walk(target):
+        for name in filenames:
+            if name in KEEP_ACROSS_REPLACE:
+                rel = Path(dirpath, name).relative_to(target)
+                dest = tmp / rel
+                if not dest.exists():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(Path(dirpath, name), dest)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as exc:
+        if is_environment_error(exc):
+            raise cannot_write(path, exc) from None
+        raise
+    try:
+        # mkstemp makes 0600 files; give the file the mode open() would.
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if is_environment_error(exc):
+            raise cannot_write(path, exc) from None
         raise
 
 

@@ -37,6 +37,10 @@ class Out:
     path: str = ""
     kind: OutKind = "out"
     cache: bool = True
+    # dvc.yaml `persist: true`: `dvc repro` then leaves the previous output in place while the
+    # step runs (it deletes it by default), so a failed or interrupted step loses nothing; the
+    # runner replaces it atomically on success. DVC still hashes and caches it.
+    persist: bool = True
     plot: dict = field(default_factory=dict, hash=False, compare=False)  # DVC plot props
 
 

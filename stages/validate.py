@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.io import to_json
+from pipeline.manifest import check_classifiable
 from pipeline.quality.gate import DATA_DOCS, RESULTS, SUMMARY, summarize
 
 
@@ -23,6 +24,7 @@ def run(ctx) -> None:
 
     source = ctx.input("clean")
     ds = ctx.dataset("clean")
+    check_classifiable(ds, source)  # one clear line, before GX, for data no classifier can learn
     path = ctx.source("expectations/{v}.json")
     table = X.validation_table(ds)
     suite = X.load_suite(path, table)

@@ -13,6 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 
+def copy_project_files(dest: Path) -> Path:
+    """What a step needs besides code: params, people's decisions, the curated GX suites."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", dest / "params.yaml")
+    for folder in ("annotations", "expectations"):
+        shutil.copytree(REPO / folder, dest / folder)
+    return dest
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     """A scratch copy of the project's params/annotations/expectations, as the working directory.
@@ -20,8 +29,6 @@ def project(tmp_path, monkeypatch) -> Path:
     Steps read ``params.yaml`` and write ``data/`` relative to the working directory, so
     tests never touch the checkout's own data.
     """
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(REPO / "annotations", tmp_path / "annotations")
-    shutil.copytree(REPO / "expectations", tmp_path / "expectations")
+    copy_project_files(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import copy_project_files
 from PIL import Image
 
 from pipeline import inference
@@ -52,8 +53,7 @@ def fmpipe(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPro
 def digits(tmp_path_factory) -> Path:
     """A scratch project where the whole digits pipeline ran once, plus its test images as PNGs."""
     root = tmp_path_factory.mktemp("deploy")
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    shutil.copytree(REPO / "annotations", root / "annotations")
+    copy_project_files(root)
     fmpipe("run", "--stage", "digits", cwd=root)
     test = read_dataset(root / "data/digits/annotate").split("test")
     images = root / "test_images"

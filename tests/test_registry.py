@@ -28,6 +28,8 @@ def _expected(step: registry.Step) -> dict[str, dict[str, dict]]:
     sections: dict[str, dict[str, dict]] = {"outs": {}, "metrics": {}, "plots": {}}
     for path, out in step.out_paths():
         props = {} if out.cache else {"cache": False}
+        if out.persist:
+            props["persist"] = True
         props.update(out.plot)
         sections[{"out": "outs", "metric": "metrics", "plot": "plots"}[out.kind]][path.replace("{v}", "${item}")] = props
     return sections

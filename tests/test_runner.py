@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import copy_project_files
 
 from pipeline import steps as registry
 from pipeline.errors import FmpipeError
@@ -34,9 +35,7 @@ def fmpipe(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Complet
 
 def _project(root: Path) -> Path:
     root.mkdir(parents=True)
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    shutil.copytree(REPO / "annotations", root / "annotations")
-    shutil.copytree(REPO / "expectations", root / "expectations")
+    copy_project_files(root)
     return root
 
 

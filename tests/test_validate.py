@@ -20,6 +20,7 @@ from pipeline.runner import run_step
 import yaml
 
 from pipeline.errors import FmpipeError
+from pipeline.manifest import reseal
 
 FMPIPE = Path(sys.executable).with_name("fmpipe")
 
@@ -54,6 +55,7 @@ def _edit_manifest(variant: str, change) -> None:
     manifest = pd.read_parquet(path)
     change(manifest)
     manifest.to_parquet(path, index=False)
+    reseal(path.parent)  # a deliberate edit: the validate gate, not the digest check, is under test
 
 
 def _set_validate_params(variant: str, **values) -> None:
@@ -152,6 +154,7 @@ def test_missing_split_and_infinite_feature_fail(cleaned):
     features = pd.read_parquet(features_path)
     features.iloc[2, 1] = np.inf
     features.to_parquet(features_path, index=False)
+    reseal(features_path.parent)
     with pytest.raises(FmpipeError) as failure:
         run_step("validate", "iris")
     message = str(failure.value)

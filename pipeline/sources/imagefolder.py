@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Literal, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional
 
 import numpy as np
 from pydantic import Field
@@ -53,8 +54,12 @@ class Spec(Strict):
     kind: Literal["imagefolder"] = "imagefolder"
     path: str  # directory or archive; relative paths are relative to the project root
     channels: Literal[1, 3] = 3  # 1: grayscale ("L"), 3: RGB; every image is converted
-    size: Optional[tuple[int, int]] = None  # [H, W]; default: the first image's size
+    size: Optional[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]] = None  # [H, W]; default: the first image's size
     on_size_mismatch: Literal["resize", "reject"] = "resize"
+    # 16-bit and 32-bit integer or float images (PIL modes I;16, I, F): `scale` maps the
+    # range of their type to 0..255 (16-bit: 0..65535, float: 0..1); `reject` stops collect
+    # naming the first such file. Never clipped.
+    high_bit_depth: Literal["scale", "reject"] = "scale"
     classes: Optional[list[str]] = Field(None, min_length=1)  # default: sorted folder names
 
 
@@ -209,13 +214,53 @@ def _layout(path: Path, files: list[PurePosixPath], dirs: list[PurePosixPath]):
             "(split in train/val/test) or <class>/<file>"
         )
     if not tops:
-        raise FmpipeError(f"{path}: no class folders found; expected <class>/<file> or <split>/<class>/<file>")
+        loose = sorted(f.as_posix() for f in files)
+        found = (f"{len(loose)} file(s) outside any folder ({', '.join(loose[:3])}{', ...' if len(loose) > 3 else ''})"
+                 if loose else "nothing")
+        raise FmpipeError(f"{path}: no class folders found (found {found}); "
+                          "expected <class>/<file> or <split>/<class>/<file>")
     return bool(split_tops), depth, wrapper
 
 
 # ---------------------------------------------------------------- decoding
 
-def _decode(data: bytes, channels: int, size: Optional[tuple[int, int]], reject: bool):
+# PIL modes holding more than 8 bits per pixel (one channel each) and the value range that
+# maps to 0..255. Mode "I" is what Pillow gives many 16-bit files, so its range is 16-bit too;
+# values outside the range are refused rather than clipped.
+_HIGH_BIT_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+                   "I": 65535.0, "F": 1.0}
+
+
+class HighBitDepthRefused(Exception):
+    """A high-bit-depth image under ``high_bit_depth: reject`` (the caller names the file)."""
+
+
+def _to_8bit(im):
+    """An 8-bit "L" image from a 16-bit/32-bit/float one, scaled by its type's range."""
+    from PIL import Image
+
+    top = _HIGH_BIT_MODES[im.mode]
+    arr = np.asarray(im, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"mode {im.mode} image has NaN or infinite pixel values")
+    lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+    if lo < 0 or hi > top:
+        raise ValueError(f"mode {im.mode} pixel values {lo:g}..{hi:g} outside the expected 0..{top:g}")
+    return Image.fromarray(np.rint(arr * (255.0 / top)).astype(np.uint8), mode="L")
+
+
+def _reason(exc: Exception) -> str:
+    """A skip reason that is the same on every run (no object addresses), on one line."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "unreadable image (not a format Pillow recognises)"
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(exc).split()))
+    return f"unreadable image ({type(exc).__name__}: {text})"
+
+
+def _decode(data: bytes, channels: int, size: Optional[tuple[int, int]], reject: bool,
+            high_bit_depth: str = "scale"):
     """(H x W x C uint8 array, None, resized?) or (None, reason, False). Never raises for bad bytes."""
     from PIL import Image
 
@@ -229,13 +274,21 @@ def _decode(data: bytes, channels: int, size: Optional[tuple[int, int]], reject:
                 if im.format == "JPEG":
                     # Let libjpeg decode at a reduced scale (still >= the target) before resizing.
                     im.draft(mode, (size[1], size[0]))
-            out = im.convert(mode)
+            if im.mode in _HIGH_BIT_MODES:
+                if high_bit_depth == "reject":
+                    raise HighBitDepthRefused(im.mode)
+                # Pillow's convert("L") clips these to 0..255 instead of scaling them.
+                out = _to_8bit(im).convert(mode)
+            else:
+                out = im.convert(mode)
             resized = size is not None and out.size != (size[1], size[0])
             if resized:
                 out = out.resize((size[1], size[0]), Image.Resampling.BICUBIC)
             arr = np.asarray(out, dtype=np.uint8)
+    except HighBitDepthRefused:
+        raise
     except Exception as exc:  # Pillow raises many types for bad bytes; each is one recorded skip
-        return None, f"unreadable image ({type(exc).__name__}: {exc})", False
+        return None, _reason(exc), False
     return arr.reshape(arr.shape[0], arr.shape[1], channels), None, resized
 
 
@@ -301,7 +354,7 @@ def _load(spec: Spec, path: Path, reader) -> Collected:
     size = spec.size
     first_size = None
     if size is None and rows:
-        size, first_size = _first_size(reader, rows, spec.channels)
+        size, first_size = _first_size(reader, rows, path)
 
     n = len(rows)
     images = np.empty((n, size[0], size[1], spec.channels), dtype=np.uint8) if n else None
@@ -310,7 +363,12 @@ def _load(spec: Spec, path: Path, reader) -> Collected:
     reject = spec.on_size_mismatch == "reject"
     with fetch.progress(n, f"decode {path.name}", unit="img") as bar:
         for row, data in reader.read_all([(i, r[3]) for i, r in enumerate(rows)]):
-            arr, reason, resized = _decode(data, spec.channels, size, reject)
+            try:
+                arr, reason, resized = _decode(data, spec.channels, size, reject, spec.high_bit_depth)
+            except HighBitDepthRefused as exc:
+                raise FmpipeError(
+                    f"{path}: {rows[row][0]}: a high-bit-depth image (PIL mode {exc}) and the source "
+                    "says high_bit_depth: reject (use scale to map its range to 0..255)") from None
             if arr is None:
                 skipped.append({"id": rows[row][0], "reason": reason})
             else:
@@ -328,7 +386,11 @@ def _load(spec: Spec, path: Path, reader) -> Collected:
         images = images[: len(keep)]
         rows = [rows[i] for i in keep]
     if not rows:
-        raise FmpipeError(f"{path}: no readable images (skipped {len(skipped)} files)")
+        reasons = {}
+        for skip in skipped:
+            reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
+        found = "; ".join(f"{n} x {reason}" for reason, n in sorted(reasons.items())) or "nothing"
+        raise FmpipeError(f"{path}: no readable images; found {len(skipped)} other file(s): {found}")
     labels = np.array([index[r[2]] for r in rows], dtype=np.int64)
     empty_classes = [c for i, c in enumerate(classes) if not (labels == i).any()]
     if empty_classes:
@@ -358,7 +420,7 @@ def _load(spec: Spec, path: Path, reader) -> Collected:
     )
 
 
-def _first_size(reader, rows, channels) -> tuple[tuple[int, int], str]:
+def _first_size(reader, rows, path: Path) -> tuple[tuple[int, int], str]:
     """The size of the first readable image in id order: the default ``size``."""
     from PIL import Image
 
@@ -370,4 +432,6 @@ def _first_size(reader, rows, channels) -> tuple[tuple[int, int], str]:
             return (h, w), rid
         except Exception:
             continue  # unreadable: pass 2 records it as a skip
-    raise FmpipeError("no readable images found (every file failed to decode)")
+    ids = [r[0] for r in rows]
+    raise FmpipeError(f"{path}: no readable images; found {len(ids)} file(s) in class folders, none of them "
+                      f"an image Pillow can read ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})")

@@ -113,3 +113,44 @@ def checkpoint_callback(**kwargs) -> pl.Callback:
             return key
 
     return _Checkpoint(**kwargs)
+class RngStateCallback(pl.Callback):
+    """Carries torch's global random state in every checkpoint.
+
+    Shuffling and augmentation are seeded per epoch already; this covers what draws from the
+    global generator (dropout), so a run resumed from ``last.ckpt`` takes the same random
+    draws as the uninterrupted run would have.
+    """
+
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["cpu"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+def atomic_checkpoint_io():
+    """Lightning's checkpoint IO, but a checkpoint file appears whole or not at all.
+
+    The stock IO opens the target and writes into it, so a full disk or a kill mid-write
+    leaves a truncated ``last.ckpt`` that ``--resume`` would then choke on. Here the bytes go
+    to a temp file beside it and are renamed over it; a full disk becomes one error line
+    naming the file (``pipeline.io.atomic_write_bytes``), with no temp file left.
+    """
+    import io
+
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    from pipeline.io import atomic_write_bytes
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            atomic_write_bytes(path, buffer.getvalue())
+
+    return AtomicCheckpointIO()

@@ -18,14 +18,17 @@ successful run (a failed or interrupted run leaves the previous one as it was):
 ``data/<variant>/train-state/`` (``state_dir``) -- run state written *during* training; not a
 DVC output, survives an interrupted run:
 
-- ``checkpoints/last.ckpt`` (every epoch) and ``best-epochNNN.ckpt`` (highest ``val/acc``):
-  Lightning checkpoints, weights + optimizer + loop state, loadable with ``weights_only=True``;
+- ``checkpoints/last.ckpt`` (rewritten after every epoch, whether or not val/acc improved) and
+  ``best-epochNNN.ckpt`` (highest ``val/acc``): Lightning checkpoints, weights + optimizer +
+  loop state + torch's random state, loadable with ``weights_only=True``, each written to a
+  temp file and renamed (a kill or a full disk never leaves half a checkpoint);
 - ``live/``: DVCLive's in-progress files (copied into ``train/live`` at the end);
 - ``run.json``: a fingerprint of the data, model and training params of the run.
 
 A fresh run (``resume=False``) clears ``state_dir`` first. ``resume=True`` continues from
-``checkpoints/last.ckpt`` (epoch, global step, optimizer and scheduler state) and appends to
-the DVCLive curves; it refuses when the data, model or training params (other than
+``checkpoints/last.ckpt`` (epoch, global step, optimizer and scheduler state, random state:
+on CPU the weights are bit-identical to an uninterrupted run's) and appends to the DVCLive
+curves, first dropping rows logged after that checkpoint; it refuses when the data, model or training params (other than
 ``max_epochs``/``max_time`` and the hardware keys) differ from the interrupted run's. Raising
 ``max_epochs`` and resuming extends a finished run; the LR schedule is recomputed for the new
 length. The state is kept after success for that reason.
@@ -48,7 +51,7 @@ import torch
 
 from pipeline.config import VariantSpec
 from pipeline.errors import FmpipeError
-from pipeline.io import atomic_dir, atomic_write_json, to_json
+from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, to_json
 from pipeline.manifest import Dataset
 
 LAST_CKPT = "last.ckpt"
@@ -80,8 +83,10 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     from pipeline.models import build, save_trained
     from pipeline.training.averaging import WeightAveraging
     from pipeline.training.callbacks import (
+        RngStateCallback,
         ThroughputTimer,
         _EpochDVCLiveLogger,
+        atomic_checkpoint_io,
         checkpoint_callback,
         throttled_progress_bar,
     )
@@ -95,9 +100,12 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     train = spec.train
     fingerprint = run_fingerprint(dataset, spec)
 
+    check_accelerator(train.accelerator, variant)
     resumed_from = None
     if resume:
         resumed_from = _check_resumable(state_dir, fingerprint)
+        if _launch_rank() == 0:
+            trim_curves(state_dir / "live", resumed_from["global_step"])
     elif _launch_rank() == 0:
         shutil.rmtree(state_dir, ignore_errors=True)
         state_dir.mkdir(parents=True)
@@ -118,11 +126,17 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
 
     logger = _EpochDVCLiveLogger(dir=str(state_dir / "live"), resume=resume, save_dvc_exp=False,
                            dvcyaml=False, report=None)
-    checkpoint = checkpoint_callback(
-        dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-        monitor="val/acc" if has_val else None, mode="max", save_top_k=1 if has_val else 0,
-        save_last=True, every_n_epochs=1,
-    )
+    # Two checkpoint callbacks, because Lightning's save_last only refreshes last.ckpt on an
+    # epoch that also saved a top-k checkpoint (a new best val/acc): `last` below is written
+    # after every epoch whatever the metric did, `best` keeps the best epoch beside it.
+    checkpoints = [checkpoint_callback(dirpath=ckpt_dir, filename=LAST_CKPT[:-len(".ckpt")], monitor=None,
+                                       save_top_k=1, every_n_epochs=1, save_last=False,
+                                       enable_version_counter=False)]
+    if has_val:
+        checkpoints.append(checkpoint_callback(
+            dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+            monitor="val/acc", mode="max", save_top_k=1, save_last=False, every_n_epochs=1,
+        ))
     timer = ThroughputTimer()
     logging.getLogger("fmpipe").info(
         "model %s: %s parameters", spec.model.name, f"{sum(p.numel() for p in net.parameters()):,}")
@@ -131,7 +145,9 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
         strategy=train.strategy, precision=train.precision, max_epochs=train.max_epochs,
         max_time=train.max_time, deterministic=train.deterministic, logger=logger,
-        callbacks=[checkpoint, timer, throttled_progress_bar(), *recipe_callbacks, *callbacks], default_root_dir=str(state_dir),
+        callbacks=[*checkpoints, RngStateCallback(), timer, throttled_progress_bar(), *recipe_callbacks,
+                   *callbacks], default_root_dir=str(state_dir),
+        plugins=[atomic_checkpoint_io()],
         log_every_n_steps=min(50, steps_per_epoch), limit_val_batches=None if has_val else 0,
         # Lightning's summary table prints an all-zero FLOPs column; one log line says what matters.
         enable_progress_bar=True, enable_model_summary=False,
@@ -199,6 +215,45 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
             shutil.copytree(state_dir / "live", tmp / "live")
         (tmp / SUMMARY).write_text(to_json(summary))
     return summary
+
+
+def check_accelerator(accelerator: str, variant: str = "") -> None:
+    """Refuse an accelerator this machine lacks, naming the ones it has (before Lightning,
+    whose own error is a traceback)."""
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available.append("gpu (cuda)")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        available.append("mps")
+    missing = ((accelerator in ("gpu", "cuda") and not torch.cuda.is_available())
+               or (accelerator == "mps" and "mps" not in available))
+    if missing:
+        key = f"variants.{variant}.train.accelerator" if variant else "train.accelerator"
+        raise FmpipeError(f"params.yaml: {key}: {accelerator!r} is not available on this machine "
+                          f"(available: {', '.join(available)}; torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda or 'none'}); use cpu or auto")
+
+
+def trim_curves(live_dir: Path, global_step: int) -> None:
+    """Drop DVCLive rows logged after the checkpoint a run resumes from.
+
+    An interrupted run may have logged an epoch whose checkpoint it never finished; the
+    resumed run logs that epoch again. Without this the curves would step back and hold two
+    rows for one step.
+    """
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines(keepends=True)
+        if not lines:
+            continue
+        header, rows = lines[0], lines[1:]
+        columns = header.rstrip("\n").split("\t")
+        if "step" not in columns:
+            continue
+        col = columns.index("step")
+        kept = [r for r in rows if r.strip() and int(float(r.split("\t")[col])) <= global_step]
+        if len(kept) != len(rows):
+            atomic_write_text(tsv, header + "".join(kept))
 
 
 def model_meta(spec: VariantSpec, dm, dataset: Dataset) -> dict[str, Any]:

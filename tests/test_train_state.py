@@ -1,0 +1,126 @@
+"""Train-state hardening (issue #7): last.ckpt is the last epoch every epoch, a resumed run
+matches an uninterrupted one, curves continue cleanly, a full disk leaves no partial file,
+and an accelerator the machine lacks is one clear error."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+from pipeline.errors import FmpipeError
+from pipeline.models import WEIGHTS
+from pipeline.training.fit import read_checkpoint_progress
+from pipeline.runner import run_step
+
+STATE = Path("data/{v}/train-state")
+
+
+def annotated(variant: str) -> None:
+    run_step("collect", variant)
+    run_step("clean", variant)
+    shutil.copytree(f"data/{variant}/clean", f"data/{variant}/annotate")
+
+
+def set_train(variant: str, **train) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["variants"][variant]["train"].update(train)
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+class StopAtEpoch(pl.Callback):
+    """Ctrl+C at the start of ``epoch``: the previous epoch's checkpoint is on disk."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def curve(variant: str, name: str = "val/acc") -> list[tuple[int, str]]:
+    rows = (STATE.as_posix().format(v=variant) + f"/live/plots/metrics/{name}.tsv")
+    lines = Path(rows).read_text().splitlines()[1:]
+    return [(int(line.split("\t")[0]), line.split("\t")[1]) for line in lines]
+
+
+def test_last_checkpoint_is_the_last_epoch_even_without_improvement(project):
+    annotated("iris")
+    # A learning rate this small leaves val/acc flat: Lightning's save_last would keep epoch 1.
+    set_train("iris", max_epochs=4, optimizer={"name": "sgd", "lr": 1e-12})
+    run_step("train", "iris")
+    ckpts = STATE.as_posix().format(v="iris") + "/checkpoints"
+    assert read_checkpoint_progress(f"{ckpts}/last.ckpt")["epoch"] == 4
+    best = sorted(Path(ckpts).glob("best-*.ckpt"))
+    assert len(best) == 1 and read_checkpoint_progress(best[0])["epoch"] == 1  # first of equals
+    assert not [p for p in Path(ckpts).iterdir() if p.name.startswith(".")]  # no temp files
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(project):
+    """digits: cnn_small with dropout (the global RNG) and a one-cycle schedule."""
+    annotated("digits")
+    set_train("digits", max_epochs=3)
+    run_step("train", "digits")
+    uninterrupted = Path("data/digits/train", WEIGHTS).read_bytes()
+    full_curve = curve("digits")
+    shutil.rmtree("data/digits/train")
+
+    from pipeline.training.fit import fit
+    from pipeline.config import load_variant
+    from pipeline.manifest import read_dataset
+
+    spec, ds = load_variant("digits"), read_dataset("data/digits/annotate")
+    with pytest.raises(KeyboardInterrupt):
+        fit(ds, spec, "data/digits/train", callbacks=[StopAtEpoch(2)], variant="digits")
+    assert not Path("data/digits/train").exists()
+    last = STATE.as_posix().format(v="digits") + "/checkpoints/last.ckpt"
+    saved = read_checkpoint_progress(last)
+    assert saved["epoch"] == 2
+    # A run killed between logging an epoch and checkpointing it leaves a row past the checkpoint.
+    tsv = Path(STATE.as_posix().format(v="digits") + "/live/plots/metrics/val/acc.tsv")
+    tsv.write_text(tsv.read_text() + f"{saved['global_step'] + 7}\t0.5\n")
+
+    run_step("train", "digits", resume=True)
+    assert Path("data/digits/train", WEIGHTS).read_bytes() == uninterrupted
+    resumed_curve = curve("digits")
+    steps = [s for s, _ in resumed_curve]
+    assert steps == sorted(set(steps)) and len(steps) == 3  # one row per epoch, never stepping back
+    assert resumed_curve == full_curve
+
+
+def test_disk_full_while_checkpointing_leaves_no_partial_file(project, monkeypatch):
+    annotated("iris")
+    set_train("iris", max_epochs=3)
+    import pipeline.io as pio
+
+    real_replace = pio.os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith(".ckpt"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pio.os, "replace", full_disk)
+    with pytest.raises(FmpipeError, match=r"last\.ckpt: cannot write the output: disk full"):
+        run_step("train", "iris")
+    ckpts = Path(STATE.as_posix().format(v="iris") + "/checkpoints")
+    assert not list(ckpts.glob("*")) if ckpts.exists() else True
+    assert not Path("data/iris/train").exists()
+    assert not [p for p in Path("data/iris").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_accelerator_without_a_gpu_names_what_exists(project):
+    annotated("iris")
+    set_train("iris", accelerator="gpu")
+    with pytest.raises(FmpipeError) as err:
+        run_step("train", "iris")
+    message = str(err.value)
+    assert "variants.iris.train.accelerator: 'gpu' is not available" in message
+    assert "available: cpu" in message and "\n" not in message
