@@ -194,6 +194,19 @@ STEPS: tuple[Step, ...] = (
               "pipeline/quality/neighbors.py"),
         params=("review", "train"),
     ),
+    Step(
+        name="report",
+        help="Write data/<variant>/report/index.html: one self-contained page, data to package.",
+        module="stages.report",
+        # What the page shows; it also reads optional files (clean's findings, resources)
+        # when they exist, without depending on them.
+        reads=("clean", "validate", "annotate", "train/live/metrics.json", "evaluate/predictions.parquet",
+               "evaluate/metrics.json", "package", "review"),
+        code=("stages/report.py", "pipeline/report"),
+        # The page shows timings and resources that change run to run: uncached. The PNGs
+        # are deterministic: cached, and image plots for `dvc plots show`.
+        outs=(Out("index.html", cache=False), Out("plots", kind="plot")),
+    ),
 )
 
 BY_NAME: dict[str, Step] = {s.name: s for s in STEPS}
