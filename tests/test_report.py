@@ -34,7 +34,7 @@ def digits(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     shutil.copytree(REPO / "annotations", root / "annotations")
-    (root / "annotations" / "digits.csv").write_text(f"id,label,note\n{RELABELLED},3,report test relabel\n")
+    (root / "annotations" / "digits" / "labels.csv").write_text(f"id,label,note\n{RELABELLED},3,report test relabel\n")
     done = fmpipe(root, "run", "--stage", "digits")  # the report is the last step of a run
     assert done.returncode == 0, done.stderr[-2000:]
     assert (root / "data" / "digits" / "report" / "index.html").is_file()
