@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from browser import open_page
+from pipeline import steps as registry
 
 REPO = Path(__file__).resolve().parents[1]
 RELABELLED = "digits/0002"  # a train row: one label change for the Labels section
@@ -34,6 +35,7 @@ def digits(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     shutil.copytree(REPO / "annotations", root / "annotations")
+    shutil.copytree(REPO / "expectations", root / "expectations")
     (root / "annotations" / "digits" / "labels.csv").write_text(f"id,label,note\n{RELABELLED},3,report test relabel\n")
     done = fmpipe(root, "run", "--stage", "digits")  # the report is the last step of a run
     assert done.returncode == 0, done.stderr[-2000:]
@@ -69,13 +71,14 @@ def test_digits_report_renders_offline(digits, tmp_path):
     assert seen["counts"] == 10 + 1  # ten classes and the total row
     assert seen["validation"] == summary["expectations"]
     assert seen["per-class"] == 10
-    assert seen["files"] == 4  # weights, model.json, ONNX, model card
+    assert seen["files"] >= 4  # at least weights, model.json, ONNX, model card
     assert seen["changes"] == 1 and seen["change_thumbs"] == 1
-    assert seen["resources"] == 8  # the runner's record of every step from collect to review
+    assert seen["resources"] == len(registry.ORDER) - 1  # the runner's record of every step but report
     assert seen["errors"] == 0  # every artefact of a real run was read
     # The pictures are written beside the page too, for `dvc plots show`.
-    assert sorted(p.name for p in (index.parent / "plots").iterdir()) == [
-        "confusion.png", "per_class.png", "reliability.png", "rows_per_class.png", "training_curves.png"]
+    # (reliability.png too, unless evaluate wrote its own reliability picture, which the page inlines)
+    assert {"confusion.png", "per_class.png", "rows_per_class.png", "training_curves.png"} <= {
+        p.name for p in (index.parent / "plots").iterdir()}
 
 
 def test_same_inputs_give_the_same_page(digits):

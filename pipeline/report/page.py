@@ -227,7 +227,11 @@ def validation_table(ctx: Context) -> str:
                    "(they load their styles and scripts from CDNs, so offline they show little; "
                    "the table below has the same results).</p>")
     rows = []
+    # One GX result per table ("validations": {table: result}) or one for the whole suite ("validation").
     validations = (results or {}).get("validations") or {}
+    single = (results or {}).get("validation")
+    if isinstance(single, dict):
+        validations = {single.get("suite_name") or "dataset": single}
     if isinstance(validations, dict):
         validations = [dict(v, _table=k) for k, v in validations.items() if isinstance(v, dict)]
     for v in validations if isinstance(validations, list) else []:
