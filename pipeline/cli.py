@@ -209,3 +209,22 @@ def stages(params: str = ParamsOpt) -> None:
         flag = "enabled " if name in p.enabled else "optional"
         typer.echo(f"{name:12s} {flag}  {spec.source.kind:12s} {spec.model.name:14s} {spec.description}")
 
+
+
+@app.command()
+def plots(
+    targets: Optional[list[str]] = typer.Argument(None, help="Plot files or ids (default: every plot in dvc.yaml)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default: dvc_plots)."),
+    install: bool = typer.Option(False, "--install", help="Make plain `dvc plots show/diff` offline in this checkout "
+                                 "(writes .dvc/tmp/fmpipe-offline-plots.html, sets plots.html_template in .dvc/config.local)."),
+) -> None:
+    """`dvc plots show` whose page works offline: Vega's JavaScript inlined, not loaded from a CDN."""
+    from pipeline.report import offline_plots
+
+    with _reported("fmpipe plots"):
+        if install:
+            path = offline_plots.install()
+            typer.echo(f"fmpipe plots: wrote {path}; `dvc plots show` now renders offline in this checkout")
+            return
+        page = offline_plots.show(targets or [], out=out)
+    typer.echo(f"fmpipe plots: {page}")

@@ -198,6 +198,20 @@ STEPS: tuple[Step, ...] = (
               "pipeline/quality/neighbors.py"),
         params=("review", "train"),
     ),
+    Step(
+        name="report",
+        help="Write data/<variant>/report/index.html: one self-contained page, data to package.",
+        module="stages.report",
+        # What the page shows; it also reads optional files (clean's findings, resources)
+        # when they exist, without depending on them.
+        reads=("clean", "validate/summary.json", "annotate", "train/live/metrics.json",
+               "evaluate/predictions.parquet", "evaluate/metrics.json", "package", "review"),
+        code=("stages/report.py", "pipeline/report"),
+        # The PNGs are deterministic: cached, and image plots for `dvc plots show`. The page
+        # (index.html) shows timings that change run to run: written, but not declared, since
+        # even an uncached output's hash goes into dvc.lock.
+        outs=(Out("plots", kind="plot"),),
+    ),
 )
 
 BY_NAME: dict[str, Step] = {s.name: s for s in STEPS}

@@ -102,7 +102,7 @@ def test_cli_lists_exactly_the_registered_steps_in_order():
 
 
 def test_upstream_of_package_is_every_other_step():
-    # dist and review come after package (review reads the trained model, never package's output).
-    assert registry.upstream_of("package") == [s for s in registry.ORDER if s not in ("package", "dist", "review")]
-    assert registry.upstream_of("dist") == [s for s in registry.ORDER if s not in ("dist", "review")]
+    # dist, review and report come after package (review reads the trained model, never package's output).
+    assert registry.upstream_of("package") == [s for s in registry.ORDER if s not in ("package", "dist", "review", "report")]
+    assert registry.upstream_of("dist") == [s for s in registry.ORDER if s not in ("dist", "review", "report")]
     assert registry.upstream_of("collect") == []

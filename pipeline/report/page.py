@@ -1,0 +1,522 @@
+"""The report page: one HTML file per variant, sections in the lifecycle's order.
+
+Each section is a function of the variant's directory that returns HTML; a section whose
+inputs are absent says so, and one whose inputs are broken shows the error line instead of
+stopping the page. Pictures are PNG ``data:`` URIs inside the page, and the same PNGs are
+written beside it (``plots/``) for ``dvc plots show``; the page loads nothing from a network.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from pipeline.report import figures
+from pipeline.report.readers import (
+    ArtefactError,
+    Thumbnails,
+    file_data_uri,
+    id_columns,
+    png_data_uri,
+    read_json,
+    read_table,
+    read_tsv_series,
+)
+
+MAX_ROWS = 20  # rows of a findings/queue/mistakes table shown with thumbnails
+esc = html.escape
+
+
+@dataclass
+class Context:
+    """What every section sees: the variant's folder, where the page goes, and shared lookups."""
+
+    variant: str
+    root: Path  # data/<variant>
+    out: Path  # data/<variant>/report
+    plots: dict[str, bytes] = field(default_factory=dict)  # name -> PNG, also written to out/plots
+    _thumbs: Optional[Thumbnails] = None
+
+    def step(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def thumbs(self) -> Thumbnails:
+        # collect holds every example, also those clean removed; annotate/clean hold the
+        # current labels. Looked up in that order of preference.
+        if self._thumbs is None:
+            self._thumbs = Thumbnails([self.step(s) for s in ("annotate", "clean", "collect")])
+        return self._thumbs
+
+    def link(self, path: Path) -> str:
+        return os.path.relpath(path, self.out).replace(os.sep, "/")
+
+    def picture(self, name: str, png: bytes, alt: str) -> str:
+        self.plots[name] = png
+        return f'<figure><img class="plot" alt="{esc(alt)}" src="{png_data_uri(png)}"><figcaption>{esc(alt)}</figcaption></figure>'
+
+
+# --- small HTML helpers -----------------------------------------------------------------
+
+def table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    """Cells are escaped text, except values wrapped in ``Raw`` (pictures, links)."""
+    head = "".join(f"<th>{esc(str(h))}</th>" for h in headers)
+    thead = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""  # key/value tables need none
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}">{thead}<tbody>{body}</tbody></table>'
+
+
+class Raw(str):
+    """HTML that a table cell shows as it is."""
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, Raw):
+        return str(v)
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.4g}"
+    return esc("" if v is None else str(v))
+
+
+def thumb(ctx: Context, example_id: Any) -> Raw:
+    uri = ctx.thumbs.uri(example_id) if ctx.thumbs else None
+    return Raw(f'<img class="thumb" alt="{esc(str(example_id))}" src="{uri}">' if uri else "")
+
+
+def pic(ctx: Context, example_id: Any) -> list[Raw]:
+    """The thumbnail cell for a row, or no cell at all for a tabular dataset."""
+    return [thumb(ctx, example_id)] if ctx.thumbs else []
+
+
+def pic_header(ctx: Context) -> list[str]:
+    return ["image"] if ctx.thumbs else []
+
+
+def missing(what: str, hint: str) -> str:
+    return f'<p class="missing">Not available: {esc(what)} ({esc(hint)}).</p>'
+
+
+def kv(d: dict[str, Any]) -> str:
+    return table(["", ""], [[k, v] for k, v in d.items()], cls="kv")
+
+
+def links_to_pages(ctx: Context, step: str) -> str:
+    """Links to the HTML pages other steps write (contact sheets, galleries), whatever their names."""
+    d = ctx.step(step)
+    pages = sorted(p for p in d.rglob("*.html") if "data_docs" not in p.parts) if d.is_dir() else []
+    if not pages:
+        return ""
+    items = "".join(f'<li><a href="{esc(ctx.link(p))}">{esc(p.relative_to(ctx.root).as_posix())}</a></li>' for p in pages)
+    return f"<p>Pages written by {esc(step)}:</p><ul>{items}</ul>"
+
+
+def pictures_of(ctx: Context, step: str, skip: tuple[str, ...] = (), limit: int = 6) -> str:
+    """Inline the PNG/SVG pictures a step wrote (a contact sheet, a reliability diagram), whatever their names."""
+    d = ctx.step(step)
+    if not d.is_dir():
+        return ""
+    found = sorted(p for p in d.rglob("*") if p.suffix.lower() in (".png", ".svg", ".jpg", ".jpeg")
+                   and "data_docs" not in p.parts and not any(w in p.name for w in skip))
+    out = []
+    for p in found[:limit]:
+        uri = file_data_uri(p)
+        if uri:
+            name = p.relative_to(ctx.root).as_posix()
+            out.append(f'<figure><img class="plot" alt="{esc(name)}" src="{uri}"><figcaption>{esc(name)}</figcaption></figure>')
+    if len(found) > limit:
+        out.append(f"<p>{len(found) - limit} more pictures in {esc(step)}/ not shown.</p>")
+    return "".join(out)
+
+
+def frame_rows(ctx: Context, df, limit: int = MAX_ROWS) -> str:
+    """A findings/queue table: the first ``limit`` rows, a thumbnail per id column."""
+    df = df.head(limit)
+    ids = id_columns(df.columns)
+    cols = [c for c in df.columns if not str(c).startswith("_")]
+    headers = [f"{c} (image)" for c in ids if ctx.thumbs] + [str(c) for c in cols]
+    rows = []
+    for rec in df.to_dict("records"):
+        pics = [thumb(ctx, rec[c]) for c in ids] if ctx.thumbs else []
+        rows.append(pics + [rec[c] for c in cols])
+    return table(headers, rows, cls="findings")
+
+
+# --- sections ---------------------------------------------------------------------------
+
+def section_data(ctx: Context) -> str:
+    parts = []
+    ds = read_table(ctx.step("annotate") / "manifest.parquet")
+    source = "annotate"
+    if ds is None:
+        ds, source = read_table(ctx.step("clean") / "manifest.parquet"), "clean"
+    if ds is not None and {"split", "label_name"} <= set(ds.columns):
+        counts = ds.groupby(["label_name", "split"], sort=False).size().unstack(fill_value=0)
+        splits = [s for s in ("train", "val", "test") if s in counts.columns] + \
+                 [s for s in counts.columns if s not in ("train", "val", "test")]
+        counts = counts[splits]
+        rows = [[c, *[int(counts.loc[c, s]) for s in splits], int(counts.loc[c].sum())] for c in counts.index]
+        rows.append(["all", *[int(counts[s].sum()) for s in splits], int(counts.values.sum())])
+        parts.append(f"<h3>Rows per split and class ({esc(source)})</h3>")
+        parts.append(table(["class", *splits, "total"], rows, cls="counts"))
+        parts.append(ctx.picture("rows_per_class.png",
+                                 figures.counts_png({s: {str(c): int(counts.loc[c, s]) for c in counts.index} for s in splits}),
+                                 "Rows per split and class"))
+    else:
+        parts.append(missing("row counts", "no annotate/ or clean/ manifest.parquet; run fmpipe clean"))
+
+    parts.append("<h3>Clean</h3>")
+    rep = read_json(ctx.step("clean") / "report.json")
+    if rep is None:
+        parts.append(missing("clean report", "no clean/report.json"))
+    else:
+        parts.append(f"<p>{rep.get('rows_in', '?')} rows in, {rep.get('rows_out', '?')} kept, "
+                     f"{rep.get('rows_removed', '?')} removed.</p>")
+        by_reason = rep.get("removed_by_reason") or {}
+        if by_reason:
+            parts.append(table(["reason", "rows"], [[k, v] for k, v in by_reason.items()], cls="reasons"))
+        removed = rep.get("removed") or []
+        if removed:
+            shown = removed[:MAX_ROWS]
+            keys = [k for k in shown[0] if k != "id"] if isinstance(shown[0], dict) else []
+            # A duplicate's kept twin (dup_of) is worth seeing beside it.
+            twins = [k for k in id_columns(keys) if ctx.thumbs]
+            rows = [[*pic(ctx, r.get("id")), *[thumb(ctx, r.get(k)) for k in twins], r.get("id"),
+                     *[r.get(k) for k in keys]] for r in shown if isinstance(r, dict)]
+            parts.append(f"<p>Removed rows (first {len(shown)} of {len(removed)}):</p>")
+            parts.append(table([*pic_header(ctx), *[f"{k} (image)" for k in twins], "id", *keys], rows, cls="removed"))
+    findings = read_table(ctx.step("clean") / "findings.parquet")
+    if findings is not None:
+        parts.append(f"<h4>Findings ({len(findings)} rows in clean/findings.parquet)</h4>")
+        for col in ("rule", "kind", "detector", "action", "reason"):
+            if col in findings.columns:
+                vc = findings[col].astype(str).value_counts()
+                parts.append(table([col, "rows"], [[k, int(v)] for k, v in vc.items()], cls="finding-kinds"))
+                break
+        sort = next((c for c in ("score", "severity_score", "distance") if c in findings.columns), None)
+        if sort is not None:
+            findings = findings.sort_values(sort, ascending=(sort == "distance"), kind="stable")
+        parts.append(frame_rows(ctx, findings))
+    parts.append(pictures_of(ctx, "clean"))
+    parts.append(links_to_pages(ctx, "clean"))
+
+    parts.append("<h3>Validation</h3>")
+    parts.append(validation_table(ctx))
+    return "".join(parts)
+
+
+def validation_table(ctx: Context) -> str:
+    vdir = ctx.step("validate")
+    summary = read_json(vdir / "summary.json")
+    results = read_json(vdir / "results.json")
+    if summary is None and results is None:
+        return missing("validation", "no validate/summary.json; run fmpipe validate")
+    out = []
+    if summary is not None:
+        ok = summary.get("success")
+        failed = summary.get("failed") or []
+        out.append(f'<p class="{"pass" if ok else "fail"}">{"Passed" if ok else "FAILED"}: '
+                   f'{summary.get("expectations", "?")} expectations, {len(failed)} failed.</p>')
+    docs = vdir / "data_docs" / "index.html"
+    if docs.is_file():
+        out.append(f'<p>Great Expectations Data Docs: <a href="{esc(ctx.link(docs))}">validate/data_docs/index.html</a> '
+                   "(they load their styles and scripts from CDNs, so offline they show little; "
+                   "the table below has the same results).</p>")
+    rows = []
+    # One GX result per table ("validations": {table: result}) or one for the whole suite ("validation").
+    validations = (results or {}).get("validations") or {}
+    single = (results or {}).get("validation")
+    if isinstance(single, dict):
+        validations = {single.get("suite_name") or "dataset": single}
+    if isinstance(validations, dict):
+        validations = [dict(v, _table=k) for k, v in validations.items() if isinstance(v, dict)]
+    for v in validations if isinstance(validations, list) else []:
+        for r in v.get("results") or []:
+            cfg = r.get("expectation_config") or {}
+            kwargs = {k: val for k, val in (cfg.get("kwargs") or {}).items() if k != "batch_id"}
+            column = kwargs.pop("column", kwargs.pop("column_list", ""))
+            severity = cfg.get("severity") or (cfg.get("meta") or {}).get("severity") or ""
+            observed = (r.get("result") or {}).get("observed_value", "")
+            if isinstance(observed, (list, dict)):
+                observed = str(observed)[:80]
+            rows.append([v.get("_table", v.get("suite_name", "")), cfg.get("type", ""), column, severity,
+                         Raw('<span class="pass">pass</span>' if r.get("success") else '<span class="fail">FAIL</span>'),
+                         observed, ", ".join(f"{k}={val}" for k, val in kwargs.items())[:120]])
+    # Failures first, then by severity, so the page opens on what needs attention.
+    order = {"critical": 0, "warning": 1, "info": 2}
+    rows.sort(key=lambda r: ("pass" in r[4], order.get(str(r[3]).lower(), 3)))
+    if rows:
+        out.append(table(["table", "expectation", "column", "severity", "result", "observed", "arguments"], rows,
+                         cls="validation"))
+    return "".join(out)
+
+
+def section_labels(ctx: Context) -> str:
+    parts = []
+    rep = read_json(ctx.step("annotate") / "report.json")
+    if rep is None:
+        parts.append(missing("annotation report", "no annotate/report.json; run fmpipe annotate"))
+    else:
+        parts.append(f"<p>Annotations file: {esc(str(rep.get('annotations_file', '?')))}; "
+                     f"{rep.get('overrides_applied', 0)} overrides applied, {rep.get('labels_changed', 0)} labels changed.</p>")
+        changes = [c for c in (rep.get("changes") or []) if isinstance(c, dict)]
+        if changes:
+            keys = [k for k in changes[0] if k != "id"]
+            rows = [[*pic(ctx, c.get("id")), c.get("id"), *[c.get(k) for k in keys]] for c in changes[:MAX_ROWS]]
+            parts.append(f"<p>Label changes (first {len(rows)} of {len(changes)}):</p>")
+            parts.append(table([*pic_header(ctx), "id", *keys], rows, cls="changes"))
+    queue = read_table(ctx.step("review") / "queue.parquet")
+    parts.append("<h3>Review queue</h3>")
+    if queue is None:
+        parts.append(missing("review queue", "no review/queue.parquet"))
+    else:
+        parts.append(f"<p>{len(queue)} examples queued for review; the top {min(len(queue), MAX_ROWS)}:</p>")
+        parts.append(frame_rows(ctx, queue))
+    parts.append(pictures_of(ctx, "review"))
+    parts.append(links_to_pages(ctx, "review"))
+    return "".join(parts)
+
+
+def section_training(ctx: Context) -> str:
+    parts = []
+    tdir = ctx.step("train")
+    summary = read_json(tdir / "train_summary.json")
+    if summary is None:
+        parts.append(missing("training summary", "no train/train_summary.json; run fmpipe train"))
+    else:
+        keys = ["model", "epochs", "global_step", "train_rows", "val_rows", "batch_size", "device", "accelerator",
+                "precision", "world_size", "wall_time_s", "train_time_s", "throughput_samples_per_s", "resumed_from"]
+        parts.append(kv({k: summary[k] for k in keys if k in summary}))
+        final = summary.get("final")
+        if isinstance(final, dict) and final:
+            parts.append("<p>Last epoch:</p>" + kv(final))
+    series = read_tsv_series(tdir / "live" / "plots" / "metrics")
+    if series:
+        parts.append(ctx.picture("training_curves.png", figures.curves_png(series), "Training curves (DVCLive, per epoch)"))
+    else:
+        parts.append(missing("training curves", "no train/live/plots/metrics/*.tsv"))
+    parts.append("<h3>Resources per step</h3>")
+    parts.append(resources_table(ctx))
+    return "".join(parts)
+
+
+# Both spellings: the runner's record names (peak_mb, write_mb, accel_s, ...) and older ones.
+RESOURCE_COLUMNS = [(("wall_s",), "wall (s)"), (("cpu_s",), "CPU (s)"), (("peak_mb", "peak_rss_mb"), "peak memory (MB)"),
+                    (("accel_s", "accelerator_s"), "accelerator (s)"),
+                    (("accel_mb", "accelerator_peak_mb"), "accelerator peak (MB)"),
+                    (("read_mb",), "read (MB)"), (("write_mb", "written_mb"), "written (MB)"),
+                    (("rows_out", "rows_written"), "rows out"), (("samples_per_s",), "samples/s"),
+                    (("gflop", "train_gflop"), "train GFLOP")]
+
+
+def resources_table(ctx: Context) -> str:
+    """The runner's per-step records (``data/resources/<v>/<step>.json``, device from ``data/runs/``)."""
+    from pipeline import steps as registry
+
+    records = {}
+    for d in (ctx.root.parent / "resources" / ctx.variant,):
+        # The report's own record is left out: it is about building this page, and leaving
+        # it out keeps the page the same when nothing upstream changed.
+        for path in sorted(p for p in d.glob("*.json") if p.stem != "report") if d.is_dir() else []:
+            try:
+                data = read_json(path)
+            except ArtefactError as exc:
+                data = {"error": str(exc)}
+            if isinstance(data, dict):
+                env = None
+                try:
+                    env = read_json(ctx.root.parent / "runs" / ctx.variant / path.name)
+                except ArtefactError:
+                    pass
+                if isinstance(env, dict):  # device and train details live in the run record
+                    data = {**{k: v for k, v in env.items() if k in ("device", "samples_per_s")}, **data}
+                records[path.stem] = data
+    if not records:
+        return missing("resources", f"no {ctx.root.parent / 'resources' / ctx.variant}/*.json; the runner writes them")
+    order = {name: k for k, name in enumerate(registry.ORDER)}
+    def pick(r: dict, keys: tuple[str, ...]):
+        return next((r[k] for k in keys if r.get(k) is not None), "")
+
+    cols = [(k, h) for k, h in RESOURCE_COLUMNS if any(pick(r, k) != "" for r in records.values())]
+    rows = [[step, *[pick(r, k) for k, _ in cols], r.get("device", "")]
+            for step, r in sorted(records.items(), key=lambda kv: order.get(kv[0], len(order)))]
+    return table(["step", *[h for _, h in cols], "device"], rows, cls="resources")
+
+
+def section_evaluation(ctx: Context) -> str:
+    parts = []
+    edir = ctx.step("evaluate")
+    metrics = read_json(edir / "metrics.json")
+    blessing = read_json(edir / "blessing.json")
+    if metrics is None:
+        parts.append(missing("metrics", "no evaluate/metrics.json; run fmpipe evaluate"))
+    else:
+        parts.append(kv({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}))
+    if blessing is not None:
+        verdict = "BLESSED" if blessing.get("blessed") else "NOT BLESSED"
+        parts.append(f'<p class="{"pass" if blessing.get("blessed") else "fail"}">{verdict}</p>')
+        checks = blessing.get("checks")
+        if isinstance(checks, list) and checks and isinstance(checks[0], dict):
+            keys = list(checks[0])
+            parts.append(table(keys, [[c.get(k) for k in keys] for c in checks], cls="checks"))
+        elif isinstance(checks, dict):
+            parts.append(table(["check", "detail"], [[k, v] for k, v in checks.items()], cls="checks"))
+    per_class = read_table(edir / "per_class.csv")
+    if per_class is not None and "class" in per_class.columns:
+        parts.append("<h3>Per class</h3>")
+        cols = list(per_class.columns)
+        parts.append(table(cols, per_class.values.tolist(), cls="per-class"))
+        # F1 alone in the picture (precision and recall are in the table): one bar per class reads at a glance.
+        scores = {m: per_class[m].astype(float).tolist() for m in ("f1",) if m in per_class.columns}
+        if scores:
+            parts.append(ctx.picture("per_class.png", figures.per_class_png(per_class["class"].astype(str).tolist(), scores),
+                                     "Per-class F1 (test)"))
+    preds = read_table(edir / "predictions.parquet")
+    classes = _classes(ctx)
+    if preds is not None and {"label", "predicted"} <= set(preds.columns):
+        n = int(max(preds["label"].max(), preds["predicted"].max()) + 1) if len(preds) else 0
+        names = classes if classes and len(classes) >= n else [str(i) for i in range(n)]
+        m = np.zeros((len(names), len(names)), dtype=int)
+        np.add.at(m, (preds["label"].to_numpy(int), preds["predicted"].to_numpy(int)), 1)
+        parts.append("<h3>Confusion matrix</h3>")
+        parts.append(ctx.picture("confusion.png", figures.confusion_png(m, names), "Confusion matrix (test)"))
+        parts.append("<h3>Calibration</h3>")
+        parts.append(calibration(ctx, preds))
+        parts.append("<h3>Most confident mistakes</h3>")
+        wrong = preds[preds["label"] != preds["predicted"]]
+        if "confidence" in wrong.columns:
+            wrong = wrong.sort_values("confidence", ascending=False, kind="stable")
+        if len(wrong):
+            cols = [c for c in ("id", "label_name", "predicted_name", "confidence") if c in wrong.columns]
+            rows = [[*pic(ctx, r.get("id")), *[r[c] for c in cols]] for r in wrong.head(MAX_ROWS).to_dict("records")]
+            parts.append(f"<p>{len(wrong)} of {len(preds)} test examples are wrong; the most confident first:</p>")
+            parts.append(table([*pic_header(ctx), *cols], rows, cls="mistakes"))
+        else:
+            parts.append(f"<p>No mistakes on the {len(preds)} test examples.</p>")
+    else:
+        parts.append(missing("predictions", "no evaluate/predictions.parquet"))
+    parts.append(pictures_of(ctx, "evaluate", skip=("reliab", "calib")))  # those are under Calibration
+    parts.append(links_to_pages(ctx, "evaluate"))
+    return "".join(parts)
+
+
+def calibration(ctx: Context, preds) -> str:
+    """The evaluate step's own calibration outputs when present, else a reliability diagram from predictions."""
+    edir = ctx.step("evaluate")
+    out = []
+    for path in sorted(edir.glob("*calibration*.json")):
+        data = read_json(path)
+        if isinstance(data, dict):
+            out.append(f"<p>{esc(path.name)}:</p>" + kv({k: v for k, v in data.items() if not isinstance(v, (dict, list))}))
+    pictures = sorted(p for p in edir.rglob("*.png") if any(w in p.name for w in ("reliab", "calib")))
+    for p in pictures:
+        uri = file_data_uri(p)
+        out.append(f'<figure><img class="plot" alt="{esc(p.name)}" src="{uri}"><figcaption>{esc(p.name)} (from evaluate)</figcaption></figure>')
+    if not pictures and "confidence" in preds.columns and len(preds):
+        correct = (preds["label"] == preds["predicted"]).to_numpy(float)
+        out.append(ctx.picture("reliability.png", figures.reliability_png(preds["confidence"].to_numpy(float), correct),
+                               "Reliability: accuracy per confidence bin (test)"))
+    return "".join(out) or missing("calibration", "no confidence in predictions")
+
+
+def section_package(ctx: Context) -> str:
+    parts = []
+    pdir = ctx.step("package")
+    lineage = read_json(pdir / "lineage.json")
+    card = pdir / "MODEL_CARD.md"
+    if card.is_file():
+        parts.append(f'<p>Model card: <a href="{esc(ctx.link(card))}">package/MODEL_CARD.md</a></p>')
+    if lineage is None:
+        parts.append(missing("package", "no package/lineage.json; run fmpipe package (it needs a blessed model)"))
+        return "".join(parts)
+    files = lineage.get("files") or {}
+    if isinstance(files, dict) and files:
+        parts.append(table(["file", "bytes", "sha256"],
+                           [[k, (v or {}).get("size", ""), (v or {}).get("sha256", "")] for k, v in files.items()],
+                           cls="files"))
+    onnx = lineage.get("onnx")
+    if isinstance(onnx, dict):
+        parts.append("<h3>ONNX check</h3>" + kv(onnx))
+    git = lineage.get("git") or {}
+    parts.append("<h3>Lineage</h3>")
+    parts.append(kv({"git commit": git.get("commit", git.get("reason", "n/a")), "dirty": git.get("dirty", "")}))
+    lock = lineage.get("dvc_lock") or {}
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    if isinstance(stages, dict) and stages:
+        rows = []
+        for name, entry in stages.items():
+            for o in (entry or {}).get("outs", []) if isinstance(entry, dict) else []:
+                if isinstance(o, dict):
+                    rows.append([name, o.get("path", ""), o.get("md5", o.get("hash", ""))])
+        parts.append(table(["stage", "output", "md5"], rows, cls="lock"))
+    elif isinstance(lock, dict) and lock.get("note"):
+        parts.append(f"<p>{esc(str(lock['note']))}</p>")
+    return "".join(parts)
+
+
+def _classes(ctx: Context) -> Optional[list[str]]:
+    for s in ("annotate", "clean", "collect"):
+        meta = read_json(ctx.step(s) / "dataset.json")
+        if isinstance(meta, dict) and isinstance(meta.get("classes"), list):
+            return [str(c) for c in meta["classes"]]
+    return None
+
+
+SECTIONS: list[tuple[str, str, Callable[[Context], str]]] = [
+    ("data", "Data", section_data),
+    ("labels", "Labels", section_labels),
+    ("training", "Training", section_training),
+    ("evaluation", "Evaluation", section_evaluation),
+    ("package", "Package", section_package),
+]
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1100px;padding:1em 2em;color:#222}
+h1{margin-bottom:0}nav a{margin-right:1em}section{border-top:2px solid #ddd;margin-top:1.5em}
+table{border-collapse:collapse;margin:.5em 0;font-size:13px}th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:middle}
+th{background:#f4f4f4}table.kv td:first-child{font-weight:600}img.plot{max-width:min(100%,760px);border:1px solid #eee}
+img.thumb{image-rendering:pixelated;width:48px;height:48px;object-fit:contain;background:#000}
+.pass{color:#17702a;font-weight:600}.fail{color:#b00020;font-weight:700}.missing{color:#777;font-style:italic}
+.error{color:#b00020}.glance{font-size:15px;margin:.3em 0 .8em}figure{margin:.5em 0}figcaption{color:#666;font-size:12px}
+"""
+
+
+def glance(ctx: Context) -> str:
+    """One line at the top: the numbers people ask first."""
+    bits = []
+    try:
+        m = read_json(ctx.step("evaluate") / "metrics.json") or {}
+        b = read_json(ctx.step("evaluate") / "blessing.json") or {}
+        v = read_json(ctx.step("validate") / "summary.json") or {}
+    except ArtefactError:
+        return ""  # the sections below show the error line
+    if "success" in v:
+        bits.append(f"validation {'passed' if v['success'] else 'FAILED'}")
+    for key, label in (("accuracy", "test accuracy"), ("macro_f1", "macro F1")):
+        if isinstance(m.get(key), (int, float)):
+            bits.append(f"{label} {m[key]:.4f}")
+    if "blessed" in b:
+        bits.append("blessed" if b["blessed"] else "NOT blessed")
+    if (ctx.step("package") / "lineage.json").is_file():
+        bits.append("packaged")
+    return f'<p class="glance">{esc(" · ".join(bits))}</p>' if bits else ""
+
+
+def render(ctx: Context) -> str:
+    body = []
+    for key, title, fn in SECTIONS:
+        try:
+            content = fn(ctx)
+        except ArtefactError as exc:
+            content = f'<p class="error">Could not show this section: {esc(str(exc))}</p>'
+        except Exception as exc:  # one broken or unexpected artefact must not cost the whole page
+            content = f'<p class="error">Could not show this section: {esc(type(exc).__name__)}: {esc(str(exc))}</p>'
+        body.append(f'<section id="{key}"><h2>{esc(title)}</h2>{content}</section>')
+    nav = "".join(f'<a href="#{k}">{esc(t)}</a>' for k, t, _ in SECTIONS)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f"<title>fmpipe report: {esc(ctx.variant)}</title><style>{STYLE}</style></head>"
+            f"<body><h1>fmpipe report: {esc(ctx.variant)}</h1>{glance(ctx)}<nav>{nav}</nav>{''.join(body)}</body></html>\n")

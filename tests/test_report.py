@@ -1,0 +1,208 @@
+"""The report page and the offline DVC plots page, opened in real headless Chromium offline.
+
+One real digits run (``fmpipe run`` then ``fmpipe report``, no mocks) is shared by the module;
+the DVC plots page is built by real ``dvc plots show`` from the project's own dvc.yaml over
+that run's outputs, in a temporary git + DVC repo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from browser import open_page
+from pipeline import steps as registry
+
+REPO = Path(__file__).resolve().parents[1]
+RELABELLED = "digits/0002"  # a train row: one label change for the Labels section
+
+
+def fmpipe(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copytree(REPO / "annotations", root / "annotations")
+    shutil.copytree(REPO / "expectations", root / "expectations")
+    (root / "annotations" / "digits" / "labels.csv").write_text(f"id,label,note\n{RELABELLED},3,report test relabel\n")
+    done = fmpipe(root, "run", "--stage", "digits")  # the report is the last step of a run
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (root / "data" / "digits" / "report" / "index.html").is_file()
+    return root
+
+
+def _rows(page, selector: str) -> int:
+    return page.evaluate(f"document.querySelectorAll({json.dumps(selector)}).length")
+
+
+def test_digits_report_renders_offline(digits, tmp_path):
+    index = digits / "data" / "digits" / "report" / "index.html"
+    summary = json.loads((digits / "data" / "digits" / "validate" / "summary.json").read_text())
+    seen = {}
+
+    def check(page):
+        seen["images"] = page.evaluate(
+            "Array.from(document.images).map(i => [i.className, i.naturalWidth, i.naturalHeight])")
+        seen["sections"] = page.evaluate("Array.from(document.querySelectorAll('section')).map(s => s.id)")
+        for cls in ("counts", "validation", "per-class", "files", "changes", "resources"):
+            seen[cls] = _rows(page, f"table.{cls} tbody tr")
+        seen["change_thumbs"] = _rows(page, "table.changes img.thumb")
+        seen["errors"] = _rows(page, ".error")
+
+    page = open_page(index, tmp_path / "digits_report.png", check)
+    assert page.external_requests == []
+    assert page.screenshot.stat().st_size > 10_000
+    assert seen["sections"] == ["data", "labels", "training", "evaluation", "package"]
+    plots = [i for i in seen["images"] if i[0] == "plot"]
+    # rows per class, training curves, per-class F1, confusion matrix, reliability
+    assert len(plots) == 5 and all(w > 0 and h > 0 for _, w, h in plots)
+    assert seen["counts"] == 10 + 1  # ten classes and the total row
+    assert seen["validation"] == summary["expectations"]
+    assert seen["per-class"] == 10
+    assert seen["files"] >= 4  # at least weights, model.json, ONNX, model card
+    assert seen["changes"] == 1 and seen["change_thumbs"] == 1
+    assert seen["resources"] == len(registry.ORDER) - 1  # the runner's record of every step but report
+    assert seen["errors"] == 0  # every artefact of a real run was read
+    # The pictures are written beside the page too, for `dvc plots show`.
+    # (reliability.png too, unless evaluate wrote its own reliability picture, which the page inlines)
+    assert {"confusion.png", "per_class.png", "rows_per_class.png", "training_curves.png"} <= {
+        p.name for p in (index.parent / "plots").iterdir()}
+
+
+def test_same_inputs_give_the_same_page(digits):
+    """Same inputs, same page: the report itself adds no timestamps or random ids."""
+    index = digits / "data" / "digits" / "report" / "index.html"
+    first = index.read_bytes()
+    assert fmpipe(digits, "report", "--stage", "digits").returncode == 0
+    assert index.read_bytes() == first
+
+
+def _dvc_repo(digits: Path, dest: Path) -> Path:
+    """A git + DVC repo with the project's dvc.yaml and the digits run's outputs in its workspace."""
+    dest.mkdir()
+    shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["enabled"] = ["digits"]
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(digits / "data", dest / "data")
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def _render_plots(page_path: Path, shot: Path):
+    seen = {}
+
+    def check(page):
+        page.evaluate("new Promise(r => setTimeout(r, 1500))")  # vega-embed renders asynchronously
+        seen["charts"] = page.evaluate(
+            "Array.from(document.querySelectorAll('canvas, svg.marks')).map(c => c.getBoundingClientRect().width)")
+        seen["images"] = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
+
+    return open_page(page_path, shot, check), seen
+
+
+def test_dvc_plots_page_renders_offline(digits, tmp_path):
+    repo = _dvc_repo(digits, tmp_path / "repo")
+    done = fmpipe(repo, "plots")
+    assert done.returncode == 0, done.stderr
+    page, seen = _render_plots(repo / "dvc_plots" / "index.html", tmp_path / "dvc_plots.png")
+    assert page.external_requests == []
+    # Vega charts: confusion, per-class F1 and the four DVCLive curves (train/val loss and acc).
+    assert len(seen["charts"]) >= 3 and all(w > 0 for w in seen["charts"])
+    # The report's PNGs (and any other image plot in dvc.yaml), embedded.
+    assert len(seen["images"]) >= 4 and all(w > 0 for w in seen["images"])
+
+    # DVC's own page, for contrast: it asks a CDN for Vega, which offline means blank charts.
+    subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "plain"], cwd=repo, check=True,
+                   capture_output=True)
+    plain, plain_seen = _render_plots(repo / "plain" / "index.html", tmp_path / "plain.png")
+    assert any("cdn.jsdelivr.net" in url for url in plain.external_requests)
+    assert plain_seen["charts"] == []
+
+    # --install makes plain `dvc plots show` offline in this checkout.
+    assert fmpipe(repo, "plots", "--install").returncode == 0
+    subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "installed"], cwd=repo, check=True,
+                   capture_output=True)
+    installed, installed_seen = _render_plots(repo / "installed" / "index.html", tmp_path / "installed.png")
+    assert installed.external_requests == [] and len(installed_seen["charts"]) >= 3
+
+
+# --- without a pipeline run: what the page does with partial, unknown or broken inputs ---------
+
+def _dataset(d: Path, ids: list[str], labels: list[int], split: list[str]) -> None:
+    d.mkdir(parents=True)
+    pd.DataFrame({"id": ids, "split": split, "label": labels,
+                  "label_name": [str(x) for x in labels]}).to_parquet(d / "manifest.parquet")
+    rng = np.random.default_rng(0)
+    np.save(d / "images.npy", rng.integers(0, 255, (len(ids), 8, 8, 1), dtype=np.uint8))
+    (d / "dataset.json").write_text(json.dumps({"kind": "image", "classes": ["0", "1"]}))
+
+
+def test_partial_variant_shows_what_exists_and_says_what_is_missing(project):
+    from pipeline.report import build_report
+
+    v = Path("data/toy")
+    ids = [f"toy/{i}" for i in range(6)]
+    _dataset(v / "collect", ids, [0, 1, 0, 1, 0, 1], ["train", "train", "val", "val", "test", "test"])
+    _dataset(v / "clean", ids[:5], [0, 1, 0, 1, 0], ["train", "train", "val", "val", "test"])
+    (v / "clean" / "report.json").write_text(json.dumps({
+        "rows_in": 6, "rows_out": 5, "rows_removed": 1, "removed_by_reason": {"duplicate": 1},
+        "removed": [{"id": "toy/5", "reason": "duplicate", "dup_of": "toy/4"}]}))
+    # Columns a newer clean/review may write: the report takes what is there.
+    pd.DataFrame({"rule": ["near_duplicate"], "id_a": ["toy/0"], "id_b": ["toy/2"], "score": [0.98]}).to_parquet(
+        v / "clean" / "findings.parquet")
+    (v / "review").mkdir()
+    pd.DataFrame({"id": ["toy/1", "toy/3"], "priority": [0.9, 0.5], "suggested": ["0", "1"]}).to_parquet(
+        v / "review" / "queue.parquet")
+    (v / "evaluate").mkdir()
+    (v / "evaluate" / "metrics.json").write_text("{not json")
+    # A picture another step wrote (e.g. a contact sheet) and its page: inlined and linked.
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(v / "review" / "sheet.png")
+    (v / "review" / "sheet.html").write_text("<p>sheet</p>")
+
+    html = build_report("toy").read_text()
+    assert html.count('class="thumb"') == 2 + 2 + 2  # removed row and its twin, finding pair, queue rows
+    assert "Could not show this section: data/toy/evaluate/metrics.json: not valid JSON" in html
+    for absent in ("validation", "training summary", "package"):
+        assert f"Not available: {absent}" in html
+    assert "http://" not in html and "https://" not in html
+    assert 'alt="review/sheet.png"' in html and 'href="../review/sheet.html"' in html
+
+
+def test_report_with_no_data_yet_says_what_is_missing(project):
+    """A variant that has not run: the page is written, every section says what is missing."""
+    done = fmpipe(project, "report", "--stage", "digits")
+    assert done.returncode == 0, done.stderr
+    html = (project / "data" / "digits" / "report" / "index.html").read_text()
+    for absent in ("row counts", "clean report", "validation", "annotation report", "training summary",
+                   "metrics", "package"):
+        assert f"Not available: {absent}" in html
+
+
+def test_report_of_unknown_variant_is_one_line(project):
+    done = fmpipe(project, "report", "--stage", "nope")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fmpipe report --stage nope: error:") and "nope" in lines[0][30:]
+
+
+def test_plots_outside_a_dvc_project_is_one_line(tmp_path):
+    done = fmpipe(tmp_path, "plots")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"fmpipe plots: error: {tmp_path.resolve()}: not a DVC project (no .dvc/ folder); run this from the project root"]
