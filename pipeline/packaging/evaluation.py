@@ -203,7 +203,6 @@ def read_baseline(lineage_path: str | Path) -> Optional[dict[str, Any]]:
             "accuracy": float(metrics["accuracy"]),
             "macro_f1": float(metrics["macro_f1"]),
             "model_sha256": lineage.get("model", {}).get("sha256"),
-            "git_commit": (lineage.get("git") or {}).get("commit"),
         }
     except (ValueError, KeyError, TypeError) as exc:
         return {"source": str(path), "error": f"unreadable lineage: {exc!r}"}

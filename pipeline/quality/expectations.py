@@ -23,7 +23,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,9 @@ class Outcome:
     results: dict[str, dict[str, Any]]  # table -> ExpectationSuiteValidationResult JSON
     expectations: int
     failed: list[dict[str, Any]]
+    # table -> GX's run identity (validation id, run time, load time): differs on every run,
+    # so it is kept apart from ``results`` (a hashed DVC output) for the uncached run record.
+    run_ids: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- building the suites
@@ -169,6 +172,7 @@ def run_checks(checks: list[TableCheck], suite_prefix: str, docs_dir: str | os.P
 
     source = context.data_sources.add_pandas("fmpipe")
     results: dict[str, dict[str, Any]] = {}
+    run_ids: dict[str, dict[str, Any]] = {}
     failed: list[dict[str, Any]] = []
     total = 0
     for check in checks:
@@ -184,13 +188,45 @@ def run_checks(checks: list[TableCheck], suite_prefix: str, docs_dir: str | os.P
             result_format["unexpected_index_column_names"] = list(check.id_columns)
         # ValidationDefinition.run also stores the result in the context, where the docs builder finds it.
         result = definition.run(batch_parameters={"dataframe": check.frame}, result_format=result_format)
-        as_json = json_safe(result.to_json_dict())
+        as_json, run_ids[check.table] = split_run_identity(json_safe(result.to_json_dict()))
         results[check.table] = as_json
         total += len(as_json["results"])
         failed += [_describe(check, r) for r in as_json["results"] if not r["success"]]
     context.build_data_docs(site_names=[DOCS_SITE])
     _drop_unreferenced_images(Path(docs_dir))
-    return Outcome(success=not failed, results=results, expectations=total, failed=failed)
+    return Outcome(success=not failed, results=results, expectations=total, failed=failed, run_ids=run_ids)
+
+
+# Keys of a GX validation result that name the run rather than the data: random ids and clock times.
+_RUN_META_KEYS = ("validation_id", "run_id", "validation_time", "checkpoint_id")
+
+
+def split_run_identity(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(result without run-varying fields, those fields)`` for one GX result's JSON.
+
+    Same data + same suite -> the same first part, byte for byte, so it can be a hashed output;
+    expectation ids (fresh UUIDs per in-memory suite) are dropped, run ids and times returned.
+    """
+    result = dict(result)
+    run: dict[str, Any] = {}
+    if "id" in result:
+        run["result_id"] = result.pop("id")
+    meta = dict(result.get("meta") or {})
+    for key in _RUN_META_KEYS:
+        if key in meta:
+            run[key] = meta.pop(key)
+    markers = dict(meta.get("batch_markers") or {})
+    if "ge_load_time" in markers:
+        run["ge_load_time"] = markers.pop("ge_load_time")
+        meta["batch_markers"] = markers
+    result["meta"] = meta
+    stable = []
+    for r in result.get("results") or []:
+        config = dict(r.get("expectation_config") or {})
+        config.pop("id", None)
+        stable.append({**r, "expectation_config": config})
+    result["results"] = stable
+    return result, run
 
 
 def _ephemeral_context(docs_dir: Path):
