@@ -61,7 +61,7 @@ def test_repro_reproduces_the_committed_dvc_lock(reproduced):
     """Every hashed output (and every metric) of the committed dvc.lock, bit for bit, on CPU.
 
     Runs first in this module, before other tests change the repo. When it fails after a code
-    or params change, regenerate the lock: `dvc repro --force && git add dvc.lock data`.
+    or params change, regenerate the lock: `dvc repro --force && git add dvc.lock data/digits data/iris`.
     """
     result = sh(reproduced, "git", "diff", "--exit-code", "--stat", "dvc.lock", check=False)
     assert result.returncode == 0, sh(reproduced, "git", "diff", "dvc.lock").stdout[:4000]
