@@ -98,6 +98,10 @@ class RunRecord(Artefact):
     python: str
     optimizer_steps: Optional[int] = None  # train
     samples_per_s: Optional[float] = None  # train: throughput, validation excluded
+    # Facts that vary from run to run and so must stay out of every hashed output:
+    gx_runs: Optional[dict[str, Any]] = None  # validate: GX's run ids and times per table
+    baseline: Optional[dict[str, Any]] = None  # evaluate: change vs the last packaged model
+    git: Optional[dict[str, Any]] = None  # package: the commit the run saw (the one before its own)
 
 
 class Removal(BaseModel):

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional
 
 import typer
 
-from pipeline.steps import DATASET_STEPS, ORDER, STEPS
+from pipeline.steps import ORDER, STEPS
 
 class _LifecycleOrder(typer.core.TyperGroup):
     """Typer lists sub-apps after commands; list the registered steps first, in lifecycle order
@@ -178,24 +178,13 @@ def resources(
     typer.echo(render(tables, as_json=as_json))
 
 
-@app.command()
-def diff(
-    rev_a: str = typer.Argument(..., help="Old version: a git revision (HEAD~1, a tag, a commit)."),
-    rev_b: str = typer.Argument("workspace", help="New version: a git revision, or 'workspace'."),
-    stage: str = StageOpt,
-    step: str = typer.Option("annotate", "--step", help="Which dataset to compare: collect, clean or annotate."),
-    as_json: bool = typer.Option(False, "--json", help="Print every difference as JSON."),
-) -> None:
-    """What changed in a variant's dataset between two versions: rows added, removed, relabelled."""
-    from pipeline.audit import diff_versions, summary_lines
-    from pipeline.io import to_json
+# `fmpipe audit ...` (history, diff, model) is its own sub-app (typer only at import);
+# `fmpipe diff` is the same command as `fmpipe audit diff`, kept for existing docs and scripts.
+from pipeline.audit_cli import audit_app, diff_command  # noqa: E402
 
-    if step not in DATASET_STEPS:
-        typer.echo(f"fmpipe diff: error: --step must be one of {', '.join(DATASET_STEPS)}, not {step!r}", err=True)
-        raise typer.Exit(2)
-    with _reported("fmpipe diff"):
-        result = diff_versions(stage, step, rev_a, rev_b)
-    typer.echo(to_json(result) if as_json else "\n".join(summary_lines(result)))
+app.command(name="diff", help="Row-level differences of a variant's dataset between two versions "
+            "(same as `fmpipe audit diff`).")(diff_command)
+app.add_typer(audit_app, name="audit")
 
 
 @app.command()

@@ -8,9 +8,9 @@ test row; DVC's confusion template), ``predictions.parquet`` (with every class p
 the weights judged: package packages those very bytes; a pure function of the declared
 inputs). Also ``details/``: ``calibration.json`` (temperature fitted on val when
 ``temperature_scaling`` is on, ECE, reliability bins), ``reliability.png`` and, for image
-variants, ``mistakes.html``; and the uncached ``comparison.json``: the change against the last
-blessed model (the previous package, which is not a declared input, so it stays out of every
-cached output). Scoring and the gate live in ``pipeline/packaging/evaluation.py``, calibration
+variants, ``mistakes.html``. The change against the last blessed model (the previous
+package, not a declared input) goes to the runner's run record ``data/runs/<v>/evaluate.json``
+(``baseline``), printed in the table, never into a declared output. Scoring and the gate live in ``pipeline/packaging/evaluation.py``, calibration
 in ``calibration.py``; probabilities come from ``pipeline.inference.probabilities``, the same
 function predict and serve use.
 
@@ -27,7 +27,7 @@ from pipeline import steps as registry
 from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file, to_json
 from pipeline.models import WEIGHTS, load_trained
-from pipeline.packaging import (BLESSING, CALIBRATION, COMPARISON, CONFUSION, DETAILS, LINEAGE, METRICS,
+from pipeline.packaging import (BLESSING, CALIBRATION, CONFUSION, DETAILS, LINEAGE, METRICS,
                                 MISTAKES, PER_CLASS, PREDICTIONS, RELIABILITY_PNG)
 from pipeline.packaging.calibration import calibrate, reliability_png
 from pipeline.packaging.evaluation import (
@@ -83,7 +83,8 @@ def run(ctx) -> None:
     blessing["model"] = {"dir": str(model_dir), "sha256": weights_sha, "name": meta["model"]["name"]}
     # The previous package is the "last blessed model". It is not a DVC dependency of this
     # step (package depends on evaluate; the reverse would be a cycle), so the comparison goes
-    # to the uncached comparison.json, never into blessing.json or the verdict.
+    # to the runner's run record (data/runs/<v>/evaluate.json), never into a declared output:
+    # even an uncached one's hash is in dvc.lock, and this one depends on what ran before.
     compared = comparison(metrics, read_last_blessed(step_path(registry.get("package").dir, ctx.variant) / LINEAGE),
                           weights_sha)
 
@@ -109,7 +110,7 @@ def run(ctx) -> None:
         out / CONFUSION, index=False)
     per_class.to_csv(out / PER_CLASS, index=False, float_format="%.6f")
     predictions.to_parquet(out / PREDICTIONS, index=False)
-    (out / COMPARISON).write_text(to_json(compared))
+    ctx.details["baseline"] = compared
     details = out / DETAILS
     details.mkdir()
     (details / CALIBRATION).write_text(to_json(calibration))

@@ -10,10 +10,11 @@ failed run leaves the previous package untouched:
 - ``MODEL_CARD.md``: architecture, intended use, data, evaluation, input format, how to run
   it, limitations, lineage summary;
 - ``preprocess.json`` + ``checks/``: the machine-readable input/output contract (shape,
-  channels, value range, resize rule, classes, fitted temperature, output kind) and a few
-  check inputs with PyTorch's logits, for ``fmpipe predict/serve/verify`` (no torch needed);
-- ``lineage.json``: git commit, upstream ``dvc.lock`` entries, the variant's params, metrics,
-  blessing, the ONNX check and the sha256 + size of every other packaged file.
+  channels, value range, resize rule, classes, fitted temperature, TTA views, output kind) and
+  a few check inputs with PyTorch's logits, for ``fmpipe predict/serve/verify`` (no torch);
+- ``lineage.json``: upstream ``dvc.lock`` entries, the variant's params, metrics, blessing,
+  the ONNX check and the sha256 + size of every other packaged file. The git commit of this
+  run goes to the uncached run record (see pipeline/packaging/lineage.py).
 
 The ``dist`` step then archives it and lays out a Triton / KServe model repository.
 """
@@ -30,9 +31,9 @@ from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file, to_json
 from pipeline.manifest import SPLITS, read_report
 from pipeline.models import MODEL_META, WEIGHTS, load_trained
-from pipeline.packaging import CALIBRATION, DETAILS, LINEAGE, MODEL_CARD, ONNX_MODEL, PER_CLASS, deploy
+from pipeline.packaging import CALIBRATION, LINEAGE, MODEL_CARD, ONNX_MODEL, PER_CLASS, deploy
 from pipeline.packaging.evaluation import check_compatible, effective_tta, failed_checks, model_inputs, read_json
-from pipeline.packaging.lineage import build_lineage, dvc_lock_entries, file_digests, git_info
+from pipeline.packaging.lineage import build_lineage, dvc_lock_entries, file_digests, git_info, lock_matches_file
 from pipeline.packaging.model_card import render_model_card
 from pipeline.packaging.onnx_export import export_onnx, verify_onnx
 
@@ -71,12 +72,19 @@ def run(ctx) -> None:
 
     lineage = build_lineage(
         variant=variant, meta=meta, n_params=sum(p.numel() for p in net.parameters()),
-        weights_sha=weights_sha, git=git_info(),
+        weights_sha=weights_sha,
         dvc_lock=dvc_lock_entries(variant, registry.upstream_of("package")),
         params=spec.model_dump(mode="json", by_alias=True), data_dir=str(data_dir),
         rows_by_split={s: int((ds.manifest["split"] == s).sum()) for s in SPLITS},
         classes=list(ds.classes), metrics=metrics, blessing=blessing,
     )
+
+    if lineage["dvc_lock"]["available"]:
+        # False after a plain `fmpipe` run that changed the model since the last `dvc repro`.
+        lineage["dvc_lock"]["matches_model"] = lock_matches_file(
+            lineage["dvc_lock"], f"train@{variant}", model_dir / WEIGHTS)
+    lineage["data"]["rows_by_class"] = {c: int((ds.manifest["label"] == i).sum())
+                                        for i, c in enumerate(ds.classes)}
 
     out = ctx.out
     shutil.copyfile(model_dir / WEIGHTS, out / WEIGHTS)
@@ -119,7 +127,10 @@ def run(ctx) -> None:
     (out / LINEAGE).write_text(to_json(lineage))
     ctx.result = lineage
 
-    git = lineage["git"]
+    # The commit HEAD names now is the previous one (the commit recording this package does not
+    # exist yet) and varies: it goes to the uncached run record; lineage.json holds dvc.lock hashes.
+    git = git_info()
+    ctx.details["git"] = git
     ctx.summary = (f"packaged {meta['model']['name']} (accuracy {metrics['accuracy']:.4f}); ONNX max |diff| "
                    f"{lineage['onnx']['max_abs_diff']:.3g} on {lineage['onnx']['n_checked']} test inputs; "
                    f"git {git.get('commit', 'n/a')[:12]}{' (dirty)' if git.get('dirty') else ''}; "

@@ -50,9 +50,31 @@ def make_repo(dest: Path, enabled: list[str], edit=None) -> Path:
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory) -> Path:
+    # The project's files with its committed dvc.lock and no data: like a fresh clone, so
+    # `--force` (every stage runs) must give back dvc.lock exactly (test below).
     repo = make_repo(tmp_path_factory.mktemp("dvcrepo"), ["digits", "iris"])
-    sh(repo, "dvc", "repro")
+    sh(repo, "dvc", "repro", "--force")
     return repo
+
+
+def test_repro_reproduces_the_committed_dvc_lock(reproduced):
+    """Every hashed output (and every metric) of the committed dvc.lock, bit for bit, on CPU.
+
+    Runs first in this module, before other tests change the repo. When it fails after a code
+    or params change, regenerate the lock: `dvc repro --force && git add dvc.lock data/digits data/iris`.
+    """
+    result = sh(reproduced, "git", "diff", "--exit-code", "--stat", "dvc.lock", check=False)
+    assert result.returncode == 0, sh(reproduced, "git", "diff", "dvc.lock").stdout[:4000]
+
+
+@pytest.mark.slow
+def test_fresh_clone_reproduces_dvc_lock(tmp_path):
+    """A real `git clone` of HEAD (committed files only), `dvc repro --force`, no change to dvc.lock."""
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(REPO), str(clone))
+    sh(clone, "dvc", "repro", "--force")
+    result = sh(clone, "git", "diff", "--exit-code", "--stat", "dvc.lock", check=False)
+    assert result.returncode == 0, sh(clone, "git", "diff", "dvc.lock").stdout[:4000]
 
 
 @pytest.mark.parametrize("variant", ["digits", "iris"])
@@ -113,7 +135,8 @@ def test_relabel_is_traced_by_diff_between_versions(reproduced):
     out = sh(reproduced, "dvc", "repro", "package@iris").stdout
     assert "annotate@iris" in out and "collect@iris" not in out.replace("Stage 'collect@iris' didn't change", "")
     diff = json.loads(sh(reproduced, "fmpipe", "diff", "HEAD", "--stage", "iris", "--json").stdout)
-    assert diff["relabelled"] == [{"id": "iris/000", "from": "setosa", "to": "versicolor"}]
+    assert diff["relabelled"] == [{"id": "iris/000", "from": "setosa", "to": "versicolor",
+                                   "source": "annotation", "note": "review"}]
     assert diff["added"] == [] and diff["removed"] == []
 
 

@@ -29,7 +29,6 @@ PREDICTIONS = "predictions.parquet"
 ONNX_MODEL = "model.onnx"
 MODEL_CARD = "MODEL_CARD.md"
 LINEAGE = "lineage.json"
-COMPARISON = "comparison.json"  # evaluate: vs the last blessed model (uncached)
 DETAILS = "details"  # evaluate: calibration + gallery directory
 CALIBRATION = "calibration.json"
 RELIABILITY_PNG = "reliability.png"

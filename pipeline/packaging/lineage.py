@@ -1,21 +1,29 @@
-"""What made this model: code (git), data and steps (dvc.lock), params, metrics, file digests.
+"""What made this model: code, data and steps (dvc.lock), params, metrics, file digests.
 
 ``lineage.json`` travels inside the package so a deployed model can be traced without the
-repository: the git commit (and whether the tree had uncommitted changes), the ``dvc.lock``
-entries of every upstream stage of the variant (command, dependency/output hashes, params),
-the variant's params section, the evaluation, and the sha256 of each packaged file.
+repository: the ``dvc.lock`` entries of every upstream stage of the variant (the md5 of each
+code/data dependency, the params values, the md5 of each output), the variant's params, the
+evaluation, and the sha256 of each packaged file.
 
-Nothing time- or machine-dependent is recorded (no timestamps, no absolute paths), so the same
-inputs give the same ``lineage.json`` and DVC sees an unchanged output.
+Why dvc.lock entries and not the git commit: ``package`` runs inside ``dvc repro``, before the
+commit that records its result exists, so HEAD at that moment names the *previous* commit
+(and a dirty tree). The upstream entries are written by the same ``dvc repro`` just before
+package runs (DVC updates dvc.lock after each stage) and identify code, params and data
+exactly; ``fmpipe audit model`` maps them to the commit(s) whose dvc.lock holds them. The git
+commit of the packaging run is still recorded, in the uncached ``data/<variant>/runs/package.json``.
+
+Nothing time-, machine- or commit-dependent is recorded, and the package stage depends (in
+dvc.yaml) on every input and output of its upstream stages, so ``lineage.json`` is a function
+of declared dependencies: ``dvc repro --force`` rewrites it byte for byte.
 """
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from pipeline.io import sha256_file
+from pipeline.io import file_digest, sha256_file
 
 DVC_LOCK = "dvc.lock"
 _MAX_LISTED_CHANGES = 20
@@ -44,8 +52,13 @@ def _git(args: list[str], cwd: str | Path) -> str:
     return out.stdout  # not stripped: porcelain lines start with a meaningful space
 
 
+# The parts of a dvc.lock entry that identify what ran. ``cmd`` is left out: it can change
+# (dvc.yaml edit) without re-running anything downstream, so it would go stale in a package.
+LOCK_KEYS = ("deps", "params", "outs")
+
+
 def dvc_lock_entries(variant: str, steps: list[str], lock_path: str | Path = DVC_LOCK) -> dict[str, Any]:
-    """The ``dvc.lock`` entries ``<step>@<variant>`` for ``steps`` (cmd, deps, params, outs).
+    """The ``dvc.lock`` entries ``<step>@<variant>`` for ``steps`` (deps, params, outs).
 
     A plain CLI run (``fmpipe package`` without ``dvc repro``) may have no dvc.lock, or an
     older one: the result says so instead of failing. Note that dvc.lock holds the hashes of
@@ -70,12 +83,24 @@ def dvc_lock_entries(variant: str, steps: list[str], lock_path: str | Path = DVC
         if entry is None:
             missing.append(name)
             continue
-        found[name] = {key: entry.get(key) for key in ("cmd", "deps", "params", "outs") if key in entry}
+        found[name] = {key: entry.get(key) for key in LOCK_KEYS if key in entry}
     result: dict[str, Any] = {"available": True, "path": str(lock_path), "stages": found}
     if missing:
         result["missing"] = missing
         result["note"] = "some upstream stages have no dvc.lock entry (not run through DVC yet)"
     return result
+
+
+def lock_matches_file(entries: dict[str, Any], stage: str, path: str | Path) -> Optional[bool]:
+    """Whether ``stage``'s locked md5 for ``path`` is the file's md5 now (None: not locked).
+
+    Under ``dvc repro`` it always is; after a plain ``fmpipe`` run the dvc.lock may describe an
+    older run, and the lineage says so instead of naming the wrong data.
+    """
+    for out in (entries.get("stages", {}).get(stage) or {}).get("outs") or []:
+        if out.get("path") == str(path):
+            return out.get("md5") == file_digest(path, "md5")
+    return None
 
 
 def file_digests(root: str | Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -85,7 +110,7 @@ def file_digests(root: str | Path, names: list[str]) -> dict[str, dict[str, Any]
 
 
 def build_lineage(*, variant: str, meta: dict[str, Any], n_params: int, weights_sha: str,
-                  git: dict[str, Any], dvc_lock: dict[str, Any], params: dict[str, Any],
+                  dvc_lock: dict[str, Any], params: dict[str, Any],
                   data_dir: str, rows_by_split: dict[str, int], classes: list[str],
                   metrics: dict[str, Any], blessing: dict[str, Any]) -> dict[str, Any]:
     """The lineage record's layout, in one place (package writes it, audit reads it)."""
@@ -99,7 +124,6 @@ def build_lineage(*, variant: str, meta: dict[str, Any], n_params: int, weights_
             "classes": meta["classes"],
             "sha256": weights_sha,
         },
-        "git": git,
         "dvc_lock": dvc_lock,
         "params": params,
         "data": {"dir": data_dir, "rows_by_split": rows_by_split, "classes": list(classes)},

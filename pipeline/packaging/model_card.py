@@ -155,11 +155,10 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
     add("")
 
     add("## Lineage\n")
-    git = lineage.get("git", {})
-    if git.get("available"):
-        add(f"- Code: git commit `{git['commit']}`{' with uncommitted changes' if git.get('dirty') else ''}.")
-    else:
-        add(f"- Code: no git information ({git.get('reason', 'unavailable')}).")
+    # No git commit here: the commit that records this model does not exist yet when package
+    # runs. The dvc.lock hashes below name code, params and data; `fmpipe audit model` finds it.
+    add("- Code, params and data: the upstream `dvc.lock` hashes in `lineage.json`; "
+        "`fmpipe audit model <this package>` names the commit that recorded them.")
     dvc = lineage.get("dvc_lock", {})
     if dvc.get("available"):
         add(f"- Data and steps: {len(dvc.get('stages', {}))} upstream `dvc.lock` entries recorded "

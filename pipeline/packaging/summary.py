@@ -3,7 +3,8 @@
 ``comparison`` is deliberately not part of ``blessing.json``: the last blessed model is the
 previous package, which is not a declared dependency of evaluate (package depends on
 evaluate; the reverse would be a cycle). Its numbers therefore go to the uncached
-``evaluate/comparison.json`` and never into a cached output or the verdict.
+the run record ``data/runs/<v>/evaluate.json`` (``baseline``), never into a declared output
+or the verdict.
 """
 
 from __future__ import annotations

@@ -460,3 +460,35 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+# GX's run identity: ids and clock times that differ on every run (kept out of results.json).
+_RUN_META_KEYS = ("validation_id", "run_id", "validation_time", "checkpoint_id")
+
+
+def split_run_identity(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(result without run-varying fields, those fields)`` for one GX result's JSON.
+
+    Same data + same suite -> the same first part, byte for byte, so it can be a hashed output;
+    expectation ids (fresh UUIDs per in-memory suite) are dropped, run ids and times returned.
+    """
+    result = dict(result)
+    run: dict[str, Any] = {}
+    if "id" in result:
+        run["result_id"] = result.pop("id")
+    meta = dict(result.get("meta") or {})
+    for key in _RUN_META_KEYS:
+        if key in meta:
+            run[key] = meta.pop(key)
+    markers = dict(meta.get("batch_markers") or {})
+    if "ge_load_time" in markers:
+        run["ge_load_time"] = markers.pop("ge_load_time")
+        meta["batch_markers"] = markers
+    result["meta"] = meta
+    stable = []
+    for r in result.get("results") or []:
+        config = dict(r.get("expectation_config") or {})
+        config.pop("id", None)
+        stable.append({**r, "expectation_config": config})
+    result["results"] = stable
+    return result, run

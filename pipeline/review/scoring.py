@@ -29,7 +29,6 @@ thresholds assume one source of probabilities.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
 
 import numpy as np
 import pandas as pd

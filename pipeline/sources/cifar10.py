@@ -203,7 +203,9 @@ def _locate(spec: Spec) -> tuple[dict[str, bytes], dict[str, Any]]:
         expected = fetch.checksum_from(spec.md5, spec.sha256) or ("md5", ARCHIVE_MD5)
         dest = fetch.cache_path(spec.cache_dir, "cifar10", ARCHIVE)
         fetch.fetch([spec.url], dest, None if not spec.verify else expected, _hint(spec))
-        return _read_members(dest), {"url": spec.url, "path": str(dest),
+        # The params' form of the path (``~`` unexpanded): the report is a hashed output and
+        # must not depend on whose home directory the cache is in.
+        return _read_members(dest), {"url": spec.url, "path": f"{spec.cache_dir}/cifar10/{ARCHIVE}",
                                      "checksum": f"{expected[0]} {expected[1]}" if spec.verify else "not verified"}
     path = Path(spec.path).expanduser()
     if path.is_dir():

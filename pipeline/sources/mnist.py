@@ -147,7 +147,7 @@ def load(spec: Spec) -> Collected:
         ids += [f"{split}/{i:05d}" for i in range(len(lab))]
         splits += [split] * len(lab)
     images = np.concatenate(parts)[..., None]  # N x 28 x 28 x 1
-    info = {"source": "mnist", "path": spec.path or str(fetch.cache_path(spec.cache_dir, "mnist")),
+    info = {"source": "mnist", "path": spec.path or f"{spec.cache_dir}/mnist",  # unexpanded: no home dir in a hashed output
             "checksums": how}
     if spec.path is None:
         info["mirrors"] = list(spec.mirrors)

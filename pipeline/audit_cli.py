@@ -1,0 +1,133 @@
+"""``fmpipe audit``: the data history of a variant, row-level diffs, and a model's provenance.
+
+A typer sub-app registered by ``pipeline/cli.py``. Only typer is imported here; the audit
+library (pandas, DVC, rich) is imported inside each command, so ``fmpipe --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+audit_app = typer.Typer(
+    help="Which data made a model, what changed between two data versions, every version of a "
+    "variant's data across git history. `fmpipe audit --stage NAME` lists the versions.",
+    invoke_without_command=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DATA_STEPS = ("collect", "clean", "annotate")
+
+
+def _fail(what: str, exc: Exception) -> None:
+    typer.echo(f"{what}: error: {exc}", err=True)
+    raise typer.Exit(1)
+
+
+def _one_format(as_json: bool, as_md: bool, what: str) -> None:
+    if as_json and as_md:
+        typer.echo(f"{what}: error: --json and --md are alternatives; give one", err=True)
+        raise typer.Exit(2)
+
+
+@audit_app.callback()
+def history(
+    ctx: typer.Context,
+    stage: Optional[str] = typer.Option(None, "--stage", "-s", help="Pipeline variant from params.yaml."),
+    rev: str = typer.Option("HEAD", "--rev", help="Walk the history reachable from this revision."),
+    as_json: bool = typer.Option(False, "--json", help="Print the history as JSON."),
+    as_md: bool = typer.Option(False, "--md", help="Print the history as a Markdown table."),
+) -> None:
+    """Every version of a variant's data: each commit where its dvc.lock entries changed."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if stage is None:
+        typer.echo(ctx.get_help())
+        typer.echo("\nfmpipe audit: error: give --stage NAME (or a subcommand: diff, model)", err=True)
+        raise typer.Exit(2)
+    _one_format(as_json, as_md, "fmpipe audit")
+    from pipeline.errors import FmpipeError
+
+    try:
+        from pipeline.audit import history as build, history_markdown, history_table
+
+        result = build(stage, ".", rev)
+    except FmpipeError as exc:
+        _fail(f"fmpipe audit --stage {stage}", exc)
+    if as_json:
+        from pipeline.io import to_json
+
+        typer.echo(to_json(result), nl=False)
+    elif as_md:
+        typer.echo(history_markdown(result), nl=False)
+    else:
+        import sys
+
+        from rich.console import Console
+
+        # Piped output gets a wide table rather than rich's 80-column default.
+        console = Console() if sys.stdout.isatty() else Console(width=200)
+        console.print(history_table(result))
+        if result.get("note"):
+            console.print(f"note: {result['note']}")
+
+
+def diff_command(
+    rev_a: str = typer.Argument(..., help="Old version: a git revision (HEAD~1, a tag, a commit)."),
+    rev_b: str = typer.Argument("workspace", help="New version: a git revision, or 'workspace'."),
+    stage: str = typer.Option(..., "--stage", "-s", help="Pipeline variant from params.yaml."),
+    step: str = typer.Option("annotate", "--step", help="Which dataset to compare: collect, clean or annotate."),
+    as_json: bool = typer.Option(False, "--json", help="Print every difference as JSON."),
+    as_md: bool = typer.Option(False, "--md", help="Print the differences as Markdown."),
+) -> None:
+    """Row-level differences of a variant's dataset between two versions, read through DVC."""
+    if step not in DATA_STEPS:
+        typer.echo(f"fmpipe audit diff: error: --step must be collect, clean or annotate, not {step!r}", err=True)
+        raise typer.Exit(2)
+    _one_format(as_json, as_md, "fmpipe audit diff")
+    from pipeline.errors import FmpipeError
+
+    try:
+        from pipeline.audit import diff_markdown, diff_versions, summary_lines
+
+        result = diff_versions(stage, step, rev_a, rev_b)
+    except FmpipeError as exc:
+        _fail("fmpipe audit diff", exc)
+    if as_json:
+        from pipeline.io import to_json
+
+        typer.echo(to_json(result), nl=False)
+    elif as_md:
+        typer.echo(diff_markdown(result), nl=False)
+    else:
+        typer.echo("\n".join(summary_lines(result)))
+
+
+audit_app.command("diff")(diff_command)
+
+
+@audit_app.command("model")
+def model(
+    package: str = typer.Argument(..., help="A package directory (data/<variant>/package) or a package .tar.gz."),
+    no_repo: bool = typer.Option(False, "--no-repo", help="Only what the package itself says (no git/DVC)."),
+    against: str = typer.Option("HEAD", "--against", help="Diff the model's data against this revision "
+                                "(or 'workspace')."),
+    as_json: bool = typer.Option(False, "--json", help="Print the provenance as JSON."),
+) -> None:
+    """Which data version, params and code made a package; with the repo, its commit and data diff."""
+    from pipeline.errors import FmpipeError
+
+    try:
+        from pipeline.audit import audit_model, model_lines
+
+        result = audit_model(package, None if no_repo else ".", against)
+    except FmpipeError as exc:
+        _fail("fmpipe audit model", exc)
+    if as_json:
+        from pipeline.io import to_json
+
+        typer.echo(to_json(result), nl=False)
+    else:
+        typer.echo("\n".join(model_lines(result)))
