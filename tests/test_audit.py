@@ -6,7 +6,7 @@ accuracy gate) goes through the whole pipeline three times:
 - v1: 60 rows;
 - v2: rows added (r060..r065), of which r064/r065 are exact copies of r001/r002, r010 made a
   copy of r013 and r030 edited: clean removes r064, r065 and r010 as duplicates;
-- v3: two labels corrected through annotations/tab.csv.
+- v3: two labels corrected through annotations/tab/labels.csv.
 
 The tests assert the exact history and row-level diffs, `fmpipe audit model` on each version's
 package (directory and archive), a local-directory DVC remote (push, cache deleted, reading
@@ -82,7 +82,12 @@ def versions(tmp_path_factory):
     repo = make_repo(root / "repo", ["tab"], edit=add_variant)
     rows = base_rows()
     write_csv(repo / "tab_v1.csv", rows)
-    (repo / "annotations" / "tab.csv").write_text("id,label,note\n")
+    (repo / "annotations" / "tab").mkdir()
+    (repo / "annotations" / "tab" / "labels.csv").write_text("id,label,note\n")
+    # The variant's curated GX suite, written from its first data as a user would (--init).
+    sh(repo, "fmpipe", "collect", "--stage", "tab")
+    sh(repo, "fmpipe", "clean", "--stage", "tab")
+    sh(repo, "fmpipe", "validate", "--stage", "tab", "--init")
     packages = root / "packages"
     packages.mkdir()
     # A local-directory DVC remote, committed in .dvc/config; each version is pushed when it is
@@ -109,7 +114,7 @@ def versions(tmp_path_factory):
     set_source(repo, "tab_v2.csv")
     revs["v2"] = version("v2")
 
-    (repo / "annotations" / "tab.csv").write_text("id,label,note\nr005,a,alice\nr020,b,bob\n")
+    (repo / "annotations" / "tab" / "labels.csv").write_text("id,label,note,annotator\nr005,a,blurry,alice\nr020,b,clear b,bob\n")
     revs["v3"] = version("v3")
     return {"repo": repo, "revs": revs, "packages": packages, "root": root}
 
@@ -126,7 +131,7 @@ def test_history_lists_every_version_exactly(versions):
         {"train": 36, "val": 12, "test": 12}, {"train": 40, "val": 11, "test": 12}, {"train": 40, "val": 11, "test": 12}]
     assert [v["rows_by_class"] for v in got] == [
         {"a": 20, "b": 20, "c": 20}, {"a": 22, "b": 20, "c": 21}, {"a": 23, "b": 21, "c": 19}]
-    assert [v["removed_by_reason"] for v in got] == [{}, {"duplicate": 3}, {"duplicate": 3}]
+    assert [v["removed_by_reason"] for v in got] == [{}, {"exact_duplicate": 3}, {"exact_duplicate": 3}]
     assert [v["validation"]["success"] for v in got] == [True, True, True]
     assert [v["label_changes"] for v in got] == [0, 0, 2]
     assert got[2]["annotators"] == {"alice": 1, "bob": 1}
@@ -149,8 +154,9 @@ def test_diff_rows_added_and_duplicates_removed(versions):
     repo, revs = versions["repo"], versions["revs"]
     d = fmpipe_json(repo, "audit", "diff", revs["v1"], revs["v2"], "--stage", "tab")
     assert [r["id"] for r in d["added"]] == ["r060", "r061", "r062", "r063"]
-    assert d["removed"] == [{"id": "r010", "split": "val", "label": "b", "step": "clean", "reason": "duplicate",
-                             "dup_of": "r013", "dup_of_split": "test"}]
+    assert d["removed"] == [{"id": "r010", "split": "val", "label": "b", "step": "clean", "reason": "exact_duplicate",
+                             "detail": "same label", "dup_of": "r013", "dup_of_split": "test",
+                             "distance": 0.0}]
     assert d["content_changed"] == ["r030"]
     assert d["relabelled"] == [] and d["split_changed"] == []
     assert (d["rows_old"], d["rows_new"], d["unchanged"]) == (60, 63, 58)
@@ -171,13 +177,13 @@ def test_diff_labels_corrected_through_annotate(versions):
     d = fmpipe_json(repo, "audit", "diff", "HEAD~1", "HEAD", "--stage", "tab")
     assert d["a_commit"] == revs["v2"] and d["b_commit"] == revs["v3"]
     assert d["relabelled"] == [
-        {"id": "r005", "from": "c", "to": "a", "source": "annotation", "note": "alice"},
-        {"id": "r020", "from": "c", "to": "b", "source": "annotation", "note": "bob"},
+        {"id": "r005", "from": "c", "to": "a", "source": "annotation", "annotator": "alice", "note": "blurry"},
+        {"id": "r020", "from": "c", "to": "b", "source": "annotation", "annotator": "bob", "note": "clear b"},
     ]
     assert d["added"] == [] and d["removed"] == [] and d["content_changed"] == []
     assert d["per_class"]["c"]["relabelled_out"] == 2 and d["per_class"]["a"]["relabelled_in"] == 1
     md = sh(repo, "fmpipe", "audit", "diff", "HEAD~1", "HEAD", "--stage", "tab", "--md").stdout
-    assert "r005: c -> a (source annotation, note alice)" in md
+    assert "r005: c -> a" in md and "alice" in md and "blurry" in md
     # Nothing was checked out: the workspace still holds v3's files and git sees no change.
     assert sh(repo, "git", "status", "--porcelain").stdout == ""
 

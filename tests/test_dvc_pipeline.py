@@ -136,7 +136,8 @@ def test_relabel_is_traced_by_diff_between_versions(reproduced):
     assert "annotate@iris" in out and "collect@iris" not in out.replace("Stage 'collect@iris' didn't change", "")
     diff = json.loads(sh(reproduced, "fmpipe", "diff", "HEAD", "--stage", "iris", "--json").stdout)
     assert diff["relabelled"] == [{"id": "iris/000", "from": "setosa", "to": "versicolor",
-                                   "source": "annotation", "note": "review"}]
+                                   "source": "annotation", "annotator": "csv:labels.csv",
+                                   "note": "review"}]
     assert diff["added"] == [] and diff["removed"] == []
 
 
