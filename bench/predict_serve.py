@@ -105,7 +105,7 @@ def bench_local(pkg: inference.Package, x: np.ndarray, args) -> dict:
         torch_predict(one_t)
         lat.append((time.perf_counter() - t0) * 1000)
     out["torch_latency_ms"] = {"p50": pct(lat, 50), "p99": pct(lat, 99)}
-    same = (torch_predict(xt[:256]).numpy().argmax(1) == pred.predict_proba(x[:256]).argmax(1)).mean()
+    same = (torch_predict(xt[:256]).argmax(1) == pred.predict_proba(x[:256]).argmax(1)).mean()
     out["same_argmax_fraction"] = float(same)
     out["onnxruntime_vs_torch"] = out["onnxruntime_per_s"] / out["torch_eager_per_s"]
     return out
