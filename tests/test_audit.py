@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.test_dvc_pipeline import make_repo, sh
+from test_dvc_pipeline import make_repo, sh
 
 CLASSES = ("a", "b", "c")
 

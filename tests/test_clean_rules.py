@@ -14,7 +14,7 @@ from pipeline.config import CleanSpec
 from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset, build_manifest, feature_rows, image_rows, make_report, check_report
 from pipeline.quality.clean import clean_dataset, sheet_writer, summary_line
-from tests.test_neighbors import _photos
+from test_neighbors import _photos
 
 CLASSES = ["a", "b"]
 
@@ -175,7 +175,7 @@ def test_package_embedder_may_not_be_the_variants_own_output(tmp_path, monkeypat
 
 
 def test_contact_sheet_renders_offline_in_chromium(leaky, tmp_path):
-    from tests.browser import open_page
+    from browser import open_page
 
     ds, edits = leaky
     out = clean_dataset(ds, CleanSpec())

@@ -115,7 +115,7 @@ def test_fit_temperature_recovers_a_known_temperature():
 
 
 def test_gallery_shows_most_confident_mistakes_offline(tmp_path):
-    from tests.browser import open_page
+    from browser import open_page
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(6, 8, 8, 1), dtype=np.uint8)
