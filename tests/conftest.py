@@ -32,3 +32,15 @@ def project(tmp_path, monkeypatch) -> Path:
     copy_project_files(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on shared CPUs: extra intra-op threads only fight over cores (50x slower).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

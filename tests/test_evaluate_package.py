@@ -34,13 +34,7 @@ PACKAGE_FILES = {"model.safetensors", "model.json", "model.onnx", "MODEL_CARD.md
                  "preprocess.json", "checks/input.npy", "checks/logits.npy"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on shared CPUs: extra intra-op threads only fight over cores (50x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_annotated(variant: str) -> None:

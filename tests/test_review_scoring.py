@@ -10,7 +10,6 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from pipeline.review.export import contact_sheet, label_config, label_studio_tasks, queue_table
 from pipeline.review.finders import (
@@ -24,12 +23,7 @@ from pipeline.review.finders import (
 from pipeline.review.scoring import cross_validated_head_probs, label_issues
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def blobs(n_per_class: int = 100, k: int = 3, flip: float = 0.05, seed: int = 0):
