@@ -8,7 +8,6 @@ that run's outputs, in a temporary git + DVC repo.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

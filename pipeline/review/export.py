@@ -108,8 +108,8 @@ def _features_text(features: Optional[pd.DataFrame], row: int) -> str:
 def label_config(classes: list[str], kind: str) -> str:
     """Label Studio labelling config for the tasks of :func:`label_studio_tasks`."""
     target = "image" if kind == "image" else "item"
-    obj = (f'  <Image name="image" value="$image" zoom="true"/>' if kind == "image"
-           else f'  <Text name="item" value="$features"/>')
+    obj = ('  <Image name="image" value="$image" zoom="true"/>' if kind == "image"
+           else '  <Text name="item" value="$features"/>')
     choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in classes)
     return (
         "<View>\n"
