@@ -16,17 +16,31 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from pipeline.errors import FmpipeError
 
 A = TypeVar("A", bound="Artefact")
 
 
-class Artefact(BaseModel):
-    """Base of every artefact: a ``schema_version`` field and checked read/write."""
+class Record(BaseModel):
+    """Base of every artefact and of its parts: an unknown key is an error (a typo, or a file
+    of another kind), except when reading leniently (see :meth:`Artefact.parse`)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unknown_keys_when_lenient(cls, data: Any, info: ValidationInfo) -> Any:
+        if (isinstance(data, dict) and info.context and info.context.get("lenient")
+                and cls.model_config.get("extra") == "forbid"):
+            return {k: v for k, v in data.items() if k in cls.model_fields}
+        return data
+
+
+class Artefact(Record):
+    """Base of every artefact: a ``schema_version`` field and checked read/write."""
+
     SCHEMA: ClassVar[int] = 1
     schema_version: int = 1
 
@@ -34,7 +48,8 @@ class Artefact(BaseModel):
         self.schema_version = self.SCHEMA
 
     @classmethod
-    def read(cls: type[A], path: str | os.PathLike, hint: str = "") -> A:
+    def read(cls: type[A], path: str | os.PathLike, hint: str = "", lenient: bool = False) -> A:
+        """The artefact at ``path``, or one FmpipeError line naming the file (``hint``: what to run)."""
         path = Path(path)
         tail = f"; {hint}" if hint else ""
         try:
@@ -43,15 +58,32 @@ class Artefact(BaseModel):
             raise FmpipeError(f"{path}: not found{tail}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise FmpipeError(f"{path}: not valid JSON ({exc}){tail}") from None
-        if isinstance(raw, dict) and raw.get("schema_version", cls.SCHEMA) != cls.SCHEMA:
-            raise FmpipeError(f"{path}: written with schema version {raw.get('schema_version')}, "
+        return cls.parse(raw, path, hint, lenient)
+
+    @classmethod
+    def parse(cls: type[A], raw: Any, source: str | os.PathLike, hint: str = "", lenient: bool = False) -> A:
+        """Validate already-decoded JSON from ``source`` (a path or a description of one).
+
+        ``lenient``: for files that outlive the code that wrote them (a package deployed long
+        ago, a file read from an old commit by ``fmpipe audit``): keys this version does not
+        know are ignored and another schema version is tried, while the fields read must
+        still be there with the right types.
+        """
+        tail = f"; {hint}" if hint else ""
+        if not lenient and isinstance(raw, dict) and raw.get("schema_version", cls.SCHEMA) != cls.SCHEMA:
+            raise FmpipeError(f"{source}: written with schema version {raw.get('schema_version')}, "
                               f"this fmpipe reads version {cls.SCHEMA}{tail}")
         try:
-            return cls.model_validate(raw)
+            return cls.model_validate(raw, context={"lenient": lenient})
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            raise FmpipeError(f"{path}: {where}: {first['msg']} (not a {cls.__name__} file){tail}") from None
+            raise FmpipeError(f"{source}: {where}: {first['msg']} (not a {cls.__name__} file){tail}") from None
+
+    @classmethod
+    def read_if_present(cls: type[A], path: str | os.PathLike, hint: str = "", lenient: bool = False) -> Optional[A]:
+        """``None`` when ``path`` does not exist (a step not run yet); otherwise :meth:`read`."""
+        return cls.read(path, hint, lenient) if Path(path).exists() else None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_none=True) + "\n"
@@ -70,6 +102,8 @@ class Resources(Artefact):
     across runs (optimizer steps, throughput, the device) are in the :class:`RunRecord`.
     """
 
+    schema_version: int = Field(default=1, exclude=True)  # never a column of `dvc metrics show`
+
     wall_s: float = Field(ge=0)
     cpu_s: float = Field(ge=0)
     peak_mb: float = Field(ge=0)
@@ -83,9 +117,6 @@ class Resources(Artefact):
     epochs: Optional[int] = None
     samples: Optional[int] = None
     gflop: Optional[float] = None  # measured FLOPs per sample x samples seen, in 1e9
-
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2, exclude_none=True, exclude={"schema_version"}) + "\n"
 
 
 class RunRecord(Artefact):
@@ -104,7 +135,7 @@ class RunRecord(Artefact):
     git: Optional[dict[str, Any]] = None  # package: the commit the run saw (the one before its own)
 
 
-class Removal(BaseModel):
+class Removal(Record):
     model_config = ConfigDict(extra="allow")
     id: str
     reason: str
@@ -128,7 +159,7 @@ class DatasetReport(Artefact):
     rows_by_class: dict[str, int] = Field(default_factory=dict)
 
 
-class ValidationFailure(BaseModel):
+class ValidationFailure(Record):
     model_config = ConfigDict(extra="allow")
     expectation: str
     column: Optional[str] = None
@@ -143,3 +174,106 @@ class ValidationSummary(Artefact):
     expectations: int = Field(ge=0)
     failed: list[ValidationFailure] = Field(default_factory=list)
     dataset: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- evaluate -> package -> deploy
+
+class BinaryMetrics(Record):
+    """Two-class models (the second class positive): threshold-free and at ``threshold``."""
+
+    threshold: float
+    roc_auc: Optional[float] = None  # None when the test split holds one class only
+    pr_auc: Optional[float] = None
+    f1: float
+    precision: float
+    recall: float
+
+
+class Metrics(Artefact):
+    """``evaluate/metrics.json``: the numbers people compare across runs (a DVC metric).
+
+    Like :class:`Resources`, written without ``schema_version`` (it would be a column of
+    ``dvc metrics show``); per-class figures are in ``per_class.csv`` (a plot), not here.
+    """
+
+    schema_version: int = Field(default=1, exclude=True)  # never a column of `dvc metrics show`
+    accuracy: float = Field(ge=0, le=1)
+    macro_f1: float = Field(ge=0, le=1)
+    n_test: int = Field(ge=0)
+    ece: float = Field(ge=0)
+    temperature: float = Field(gt=0)
+    binary: Optional[BinaryMetrics] = None
+
+
+class Check(Record):
+    """One threshold of the gate: ``value >= threshold``."""
+
+    name: str
+    metric: str
+    threshold: float
+    value: float
+    passed: bool
+
+
+class JudgedModel(Record):
+    """The weights a blessing is about: package refuses any other bytes."""
+
+    dir: str
+    sha256: str
+    name: str
+
+
+class Blessing(Artefact):
+    """``evaluate/blessing.json``: the gate's verdict on one set of weights."""
+
+    blessed: bool
+    checks: list[Check]
+    tta_flip: bool = False  # whether any TTA view flips (the review step's old switch)
+    tta_views: int = Field(default=1, ge=1)
+    tta: str = ""  # the views, as people read them ("" without TTA)
+    model: JudgedModel
+
+    def failed(self) -> list[str]:
+        """``name (value < threshold)`` for each failed check, for error messages."""
+        return [f"{c.name} ({c.value:.4f} < {c.threshold:.4f})" for c in self.checks if not c.passed]
+
+
+class FileDigest(Record):
+    sha256: str
+    size: int = Field(ge=0)
+
+
+class LineageModel(Record):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    n_params: int = Field(ge=0)
+    input: dict[str, Any]
+    classes: list[str]
+    sha256: str
+
+
+class LineageData(Record):
+    dir: str
+    rows_by_split: dict[str, int]
+    classes: list[str]
+    rows_by_class: dict[str, int] = Field(default_factory=dict)
+
+
+class Lineage(Artefact):
+    """``package/lineage.json``: what made a packaged model, travelling inside the package.
+
+    ``dvc_lock`` holds the upstream ``dvc.lock`` entries as DVC wrote them and ``params`` the
+    variant's params as validated by ``pipeline.config``: both are defined by their own
+    schemas, so they stay plain dicts here. Read leniently outside the pipeline (``fmpipe
+    predict/verify/audit`` on a package made by an older fmpipe).
+    """
+
+    variant: str
+    model: LineageModel
+    dvc_lock: dict[str, Any]
+    params: dict[str, Any]
+    data: LineageData
+    metrics: Metrics
+    blessing: Blessing
+    onnx: Optional[dict[str, Any]] = None  # the ONNX export's check against torch
+    files: dict[str, FileDigest] = Field(default_factory=dict)  # every other packaged file

@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from pipeline.artefacts import A, Blessing, DatasetReport, Lineage, Metrics, ValidationSummary
 from pipeline.errors import FmpipeError
 from pipeline.manifest import MANIFEST, REPORT
 from pipeline.paths import STEPS, step_dir
@@ -541,42 +542,45 @@ def version_facts(v: Version, missing: Optional[set[str]] = None) -> dict[str, A
     """The facts of one version that the history shows; unreadable parts become None."""
     missing = missing if missing is not None else set()
 
-    def get(step: str, name: str) -> Optional[dict[str, Any]]:
+    def get(step: str, name: str, kind: type[A]) -> Optional[A]:
+        # Lenient: an old commit's file may carry keys this version no longer writes.
         if step not in v.stages:
             return None
         try:
-            return v.json(step, name)
-        except FmpipeError:
+            raw = v.json(step, name)
+            return None if raw is None else kind.parse(raw, f"{v.label}:{step}/{name}", lenient=True)
+        except (FmpipeError, ValueError):
             missing.add(f"{v.label}:{step}")
             return None
 
     hashes = {step: _short(v.out_md5(step)) for step in STEPS if step in v.stages}
-    annotate, clean, collect = get("annotate", REPORT), get("clean", REPORT), get("collect", REPORT)
-    summary = get("validate", "summary.json")
-    metrics = get("evaluate", "metrics.json")
-    blessing = get("evaluate", "blessing.json")
+    annotate, clean, collect = (get(step, REPORT, DatasetReport) for step in ("annotate", "clean", "collect"))
+    summary = get("validate", "summary.json", ValidationSummary)
+    metrics = get("evaluate", "metrics.json", Metrics)
+    blessing = get("evaluate", "blessing.json", Blessing)
     removed: dict[str, int] = {}
     for rep in (collect, clean):
-        for reason, k in ((rep or {}).get("removed_by_reason") or {}).items():
+        for reason, k in (rep.removed_by_reason if rep else {}).items():
             removed[reason] = removed.get(reason, 0) + int(k)
-    changes = (annotate or {}).get("changes") or []
+    extra = (annotate.model_extra or {}) if annotate else {}
+    changes = extra.get("changes") or []
     annotators: dict[str, int] = {}
     for c in changes:
         who = c.get("annotator") or c.get("note") or "unknown"
         annotators[who] = annotators.get(who, 0) + 1
+    data = annotate or clean
     facts: dict[str, Any] = {
         "hashes": hashes,
-        "rows": (annotate or clean or {}).get("rows_out"),
-        "rows_by_split": (annotate or clean or {}).get("rows_by_split"),
-        "rows_by_class": (annotate or clean or {}).get("rows_by_class"),
+        "rows": data.rows_out if data else None,
+        "rows_by_split": data.rows_by_split if data else None,
+        "rows_by_class": data.rows_by_class if data else None,
         "removed_by_reason": removed if (collect or clean) else None,
         "validation": None if summary is None else {
-            "success": summary.get("success"), "expectations": summary.get("expectations"),
-            "failed": len(summary.get("failed") or [])},
-        "label_changes": None if annotate is None else int(annotate.get("labels_changed", len(changes))),
+            "success": summary.success, "expectations": summary.expectations, "failed": len(summary.failed)},
+        "label_changes": None if annotate is None else int(extra.get("labels_changed", len(changes))),
         "annotators": annotators if annotate is not None else None,
-        "metrics": None if metrics is None else {k: metrics.get(k) for k in ("accuracy", "macro_f1", "n_test")},
-        "blessed": None if blessing is None else blessing.get("blessed"),
+        "metrics": None if metrics is None else metrics.model_dump(include={"accuracy", "macro_f1", "n_test"}),
+        "blessed": None if blessing is None else blessing.blessed,
     }
     return facts
 
@@ -635,8 +639,10 @@ def history_table(h: dict[str, Any]):
 
 # ---------------------------------------------------------------- a model's lineage
 
-def read_lineage(package: str | Path) -> dict[str, Any]:
-    """``lineage.json`` from a package directory or a package archive (``.tar.gz``), unextracted."""
+def read_lineage(package: str | Path) -> Lineage:
+    """``lineage.json`` from a package directory or a package archive (``.tar.gz``), unextracted.
+
+    Read leniently (``Artefact.parse``): an audited package may come from an older fmpipe."""
     path = Path(package)
     if path.is_dir():
         f = path / "lineage.json"
@@ -660,13 +666,13 @@ def read_lineage(package: str | Path) -> dict[str, Any]:
         raise FmpipeError(f"{path}: lineage.json is not valid JSON ({exc})") from None
     if not isinstance(lineage, dict) or "variant" not in lineage:
         raise FmpipeError(f"{path}: lineage.json has no 'variant' (not an fmpipe package lineage)")
-    return lineage
+    return Lineage.parse(lineage, f"{path}: lineage.json", lenient=True)
 
 
-def model_provenance(lineage: dict[str, Any]) -> dict[str, Any]:
+def model_provenance(lineage: Lineage) -> dict[str, Any]:
     """What the package alone says made it: data version, params, code (no repository needed)."""
-    variant = lineage["variant"]
-    dvc = lineage.get("dvc_lock") or {}
+    variant = lineage.variant
+    dvc = lineage.dvc_lock
     stages = dvc.get("stages") or {}
     data = {}
     for step in ("collect", "clean", "validate", "annotate"):
@@ -680,22 +686,22 @@ def model_provenance(lineage: dict[str, Any]) -> dict[str, Any]:
                 code[dep["path"]] = dep.get("md5")
     return {
         "variant": variant,
-        "model": {k: (lineage.get("model") or {}).get(k) for k in ("name", "sha256", "n_params")},
+        "model": lineage.model.model_dump(include={"name", "sha256", "n_params"}),
         "recorded": bool(dvc.get("available")),
         "matches_model": dvc.get("matches_model"),
         "data_version": data,
-        "rows_by_split": (lineage.get("data") or {}).get("rows_by_split"),
-        "rows_by_class": (lineage.get("data") or {}).get("rows_by_class"),
-        "params": lineage.get("params"),
+        "rows_by_split": lineage.data.rows_by_split,
+        "rows_by_class": lineage.data.rows_by_class,
+        "params": lineage.params,
         "code": dict(sorted(code.items())),
-        "metrics": {k: (lineage.get("metrics") or {}).get(k) for k in ("accuracy", "macro_f1", "n_test")},
-        "blessed": (lineage.get("blessing") or {}).get("blessed"),
+        "metrics": lineage.metrics.model_dump(include={"accuracy", "macro_f1", "n_test"}),
+        "blessed": lineage.blessing.blessed,
     }
 
 
-def find_commits(lineage: dict[str, Any], repo: str = ".", rev: str = "HEAD") -> list[dict[str, str]]:
+def find_commits(lineage: Lineage, repo: str = ".", rev: str = "HEAD") -> list[dict[str, str]]:
     """Commits (oldest first) whose dvc.lock holds exactly the package's upstream entries."""
-    want = (lineage.get("dvc_lock") or {}).get("stages") or {}
+    want = lineage.dvc_lock.get("stages") or {}
     if not want:
         return []
     git = Git(repo)
@@ -724,7 +730,7 @@ def audit_model(package: str | Path, repo: Optional[str] = ".", against: str = "
     commits = find_commits(lineage, repo)
     result["commits"] = commits
     result["commit"] = commits[0] if commits else None
-    variant = lineage["variant"]
+    variant = lineage.variant
     annotate = (result["data_version"].get("annotate") or [{}])[0].get("md5")
     if annotate:
         store = Store(repo)

@@ -29,14 +29,16 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import numpy as np
 
 from pipeline.errors import FmpipeError
+from pipeline.packaging import LINEAGE, PREPROCESS  # file names only: importing it loads nothing heavy
 
-PREPROCESS = "preprocess.json"
-LINEAGE = "lineage.json"
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.artefacts import Lineage
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 TABLE_SUFFIXES = {".csv"}
 
@@ -64,8 +66,11 @@ class Package:
     def kind(self) -> str:
         return str(self.spec["input"]["kind"])
 
-    def lineage(self) -> dict[str, Any]:
-        return _read_json(self.root / LINEAGE, self.source)
+    def lineage(self) -> "Lineage":
+        """The package's ``lineage.json``, read leniently (the package may predate this fmpipe)."""
+        from pipeline.artefacts import Lineage  # pydantic: only when asked, predict starts without it
+
+        return Lineage.read(self.root / LINEAGE, lenient=True)
 
     def close(self) -> None:
         if self._tmp:

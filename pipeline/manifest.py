@@ -26,12 +26,15 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import numpy as np
 import pandas as pd
 
 from pipeline.errors import FmpipeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.artefacts import DatasetReport
 from pipeline.io import atomic_dir, file_digest, to_json
 
 MANIFEST = "manifest.parquet"
@@ -267,8 +270,12 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:160]}"
 
 
-def read_report(in_dir: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(in_dir) / REPORT).read_text())
+def read_report(in_dir: str | os.PathLike) -> "DatasetReport":
+    """A data step's ``report.json`` (``pipeline.artefacts.DatasetReport``; step-specific keys
+    such as annotate's ``changes`` are in ``model_extra``), or one error line naming it."""
+    from pipeline.artefacts import DatasetReport
+
+    return DatasetReport.read(Path(in_dir) / REPORT, "re-run the step that writes it")
 
 
 # ---------------------------------------------------------------- reports

@@ -29,7 +29,7 @@ def run(ctx) -> None:
             f"move this file there: git mv {legacy} {directory}/labels.csv"
         )
     ds = ctx.dataset("clean")
-    removed_by_clean = {r["id"]: r["reason"] for r in read_report(ctx.input("clean")).get("removed", [])}
+    removed_by_clean = {r.id: r.reason for r in read_report(ctx.input("clean")).removed}
     votes, stats = read_decisions(directory, ds.classes)
     manifest, keep, found = apply_decisions(ds.manifest, ds.classes, resolve(votes), removed_by_clean)
     ds.manifest = manifest

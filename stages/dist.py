@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import json
 
+from pipeline.artefacts import Lineage
 from pipeline.errors import FmpipeError
 from pipeline.packaging import LINEAGE, ONNX_MODEL, deploy
 
 
 def run(ctx) -> None:
     package_dir = ctx.input("package")
+    rerun = f"run `fmpipe package --stage {ctx.variant}` first"
+    lineage = Lineage.read(package_dir / LINEAGE, rerun)
     try:
-        lineage = json.loads((package_dir / LINEAGE).read_text())
         spec = json.loads((package_dir / deploy.PREPROCESS).read_text())
     except FileNotFoundError as exc:
-        raise FmpipeError(f"{exc.filename}: not found; run `fmpipe package --stage {ctx.variant}` first") from None
-    archive = deploy.archive_name(ctx.variant, deploy.package_digest(lineage["files"]))
+        raise FmpipeError(f"{exc.filename}: not found; {rerun}") from None
+    archive = deploy.archive_name(ctx.variant, deploy.package_digest(
+        {name: d.model_dump() for name, d in lineage.files.items()}))
     deploy.write_archive(package_dir, ctx.out / archive, top=archive[: -len(".tar.gz")])
     deploy.write_model_repository(ctx.out / "model_repository", ctx.variant, package_dir / ONNX_MODEL, spec)
     ctx.summary = f"{ctx.final_dir / archive}; model repository {ctx.final_dir / 'model_repository' / ctx.variant}"

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from pipeline import steps as registry
+from pipeline.artefacts import BinaryMetrics, Blessing, JudgedModel, Metrics
 from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file, to_json
 from pipeline.models import WEIGHTS, load_trained
@@ -35,7 +36,6 @@ from pipeline.packaging.evaluation import (
     bless,
     check_compatible,
     effective_tta,
-    failed_checks,
     model_inputs,
     predict_logits,
     score,
@@ -70,17 +70,14 @@ def run(ctx) -> None:
     probs = torch.from_numpy(probs_np)
     s = score(probs, labels, classes)
 
-    metrics = {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "n_test": int(len(test)),
-               "ece": calibration["ece"], "temperature": calibration["temperature"]}
+    metrics = Metrics(accuracy=s["accuracy"], macro_f1=s["macro_f1"], n_test=len(test),
+                      ece=calibration["ece"], temperature=calibration["temperature"])
     if len(classes) == 2:
-        metrics["binary"] = binary_scores(probs, labels, ev.binary_threshold)
-    blessing = bless(metrics, ev)
+        metrics.binary = BinaryMetrics(**binary_scores(probs, labels, ev.binary_threshold))
     views = (tta or {}).get("views") or []
-    blessing["tta_flip"] = any(v["flip"] for v in views)
-    blessing["tta_views"] = max(1, len(views))
-    blessing["tta"] = tta_description(tta)
     weights_sha = sha256_file(model_dir / WEIGHTS)
-    blessing["model"] = {"dir": str(model_dir), "sha256": weights_sha, "name": meta["model"]["name"]}
+    blessing = bless(metrics, ev, JudgedModel(dir=str(model_dir), sha256=weights_sha, name=meta["model"]["name"]),
+                     tta=tta_description(tta), tta_views=max(1, len(views)), tta_flip=any(v["flip"] for v in views))
     # The previous package is the "last blessed model". It is not a DVC dependency of this
     # step (package depends on evaluate; the reverse would be a cycle), so the comparison goes
     # to the runner's run record (data/runs/<v>/evaluate.json), never into a declared output:
@@ -104,8 +101,8 @@ def run(ctx) -> None:
     })
 
     out = ctx.out
-    (out / METRICS).write_text(to_json(metrics))
-    (out / BLESSING).write_text(to_json(blessing))
+    metrics.write(out / METRICS)
+    blessing.write(out / BLESSING)
     predictions[["label_name", "predicted_name"]].set_axis(["actual", "predicted"], axis=1).to_csv(
         out / CONFUSION, index=False)
     per_class.to_csv(out / PER_CLASS, index=False, float_format="%.6f")
@@ -123,20 +120,20 @@ def run(ctx) -> None:
             probs=probs_np, classes=classes, limit=ev.gallery_size, n_test=len(test)))
     render_table(ctx.variant, metrics, per_class.to_dict("records"), blessing, compared)
     ctx.summary = summary_line(metrics, blessing, compared)
-    ctx.result = {"metrics": metrics, "blessing": blessing, "comparison": compared, "calibration": calibration}
+    ctx.result = {"metrics": metrics.model_dump(exclude_none=True), "blessing": blessing.model_dump(exclude_none=True),
+                  "comparison": compared, "calibration": calibration}
 
 
-def summary_line(metrics: dict, blessing: dict, compared: dict | None = None) -> str:
-    tta = f" ({blessing['tta']})" if blessing.get("tta") else ""
-    head = (f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on "
-            f"{metrics['n_test']} test rows{tta}")
-    b = metrics.get("binary")
-    if b and b.get("roc_auc") is not None:
-        head += f", ROC-AUC {b['roc_auc']:.4f}, PR-AUC {b['pr_auc']:.4f}, F1 {b['f1']:.4f} at p >= {b['threshold']:g}"
-    if blessing["blessed"]:
+def summary_line(metrics: Metrics, blessing: Blessing, compared: dict | None = None) -> str:
+    tta = f" ({blessing.tta})" if blessing.tta else ""
+    head = f"accuracy {metrics.accuracy:.4f}, macro F1 {metrics.macro_f1:.4f} on {metrics.n_test} test rows{tta}"
+    b = metrics.binary
+    if b and b.roc_auc is not None:
+        head += f", ROC-AUC {b.roc_auc:.4f}, PR-AUC {b.pr_auc:.4f}, F1 {b.f1:.4f} at p >= {b.threshold:g}"
+    if blessing.blessed:
         verdict = "BLESSED"
     else:
-        verdict = "NOT BLESSED: " + ", ".join(failed_checks(blessing)) + "; package will refuse it"
+        verdict = "NOT BLESSED: " + ", ".join(blessing.failed()) + "; package will refuse it"
     change = ((compared or {}).get("changes") or {}).get("accuracy")
     if change is not None:
         verdict += f" (accuracy {change:+.4f} vs last package)"

@@ -27,12 +27,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline import steps as registry
+from pipeline.artefacts import Blessing, FileDigest, Metrics
 from pipeline.errors import FmpipeError
-from pipeline.io import sha256_file, to_json
+from pipeline.io import sha256_file
 from pipeline.manifest import SPLITS, read_report
 from pipeline.models import MODEL_META, WEIGHTS, load_trained
 from pipeline.packaging import CALIBRATION, LINEAGE, MODEL_CARD, ONNX_MODEL, PER_CLASS, deploy
-from pipeline.packaging.evaluation import check_compatible, effective_tta, failed_checks, model_inputs, read_json
+from pipeline.packaging.evaluation import check_compatible, effective_tta, model_inputs, read_json
 from pipeline.packaging.lineage import build_lineage, dvc_lock_entries, file_digests, git_info, lock_matches_file
 from pipeline.packaging.model_card import render_model_card
 from pipeline.packaging.onnx_export import export_onnx, verify_onnx
@@ -45,20 +46,20 @@ def run(ctx) -> None:
     blessing_path, metrics_path = ctx.input("evaluate/blessing.json"), ctx.input("evaluate/metrics.json")
     model_dir, data_dir = ctx.input("train/model.json").parent, ctx.input("annotate")
 
-    blessing = read_json(blessing_path, f"run `fmpipe evaluate --stage {variant}` first")
-    if not blessing.get("blessed"):
-        failed = ", ".join(failed_checks(blessing)) or "no failed check recorded"
+    rerun = f"run `fmpipe evaluate --stage {variant}` first"
+    blessing = Blessing.read(blessing_path, rerun)
+    if not blessing.blessed:
+        failed = ", ".join(blessing.failed()) or "no failed check recorded"
         raise FmpipeError(f"{blessing_path}: model is not blessed (failed: {failed}); "
                           f"refusing to package it, previous package left as it was")
     if not (model_dir / WEIGHTS).exists():
         raise FmpipeError(f"{model_dir / WEIGHTS}: not found; run `fmpipe train --stage {variant}` first")
     weights_sha = sha256_file(model_dir / WEIGHTS)
-    if weights_sha != blessing.get("model", {}).get("sha256"):
+    if weights_sha != blessing.model.sha256:
         raise FmpipeError(f"{model_dir / WEIGHTS}: differs from the weights evaluate blessed "
                           f"({blessing_path}); run `fmpipe evaluate --stage {variant}` again")
-    metrics = read_json(metrics_path, f"run `fmpipe evaluate --stage {variant}` first")
-    calibration = read_json(ctx.input("evaluate/details") / CALIBRATION,
-                            f"run `fmpipe evaluate --stage {variant}` first")
+    metrics = Metrics.read(metrics_path, rerun)
+    calibration = read_json(ctx.input("evaluate/details") / CALIBRATION, rerun)
     per_class = pd.read_csv(metrics_path.parent / PER_CLASS, dtype={"class": str},
                             keep_default_na=False).to_dict("records")
 
@@ -76,15 +77,14 @@ def run(ctx) -> None:
         dvc_lock=dvc_lock_entries(variant, registry.upstream_of("package")),
         params=spec.model_dump(mode="json", by_alias=True), data_dir=str(data_dir),
         rows_by_split={s: int((ds.manifest["split"] == s).sum()) for s in SPLITS},
+        rows_by_class={c: int((ds.manifest["label"] == i).sum()) for i, c in enumerate(ds.classes)},
         classes=list(ds.classes), metrics=metrics, blessing=blessing,
     )
 
-    if lineage["dvc_lock"]["available"]:
+    if lineage.dvc_lock["available"]:
         # False after a plain `fmpipe` run that changed the model since the last `dvc repro`.
-        lineage["dvc_lock"]["matches_model"] = lock_matches_file(
-            lineage["dvc_lock"], f"train@{variant}", model_dir / WEIGHTS)
-    lineage["data"]["rows_by_class"] = {c: int((ds.manifest["label"] == i).sum())
-                                        for i, c in enumerate(ds.classes)}
+        lineage.dvc_lock["matches_model"] = lock_matches_file(
+            lineage.dvc_lock, f"train@{variant}", model_dir / WEIGHTS)
 
     out = ctx.out
     shutil.copyfile(model_dir / WEIGHTS, out / WEIGHTS)
@@ -99,8 +99,7 @@ def run(ctx) -> None:
     (out / ONNX_MODEL).write_bytes(onnx_model)
     # Fails (and the runner discards the output) unless onnxruntime reproduces torch within
     # package.onnx_atol.
-    lineage["onnx"] = {"opset": spec.package.onnx_opset,
-                       **verify_onnx(onnx_model, net, inputs, spec.package.onnx_atol)}
+    lineage.onnx = {"opset": spec.package.onnx_opset, **verify_onnx(onnx_model, net, inputs, spec.package.onnx_atol)}
     import torch
 
     with torch.inference_mode():
@@ -114,24 +113,24 @@ def run(ctx) -> None:
     check_files = deploy.write_checks(out, inputs[:deploy.N_CHECKS].numpy(), check_logits)
     card = render_model_card(
         variant=variant, description=spec.description, meta=meta,
-        n_params=lineage["model"]["n_params"], source=lineage["params"]["source"],
-        rows_by_split=lineage["data"]["rows_by_split"],
+        n_params=lineage.model.n_params, source=lineage.params["source"],
+        rows_by_split=lineage.data.rows_by_split,
         feature_names=list(ds.features.columns) if ds.features is not None else None,
-        annotate_report=read_report(data_dir), metrics={**metrics, "tta_flip": blessing.get("tta_flip")},
-        per_class=per_class, blessing=blessing, onnx_check=lineage["onnx"], opset=spec.package.onnx_opset,
+        annotate_report=read_report(data_dir), metrics=metrics,
+        per_class=per_class, blessing=blessing, onnx_check=lineage.onnx, opset=spec.package.onnx_opset,
         lineage=lineage,
     )
     (out / MODEL_CARD).write_text(card)
-    lineage["files"] = file_digests(out, [WEIGHTS, MODEL_META, ONNX_MODEL, MODEL_CARD])
-    lineage["files"].update(file_digests(out, [deploy.PREPROCESS, *check_files]))
-    (out / LINEAGE).write_text(to_json(lineage))
-    ctx.result = lineage
+    digests = file_digests(out, [WEIGHTS, MODEL_META, ONNX_MODEL, MODEL_CARD, deploy.PREPROCESS, *check_files])
+    lineage.files = {name: FileDigest(**d) for name, d in digests.items()}
+    lineage.write(out / LINEAGE)
+    ctx.result = lineage.model_dump(mode="json", exclude_none=True)
 
     # The commit HEAD names now is the previous one (the commit recording this package does not
     # exist yet) and varies: it goes to the uncached run record; lineage.json holds dvc.lock hashes.
     git = git_info()
     ctx.details["git"] = git
-    ctx.summary = (f"packaged {meta['model']['name']} (accuracy {metrics['accuracy']:.4f}); ONNX max |diff| "
-                   f"{lineage['onnx']['max_abs_diff']:.3g} on {lineage['onnx']['n_checked']} test inputs; "
+    ctx.summary = (f"packaged {meta['model']['name']} (accuracy {metrics.accuracy:.4f}); ONNX max |diff| "
+                   f"{lineage.onnx['max_abs_diff']:.3g} on {lineage.onnx['n_checked']} test inputs; "
                    f"git {git.get('commit', 'n/a')[:12]}{' (dirty)' if git.get('dirty') else ''}; "
-                   f"dvc.lock {'recorded' if lineage['dvc_lock']['available'] else 'absent'}")
+                   f"dvc.lock {'recorded' if lineage.dvc_lock['available'] else 'absent'}")

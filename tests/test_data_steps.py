@@ -38,7 +38,7 @@ def test_clean_removes_iris_duplicate_keeping_test_copy(project):
     assert removed["reason"] == "exact_duplicate"
     kept = read_dataset("data/iris/clean").manifest.set_index("id")
     assert removed["id"] not in kept.index and removed["dup_of"] in kept.index
-    assert read_report("data/iris/clean")["rows_removed"] == 1
+    assert read_report("data/iris/clean").rows_removed == 1
 
 
 def test_clean_digits_defaults_flag_few_and_account_for_everything(project):

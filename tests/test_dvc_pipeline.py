@@ -83,8 +83,8 @@ def test_every_step_wrote_its_contract(reproduced, variant):
     for step in ("collect", "clean", "annotate"):
         ds = read_dataset(base / step)
         report = read_report(base / step)
-        assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
-        assert report["rows_out"] == len(ds) and ds.manifest["id"].is_unique
+        assert report.rows_in == report.rows_out + report.rows_removed
+        assert report.rows_out == len(ds) and ds.manifest["id"].is_unique
     assert json.loads((base / "validate" / "summary.json").read_text())["success"] is True
     assert (base / "validate" / "data_docs" / "index.html").exists()
     for name in ("model.safetensors", "model.onnx", "MODEL_CARD.md", "lineage.json"):

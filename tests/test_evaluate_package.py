@@ -20,8 +20,10 @@ import pytest
 from pipeline.runner import run_step
 import torch
 import yaml
+from test_artefacts import lineage as sample_lineage
 from typer.testing import CliRunner
 
+from pipeline.artefacts import Blessing, Lineage, Metrics
 from pipeline.cli import app
 from pipeline.config import load_variant
 from pipeline.errors import FmpipeError
@@ -107,6 +109,8 @@ def check_package(variant: str, net: torch.nn.Module, metrics: dict) -> dict:
     out = Path(f"data/{variant}/package")
     assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == PACKAGE_FILES
     lineage = json.loads((out / "lineage.json").read_text())
+    assert Lineage.read(out / "lineage.json").metrics == Metrics.read(f"data/{variant}/evaluate/metrics.json")
+    assert Blessing.read(f"data/{variant}/evaluate/blessing.json").blessed
     for name, digest in lineage["files"].items():
         assert digest == {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}
     assert set(lineage["files"]) == PACKAGE_FILES - {"lineage.json"}
@@ -179,7 +183,9 @@ def test_unblessed_model_is_not_packaged(project):
     make_model("digits", epochs=0)  # untrained: ~10% accuracy against min_accuracy 0.97
     sentinel = Path("data/digits/package")
     sentinel.mkdir(parents=True)
-    (sentinel / "lineage.json").write_text('{"metrics": {"accuracy": 0.99, "macro_f1": 0.99}}\n')
+    previous = sample_lineage()
+    previous.metrics.accuracy = previous.metrics.macro_f1 = 0.99
+    previous.write(sentinel / "lineage.json")
     (sentinel / "model.onnx").write_bytes(b"previous good package")
     before = {p.name: p.read_bytes() for p in sentinel.iterdir()}
 

@@ -428,7 +428,7 @@ def test_collect_imagefolder_end_to_end(project):
     ds = read_dataset(project / "data" / "pics" / "collect")
     assert ds.classes == ["cat", "dog"] and ds.images.shape == (20, 6, 8, 3)
     assert ds.manifest["id"].tolist() == sorted(k for k in files if k != "cat/broken.png")
-    assert read_report(project / "data" / "pics" / "collect")["source"]["layout"] == "<class>/<file>"
+    assert read_report(project / "data" / "pics" / "collect").model_extra["source"]["layout"] == "<class>/<file>"
 
     # A split layout keeps its own val and test folders.
     write_tree(project / "split", SPLIT_TREE)

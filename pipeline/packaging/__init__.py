@@ -29,6 +29,7 @@ PREDICTIONS = "predictions.parquet"
 ONNX_MODEL = "model.onnx"
 MODEL_CARD = "MODEL_CARD.md"
 LINEAGE = "lineage.json"
+PREPROCESS = "preprocess.json"  # the input contract predict/serve read (deploy.py)
 DETAILS = "details"  # evaluate: calibration + gallery directory
 CALIBRATION = "calibration.json"
 RELIABILITY_PNG = "reliability.png"

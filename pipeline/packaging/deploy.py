@@ -23,9 +23,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pipeline.packaging import PREPROCESS  # noqa: F401  (deploy.PREPROCESS: the name callers use)
 from pipeline.packaging.onnx_export import INPUT_NAME, OUTPUT_NAME
 
-PREPROCESS = "preprocess.json"
 CHECK_INPUT = "checks/input.npy"
 CHECK_LOGITS = "checks/logits.npy"
 N_CHECKS = 8

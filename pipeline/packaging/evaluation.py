@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+from pipeline.artefacts import Blessing, Check, JudgedModel, Metrics
 from pipeline.errors import FmpipeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -192,8 +193,9 @@ def score(probs: "torch.Tensor", labels: np.ndarray, classes: list[str]) -> dict
     }
 
 
-def bless(metrics: dict[str, Any], spec: "EvaluateSpec") -> dict[str, Any]:
-    """The gate: every threshold of ``EvaluateSpec`` must hold (value >= threshold).
+def bless(metrics: Metrics, spec: "EvaluateSpec", model: JudgedModel, tta: str = "", tta_views: int = 1,
+          tta_flip: bool = False) -> Blessing:
+    """The gate: every threshold of ``EvaluateSpec`` must hold (value >= threshold) for ``model``.
 
     A pure function of this evaluation: the change against the last blessed model is reported
     separately (``pipeline.packaging.summary.comparison``, an uncached file), never enforced.
@@ -201,16 +203,10 @@ def bless(metrics: dict[str, Any], spec: "EvaluateSpec") -> dict[str, Any]:
     checks = []
     for name, key in (("min_accuracy", "accuracy"), ("min_macro_f1", "macro_f1")):
         threshold = float(getattr(spec, name))
-        value = float(metrics[key])
-        checks.append({"name": name, "metric": key, "threshold": threshold, "value": value,
-                       "passed": bool(value >= threshold)})
-    return {"blessed": all(c["passed"] for c in checks), "checks": checks}
-
-
-def failed_checks(blessing: dict[str, Any]) -> list[str]:
-    """``name (value < threshold)`` for each failed check, for error messages."""
-    return [f"{c['name']} ({c['value']:.4f} < {c['threshold']:.4f})"
-            for c in blessing.get("checks", []) if not c.get("passed")]
+        value = float(getattr(metrics, key))
+        checks.append(Check(name=name, metric=key, threshold=threshold, value=value, passed=value >= threshold))
+    return Blessing(blessed=all(c.passed for c in checks), checks=checks, tta_flip=tta_flip,
+                    tta_views=tta_views, tta=tta, model=model)
 
 
 def read_json(path: Path, hint: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.artefacts import Blessing, Lineage, LineageData, LineageModel, Metrics
 from pipeline.io import file_digest, sha256_file
 
 DVC_LOCK = "dvc.lock"
@@ -111,22 +112,17 @@ def file_digests(root: str | Path, names: list[str]) -> dict[str, dict[str, Any]
 
 def build_lineage(*, variant: str, meta: dict[str, Any], n_params: int, weights_sha: str,
                   dvc_lock: dict[str, Any], params: dict[str, Any],
-                  data_dir: str, rows_by_split: dict[str, int], classes: list[str],
-                  metrics: dict[str, Any], blessing: dict[str, Any]) -> dict[str, Any]:
-    """The lineage record's layout, in one place (package writes it, audit reads it)."""
-    return {
-        "variant": variant,
-        "model": {
-            "name": meta["model"]["name"],
-            "options": meta["model"].get("options") or {},
-            "n_params": n_params,
-            "input": meta["input"],
-            "classes": meta["classes"],
-            "sha256": weights_sha,
-        },
-        "dvc_lock": dvc_lock,
-        "params": params,
-        "data": {"dir": data_dir, "rows_by_split": rows_by_split, "classes": list(classes)},
-        "metrics": metrics,
-        "blessing": blessing,
-    }
+                  data_dir: str, rows_by_split: dict[str, int], rows_by_class: dict[str, int],
+                  classes: list[str], metrics: Metrics, blessing: Blessing) -> Lineage:
+    """The lineage record (``pipeline.artefacts.Lineage``) without its ONNX check and file
+    digests, which package adds once the files exist."""
+    return Lineage(
+        variant=variant,
+        model=LineageModel(name=meta["model"]["name"], options=meta["model"].get("options") or {},
+                           n_params=n_params, input=meta["input"], classes=meta["classes"], sha256=weights_sha),
+        dvc_lock=dvc_lock,
+        params=params,
+        data=LineageData(dir=data_dir, rows_by_split=rows_by_split, classes=list(classes), rows_by_class=rows_by_class),
+        metrics=metrics,
+        blessing=blessing,
+    )

@@ -10,27 +10,29 @@ import json
 import math
 from typing import Any
 
+from pipeline.artefacts import Blessing, DatasetReport, Lineage, Metrics
+
 
 def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n_params: int,
                       source: dict[str, Any], rows_by_split: dict[str, int],
-                      feature_names: list[str] | None, annotate_report: dict[str, Any],
-                      metrics: dict[str, Any], per_class: list[dict[str, Any]],
-                      blessing: dict[str, Any], onnx_check: dict[str, Any], opset: int,
-                      lineage: dict[str, Any]) -> str:
+                      feature_names: list[str] | None, annotate_report: DatasetReport,
+                      metrics: Metrics, per_class: list[dict[str, Any]],
+                      blessing: Blessing, onnx_check: dict[str, Any], opset: int,
+                      lineage: Lineage) -> str:
     classes = list(meta["classes"])
     kind = meta["input"]["kind"]
     shape = list(meta["input"]["shape"])
     model = meta["model"]
-    n_test = int(metrics["n_test"])
-    acc = float(metrics["accuracy"])
+    n_test = metrics.n_test
+    acc = metrics.accuracy
     lo, hi = _wilson(acc, n_test)
     out: list[str] = []
     add = out.append
 
     add(f"# Model card: {variant} ({model['name']})\n")
     add(f"{description or 'A classifier trained by fmpipe.'}\n")
-    add(f"Test accuracy **{acc:.4f}**, macro F1 **{float(metrics['macro_f1']):.4f}** on {n_test} held-out "
-        f"examples; {'blessed' if blessing['blessed'] else 'NOT blessed'} for packaging.\n")
+    add(f"Test accuracy **{acc:.4f}**, macro F1 **{metrics.macro_f1:.4f}** on {n_test} held-out "
+        f"examples; {'blessed' if blessing.blessed else 'NOT blessed'} for packaging.\n")
 
     add("## Model\n")
     add(f"- Architecture: `{model['name']}` with options `{json.dumps(model.get('options') or {}, sort_keys=True)}` "
@@ -65,28 +67,29 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
     add(f"- Variant: `{variant}`; source: `{json.dumps(source, sort_keys=True)}`.")
     add("- Rows per split (after cleaning and annotation): "
         + ", ".join(f"{s} {int(n)}" for s, n in rows_by_split.items()) + ".")
-    overrides = annotate_report.get("overrides_applied")
-    if overrides is not None:
-        add(f"- Human label overrides applied: {overrides} "
-            f"({annotate_report.get('labels_changed', 0)} changed a label).")
+    decisions = annotate_report.model_extra or {}  # annotate's own keys
+    if decisions.get("decisions_applied") is not None:
+        add(f"- Human review decisions applied: {decisions['decisions_applied']} "
+            f"({decisions.get('relabelled', 0)} relabelled, {decisions.get('confirmed', 0)} confirmed, "
+            f"{decisions.get('dropped', 0)} dropped; files under `{decisions.get('annotations_dir', 'annotations/')}`).")
     add(f"- Classes ({len(classes)}, index order = logit order): "
         + ", ".join(f"{i}=`{c}`" for i, c in enumerate(classes)) + ".\n")
 
     add("## Evaluation\n")
-    add(f"Test split, {n_test} examples{', flip test-time augmentation' if metrics.get('tta_flip') else ''}.\n")
+    add(f"Test split, {n_test} examples{f', test-time augmentation: {blessing.tta}' if blessing.tta else ''}.\n")
     add(f"- Accuracy: {acc:.4f} (95% Wilson interval {lo:.3f}..{hi:.3f})")
-    add(f"- Macro F1: {float(metrics['macro_f1']):.4f}\n")
+    add(f"- Macro F1: {metrics.macro_f1:.4f}\n")
     add("| class | precision | recall | F1 | support |")
     add("|---|---:|---:|---:|---:|")
     for row in per_class:
         add(f"| {row['class']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {int(row['support'])} |")
     add("")
     add(f"Blessing (thresholds from `params.yaml: variants.{variant}.evaluate`): "
-        f"**{'passed' if blessing['blessed'] else 'failed'}**.\n")
+        f"**{'passed' if blessing.blessed else 'failed'}**.\n")
     add("| check | threshold | value | passed |")
     add("|---|---:|---:|---|")
-    for c in blessing["checks"]:
-        add(f"| {c['name']} | {c['threshold']:.4f} | {c['value']:.4f} | {'yes' if c['passed'] else 'no'} |")
+    for c in blessing.checks:
+        add(f"| {c.name} | {c.threshold:.4f} | {c.value:.4f} | {'yes' if c.passed else 'no'} |")
     add("")
 
     add("## Input format and preprocessing\n")
@@ -132,7 +135,7 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
             f"`tta`: flips and reflect-padded shifts with weights, combined as "
             f"{(meta.get('tta') or {}).get('combine', 'logits')}); the ONNX graph scores one view, so "
             "run it on each view and combine them to reproduce the metrics.\n")
-    elif metrics.get("tta_flip"):
+    elif blessing.tta_flip:
         add("The reported metrics average the softmax of each image and its horizontal mirror; the ONNX "
             "graph scores one image, so run it on both and average to reproduce them.\n")
     add(f"The ONNX model was checked against PyTorch on {onnx_check['n_checked']} test inputs: max |logit "
@@ -142,11 +145,8 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
     add(f"- Measured on {n_test} test examples from the same source as training; the interval above is "
         "the sampling uncertainty alone. Accuracy on data from other devices, scanners, populations or "
         "time periods (distribution shift) is unknown.")
-    if metrics.get("ece") is not None:
-        add(f"- Confidences: expected calibration error {float(metrics['ece']):.4f} on the test split"
-            f" (temperature {float(metrics.get('temperature', 1.0)):.3g}, applied by predict/serve).")
-    else:
-        add("- Softmax confidences are not calibrated probabilities.")
+    add(f"- Confidences: expected calibration error {metrics.ece:.4f} on the test split"
+        f" (temperature {metrics.temperature:.3g}, applied by predict/serve).")
     add(f"- Only the {len(classes)} classes above exist for the model: an input of any other kind still "
         "gets one of them.")
     weakest = min(per_class, key=lambda r: r["f1"]) if per_class else None
@@ -159,13 +159,13 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
     # runs. The dvc.lock hashes below name code, params and data; `fmpipe audit model` finds it.
     add("- Code, params and data: the upstream `dvc.lock` hashes in `lineage.json`; "
         "`fmpipe audit model <this package>` names the commit that recorded them.")
-    dvc = lineage.get("dvc_lock", {})
+    dvc = lineage.dvc_lock
     if dvc.get("available"):
         add(f"- Data and steps: {len(dvc.get('stages', {}))} upstream `dvc.lock` entries recorded "
             f"({', '.join(dvc.get('stages', {}))}){'; missing: ' + ', '.join(dvc['missing']) if dvc.get('missing') else ''}.")
     else:
         add(f"- Data and steps: {dvc.get('note', 'no dvc.lock')}.")
-    add(f"- Weights: sha256 `{lineage['model']['sha256']}`.")
+    add(f"- Weights: sha256 `{lineage.model.sha256}`.")
     add("- Full record (params, hashes, metrics, file digests): `lineage.json`.")
     return "\n".join(out) + "\n"
 

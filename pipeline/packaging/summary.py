@@ -9,56 +9,59 @@ or the verdict.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
+
+from pipeline.artefacts import Blessing, Lineage, Metrics
+from pipeline.errors import FmpipeError
 
 COMPARED = ("accuracy", "macro_f1", "ece")
 
 
 def read_last_blessed(lineage_path: str | Path) -> Optional[dict[str, Any]]:
-    """The previous package's metrics (it was blessed, or package would have refused it)."""
+    """The previous package's metrics (it was blessed, or package would have refused it).
+
+    Read leniently: the previous package may come from an older fmpipe. An unreadable one is
+    reported in the comparison, not raised: it must not stop the evaluation of a new model.
+    """
     path = Path(lineage_path)
     if not path.exists():
         return None
     try:
-        lineage = json.loads(path.read_text())
-        metrics = lineage["metrics"]
-        return {
-            "source": str(path),
-            **{k: float(metrics[k]) for k in COMPARED if metrics.get(k) is not None},
-            "model_sha256": (lineage.get("model") or {}).get("sha256"),
-        }
-    except (ValueError, KeyError, TypeError) as exc:
-        return {"source": str(path), "error": f"unreadable lineage: {exc!r}"}
+        lineage = Lineage.read(path, lenient=True)
+    except FmpipeError as exc:
+        return {"source": str(path), "error": f"unreadable lineage: {exc}"}
+    return {"source": str(path),
+            **{k: float(getattr(lineage.metrics, k)) for k in COMPARED},
+            "model_sha256": lineage.model.sha256}
 
 
-def comparison(metrics: dict[str, Any], baseline: Optional[dict[str, Any]],
+def comparison(metrics: Metrics, baseline: Optional[dict[str, Any]],
                model_sha256: Optional[str] = None) -> dict[str, Any]:
     if baseline is None:
         return {"baseline": None, "note": "no previous package: nothing to compare with"}
     out: dict[str, Any] = {"baseline": baseline, "changes": {}}
     for key in COMPARED:
-        if metrics.get(key) is not None and baseline.get(key) is not None:
-            out["changes"][key] = float(metrics[key]) - float(baseline[key])
+        if baseline.get(key) is not None:
+            out["changes"][key] = float(getattr(metrics, key)) - float(baseline[key])
     if model_sha256 is not None:
         out["same_weights"] = model_sha256 == baseline.get("model_sha256")
     return out
 
 
-def render_table(variant: str, metrics: dict[str, Any], per_class: list[dict[str, Any]],
-                 blessing: dict[str, Any], compared: dict[str, Any]) -> None:
+def render_table(variant: str, metrics: Metrics, per_class: list[dict[str, Any]],
+                 blessing: Blessing, compared: dict[str, Any]) -> None:
     """Overall + per-class table on stderr (rich), then the verdict and the change."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(stderr=True, highlight=False)
     changes = compared.get("changes") or {}
-    overall = Table(title=f"{variant}: test split ({metrics['n_test']} rows)", title_justify="left")
+    overall = Table(title=f"{variant}: test split ({metrics.n_test} rows)", title_justify="left")
     for col in ("metric", "value", "vs last blessed"):
         overall.add_column(col, justify="left" if col == "metric" else "right")
-    rows = [("accuracy", metrics["accuracy"]), ("macro F1", metrics["macro_f1"]),
-            ("ECE (lower is better)", metrics.get("ece")), ("temperature", metrics.get("temperature"))]
+    rows = [("accuracy", metrics.accuracy), ("macro F1", metrics.macro_f1),
+            ("ECE (lower is better)", metrics.ece), ("temperature", metrics.temperature)]
     for (label, value), key in zip(rows, ("accuracy", "macro_f1", "ece", None)):
         if value is None:
             continue

@@ -12,16 +12,17 @@ naming the file.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.artefacts import Lineage
 from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file
-
-LINEAGE = "lineage.json"
+from pipeline.packaging import LINEAGE
 
 
 def verify_package(path: str | os.PathLike) -> dict[str, Any]:
@@ -36,16 +37,22 @@ def verify_package(path: str | os.PathLike) -> dict[str, Any]:
         root = pkg.root
     where = lambda name: f"{source}/{name}" if source.is_dir() else f"{source}:{name}"  # noqa: E731
 
-    lineage = inference._read_json(root / LINEAGE, where(LINEAGE))
-    files = lineage.get("files")
-    if not isinstance(files, dict) or not files:
+    try:
+        raw = json.loads((root / LINEAGE).read_text())
+    except FileNotFoundError:
+        raise FmpipeError(f"{where(LINEAGE)}: not found (not an fmpipe package)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FmpipeError(f"{where(LINEAGE)}: not valid JSON ({exc})") from None
+    # Lenient: a package outlives the fmpipe that made it; the digests must still be there.
+    files = Lineage.parse(raw, where(LINEAGE), lenient=True).files
+    if not files:
         raise FmpipeError(f"{where(LINEAGE)}: no `files` digests recorded; cannot verify this package")
     for name in sorted(files):
         entry = files[name]
         p = root / name
         if not p.is_file():
             raise FmpipeError(f"{where(name)}: missing (listed in lineage.json)")
-        if p.stat().st_size != entry.get("size") or sha256_file(p) != entry.get("sha256"):
+        if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
             raise FmpipeError(f"{where(name)}: sha256 differs from lineage.json (file changed since packaging)")
     present = {q.relative_to(root).as_posix() for q in root.rglob("*") if q.is_file()}
     extra = sorted(present - set(files) - {LINEAGE})

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from pipeline.artefacts import Blessing, Check, Lineage, Metrics, ValidationSummary
 from pipeline.report import figures
 from pipeline.report.readers import (
     ArtefactError,
@@ -23,6 +24,7 @@ from pipeline.report.readers import (
     file_data_uri,
     id_columns,
     png_data_uri,
+    read_artefact,
     read_json,
     read_table,
     read_tsv_series,
@@ -211,16 +213,15 @@ def section_data(ctx: Context) -> str:
 
 def validation_table(ctx: Context) -> str:
     vdir = ctx.step("validate")
-    summary = read_json(vdir / "summary.json")
-    results = read_json(vdir / "results.json")
+    summary = read_artefact(ValidationSummary, vdir / "summary.json")
+    results = read_json(vdir / "results.json")  # GX's own format
     if summary is None and results is None:
         return missing("validation", "no validate/summary.json; run fmpipe validate")
     out = []
     if summary is not None:
-        ok = summary.get("success")
-        failed = summary.get("failed") or []
+        ok = summary.success
         out.append(f'<p class="{"pass" if ok else "fail"}">{"Passed" if ok else "FAILED"}: '
-                   f'{summary.get("expectations", "?")} expectations, {len(failed)} failed.</p>')
+                   f'{summary.expectations} expectations, {len(summary.failed)} failed.</p>')
     docs = vdir / "data_docs" / "index.html"
     if docs.is_file():
         out.append(f'<p>Great Expectations Data Docs: <a href="{esc(ctx.link(docs))}">validate/data_docs/index.html</a> '
@@ -350,21 +351,19 @@ def resources_table(ctx: Context) -> str:
 def section_evaluation(ctx: Context) -> str:
     parts = []
     edir = ctx.step("evaluate")
-    metrics = read_json(edir / "metrics.json")
-    blessing = read_json(edir / "blessing.json")
+    metrics = read_artefact(Metrics, edir / "metrics.json")
+    blessing = read_artefact(Blessing, edir / "blessing.json")
     if metrics is None:
         parts.append(missing("metrics", "no evaluate/metrics.json; run fmpipe evaluate"))
     else:
-        parts.append(kv({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}))
+        parts.append(kv(metrics.model_dump(exclude_none=True, exclude={"binary"})))
+        if metrics.binary is not None:
+            parts.append("<h3>Binary (second class positive)</h3>" + kv(metrics.binary.model_dump(exclude_none=True)))
     if blessing is not None:
-        verdict = "BLESSED" if blessing.get("blessed") else "NOT BLESSED"
-        parts.append(f'<p class="{"pass" if blessing.get("blessed") else "fail"}">{verdict}</p>')
-        checks = blessing.get("checks")
-        if isinstance(checks, list) and checks and isinstance(checks[0], dict):
-            keys = list(checks[0])
-            parts.append(table(keys, [[c.get(k) for k in keys] for c in checks], cls="checks"))
-        elif isinstance(checks, dict):
-            parts.append(table(["check", "detail"], [[k, v] for k, v in checks.items()], cls="checks"))
+        verdict = "BLESSED" if blessing.blessed else "NOT BLESSED"
+        parts.append(f'<p class="{"pass" if blessing.blessed else "fail"}">{verdict}</p>')
+        keys = list(Check.model_fields)
+        parts.append(table(keys, [[getattr(c, k) for k in keys] for c in blessing.checks], cls="checks"))
     per_class = read_table(edir / "per_class.csv")
     if per_class is not None and "class" in per_class.columns:
         parts.append("<h3>Per class</h3>")
@@ -426,26 +425,26 @@ def calibration(ctx: Context, preds) -> str:
 def section_package(ctx: Context) -> str:
     parts = []
     pdir = ctx.step("package")
-    lineage = read_json(pdir / "lineage.json")
+    lineage = read_artefact(Lineage, pdir / "lineage.json")
     card = pdir / "MODEL_CARD.md"
     if card.is_file():
         parts.append(f'<p>Model card: <a href="{esc(ctx.link(card))}">package/MODEL_CARD.md</a></p>')
     if lineage is None:
         parts.append(missing("package", "no package/lineage.json; run fmpipe package (it needs a blessed model)"))
         return "".join(parts)
-    files = lineage.get("files") or {}
-    if isinstance(files, dict) and files:
+    if lineage.files:
         parts.append(table(["file", "bytes", "sha256"],
-                           [[k, (v or {}).get("size", ""), (v or {}).get("sha256", "")] for k, v in files.items()],
-                           cls="files"))
-    onnx = lineage.get("onnx")
-    if isinstance(onnx, dict):
-        parts.append("<h3>ONNX check</h3>" + kv(onnx))
-    git = lineage.get("git") or {}
+                           [[k, v.size, v.sha256] for k, v in lineage.files.items()], cls="files"))
+    if lineage.onnx:
+        parts.append("<h3>ONNX check</h3>" + kv(lineage.onnx))
+    # The commit is not in lineage.json (it varies run to run): the package step's run record has it.
+    record = read_json(ctx.root.parent / "runs" / ctx.variant / "package.json") or {}
+    git = record.get("git") or {}
     parts.append("<h3>Lineage</h3>")
-    parts.append(kv({"git commit": git.get("commit", git.get("reason", "n/a")), "dirty": git.get("dirty", "")}))
-    lock = lineage.get("dvc_lock") or {}
-    stages = lock.get("stages") if isinstance(lock, dict) else None
+    parts.append(kv({"git commit (when packaged)": git.get("commit", git.get("reason", "n/a")),
+                     "dirty": git.get("dirty", "")}))
+    lock = lineage.dvc_lock
+    stages = lock.get("stages")
     if isinstance(stages, dict) and stages:
         rows = []
         for name, entry in stages.items():
@@ -489,18 +488,17 @@ def glance(ctx: Context) -> str:
     """One line at the top: the numbers people ask first."""
     bits = []
     try:
-        m = read_json(ctx.step("evaluate") / "metrics.json") or {}
-        b = read_json(ctx.step("evaluate") / "blessing.json") or {}
-        v = read_json(ctx.step("validate") / "summary.json") or {}
+        m = read_artefact(Metrics, ctx.step("evaluate") / "metrics.json")
+        b = read_artefact(Blessing, ctx.step("evaluate") / "blessing.json")
+        v = read_artefact(ValidationSummary, ctx.step("validate") / "summary.json")
     except ArtefactError:
         return ""  # the sections below show the error line
-    if "success" in v:
-        bits.append(f"validation {'passed' if v['success'] else 'FAILED'}")
-    for key, label in (("accuracy", "test accuracy"), ("macro_f1", "macro F1")):
-        if isinstance(m.get(key), (int, float)):
-            bits.append(f"{label} {m[key]:.4f}")
-    if "blessed" in b:
-        bits.append("blessed" if b["blessed"] else "NOT blessed")
+    if v is not None:
+        bits.append(f"validation {'passed' if v.success else 'FAILED'}")
+    if m is not None:
+        bits += [f"test accuracy {m.accuracy:.4f}", f"macro F1 {m.macro_f1:.4f}"]
+    if b is not None:
+        bits.append("blessed" if b.blessed else "NOT blessed")
     if (ctx.step("package") / "lineage.json").is_file():
         bits.append("packaged")
     return f'<p class="glance">{esc(" · ".join(bits))}</p>' if bits else ""

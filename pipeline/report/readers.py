@@ -17,6 +17,9 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from pipeline.artefacts import A
+from pipeline.errors import FmpipeError
+
 
 class ArtefactError(Exception):
     """A file is present but cannot be read as expected; the message names it."""
@@ -29,6 +32,14 @@ def read_json(path: Path) -> Optional[Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ArtefactError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_artefact(kind: type[A], path: Path) -> Optional[A]:
+    """A typed artefact (``pipeline.artefacts``), or None when absent; malformed: ArtefactError."""
+    try:
+        return kind.read_if_present(path)
+    except FmpipeError as exc:
+        raise ArtefactError(str(exc)) from None
 
 
 def read_table(path: Path):

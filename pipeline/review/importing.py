@@ -36,7 +36,7 @@ def import_decisions(file: str | os.PathLike, variant: str, *, name: Optional[st
 
     clean_dir = step_dir(variant, "clean")
     ds = read_dataset(clean_dir, mmap=True)  # names the step to run when it is missing
-    removed = {r["id"]: r["reason"] for r in read_report(clean_dir).get("removed", [])}
+    removed = {r.id: r.reason for r in read_report(clean_dir).removed}
     raw = src.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
