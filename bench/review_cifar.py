@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_variant  # noqa: E402
 from pipeline.io import sha256_file  # noqa: E402
 from pipeline.manifest import read_dataset  # noqa: E402
-from pipeline.review import export, finders, review as review_mod, scoring  # noqa: E402
+from pipeline.review import export, finders, review as review_mod  # noqa: E402
 
 PHASES: dict[str, list[float]] = {}
 
@@ -80,7 +80,8 @@ def main() -> None:
     args = ap.parse_args()
 
     for module, name, label in [
-        (review_mod, "embed_dataset", "forward pass (logits, penultimate, TTA)"),
+        (review_mod, "embed_dataset", "forward pass (logits, penultimate, layers)"),
+        (review_mod, "model_probs", "val/test probabilities (TTA views)"),
         (review_mod, "cross_validated_head_probs", "cross-validated head (train)"),
         (review_mod, "full_model_probs", "full model per fold (train)"),
         (review_mod, "label_issues", "cleanlab"),

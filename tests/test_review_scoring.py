@@ -208,3 +208,31 @@ def test_contact_sheet_renders_offline_in_chromium(tmp_path):
     assert not page.external_requests and not page.console_errors
     assert seen["cards"] == 12 and seen["decoded"] == 13  # the leak card shows its near copy too
     assert "given cat" in seen["text"] and "suggested dog" in seen["text"] and "near copy: test/0.png" in seen["text"]
+
+
+def test_review_scores_held_out_rows_with_the_models_tta_views(digits_model):
+    """One inference path: val/test probabilities are the ones evaluate computes, TTA views included."""
+    from pipeline.config import TTASpec, load_variant
+    from pipeline.inference import probabilities
+    from pipeline.manifest import read_dataset
+    from pipeline.models import load_trained
+    from pipeline.packaging.evaluation import model_inputs, predict_logits
+    from pipeline.review.review import review, softmax
+    from pipeline.training.recipe import tta_record
+
+    meta_path = digits_model / "data/digits/train/model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["tta"] = tta_record(TTASpec(flip=True, translate=1))
+    meta_path.write_text(json.dumps(meta))
+    ds = read_dataset(digits_model / "data/digits/annotate", mmap=False)
+    result = review(ds, meta_path.parent, load_variant("digits"), variant="digits")
+    assert result.report["scoring"]["tta"] == "flip + 1px translate TTA, 6 views"
+    assert "6 views" in result.report["scoring"]["by_split"]["test"]["scored_by"]
+
+    net, meta = load_trained(meta_path.parent)
+    rows = np.flatnonzero(ds.manifest["split"].to_numpy() != "train")
+    x = model_inputs(ds.take(rows))
+    expected = probabilities(predict_logits(net, x, meta["tta"]), 1.0, meta["tta"])
+    np.testing.assert_allclose(result.probs[rows], expected, atol=1e-5)
+    one_view = softmax(predict_logits(net, x))
+    assert np.abs(result.probs[rows] - one_view).max() > 1e-3  # the views were used, not the plain pass

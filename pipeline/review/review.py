@@ -5,8 +5,9 @@ it runs in memory in tests. What it does, in order:
 
 1. one forward pass of the trained network over every row, capturing the logits, the
    penultimate embedding and any layers named in ``review.duplicate_features`` (forward hooks
-   of :class:`pipeline.quality.embedders.PackageEmbedder`); a second pass over the mirrored
-   val/test images when the variant predicts with flip TTA;
+   of :class:`pipeline.quality.embedders.PackageEmbedder`); when the model has TTA views
+   (model.json ``tta``), the val/test rows again through each view, combined exactly as
+   evaluate, predict and serve combine them (``pipeline.inference.probabilities``);
 2. out-of-sample probabilities (:mod:`pipeline.review.scoring`): val/test from the network,
    train from the cross-validated head (or per-fold networks with ``scoring: full_model``);
 3. cleanlab per scoring group; the finders (:mod:`pipeline.review.finders`); the queue;
@@ -28,6 +29,7 @@ import pandas as pd
 from pipeline.config import VariantSpec
 from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset
+from pipeline.packaging.evaluation import effective_tta, tta_description
 from pipeline.review import export
 from pipeline.review.finders import FINDERS, ReviewInputs, build_queue
 from pipeline.review.scoring import cross_validated_head_probs, fold_assignment, label_issues
@@ -54,8 +56,9 @@ class ReviewResult:
     scored_by: np.ndarray = field(repr=False, default=None)
 
 
-def scoring_description(method: str, folds: int, tta: bool) -> dict[str, str]:
-    model = "trained network's softmax" + (" (flip TTA)" if tta else "") + "; out-of-sample (never trained on)"
+def scoring_description(method: str, folds: int, tta: str = "") -> dict[str, str]:
+    """How each split's probabilities were made; ``tta``: the TTA views as evaluate names them."""
+    model = "trained network's softmax" + (f" ({tta})" if tta else "") + "; out-of-sample (never trained on)"
     if method == "linear_head":
         train = (f"cross-validated head: logistic regression refitted on {folds} folds of the network's "
                  "penultimate embeddings, each fold predicted by the head fitted on the others. The head "
@@ -73,7 +76,7 @@ def _scored_by_label(split: str, method: str, folds: int) -> str:
 
 
 def embed_dataset(model_dir: str | os.PathLike, ds: Dataset, layers: list[Optional[str]], *,
-                  batch_size: int = 512, tta_rows: Optional[np.ndarray] = None) -> dict[str, Any]:
+                  batch_size: int = 512) -> dict[str, Any]:
     """Logits, penultimate embedding (``None``) and named layers for every row, one pass."""
     from pipeline.packaging.evaluation import check_compatible
     from pipeline.quality.embedders import PackageEmbedder
@@ -85,10 +88,27 @@ def embed_dataset(model_dir: str | os.PathLike, ds: Dataset, layers: list[Option
     captured = embedder.embed_layers(inputs, layers, with_output=True)
     out = {"layers": {k: v for k, v in captured.items() if k != "output"}, "logits": captured["output"],
            "meta": embedder._meta, "describe": embedder.describe()}
-    if tta_rows is not None and len(tta_rows) and ds.images is not None:
-        mirrored = np.ascontiguousarray(np.asarray(ds.images[tta_rows])[:, :, ::-1, :])
-        out["logits_mirrored"] = embedder.embed_layers(mirrored, [], with_output=True)["output"]
     return out
+
+
+def model_probs(net_or_dir, ds: Dataset, rows: np.ndarray, tta: Optional[dict[str, Any]],
+                logits: Optional[np.ndarray] = None) -> np.ndarray:
+    """The model's class probabilities for ``rows`` as evaluate computes them: the same TTA views
+    through ``pipeline.inference.probabilities`` (without TTA: the softmax of ``logits`` when
+    the one pass already made them)."""
+    if tta is None and logits is not None:
+        return softmax(logits[rows])
+    from pipeline.inference import probabilities
+    from pipeline.models import load_trained
+    from pipeline.packaging.evaluation import model_inputs, predict_logits
+
+    net = load_trained(net_or_dir)[0] if isinstance(net_or_dir, (str, os.PathLike)) else net_or_dir
+    return probabilities(predict_logits(net, model_inputs(ds.take(rows)), tta), 1.0, tta).astype(np.float64)
+
+
+def review_tta(meta: dict[str, Any], spec: VariantSpec) -> Optional[dict[str, Any]]:
+    """The TTA views evaluate scored this model with (none for tables)."""
+    return effective_tta(meta, spec.train)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -103,7 +123,6 @@ def full_model_probs(ds: Dataset, spec: VariantSpec, train_rows: np.ndarray, fol
                      variant: str = "") -> np.ndarray:
     """Out-of-fold probabilities for ``train_rows`` from networks retrained per fold."""
     from pipeline.models import load_trained
-    from pipeline.packaging.evaluation import model_inputs, predict_proba
     from pipeline.training.fit import fit
 
     labels = ds.manifest["label"].to_numpy()
@@ -111,7 +130,6 @@ def full_model_probs(ds: Dataset, spec: VariantSpec, train_rows: np.ndarray, fol
     probs = np.zeros((len(train_rows), len(ds.classes)), dtype=np.float64)
     train_spec = spec.train if epochs is None else spec.train.model_copy(update={"max_epochs": epochs})
     fold_spec = spec.model_copy(update={"train": train_spec})
-    tta = bool(spec.train.tta_flip and ds.kind == "image")
     split = ds.manifest["split"].astype(str).to_numpy()
     with tempfile.TemporaryDirectory(prefix="fmpipe-review-folds-", dir=workdir) as tmp:
         for f in range(int(fold_of.max()) + 1):
@@ -122,9 +140,8 @@ def full_model_probs(ds: Dataset, spec: VariantSpec, train_rows: np.ndarray, fol
             out_dir = Path(tmp) / f"fold{f}" / "train"
             fit(fold_ds, fold_spec, out_dir, state_dir=Path(tmp) / f"fold{f}" / "state",
                 variant=f"{variant} (review fold {f + 1}/{folds})")
-            net, _ = load_trained(out_dir)
-            p = predict_proba(net, model_inputs(ds.take(held)), tta_flip=tta)
-            probs[fold_of == f] = p.numpy()
+            net, meta = load_trained(out_dir)
+            probs[fold_of == f] = model_probs(net, ds, held, review_tta(meta, spec))
     return probs
 
 
@@ -165,19 +182,15 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
     k = len(ds.classes)
     train_rows = np.flatnonzero(split == "train")
     held_rows = np.flatnonzero(split != "train")
-    tta = bool(spec.train.tta_flip and ds.kind == "image")
 
     named = [f for f in rs.duplicate_features if f not in ("thumbs", "penultimate")] \
         if "near_duplicates" in rs.finders else []
     layers_wanted: list[Optional[str]] = [None, *dict.fromkeys(named)]
-    captured = embed_dataset(model_dir, ds, layers_wanted, batch_size=rs.batch_size,
-                             tta_rows=held_rows if tta else None)
+    captured = embed_dataset(model_dir, ds, layers_wanted, batch_size=rs.batch_size)
     layers = captured["layers"]
+    tta = review_tta(captured["meta"], spec)
     probs = np.zeros((len(m), k), dtype=np.float64)
-    model_probs = softmax(captured["logits"][held_rows])
-    if tta and "logits_mirrored" in captured:
-        model_probs = (model_probs + softmax(captured["logits_mirrored"])) / 2
-    probs[held_rows] = model_probs
+    probs[held_rows] = model_probs(model_dir, ds, held_rows, tta, captured["logits"])
     if len(train_rows):
         if rs.scoring == "linear_head":
             probs[train_rows] = cross_validated_head_probs(layers[None][train_rows], labels[train_rows], k,
@@ -233,7 +246,7 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
         rows = split == s
         per_split[s] = {
             "rows": int(rows.sum()),
-            "scored_by": scoring_description(rs.scoring, rs.folds, tta)[s] if rows.any() else None,
+            "scored_by": scoring_description(rs.scoring, rs.folds, tta_description(tta))[s] if rows.any() else None,
             "agreement_with_given_labels": float((predicted[rows] == labels[rows]).mean()) if rows.any() else None,
             "label_issues": int(issues["is_issue"].to_numpy()[rows].sum()),
             "queued": int((table["split"] == s).sum()),
@@ -248,7 +261,7 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
         "model": {"dir": str(model_dir), "sha256": model_sha256, "name": captured["meta"]["model"]["name"]},
         "rows": int(len(m)),
         "changes_data": False,
-        "scoring": {"method": rs.scoring, "folds": rs.folds, "seed": rs.seed, "tta_flip": tta,
+        "scoring": {"method": rs.scoring, "folds": rs.folds, "seed": rs.seed, "tta": tta_description(tta),
                     "by_split": per_split,
                     "in_sample_predictions_used": False,
                     "embeddings": captured["describe"]},
