@@ -228,7 +228,7 @@ class Blessing(Artefact):
 
     blessed: bool
     checks: list[Check]
-    tta_flip: bool = False  # whether any TTA view flips (the review step's old switch)
+    tta_flip: bool = False  # whether any TTA view flips (older packages and cards know only this)
     tta_views: int = Field(default=1, ge=1)
     tta: str = ""  # the views, as people read them ("" without TTA)
     model: JudgedModel

@@ -92,6 +92,8 @@ class Step:
 
 
 _DATASET_CODE = ("pipeline/manifest.py",)
+# The typed files a step writes (summary, metrics, blessing, lineage) take their shape from here.
+_ARTEFACTS = "pipeline/artefacts.py"
 
 STEPS: tuple[Step, ...] = (
     Step(
@@ -118,7 +120,7 @@ STEPS: tuple[Step, ...] = (
         module="stages.validate",
         reads=("clean",),
         sources=("expectations/{v}.json",),
-        code=("stages/validate.py", "pipeline/quality"),
+        code=("stages/validate.py", "pipeline/quality", _ARTEFACTS),
         params=("validate",),
         flags=(Flag("init", "Write a starting suite, expectations/<stage>.json, from the current cleaned "
                             "data and params (then review and commit it); runs nothing else."),
@@ -159,7 +161,7 @@ STEPS: tuple[Step, ...] = (
         help="Score the trained model on the test split and decide its blessing.",
         module="stages.evaluate",
         reads=("train/model.safetensors", "train/model.json", "annotate"),
-        code=("stages/evaluate.py", "pipeline/packaging", "pipeline/inference.py"),
+        code=("stages/evaluate.py", "pipeline/packaging", "pipeline/inference.py", _ARTEFACTS),
         params=("evaluate", "train"),
         outs=(
             Out("predictions.parquet"),
@@ -180,7 +182,7 @@ STEPS: tuple[Step, ...] = (
         module="stages.package",
         reads=("train/model.safetensors", "train/model.json", "evaluate/blessing.json",
                "evaluate/metrics.json", "evaluate/details", "annotate"),
-        code=("stages/package.py", "pipeline/packaging", "pipeline/inference.py"),
+        code=("stages/package.py", "pipeline/packaging", "pipeline/inference.py", _ARTEFACTS),
         params=("package", "description"),  # + every upstream input: _depending_on_all_upstream
     ),
     Step(
@@ -188,7 +190,7 @@ STEPS: tuple[Step, ...] = (
         help="Archive the package (deterministic <variant>-<hash>.tar.gz) and lay out a Triton/KServe model repository.",
         module="stages.dist",
         reads=("package",),
-        code=("stages/dist.py", "pipeline/packaging/deploy.py"),
+        code=("stages/dist.py", "pipeline/packaging/deploy.py", _ARTEFACTS),
     ),
     Step(
         name="review",
