@@ -158,7 +158,7 @@ def test_partial_variant_shows_what_exists_and_says_what_is_missing(project):
     _dataset(v / "collect", ids, [0, 1, 0, 1, 0, 1], ["train", "train", "val", "val", "test", "test"])
     _dataset(v / "clean", ids[:5], [0, 1, 0, 1, 0], ["train", "train", "val", "val", "test"])
     (v / "clean" / "report.json").write_text(json.dumps({
-        "rows_in": 6, "rows_out": 5, "rows_removed": 1, "removed_by_reason": {"duplicate": 1},
+        "step": "clean", "variant": "toy", "rows_in": 6, "rows_out": 5, "rows_removed": 1, "removed_by_reason": {"duplicate": 1},
         "removed": [{"id": "toy/5", "reason": "duplicate", "dup_of": "toy/4"}]}))
     # Columns a newer clean/review may write: the report takes what is there.
     pd.DataFrame({"rule": ["near_duplicate"], "id_a": ["toy/0"], "id_b": ["toy/2"], "score": [0.98]}).to_parquet(

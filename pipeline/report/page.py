@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from pipeline.artefacts import Blessing, Check, Lineage, Metrics, ValidationSummary
+from pipeline.artefacts import Blessing, Check, DatasetReport, Lineage, Metrics, ValidationSummary
 from pipeline.report import figures
 from pipeline.report.readers import (
     ArtefactError,
@@ -172,16 +172,15 @@ def section_data(ctx: Context) -> str:
         parts.append(missing("row counts", "no annotate/ or clean/ manifest.parquet; run fmpipe clean"))
 
     parts.append("<h3>Clean</h3>")
-    rep = read_json(ctx.step("clean") / "report.json")
+    rep = read_artefact(DatasetReport, ctx.step("clean") / "report.json")
     if rep is None:
         parts.append(missing("clean report", "no clean/report.json"))
     else:
-        parts.append(f"<p>{rep.get('rows_in', '?')} rows in, {rep.get('rows_out', '?')} kept, "
-                     f"{rep.get('rows_removed', '?')} removed.</p>")
-        by_reason = rep.get("removed_by_reason") or {}
+        parts.append(f"<p>{rep.rows_in} rows in, {rep.rows_out} kept, {rep.rows_removed} removed.</p>")
+        by_reason = rep.removed_by_reason
         if by_reason:
             parts.append(table(["reason", "rows"], [[k, v] for k, v in by_reason.items()], cls="reasons"))
-        removed = rep.get("removed") or []
+        removed = [r.model_dump() for r in rep.removed]  # with each rule's extra keys (dup_of, distance, ...)
         if removed:
             shown = removed[:MAX_ROWS]
             keys = [k for k in shown[0] if k != "id"] if isinstance(shown[0], dict) else []
@@ -258,12 +257,14 @@ def validation_table(ctx: Context) -> str:
 
 def section_labels(ctx: Context) -> str:
     parts = []
-    rep = read_json(ctx.step("annotate") / "report.json")
-    if rep is None:
+    report = read_artefact(DatasetReport, ctx.step("annotate") / "report.json")
+    if report is None:
         parts.append(missing("annotation report", "no annotate/report.json; run fmpipe annotate"))
     else:
-        parts.append(f"<p>Annotations file: {esc(str(rep.get('annotations_file', '?')))}; "
-                     f"{rep.get('overrides_applied', 0)} overrides applied, {rep.get('labels_changed', 0)} labels changed.</p>")
+        rep = report.model_extra or {}  # annotate's own keys
+        parts.append(f"<p>Decisions from {esc(str(rep.get('annotations_dir', '?')))}: "
+                     f"{rep.get('decisions_applied', 0)} applied ({rep.get('relabelled', 0)} relabelled, "
+                     f"{rep.get('confirmed', 0)} confirmed, {rep.get('dropped', 0)} dropped).</p>")
         changes = [c for c in (rep.get("changes") or []) if isinstance(c, dict)]
         if changes:
             keys = [k for k in changes[0] if k != "id"]
