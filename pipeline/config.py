@@ -140,6 +140,8 @@ class OptimizerSpec(Strict):
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     nesterov: bool = True  # sgd only
+    # Newton-Schulz iterations of the orthogonalized update (param groups with orthogonalize).
+    ns_steps: int = Field(5, ge=1, le=20)
 
 
 class ParamGroupRule(Strict):
@@ -161,6 +163,14 @@ class ParamGroupRule(Strict):
     frozen: bool = False  # never trained (kept at its initial value)
     # Trained for the first N epochs only, then frozen (None: every epoch).
     train_epochs: Optional[int] = Field(None, ge=0)
+    # sgd only: this group's own momentum (None: optimizer.momentum).
+    momentum: Optional[float] = Field(None, ge=0, lt=1)
+    # sgd only: the orthogonalized ("Muon") step for matrices and conv filter banks: the
+    # momentum's singular values all set to ~1 (pipeline/training/orthogonal.py). No weight
+    # decay applies to these tensors. fixed_norm: each tensor is rescaled to norm sqrt(rows)
+    # before its step, so the step is relative to a weight of constant size.
+    orthogonalize: bool = False
+    fixed_norm: bool = False
 
     @model_validator(mode="after")
     def _selects_something(self) -> "ParamGroupRule":
@@ -168,6 +178,8 @@ class ParamGroupRule(Strict):
             raise ValueError("a rule needs at least one of name, module, param")
         if self.frozen and self.train_epochs is not None:
             raise ValueError("frozen and train_epochs exclude each other")
+        if self.fixed_norm and not self.orthogonalize:
+            raise ValueError("fixed_norm applies to orthogonalize groups only")
         return self
 
 
@@ -294,6 +306,16 @@ class TrainSpec(Strict):
     def _one_tta(self) -> "TrainSpec":
         if self.tta is not None and self.tta_flip:
             raise ValueError("give tta or the older tta_flip, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _sgd_only_group_keys(self) -> "TrainSpec":
+        if self.optimizer.name != "sgd":
+            for i, rule in enumerate(self.param_groups):
+                for key in ("momentum", "orthogonalize"):
+                    if getattr(rule, key) not in (None, False):
+                        raise ValueError(f"param_groups[{i}].{key} needs optimizer.name sgd "
+                                         f"(got {self.optimizer.name})")
         return self
 
     def tta_spec(self) -> Optional[TTASpec]:

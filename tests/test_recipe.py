@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import shutil
 import struct
 from pathlib import Path
@@ -50,32 +49,100 @@ def cifar_rules() -> list[ParamGroupRule]:
     return list(load_variant("cifar", REPO / "params.yaml").train.param_groups)
 
 
-def test_cifar_param_groups_select_bn_and_whitening_bias():
+def test_cifar_param_groups_select_bn_whitening_bias_and_conv_filters():
     net = build("airbench", (3, 16, 16), 10, {"widths": [8, 16, 16], "bn_eps": 1e-12})
     groups = resolve_param_groups(net, cifar_rules())
     by_rule = {g.rule: g for g in groups}
     bn = [n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
     assert len(bn) == 6 and all(m.eps == 1e-12 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
     assert by_rule[0].names == [f"{n}.weight" for n in bn] and by_rule[0].frozen
     assert by_rule[1].names == [f"{n}.bias" for n in bn]
     assert by_rule[2].names == ["body.0.conv.bias"] and by_rule[2].train_epochs == 3
-    # The rest: every conv weight and the head; the whitening filters never train at all.
-    rest = by_rule[None].names
-    assert "body.0.conv.weight" not in rest and "body.0.conv.weight" not in sum((g.names for g in groups), [])
-    assert rest[-1] == "body.6.weight" and not any(".bias" in n for n in rest)
+    # The six 3x3 conv filter banks take the orthogonalized step; the whitening filters
+    # (data-set, requires_grad False) are in no group at all; the rest is the head alone.
+    assert convs[0] == "body.0.conv" and by_rule[3].names == [f"{n}.weight" for n in convs[1:]]
+    assert by_rule[3].orthogonalize and by_rule[3].fixed_norm and by_rule[3].momentum == 0.8
+    assert "body.0.conv.weight" not in sum((g.names for g in groups), [])
+    assert by_rule[None].names == ["body.6.weight"]
 
-    spec = OptimizerSpec(name="sgd", lr=1.5, weight_decay=0.00133, momentum=0.85)
+    spec = load_variant("cifar", REPO / "params.yaml").train.optimizer
     apply_frozen(groups, 0)
     opt = make_optimizer(optimizer_groups(groups, spec), spec)
+    assert type(opt).__name__ == "OrthogonalSGD"
     # Frozen BN weights are in no optimizer group and have no gradient.
-    assert len(opt.param_groups) == 3
+    assert len(opt.param_groups) == 4
     assert not any(p.requires_grad for p in by_rule[0].params)
     bias_group = next(g for g in opt.param_groups if g["params"][0] is by_rule[1].params[0])
-    assert bias_group["lr"] == pytest.approx(1.5 * 64)
-    assert bias_group["weight_decay"] == pytest.approx(0.00133 / 64)
-    assert bias_group["lr"] * bias_group["weight_decay"] == pytest.approx(1.5 * 0.00133)  # same decay/step
-    rest_group = next(g for g in opt.param_groups if g["params"][0] is by_rule[None].params[0])
-    assert rest_group["lr"] == 1.5 and rest_group["weight_decay"] == 0.00133
+    assert bias_group["lr"] == pytest.approx(spec.lr * 64)
+    assert bias_group["lr"] * bias_group["weight_decay"] == pytest.approx(spec.lr * spec.weight_decay)  # same decay/step
+    assert spec.lr * spec.weight_decay == pytest.approx(0.00205, rel=1e-2)  # 0.004 per 2000 images
+    conv_group = next(g for g in opt.param_groups if g["params"][0] is by_rule[3].params[0])
+    assert conv_group["orthogonalize"] and conv_group["weight_decay"] == 0.0
+    assert conv_group["lr"] == pytest.approx(0.123, rel=1e-2) and conv_group["momentum"] == 0.8
+    head_group = next(g for g in opt.param_groups if g["params"][0] is by_rule[None].params[0])
+    assert head_group["lr"] == spec.lr and head_group["momentum"] == spec.momentum == 0.85
+    assert not head_group["orthogonalize"]
+
+
+def test_orthogonalize_flattens_the_spectrum_and_keeps_the_directions():
+    from pipeline.training.orthogonal import orthogonalize
+
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(12, 12))
+    v, _ = torch.linalg.qr(torch.randn(40, 12))
+    s = torch.logspace(0, -2, 12)  # condition number 100
+    g = u @ torch.diag(s) @ v.T
+    for m in (g, g.T, g.reshape(12, 4, 2, 5)):  # wide, tall, and a conv filter bank (out x in x k x k)
+        o = orthogonalize(m)
+        assert o.shape == m.shape and o.dtype == m.dtype
+        sv = torch.linalg.svdvals(o.reshape(m.shape[0], -1))
+        assert sv.min() > 0.6 and sv.max() < 1.25, sv  # all directions of about the same size
+    o = orthogonalize(g)
+    # Same singular vectors: u^T o v is diagonal (and positive), so o ~ u v^T up to the ~1 values.
+    core = u.T @ o @ v
+    off = core - torch.diag(torch.diagonal(core))
+    assert off.abs().max() < 1e-3 and torch.diagonal(core).min() > 0.6
+
+
+def test_orthogonal_sgd_plain_groups_match_torch_sgd_and_orthogonal_groups_a_hand_step():
+    from pipeline.training.orthogonal import OrthogonalSGD, orthogonalize
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3))
+    b = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(16, 5)
+    ref = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.85, nesterov=True, weight_decay=0.01)
+    ours = OrthogonalSGD([{"params": [b[0].weight, b[0].bias]}, {"params": [b[1].weight, b[1].bias], "momentum": 0.5}],
+                         lr=0.1, momentum=0.85, nesterov=True, weight_decay=0.01)
+    ref.param_groups[0]["params"] = [a[0].weight, a[0].bias]
+    ref.add_param_group({"params": [a[1].weight, a[1].bias], "momentum": 0.5})
+    for _ in range(3):
+        for net, opt in ((a, ref), (b, ours)):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+    # One orthogonalized step from a fresh state, by hand: Nesterov on an empty buffer is
+    # (1 + momentum) * grad; the weight is first rescaled to norm sqrt(rows); no weight decay.
+    net = nn.Linear(6, 4, bias=False)
+    w0 = net.weight.detach().clone()
+    opt = OrthogonalSGD([{"params": [net.weight], "orthogonalize": True, "fixed_norm": True}],
+                        lr=0.2, momentum=0.6, nesterov=True, weight_decay=0.5)
+    net(torch.randn(8, 6)).pow(2).sum().backward()
+    grad = net.weight.grad.detach().clone()
+    opt.step()
+    expect = w0 * (4 ** 0.5 / w0.norm()) - 0.2 * orthogonalize(1.6 * grad)
+    assert torch.allclose(net.weight.detach(), expect, atol=1e-6)
+
+
+def test_orthogonalize_on_a_bias_is_an_error_naming_the_rule():
+    net = build("mlp", (4,), 3, {"hidden": [8]})
+    with pytest.raises(FmpipeError, match=r"train.param_groups\[0\].orthogonalize: needs matrices.*body.1.bias"):
+        resolve_param_groups(net, [ParamGroupRule(name="body.1.*", orthogonalize=True)])
 
 
 def test_train_epochs_freezes_after_its_epochs_and_optimizer_leaves_it_alone():
@@ -133,6 +200,10 @@ def write_params(tmp_path: Path, train_update: dict) -> Path:
     ({"tta": {"flip": True, "views": [{"flip": True}]}}, "variants.iris.train.tta: Value error, give views, or flip/translate"),
     ({"tta": {"flip": True}, "tta_flip": True}, "variants.iris.train: Value error, give tta or the older tta_flip"),
     ({"tta": {"views": [{"shift": [1]}]}}, "variants.iris.train.tta.views.0.shift"),
+    ({"param_groups": [{"name": "x", "fixed_norm": True}]}, "variants.iris.train.param_groups.0: Value error, fixed_norm applies to orthogonalize"),
+    ({"optimizer": {"name": "adamw"}, "param_groups": [{"name": "x", "orthogonalize": True}]},
+     "variants.iris.train: Value error, param_groups[0].orthogonalize needs optimizer.name sgd (got adamw)"),
+    ({"optimizer": {"name": "sgd", "ns_steps": 0}}, "variants.iris.train.optimizer.ns_steps: Input should be greater than or equal to 1"),
 ])
 def test_recipe_schema_errors_name_the_key(tmp_path, update, message):
     with pytest.raises(FmpipeError) as exc:
@@ -380,10 +451,11 @@ def test_cifar_default_is_the_reference_recipe():
     spec = load_variant("cifar", REPO / "params.yaml")
     t = spec.train
     assert spec.model.options["bn_eps"] == 1e-12
-    assert (t.schedule.name, t.schedule.start, t.schedule.peak_at, t.schedule.end) == ("triangular", 0.2, 0.23, 0.07)
-    assert t.averaging == AveragingSpec(mode="lookahead", start_epoch=3, every_n_steps=5,
-                                        decay=0.7738, decay_power=3)
-    assert math.isclose(t.averaging.decay, 0.95 ** 5, abs_tol=1e-4)
+    assert (t.batch_size, t.max_epochs, t.precision) == (1024, 10, "bf16-mixed")
+    assert (t.schedule.name, t.schedule.start, t.schedule.peak_at, t.schedule.end) == ("triangular", 1.0, 0.0, 0.0)
+    assert lr_multiplier(t.schedule, 470)(0) == 1.0 and lr_multiplier(t.schedule, 470)(235) == 0.5
+    assert t.averaging is None
+    assert [r.orthogonalize for r in t.param_groups] == [False, False, False, True]
     assert t.augment.flip == "alternate" and t.augment.translate == 2
     assert len(tta_views(t.tta_spec())) == 6
     lenet = load_variant("cifar-lenet", REPO / "params.yaml").train
@@ -393,16 +465,20 @@ def test_cifar_default_is_the_reference_recipe():
 
 
 def test_recipe_runs_through_fit_and_evaluate(project):
-    """Param groups, averaging, alternating flip and 6-view TTA in a real (tiny) Lightning run."""
+    """Param groups (an orthogonalized one too), averaging, alternating flip and 6-view TTA in a
+    real (tiny) Lightning run."""
     from pipeline.runner import run_step
 
     annotated("digits")
     update_params("digits", train={
         "max_epochs": 2, "batch_size": 128,
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005},
         "schedule": {"name": "triangular", "start": 0.2, "peak_at": 0.23, "end": 0.07},
         "param_groups": [{"module": "BatchNorm*", "param": "weight", "frozen": True},
                          {"module": "BatchNorm*", "param": "bias", "lr_scale": 4, "wd_scale": 0.25},
-                         {"name": "body.0.weight", "train_epochs": 1}],
+                         {"name": "body.0.weight", "train_epochs": 1},
+                         {"module": "Conv2d", "param": "weight", "orthogonalize": True, "fixed_norm": True,
+                          "lr_scale": 0.2, "momentum": 0.6}],
         "averaging": {"mode": "ema", "start_epoch": 1, "every_n_steps": 2, "decay": 0.5},
         "augment": {"flip": "alternate", "translate": 1},
         "tta": {"flip": True, "translate": 1},

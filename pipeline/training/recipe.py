@@ -61,6 +61,9 @@ class ParamGroup:
     wd_scale: float = 1.0
     frozen: bool = False
     train_epochs: Optional[int] = None
+    momentum: Optional[float] = None
+    orthogonalize: bool = False
+    fixed_norm: bool = False
 
 
 def _class_names(module: "nn.Module") -> list[str]:
@@ -76,7 +79,8 @@ def resolve_param_groups(net: "nn.Module", rules: Sequence["ParamGroupRule"],
     nothing raises, naming ``where[i]``.
     """
     groups = [ParamGroup(rule=i, lr_scale=r.lr_scale, wd_scale=r.wd_scale, frozen=r.frozen,
-                         train_epochs=r.train_epochs) for i, r in enumerate(rules)]
+                         train_epochs=r.train_epochs, momentum=r.momentum, orthogonalize=r.orthogonalize,
+                         fixed_norm=r.fixed_norm) for i, r in enumerate(rules)]
     rest = ParamGroup(rule=None)
     for mod_name, module in net.named_modules():
         classes = _class_names(module)
@@ -101,6 +105,10 @@ def resolve_param_groups(net: "nn.Module", rules: Sequence["ParamGroupRule"],
             sel = ", ".join(f"{k}={v!r}" for k, v in (("name", r.name), ("module", r.module), ("param", r.param))
                             if v is not None)
             raise FmpipeError(f"{where}[{g.rule}]: ({sel}) selects no trainable parameter of the network")
+        flat = [n for n, p in zip(g.names, g.params) if p.ndim < 2]
+        if g.orthogonalize and flat:
+            raise FmpipeError(f"{where}[{g.rule}].orthogonalize: needs matrices or conv filters (2-D or more); "
+                              f"the rule also selects {', '.join(flat[:3])}{' ...' if len(flat) > 3 else ''}")
     return [g for g in groups + [rest] if g.params]
 
 
@@ -117,17 +125,37 @@ def apply_frozen(groups: Sequence[ParamGroup], epoch: int) -> None:
 
 
 def optimizer_groups(groups: Sequence[ParamGroup], spec: "OptimizerSpec") -> list[dict[str, Any]]:
-    """torch optimizer param-group dicts: scaled lr and weight decay; frozen groups left out."""
-    return [{"params": list(g.params), "lr": spec.lr * g.lr_scale,
-             "weight_decay": spec.weight_decay * g.wd_scale}
-            for g in groups if not g.frozen]
+    """torch optimizer param-group dicts: scaled lr and weight decay (and the group's own
+    momentum, or its orthogonalized update, where the rule sets them); frozen groups left out."""
+    out = []
+    for g in groups:
+        if g.frozen:
+            continue
+        d: dict[str, Any] = {"params": list(g.params), "lr": spec.lr * g.lr_scale,
+                             "weight_decay": spec.weight_decay * g.wd_scale}
+        if g.momentum is not None:
+            d["momentum"] = g.momentum
+        if g.orthogonalize:
+            d.update(orthogonalize=True, fixed_norm=g.fixed_norm, weight_decay=0.0)
+        out.append(d)
+    return out
 
 
 def make_optimizer(params, spec: "OptimizerSpec") -> "torch.optim.Optimizer":
-    """The optimizer over ``params`` (tensors, or group dicts with their own lr/weight_decay)."""
+    """The optimizer over ``params`` (tensors, or group dicts with their own lr/weight_decay).
+
+    SGD is torch's own unless a group asks for the orthogonalized update
+    (``pipeline.training.orthogonal.OrthogonalSGD``, the same SGD for the other groups).
+    """
     import torch
 
     if spec.name == "sgd":
+        params = list(params)
+        if any(isinstance(g, dict) and g.get("orthogonalize") for g in params):
+            from pipeline.training.orthogonal import OrthogonalSGD
+
+            return OrthogonalSGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                                 weight_decay=spec.weight_decay, ns_steps=spec.ns_steps)
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
                                weight_decay=spec.weight_decay)
     if spec.name == "adam":
