@@ -23,6 +23,12 @@ Configs:
   fp32_t1       fp32 with torch.set_num_threads(1)
 
 bf16 changes the numbers: check accuracy with ``bench/train_recipe.py --set precision=bf16-mixed``.
+
+``--keep-freed-memory`` sets glibc's malloc thresholds the way ``fmpipe train`` does on a CPU
+(``pipeline.training.fit.keep_freed_cpu_memory``): freed activations stay in the heap instead
+of going back to the kernel and faulting in again next step. It is process-wide, so compare
+two runs, alternating (with, without, with, without); each run prints the minor page faults
+per step.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ class Config:
         self.x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         self.y = y
         self.smoothing = spec.train.label_smoothing
+        self.faults: list[float] = []  # minor page faults per step, per timed round
 
     def step(self) -> None:
         import torch
@@ -86,12 +93,16 @@ class Config:
         self.opt.step()
 
     def time(self, steps: int) -> float:
+        import resource
+
         import torch
 
         torch.set_num_threads(self.threads)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         for _ in range(steps):
             self.step()
+        self.faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps)
         return (time.perf_counter() - t0) / steps
 
 
@@ -103,9 +114,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per config per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per config first (compile, oneDNN)")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc keeps freed blocks (what fmpipe train sets on a CPU)")
     args = ap.parse_args()
 
     import torch
+
+    if args.keep_freed_memory:
+        from pipeline.training.fit import keep_freed_cpu_memory
+
+        print(f"keep freed memory: {keep_freed_cpu_memory()}")
 
     from pipeline.config import load_variant
 
@@ -152,7 +170,8 @@ def main() -> None:
     for name in order:
         med = statistics.median(times[name])
         rel = f"  x{base / med:.2f} vs fp32" if base else ""
-        print(f"  {name:13s} {med:7.3f} s/step  {bs / med:7.0f} img/s{rel}")
+        faults = statistics.median(configs[name].faults)
+        print(f"  {name:13s} {med:7.3f} s/step  {bs / med:7.0f} img/s{rel}  {faults:9.0f} minor page faults/step")
 
 
 if __name__ == "__main__":

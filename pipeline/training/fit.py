@@ -153,8 +153,10 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         enable_progress_bar=True, enable_model_summary=False,
     )
     threads = torch.get_num_threads()
-    if train.cpu_threads and trainer.strategy.root_device.type == "cpu":
-        torch.set_num_threads(train.cpu_threads)
+    if trainer.strategy.root_device.type == "cpu":
+        keep_freed_cpu_memory()
+        if train.cpu_threads:
+            torch.set_num_threads(train.cpu_threads)
     wall0 = time.perf_counter()
     try:
         trainer.fit(module, datamodule=dm,
@@ -215,6 +217,33 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
             shutil.copytree(state_dir / "live", tmp / "live")
         (tmp / SUMMARY).write_text(to_json(summary))
     return summary
+
+
+_MALLOPT_TRIM_THRESHOLD, _MALLOPT_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Let glibc keep freed blocks for reuse instead of handing them back to the kernel.
+
+    A CPU training step allocates and frees its activations (hundreds of MB for the cifar
+    net at batch 1024). By default glibc serves blocks above 32 MB with mmap and returns them on
+    free, so every step faults the same memory in again, page by page: ~140,000 minor page
+    faults and ~0.25 s of a 2.3 s step (bench/README.md). Raising the mmap and trim thresholds
+    to 1 GiB makes the heap keep them: no faults after the first steps, the step 11% faster,
+    the same numbers. The price is that the process keeps its peak memory until it exits,
+    which a training process does anyway. A no-op (False) where libc is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # macOS, musl without mallopt, Windows
+        return False
+    ok = mallopt(_MALLOPT_MMAP_THRESHOLD, 1 << 30) == 1
+    ok = mallopt(_MALLOPT_TRIM_THRESHOLD, 1 << 30) == 1 and ok
+    return ok
 
 
 def check_accelerator(accelerator: str, variant: str = "") -> None:
