@@ -3,16 +3,21 @@
 Not a test: it prints figures (bench/README.md has the ones measured and the machine's load).
 
     python bench/train_recipe.py                          # the cifar default, 10 epochs (~20 min, 2 cores)
-    python bench/train_recipe.py --epochs 7               # the 15-minute preset
-    python bench/train_recipe.py --epochs 20              # the 40-minute preset
+    python bench/train_recipe.py --preset 15min           # the 15-minute preset
+    python bench/train_recipe.py --preset 40min           # the 40-minute preset
     python bench/train_recipe.py --epochs 1 --train-subset 4000 --test-subset 1000   # smoke run
+    python bench/train_recipe.py --preset airbench94 --seeds 0 1 2 --epochs 8 10   # a sweep, one line each
 
 What runs is ``pipeline.training.fit.fit``, the very function ``fmpipe train`` calls, with the
-variant's ``model`` and ``train`` sections from params.yaml (``--set`` overrides a train key,
-YAML values: ``--set precision=bf16-mixed --set compile=true``). The data are the JPEG copy
-of CIFAR-10 beside the checkout, decoded once and cached by bench/train_cifar.py; the val
-hold-out is drawn from the training images with the project's own split function and the
-variant's ``split`` section (the ids differ from a real collect, so the rows do too: same sizes).
+variant's ``model`` and ``train`` sections from params.yaml. ``--set`` overrides a key, YAML
+values, dotted paths into ``train`` (``--set precision=bf16-mixed --set optimizer.lr=1.2``) or
+``model`` (``--set model.options.widths=[128,384,384]``); ``--preset NAME`` applies a documented
+preset (``PRESETS`` below) first. The data are the JPEG copy of CIFAR-10 beside the checkout,
+decoded once and cached by bench/train_cifar.py; the val hold-out is drawn from the training
+images with the project's own split function and the variant's ``split`` section (the ids differ
+from a real collect, so the rows do too: same sizes). ``--splits FILE`` (a manifest parquet, e.g.
+a real run's ``data/cifar/annotate/manifest.parquet``, or a CSV with ``id`` and ``split``)
+takes the rows and splits of that run instead: clean's removals and the very same val rows.
 
 Printed: training time (fit's own timer, validation excluded) and wall time of the call,
 s/epoch, test accuracy without TTA and with the model.json ``tta`` views, and the 1-minute
@@ -23,6 +28,7 @@ below ~0.5 before the run on 2 cores).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -46,6 +52,66 @@ ARCHIVE = next((p for p in (REPO.parent / "shared" / "datasets" / "cifar10-jpeg.
                             REPO.parent.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz") if p.exists()),
                REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz")
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# Documented presets (bench/README.md), as --set overrides on the variant's section.
+PRESETS: dict[str, dict[str, object]] = {
+    # The cifar default until 2026-11-24: the airbench94 recipe (SGD for every tensor, lookahead).
+    "airbench94": {
+        "batch_size": 1024,
+        "optimizer": {"name": "sgd", "lr": 1.5, "momentum": 0.85, "nesterov": True, "weight_decay": 0.00133},
+        "schedule": {"name": "triangular", "start": 0.2, "peak_at": 0.23, "end": 0.07},
+        "param_groups": [
+            {"module": "BatchNorm*", "param": "weight", "frozen": True},
+            {"module": "BatchNorm*", "param": "bias", "lr_scale": 64, "wd_scale": 0.015625},
+            {"name": "body.0.conv.bias", "train_epochs": 3},
+        ],
+        "averaging": {"mode": "lookahead", "start_epoch": 3, "every_n_steps": 5, "decay": 0.7738,
+                      "decay_power": 3},
+    },
+    # airbench94_muon as published, at its batch of 2000 (the default runs it at 1024): conv
+    # filters take the orthogonalized step (lr 0.24 = 0.145 x 1.656, momentum 0.6); the head
+    # plain SGD (lr 1.656 for a mean loss, decay 0.004 per step).
+    "muon-b2000": {
+        "batch_size": 2000,
+        "optimizer": {"name": "sgd", "lr": 1.656, "momentum": 0.85, "nesterov": True, "weight_decay": 0.00242},
+        "param_groups.3.momentum": 0.6,
+    },
+    # The 40-minute preset: a wider network (1.7x the compute per image), 12 epochs.
+    "40min": {"max_epochs": 12, "model.options.widths": [96, 320, 320]},
+    # The 15-minute preset: the default, 8 epochs.
+    "15min": {"max_epochs": 8},
+}
+
+
+def apply_override(section: dict, dotted: str, value: object) -> None:
+    """``section[a][b] = value`` for ``dotted`` "a.b" (missing dicts created; a number indexes
+    a list: ``param_groups.3.momentum``)."""
+    *parents, leaf = dotted.split(".")
+    node = section
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    if isinstance(node, list):
+        node[int(leaf)] = value
+    else:
+        node[leaf] = value
+
+
+def dataset_from_splits(archive: Path, splits_file: Path) -> Dataset:
+    """The archive's images restricted to ``splits_file``'s ids, with its splits and labels."""
+    import pandas as pd
+
+    from pipeline.sources import imagefolder
+
+    table = (pd.read_parquet(splits_file, columns=["id", "split"]) if splits_file.suffix == ".parquet"
+             else pd.read_csv(splits_file, usecols=["id", "split"]))
+    split_of = dict(zip(table["id"], table["split"]))
+    got = imagefolder.load(imagefolder.Spec(path=str(archive)))
+    keep = np.array([i in split_of for i in got.ids])
+    ids = [i for i in got.ids if i in split_of]
+    labels = np.asarray(got.labels, dtype=np.int64)[keep]
+    images = got.images[keep]
+    manifest = build_manifest(ids, labels, list(got.classes), [split_of[i] for i in ids], image_rows(images))
+    return Dataset(manifest=manifest, classes=list(got.classes), images=images)
 
 
 def make_dataset(d: dict[str, np.ndarray], split_spec, train_subset: int, test_subset: int) -> Dataset:
@@ -71,9 +137,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="cifar")
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    ap.add_argument("--epochs", type=int, default=None, help="override train.max_epochs")
+    ap.add_argument("--epochs", type=int, nargs="+", default=None, help="train.max_epochs (several: a sweep)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="train.seed (several: a sweep)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a documented preset")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
-                    help="override a top-level train key, e.g. precision=bf16-mixed")
+                    help="override a train key (dotted: optimizer.lr=1.2) or model.* key")
+    ap.add_argument("--splits", type=Path, default=None,
+                    help="rows and splits of a real run (manifest parquet, or CSV with id,split)")
     ap.add_argument("--train-subset", type=int, default=0, help="use N random training images (smoke runs)")
     ap.add_argument("--test-subset", type=int, default=0, help="score on N random test images")
     ap.add_argument("--archive", type=Path, default=ARCHIVE)
@@ -81,27 +151,46 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="append the figures as one JSON line")
     args = ap.parse_args()
 
+    from train_cifar import load_cifar
+
+    base = load_variant(args.variant, args.params)
+    sections = {"train": base.train.model_dump(exclude_unset=True), "model": base.model.model_dump()}
+    overrides = [(k, v) for k, v in (PRESETS.get(args.preset) or {}).items()]
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides.append((key, yaml.safe_load(value)))
+    for key, value in copy.deepcopy(overrides):
+        section, dotted = (("model", key[len("model."):]) if key.startswith("model.") else ("train", key))
+        apply_override(sections[section], dotted, value)
+
+    if args.splits is not None:
+        ds = dataset_from_splits(args.archive, args.splits)
+    else:
+        ds = make_dataset(load_cifar(args.archive, args.cache), base.split, args.train_subset, args.test_subset)
+    counts = {s: int((ds.manifest["split"] == s).sum()) for s in ("train", "val", "test")}
+    for epochs in args.epochs or [None]:
+        for seed in args.seeds or [None]:
+            train = dict(sections["train"])
+            if epochs is not None:
+                train["max_epochs"] = epochs
+            if seed is not None:
+                train["seed"] = seed
+            spec = base.model_copy(update={"train": TrainSpec.model_validate(train),
+                                           "model": type(base.model).model_validate(sections["model"])})
+            run_one(spec, ds, counts, args)
+
+
+def run_one(spec, ds: Dataset, counts: dict[str, int], args) -> None:
     import torch
 
     from pipeline.models import load_trained
     from pipeline.packaging.evaluation import predict_proba
     from pipeline.training.fit import fit
-    from train_cifar import load_cifar
 
-    spec = load_variant(args.variant, args.params)
-    train = spec.train.model_dump()
-    if args.epochs is not None:
-        train["max_epochs"] = args.epochs
-    for item in args.set:
-        key, _, value = item.partition("=")
-        train[key] = yaml.safe_load(value)
-    spec = spec.model_copy(update={"train": TrainSpec.model_validate(train)})
-
-    ds = make_dataset(load_cifar(args.archive, args.cache), spec.split, args.train_subset, args.test_subset)
-    counts = {s: int((ds.manifest["split"] == s).sum()) for s in ("train", "val", "test")}
     load_before = os.getloadavg()
     print(f"{args.variant}: {spec.model.name} {spec.model.options}, {spec.train.max_epochs} epochs, "
-          f"batch {spec.train.batch_size}, precision {spec.train.precision}, compile {spec.train.compile}; "
+          f"batch {spec.train.batch_size}, precision {spec.train.precision}, compile {spec.train.compile}, "
+          f"seed {spec.train.seed}, preset {args.preset}, set {args.set}; "
           f"rows {counts}; torch threads {torch.get_num_threads()}; "
           f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
 
@@ -114,12 +203,15 @@ def main() -> None:
     x = torch.from_numpy(np.ascontiguousarray(np.asarray(test.images).transpose(0, 3, 1, 2))).float()
     y = test.manifest["label"].to_numpy()
     head = meta["model"].get("head", "softmax")
-    acc_plain = float((predict_proba(net, x, head=head).argmax(1).numpy() == y).mean())
-    acc_tta = float((predict_proba(net, x, tta=meta.get("tta"), head=head).argmax(1).numpy() == y).mean())
+    if torch.cuda.is_available():  # score where it trained: the CPU would take longer than the training
+        net, x = net.cuda(), x.cuda()
+    acc_plain = float((predict_proba(net, x, head=head).argmax(1).cpu().numpy() == y).mean())
+    acc_tta = float((predict_proba(net, x, tta=meta.get("tta"), head=head).argmax(1).cpu().numpy() == y).mean())
     load_after = os.getloadavg()
     epochs = summary["epochs"]
     result = {
-        "variant": args.variant, "epochs": epochs, "overrides": args.set, "rows": counts,
+        "variant": args.variant, "epochs": epochs, "seed": spec.train.seed, "preset": args.preset,
+        "overrides": args.set, "rows": counts, "device": summary.get("device"),
         "train_time_s": summary["train_time_s"], "fit_wall_s": round(wall, 1),
         "s_per_epoch": round(summary["train_time_s"] / max(1, epochs), 1),
         "throughput_img_s": summary["throughput_samples_per_s"],
