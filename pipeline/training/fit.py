@@ -88,6 +88,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         _EpochDVCLiveLogger,
         atomic_checkpoint_io,
         checkpoint_callback,
+        no_op_profiler,
         throttled_progress_bar,
     )
     from pipeline.training.data import TensorDataModule
@@ -147,7 +148,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         max_time=train.max_time, deterministic=train.deterministic, logger=logger,
         callbacks=[*checkpoints, RngStateCallback(), timer, throttled_progress_bar(), *recipe_callbacks,
                    *callbacks], default_root_dir=str(state_dir),
-        plugins=[atomic_checkpoint_io()],
+        plugins=[atomic_checkpoint_io()], profiler=no_op_profiler(),
         log_every_n_steps=min(50, steps_per_epoch), limit_val_batches=None if has_val else 0,
         # Lightning's summary table prints an all-zero FLOPs column; one log line says what matters.
         enable_progress_bar=True, enable_model_summary=False,
