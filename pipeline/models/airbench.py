@@ -28,9 +28,10 @@ Why it trains fast, and what each choice is for:
 - The head's output is scaled down (``scale``, 1/9) so that the very high learning rates of the
   recipe do not saturate the softmax early.
 
-The recipe around it is params, not code (see the ``cifar`` variant in params.yaml): SGD with
-Nesterov momentum and a high learning rate, label smoothing 0.2, a one-cycle/triangular schedule,
-batch 1024, random flip + translate by 2 pixels, flip test-time augmentation.
+The recipe around it is params, not code (see the ``cifar`` variant in params.yaml): the conv
+filters take the orthogonalized ("Muon") step (pipeline/training/orthogonal.py), the head and
+the BatchNorm biases Nesterov SGD, label smoothing 0.2, a linear decay, batch 1024, alternating
+flips + translate by 2 pixels, 6-view test-time augmentation.
 """
 
 from __future__ import annotations
