@@ -89,8 +89,11 @@ def test_interrupted_dvc_repro_keeps_previous_outputs(repo):
     set_train(repo, max_epochs=100_000, batch_size=8)
     last = repo / "data/digits/train-state/checkpoints/last.ckpt"
     started = time.time()
+    # SIGINT back to its default in the child: a test run started in the background by a
+    # non-interactive shell (`cmd &`) inherits SIGINT ignored, and Ctrl+C would never arrive.
     proc = subprocess.Popen(["dvc", "repro", "train@digits"], cwd=repo, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         # Wait for the train step itself to be running (its first checkpoint of this run).
