@@ -172,3 +172,49 @@ def test_bad_optimizer_name_is_a_clear_error(project):
     set_params("iris", {"optimizer": {"name": "adamx"}})
     with pytest.raises(FmpipeError, match=r"variants\.iris\.train\.optimizer\.name"):
         load_variant("iris")
+
+
+def test_the_step_calls_every_hook_and_the_schedule_once_per_step(project):
+    """ClassifierModule writes the optimizer step out (manual optimization) and fit hides the
+    per-step hooks a callback does not override: the hooks a callback does override still
+    run once per step, and the schedule advances once per optimizer step."""
+    import lightning.pytorch as pl
+
+    from pipeline.training.fit import fit
+
+    annotated("iris")
+
+    class Counting(pl.Callback):
+        def __init__(self) -> None:
+            self.calls = {"on_before_backward": 0, "on_after_backward": 0, "on_before_optimizer_step": 0,
+                          "on_train_batch_end": 0}
+            self.schedule_steps = None
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            self.calls["on_before_backward"] += 1
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            self.calls["on_after_backward"] += 1
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.calls["on_before_optimizer_step"] += 1
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.calls["on_train_batch_end"] += 1
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.schedule_steps = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+
+    counting, plain = Counting(), pl.Callback()
+    spec = load_variant("iris")
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"max_epochs": 3})})
+    summary = fit(read_dataset("data/iris/annotate"), spec, "data/iris/train", callbacks=[counting, plain],
+                  variant="iris")
+    steps = summary["global_step"]
+    assert steps == 3 * (summary["train_rows"] // spec.train.batch_size) > 0
+    assert counting.calls == dict.fromkeys(counting.calls, steps)
+    assert counting.schedule_steps == steps
+    # Hidden on the callback that does not override them, kept on the one that does.
+    assert plain.on_train_batch_end is None and plain.on_after_backward is None
+    assert callable(counting.on_train_batch_end) and callable(counting.on_after_backward)
+    assert summary["final"]["train/acc"] > 0.5  # the per-epoch curves are still logged

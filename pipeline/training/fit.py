@@ -89,6 +89,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         atomic_checkpoint_io,
         checkpoint_callback,
         no_op_profiler,
+        skip_unused_hooks,
         throttled_progress_bar,
     )
     from pipeline.training.data import TensorDataModule
@@ -146,8 +147,9 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
         strategy=train.strategy, precision=train.precision, max_epochs=train.max_epochs,
         max_time=train.max_time, deterministic=train.deterministic, logger=logger,
-        callbacks=[*checkpoints, RngStateCallback(), timer, throttled_progress_bar(), *recipe_callbacks,
-                   *callbacks], default_root_dir=str(state_dir),
+        callbacks=[skip_unused_hooks(cb) for cb in (*checkpoints, RngStateCallback(), timer,
+                                                    throttled_progress_bar(), *recipe_callbacks, *callbacks)],
+        default_root_dir=str(state_dir),
         plugins=[atomic_checkpoint_io()], profiler=no_op_profiler(),
         log_every_n_steps=min(50, steps_per_epoch), limit_val_batches=None if has_val else 0,
         # Lightning's summary table prints an all-zero FLOPs column; one log line says what matters.
