@@ -150,6 +150,14 @@ def test_resume_continues_a_killed_run(project):
     with pytest.raises(FmpipeError, match="model"):
         run_step("train", "iris", resume=True)
     set_params("iris", {"max_epochs": saved["epoch"] + 2}, model_options={"hidden": [64]})
+    # State from the automatic-optimization loop (before 2026-11-24) keeps its step count
+    # elsewhere in the checkpoint: refused, not resumed from step 0.
+    run_json = Path("data/iris/train-state/run.json")
+    current = run_json.read_text()
+    run_json.write_text(json.dumps({k: v for k, v in json.loads(current).items() if k != "training_loop"}))
+    with pytest.raises(FmpipeError, match="different training_loop"):
+        run_step("train", "iris", resume=True)
+    run_json.write_text(current)
 
     done = subprocess.run([str(FMPIPE), "train", "--stage", "iris", "--resume"], env=env,
                           capture_output=True, text=True)

@@ -321,6 +321,10 @@ def run_fingerprint(dataset: Dataset, spec: VariantSpec) -> dict[str, Any]:
         h.update("\x1f".join(map(str, m[col].tolist())).encode())
         h.update(b"\x1e")
     return json.loads(to_json({
+        # The training loop's kind: its progress counters live in different places in the
+        # checkpoint, so a run checkpointed by Lightning's automatic loop (before 2026-11-24)
+        # cannot resume under the manual one (it would restart its step count at 0).
+        "training_loop": "manual-optimization",
         "data_sha256": h.hexdigest(),
         "model": spec.model.model_dump(),
         "train": spec.train.model_dump(exclude=_RESUMABLE_CHANGES),
