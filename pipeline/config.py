@@ -301,6 +301,11 @@ class TrainSpec(Strict):
     # torch intra-op threads when training on the CPU (None: torch's default, one per core).
     # Tiny nets train faster on one thread: their ops are too small to split.
     cpu_threads: Optional[int] = Field(None, ge=1)
+    # Optimizer steps per call of Lightning's training_step: the trainer's own work (~1 ms per
+    # call on a 2-core CPU) is paid once per this many steps. Same batches, same weights; the
+    # progress bar and on_train_batch_end then count calls. Worth it on steps of a few ms
+    # (small nets, small batches); 1 for steps of seconds (bench/lightning_overhead.py).
+    steps_per_call: int = Field(1, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _one_tta(self) -> "TrainSpec":

@@ -204,6 +204,7 @@ def write_params(tmp_path: Path, train_update: dict) -> Path:
     ({"optimizer": {"name": "adamw"}, "param_groups": [{"name": "x", "orthogonalize": True}]},
      "variants.iris.train: Value error, param_groups[0].orthogonalize needs optimizer.name sgd (got adamw)"),
     ({"optimizer": {"name": "sgd", "ns_steps": 0}}, "variants.iris.train.optimizer.ns_steps: Input should be greater than or equal to 1"),
+    ({"steps_per_call": 0}, "variants.iris.train.steps_per_call: Input should be greater than or equal to 1"),
 ])
 def test_recipe_schema_errors_name_the_key(tmp_path, update, message):
     with pytest.raises(FmpipeError) as exc:

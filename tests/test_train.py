@@ -110,6 +110,27 @@ def test_batch_augmentation_is_seeded_and_shape_preserving():
     assert not torch.equal(shifted, x) or not torch.equal(flipped, x)
 
 
+def test_step_groups_hand_over_the_streams_batches_k_at_a_time():
+    from pipeline.training.data import BatchStream, StepGroups
+
+    x = torch.randint(0, 256, (43, 3, 6, 6), dtype=torch.uint8)
+    y = torch.arange(43)
+
+    def stream() -> BatchStream:
+        return BatchStream(x, y, 4, train=True, seed=5, augment=AugmentSpec(flip=True, translate=1))
+
+    batches = list(stream())
+    groups = StepGroups(stream(), 4)
+    assert groups.steps_per_epoch == len(batches) == 10 and len(groups) == 3
+    drawn = list(groups)
+    assert [len(g) for g in drawn] == [4, 4, 2]  # the epoch's last group is short
+    flat = [batch for group in drawn for batch in group]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(flat, batches))
+    assert len(flat) == len(batches)
+    with pytest.raises(ValueError, match="steps_per_call"):
+        StepGroups(stream(), 0)
+
+
 def test_same_params_give_identical_weights(project):
     annotated("digits")
     set_params("digits", {"max_epochs": 1, "augment": {"flip": True, "translate": 1}},
@@ -185,7 +206,8 @@ def test_bad_optimizer_name_is_a_clear_error(project):
 def test_the_step_calls_every_hook_and_the_schedule_once_per_step(project):
     """ClassifierModule writes the optimizer step out (manual optimization) and fit hides the
     per-step hooks a callback does not override: the hooks a callback does override still
-    run once per step, and the schedule advances once per optimizer step."""
+    run once per step (on_train_batch_end once per training_step call), and the schedule
+    advances once per optimizer step."""
     import lightning.pytorch as pl
 
     from pipeline.training.fit import fit
@@ -219,10 +241,63 @@ def test_the_step_calls_every_hook_and_the_schedule_once_per_step(project):
     summary = fit(read_dataset("data/iris/annotate"), spec, "data/iris/train", callbacks=[counting, plain],
                   variant="iris")
     steps = summary["global_step"]
-    assert steps == 3 * (summary["train_rows"] // spec.train.batch_size) > 0
-    assert counting.calls == dict.fromkeys(counting.calls, steps)
+    steps_per_epoch = summary["train_rows"] // spec.train.batch_size
+    assert steps == 3 * steps_per_epoch > 0
+    calls = 3 * -(-steps_per_epoch // spec.train.steps_per_call)  # iris takes several steps per call
+    assert counting.calls == {**dict.fromkeys(counting.calls, steps), "on_train_batch_end": calls}
     assert counting.schedule_steps == steps
     # Hidden on the callback that does not override them, kept on the one that does.
     assert plain.on_train_batch_end is None and plain.on_after_backward is None
     assert callable(counting.on_train_batch_end) and callable(counting.on_after_backward)
     assert summary["final"]["train/acc"] > 0.5  # the per-epoch curves are still logged
+
+
+def test_steps_per_call_changes_the_calls_not_the_weights(project):
+    """train.steps_per_call hands the trainer several batches per training_step call. The
+    batches (augmented), the optimizer steps, the schedule and the weight average are those of
+    one batch per call, so the weights are the same to the bit and the curves the same (x axis:
+    optimizer steps); per-step hooks still run every step, on_train_batch_end once per call."""
+    import lightning.pytorch as pl
+
+    from pipeline.config import AveragingSpec
+    from pipeline.training.fit import fit
+
+    annotated("digits")
+
+    class Counting(pl.Callback):
+        def __init__(self) -> None:
+            self.steps = self.calls = 0
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.steps += 1
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.calls += 1
+
+    base = load_variant("digits")
+    # Dropout (the global generator), augmentation (the stream's), and an average whose decay
+    # follows the run's total step count: everything grouping could disturb.
+    train = base.train.model_copy(update={
+        "max_epochs": 2, "augment": AugmentSpec(flip="alternate", translate=1),
+        "averaging": AveragingSpec(mode="lookahead", start_epoch=1, every_n_steps=2, decay=0.8, decay_power=1),
+    })
+    dataset = read_dataset("data/digits/annotate")
+    runs = {}
+    for k in (1, 5):
+        counting = Counting()
+        spec = base.model_copy(update={"train": train.model_copy(update={"steps_per_call": k})})
+        summary = fit(dataset, spec, f"out{k}/train", callbacks=[counting], variant="digits")
+        curves = {f.relative_to(f"out{k}/train/live").as_posix(): f.read_text()
+                  for f in Path(f"out{k}/train/live/plots").rglob("*.tsv")}
+        runs[k] = (summary, counting, Path(f"out{k}/train/{WEIGHTS}").read_bytes(), curves)
+
+    steps_per_epoch = runs[1][0]["train_rows"] // train.batch_size
+    assert steps_per_epoch % 5 != 0  # the last group of an epoch is a short one
+    for k, (summary, counting, _, _) in runs.items():
+        assert summary["global_step"] == counting.steps == 2 * steps_per_epoch
+        assert counting.calls == 2 * -(-steps_per_epoch // k)
+        assert summary["samples_seen"] == 2 * steps_per_epoch * train.batch_size
+    assert runs[5][2] == runs[1][2]
+    assert runs[5][3] == runs[1][3] and "plots/metrics/val/acc.tsv" in runs[1][3]
+    steps = [int(line.split("\t")[0]) for line in runs[5][3]["plots/metrics/train/loss.tsv"].splitlines()[1:]]
+    assert steps == [steps_per_epoch - 1, 2 * steps_per_epoch - 1]  # the epoch's last step, 0-based

@@ -59,13 +59,17 @@ class WeightAverager:
 
 class WeightAveraging(pl.Callback):
     """Drives :class:`WeightAverager` on ``pl_module.net``: after every ``every_n_steps``-th
-    optimizer step from ``start_epoch`` on; at the end of training the network takes the average."""
+    optimizer step from ``start_epoch`` on; at the end of training the network takes the average.
+
+    ``on_optimizer_step_end`` is ``ClassifierModule``'s per-step call (one ``training_step`` may
+    take several steps, ``train.steps_per_call``; ``on_train_batch_end`` would see only the last).
+    """
 
     def __init__(self, spec: AveragingSpec) -> None:
         self.averager = WeightAverager(spec)
         self.spec = spec
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_optimizer_step_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch < self.spec.start_epoch:
             return
         step = trainer.global_step  # optimizer steps taken, this one included
@@ -85,8 +89,8 @@ class WeightAveraging(pl.Callback):
         self._pending = state_dict.get("avg")
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # Read once: the property re-walks the train loader's setup on every access.
-        self._total = int(trainer.estimated_stepping_batches)
+        # Optimizer steps of the run (ClassifierModule.configure_optimizers counted them).
+        self._total = int(pl_module.total_steps)
         pending = getattr(self, "_pending", None)
         if pending is not None:
             device = pl_module.device

@@ -38,7 +38,8 @@ class ThroughputTimer(pl.Callback):
         self._t0 = self._now(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.samples += len(batch[1]) * trainer.world_size
+        # One call's batches: a group of (inputs, labels) pairs (pipeline.training.data.StepGroups).
+        self.samples += sum(len(labels) for _, labels in batch) * trainer.world_size
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._v0 = self._now(trainer)

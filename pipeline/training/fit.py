@@ -119,7 +119,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     pl.seed_everything(train.seed, workers=True, verbose=False)
     dm = TensorDataModule(dataset, train.batch_size, augment=train.augment, seed=train.seed,
-                          channels_last=train.channels_last)
+                          channels_last=train.channels_last, steps_per_call=train.steps_per_call)
     has_val = dm.num_val > 0
     net = build(spec.model.name, dm.input_shape, len(dm.classes), spec.model.options,
                 mean=dm.mean, std=dm.std, head=spec.model.head)
@@ -142,7 +142,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     timer = ThroughputTimer()
     logging.getLogger("fmpipe").info(
         "model %s: %s parameters", spec.model.name, f"{sum(p.numel() for p in net.parameters()):,}")
-    steps_per_epoch = max(1, dm.num_train // train.batch_size)
+    calls_per_epoch = max(1, -(-(dm.num_train // train.batch_size) // train.steps_per_call))
     trainer = pl.Trainer(
         accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
         strategy=train.strategy, precision=train.precision, max_epochs=train.max_epochs,
@@ -151,7 +151,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
                                                     throttled_progress_bar(), *recipe_callbacks, *callbacks)],
         default_root_dir=str(state_dir),
         plugins=[atomic_checkpoint_io()], profiler=no_op_profiler(),
-        log_every_n_steps=min(50, steps_per_epoch), limit_val_batches=None if has_val else 0,
+        log_every_n_steps=min(50, calls_per_epoch), limit_val_batches=None if has_val else 0,
         # Lightning's summary table prints an all-zero FLOPs column; one log line says what matters.
         enable_progress_bar=True, enable_model_summary=False,
     )
@@ -189,6 +189,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         "train_rows": dm.num_train,
         "val_rows": dm.num_val,
         "batch_size": train.batch_size,
+        "steps_per_call": train.steps_per_call,
         "world_size": int(trainer.world_size),
         "wall_time_s": round(wall, 3),
         "train_time_s": round(timer.train_seconds, 3),

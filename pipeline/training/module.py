@@ -9,7 +9,7 @@ Logged once per epoch (so DVCLive writes one point per epoch per curve):
 ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``.
 
 The schedule (``recipe.lr_multiplier``) multiplies every group's lr after every optimizer
-step, over ``trainer.estimated_stepping_batches`` steps in total.
+step, over ``total_steps`` optimizer steps in total (:meth:`ClassifierModule.total_optimizer_steps`).
 
 The step itself is written out in ``training_step`` (Lightning's manual optimization): zero
 the gradients, ``manual_backward`` (the precision and strategy plugins' backward: loss
@@ -18,6 +18,14 @@ through Lightning's optimizer wrapper (``on_before_optimizer_step``, the scaler'
 skip), then the schedule. The same arithmetic in the same order as Lightning's automatic
 loop, so the same weights, but without its closure machinery: about 0.1 ms less per step,
 half a percent of a small net's 23 ms step (bench/lightning_overhead.py).
+
+One call of ``training_step`` takes ``train.steps_per_call`` such steps, one per batch of the
+group it is handed (``pipeline.training.data.StepGroups``): Lightning's per-call work is then
+paid once per group. The trainer's own counters follow the optimizer: ``global_step`` counts
+steps, the curves' x axis is the optimizer step (the ``step`` logged with them), and the
+backward/optimizer hooks run once per step; ``on_train_batch_end`` runs once per call, so a
+callback that must see every step defines ``on_optimizer_step_end(trainer, module)``, which
+``training_step`` calls after each one (``WeightAveraging`` does).
 """
 
 from __future__ import annotations
@@ -68,6 +76,8 @@ class ClassifierModule(pl.LightningModule):
         # across DDP ranks. Plain attributes, not buffers: bf16-true must not cast them.
         self._sums: dict[str, Any] = {"train": None, "val": None}
         self.automatic_optimization = False
+        self.total_steps = 0  # optimizer steps of the whole run, set by configure_optimizers
+        self._step_end_callbacks: list[Any] = []
         if train.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if train.compile:
@@ -88,7 +98,7 @@ class ClassifierModule(pl.LightningModule):
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Our batches are made on the training device already (TensorDataModule): skip
         # Lightning's walk over the batch structure on every step.
-        if isinstance(batch, (tuple, list)) and all(isinstance(t, torch.Tensor) and t.device == device for t in batch):
+        if _on_device(batch, device):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
@@ -126,21 +136,30 @@ class ClassifierModule(pl.LightningModule):
         n = sums[2].clamp_min(1)
         self.log(f"{split}/loss", sums[0] / n, prog_bar=True)
         self.log(f"{split}/acc", sums[1] / n, prog_bar=True)
+        # The curves' x axis: the index of the epoch's last optimizer step, which is what
+        # Lightning writes for one step per call; its own count is of training_step calls.
+        self.log("step", float(self.global_step - 1))
 
     def on_train_epoch_start(self) -> None:
         # Groups with train_epochs stop training once their epochs are over (also after a resume).
         apply_frozen(self.groups, self.current_epoch)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        loss = self._loss(logits, y)
-        self._accumulate("train", logits, y, loss)
+    def on_fit_start(self) -> None:
+        self._step_end_callbacks = [cb for cb in self.trainer.callbacks if hasattr(cb, "on_optimizer_step_end")]
+
+    def training_step(self, batches: tuple[tuple[torch.Tensor, torch.Tensor], ...], batch_idx: int) -> None:
         optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        optimizer.step()
-        self.lr_schedulers().step()
+        scheduler = self.lr_schedulers()
+        for x, y in batches:
+            logits = self(x)
+            loss = self._loss(logits, y)
+            self._accumulate("train", logits, y, loss)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+            scheduler.step()
+            for callback in self._step_end_callbacks:
+                callback.on_optimizer_step_end(self.trainer, self)
 
     def on_train_epoch_end(self) -> None:
         self._log_sums("train")
@@ -153,11 +172,28 @@ class ClassifierModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_sums("val")
 
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run. Lightning's estimate counts training_step calls
+        (groups of ``steps_per_call`` batches); each epoch takes the stream's batches in steps."""
+        calls = int(self.trainer.estimated_stepping_batches)  # also sets up the train loader
+        loader = self.trainer.train_dataloader
+        if not hasattr(loader, "steps_per_epoch"):
+            return calls
+        return calls // max(1, len(loader)) * loader.steps_per_epoch
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = make_optimizer(optimizer_groups(self.groups, self.spec.optimizer), self.spec.optimizer)
-        factor = lr_multiplier(self.spec.schedule, self.trainer.estimated_stepping_batches)
+        self.total_steps = self.total_optimizer_steps()
+        factor = lr_multiplier(self.spec.schedule, self.total_steps)
         # A plain closure, not a callable object: LambdaLR then keeps only its step count in the
         # checkpoint, and a resumed run recomputes the curve for its own max_epochs. Returned so
         # that checkpoints carry its state; training_step steps it.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: factor(t))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _on_device(batch: Any, device: torch.device) -> bool:
+    """Whether every tensor of a (nested) tuple/list batch is already on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.device == device
+    return isinstance(batch, (tuple, list)) and all(_on_device(item, device) for item in batch)
