@@ -76,7 +76,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "optimizer": {"name": "sgd", "lr": 1.656, "momentum": 0.85, "nesterov": True, "weight_decay": 0.00242},
         "param_groups.3.momentum": 0.6,
     },
-    # The 40-minute preset: a wider network (1.7x the compute per image), 12 epochs.
+    # The 40-minute preset: a wider network (1.7x the compute per image), 12 epochs: 31-32 min
+    # of training on 2 CPU cores, 91.45% mean of two seeds (the default: 91.32% in 16 min).
     "40min": {"max_epochs": 12, "model.options.widths": [96, 320, 320]},
     # The 15-minute preset: the default, 8 epochs.
     "15min": {"max_epochs": 8},
