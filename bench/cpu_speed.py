@@ -25,7 +25,7 @@ Configs:
 bf16 changes the numbers: check accuracy with ``bench/train_recipe.py --set precision=bf16-mixed``.
 
 ``--keep-freed-memory`` sets glibc's malloc thresholds the way ``fmpipe train`` does on a CPU
-(``pipeline.training.fit.keep_freed_cpu_memory``): freed activations stay in the heap instead
+(``pipeline.resources.keep_freed_cpu_memory``): freed activations stay in the heap instead
 of going back to the kernel and faulting in again next step. It is process-wide, so compare
 two runs, alternating (with, without, with, without); each run prints the minor page faults
 per step.
@@ -121,7 +121,7 @@ def main() -> None:
     import torch
 
     if args.keep_freed_memory:
-        from pipeline.training.fit import keep_freed_cpu_memory
+        from pipeline.resources import keep_freed_cpu_memory
 
         print(f"keep freed memory: {keep_freed_cpu_memory()}")
 

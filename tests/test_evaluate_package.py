@@ -285,3 +285,27 @@ def test_onnx_check_rejects_a_graph_that_differs_from_torch(project):
         net.body[-1].bias += 1.0  # torch side changed after export
     with pytest.raises(FmpipeError, match="does not reproduce torch"):
         verify_onnx(onnx_model, net, x, atol=1e-4)
+
+
+def test_batch_inference_runs_images_channels_last_and_leaves_the_net_as_it_was():
+    """predict_logits feeds images in channels_last (faster convolutions): the logits of
+    every TTA view match a plain forward pass of that view, and the caller's network keeps
+    its memory format."""
+    from pipeline.packaging.evaluation import predict_logits
+    from pipeline.training.recipe import view
+
+    torch.manual_seed(0)
+    net = build("airbench", (3, 16, 16), 10, {"widths": [8, 16, 16]}).eval()
+    x = torch.rand(37, 3, 16, 16) * 255
+    tta = {"combine": "logits", "views": [{"flip": False, "shift": [0, 0], "weight": 0.5},
+                                          {"flip": True, "shift": [1, -1], "weight": 0.5}]}
+    got = predict_logits(net, x, tta, batch_size=16)
+    with torch.no_grad():
+        expected = [net(view(x, bool(v["flip"]), v["shift"])).numpy() for v in tta["views"]]
+    assert len(got) == 2 and all(g.shape == (37, 10) for g in got)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got[0], got[1])  # the views differ, and each was matched to its own
+    filters = [p for p in net.parameters() if p.ndim == 4]
+    assert filters and all(p.is_contiguous() for p in filters)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in filters if p.shape[-1] > 1)

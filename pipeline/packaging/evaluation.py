@@ -135,24 +135,54 @@ def effective_tta(meta: dict[str, Any], train_spec) -> Optional[dict[str, Any]]:
 def predict_logits(net: "torch.nn.Module", x: "torch.Tensor", tta: Optional[dict[str, Any]] = None,
                    batch_size: int = 512):
     """Raw network outputs as float32 numpy: one N x K (or N x 1) array, or with ``tta`` one
-    per view, in the form ``pipeline.inference.probabilities`` (evaluate, predict, serve) takes."""
+    per view, in the form ``pipeline.inference.probabilities`` (evaluate, predict, serve) takes.
+
+    Images go through the network in channels_last (NHWC in memory, the same values): oneDNN's
+    convolutions are faster on it, and on a CPU the freed activations stay in the heap
+    (``pipeline.resources.keep_freed_cpu_memory``). Together 1.8x faster for the cifar net's
+    6 TTA views (bench/README.md); the logits move by ~1e-6, the same on every run. ``net`` is
+    left in the memory format it came in.
+    """
     import torch
 
     from pipeline.console import progress
+    from pipeline.resources import keep_freed_cpu_memory
     from pipeline.training.recipe import view
 
     views = (tta or {}).get("views")
     net.eval()
+    images = x.ndim == 4
+    device = next(iter(net.parameters()), torch.empty(0)).device
+    if device.type == "cpu":
+        keep_freed_cpu_memory()
+    restore = images and _to_channels_last(net)
     outs: list[list[np.ndarray]] = [[] for _ in (views or [None])]
     starts = range(0, len(x), batch_size)
-    with torch.inference_mode():
-        for start in progress(starts, len(starts), "predict"):
-            batch = x[start:start + batch_size]
-            for i, v in enumerate(views or [None]):
-                b = batch if v is None else view(batch, bool(v["flip"]), v["shift"])
-                outs[i].append(net(b).float().cpu().numpy())
+    try:
+        with torch.inference_mode():
+            for start in progress(starts, len(starts), "predict"):
+                batch = x[start:start + batch_size]
+                for i, v in enumerate(views or [None]):
+                    b = batch if v is None else view(batch, bool(v["flip"]), v["shift"])
+                    if images:
+                        b = b.contiguous(memory_format=torch.channels_last)
+                    outs[i].append(net(b).float().cpu().numpy())
+    finally:
+        if restore:
+            net.to(memory_format=torch.contiguous_format)
     arrays = [np.concatenate(o) if o else np.zeros((0, 0), dtype=np.float32) for o in outs]
     return arrays if views else arrays[0]
+
+
+def _to_channels_last(net: "torch.nn.Module") -> bool:
+    """Put ``net``'s 4-D weights in channels_last; True when it changed any (to undo after)."""
+    import torch
+
+    filters = [p for p in net.parameters() if p.ndim == 4]
+    if not filters or all(p.is_contiguous(memory_format=torch.channels_last) for p in filters):
+        return False
+    net.to(memory_format=torch.channels_last)
+    return True
 
 
 def score(probs: "torch.Tensor", labels: np.ndarray, classes: list[str]) -> dict[str, Any]:

@@ -281,7 +281,11 @@ class PackageEmbedder:
         the penultimate features and a duplicate layer of every row without three passes."""
         import torch
 
+        from pipeline.resources import keep_freed_cpu_memory
+
         net = self.load()
+        if torch.device(self.device).type == "cpu":
+            keep_freed_cpu_memory()  # batch after batch of activations: no page faults each time
         shape = tuple(self._meta["input"]["shape"])
         if self._meta["input"]["kind"] == "image":
             _check_images(inputs)

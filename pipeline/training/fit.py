@@ -53,6 +53,7 @@ from pipeline.config import VariantSpec
 from pipeline.errors import FmpipeError
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, to_json
 from pipeline.manifest import Dataset
+from pipeline.resources import keep_freed_cpu_memory
 
 LAST_CKPT = "last.ckpt"
 SUMMARY = "train_summary.json"
@@ -157,7 +158,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     )
     threads = torch.get_num_threads()
     if trainer.strategy.root_device.type == "cpu":
-        keep_freed_cpu_memory()
+        keep_freed_cpu_memory()  # ~11% off a cifar step (pipeline.resources)
         if train.cpu_threads:
             torch.set_num_threads(train.cpu_threads)
     wall0 = time.perf_counter()
@@ -221,33 +222,6 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
             shutil.copytree(state_dir / "live", tmp / "live")
         (tmp / SUMMARY).write_text(to_json(summary))
     return summary
-
-
-_MALLOPT_TRIM_THRESHOLD, _MALLOPT_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
-
-
-def keep_freed_cpu_memory() -> bool:
-    """Let glibc keep freed blocks for reuse instead of handing them back to the kernel.
-
-    A CPU training step allocates and frees its activations (hundreds of MB for the cifar
-    net at batch 1024). By default glibc serves blocks above 32 MB with mmap and returns them on
-    free, so every step faults the same memory in again, page by page: ~140,000 minor page
-    faults and ~0.25 s of a 2.3 s step (bench/README.md). Raising the mmap and trim thresholds
-    to 1 GiB makes the heap keep them: no faults after the first steps, the step 11% faster,
-    the same numbers. The price is that the process keeps its peak memory until it exits,
-    which a training process does anyway. A no-op (False) where libc is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # macOS, musl without mallopt, Windows
-        return False
-    ok = mallopt(_MALLOPT_MMAP_THRESHOLD, 1 << 30) == 1
-    ok = mallopt(_MALLOPT_TRIM_THRESHOLD, 1 << 30) == 1 and ok
-    return ok
 
 
 def check_accelerator(accelerator: str, variant: str = "") -> None:
