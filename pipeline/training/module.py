@@ -173,12 +173,11 @@ class ClassifierModule(pl.LightningModule):
         self._log_sums("val")
 
     def total_optimizer_steps(self) -> int:
-        """Optimizer steps of the whole run. Lightning's estimate counts training_step calls
-        (groups of ``steps_per_call`` batches); each epoch takes the stream's batches in steps."""
+        """Optimizer steps of the whole run. Lightning's estimate counts training_step calls;
+        the train loader is a ``StepGroups`` (training_step takes groups of batches), whose
+        epoch is ``len()`` calls and ``steps_per_epoch`` steps."""
         calls = int(self.trainer.estimated_stepping_batches)  # also sets up the train loader
         loader = self.trainer.train_dataloader
-        if not hasattr(loader, "steps_per_epoch"):
-            return calls
         return calls // max(1, len(loader)) * loader.steps_per_epoch
 
     def configure_optimizers(self) -> dict[str, Any]:
