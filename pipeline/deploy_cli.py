@@ -67,17 +67,26 @@ def serve(
     threads: int = typer.Option(1, "--threads", min=1, help="onnxruntime intra-op threads per request."),
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Largest request body accepted."),
     max_batch: int = typer.Option(1024, "--max-batch", min=1, help="Largest batch accepted in one request."),
+    max_image_mpix: float = typer.Option(16.0, "--max-image-mpix", min=0.000001,
+                                         help="Decoded megapixels one /predict request may declare (checked before decoding)."),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, help="Requests decoded and computed at once; the rest wait."),
+    timeout: float = typer.Option(10.0, "--timeout", min=0.01,
+                                  help="Seconds a client gets to send its headers; the longest a body may stall."),
+    keep_alive: float = typer.Option(15.0, "--keep-alive", min=0.01, help="Seconds an idle keep-alive connection stays open."),
+    max_connections: int = typer.Option(1000, "--max-connections", min=1, help="Open connections; beyond it: 503."),
     verbose: bool = typer.Option(False, "--verbose", help="Log every request."),
 ) -> None:
     """Serve a package over the Open Inference Protocol (KServe V2 REST) plus POST /predict for image files."""
     from pipeline import inference
     from pipeline.errors import FmpipeError
-    from pipeline.serving import make_server
+    from pipeline.serving import Limits, make_server
 
+    limits = Limits(max_body=int(max_body_mb * (1 << 20)), max_batch=max_batch,
+                    max_pixels=int(max_image_mpix * 1e6), concurrency=concurrency,
+                    max_connections=max_connections, timeout=timeout, keep_alive=keep_alive)
     try:
         pkg = inference.open_package(package)
-        server = make_server(pkg, host, port, threads=threads, max_body=int(max_body_mb * (1 << 20)),
-                             max_batch=max_batch, verbose=verbose)
+        server = make_server(pkg, host, port, threads=threads, limits=limits, verbose=verbose)
     except FmpipeError as exc:
         _fail("fmpipe serve", exc)
     except OSError as exc:

@@ -146,6 +146,7 @@ def _check_spec(spec: dict[str, Any], where: str) -> None:
         assert float(spec.get("temperature", 1.0)) > 0, "temperature must be > 0"
         if inp["kind"] == "image":
             assert int(inp["channels"]) in (1, 3) and int(inp["height"]) > 0 and int(inp["width"]) > 0
+            assert inp.get("high_bit_depth", "scale") in ("scale", "reject"), "input.high_bit_depth must be scale or reject"
         else:
             assert isinstance(inp["features"], list)
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
@@ -154,33 +155,47 @@ def _check_spec(spec: dict[str, Any], where: str) -> None:
 
 # ---------------------------------------------------------------- preprocessing
 
-def image_array(data: bytes | str | os.PathLike, spec: dict[str, Any], where: str = "image") -> np.ndarray:
-    """One image (bytes or a path) as the model's C x H x W float32 raw pixels (0..255)."""
-    from PIL import Image, UnidentifiedImageError
+def image_array(data: bytes | str | os.PathLike, spec: dict[str, Any], where: str = "image",
+                max_pixels: Optional[int] = None) -> np.ndarray:
+    """One image (bytes or a path) as the model's C x H x W float32 raw pixels (0..255).
+
+    The decoding rule is the collect step's own (``pipeline.imaging.decode``), with the
+    package's recorded ``high_bit_depth`` policy; ``max_pixels`` refuses a larger declared
+    size before decoding (``ImageTooLarge``).
+    """
+    return decode_image(data, spec, where, max_pixels).pixels.transpose(2, 0, 1).astype(np.float32)
+
+
+class ImageTooLarge(FmpipeError):
+    """The image declares more pixels than the caller allows (nothing was decoded)."""
+
+
+def decode_image(data: bytes | str | os.PathLike, spec: dict[str, Any], where: str = "image",
+                 max_pixels: Optional[int] = None):
+    """``pipeline.imaging.decode`` under the package's rule; every problem as one FmpipeError."""
+    from pipeline import imaging
 
     inp = spec["input"]
-    channels, h, w = int(inp["channels"]), int(inp["height"]), int(inp["width"])
-    mode = "L" if channels == 1 else "RGB"
     try:
         raw = data if isinstance(data, bytes) else Path(data).read_bytes()
-        with Image.open(io.BytesIO(raw)) as im:
-            # Exactly the collect step's rule (pipeline/sources/imagefolder.py): a JPEG of
-            # another size is decoded at a reduced scale (still >= the target), then the colour
-            # mode is converted, then a bicubic resize.
-            if im.size != (w, h) and im.format == "JPEG":
-                im.draft(mode, (w, h))
-            out = im.convert(mode)
-            if out.size != (w, h):
-                out = out.resize((w, h), Image.Resampling.BICUBIC)
-            arr = np.asarray(out, dtype=np.uint8)
     except FileNotFoundError:
         raise FmpipeError(f"{where}: not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise FmpipeError(f"{where}: not a readable image ({type(exc).__name__}: {exc})") from None
-    return arr.reshape(h, w, channels).transpose(2, 0, 1).astype(np.float32)
+    except OSError as exc:
+        raise FmpipeError(f"{where}: cannot read ({exc.strerror or exc})") from None
+    policy = inp.get("high_bit_depth", "scale")
+    try:
+        return imaging.decode(raw, int(inp["channels"]), (int(inp["height"]), int(inp["width"])),
+                              high_bit_depth=policy, max_pixels=max_pixels)
+    except imaging.TooManyPixels as exc:
+        raise ImageTooLarge(f"{where}: {exc}") from None
+    except imaging.HighBitDepthRefused as exc:
+        raise FmpipeError(f"{where}: a high-bit-depth image (PIL mode {exc}); the package's preprocessing "
+                          "says high_bit_depth: reject, as its training data did") from None
+    except imaging.ImageProblem as exc:
+        raise FmpipeError(f"{where}: {str(exc).replace('unreadable image', 'not a readable image', 1)}") from None
 
 
-def table_rows(path: str | os.PathLike, spec: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+def table_rows(path: str | os.PathLike, spec: dict[str, Any], data: Optional[bytes] = None) -> tuple[list[str], np.ndarray]:
     """CSV feature rows -> (row names, N x F float32).
 
     With a header naming every model feature, columns are taken by name (others, e.g. an id or
@@ -190,11 +205,14 @@ def table_rows(path: str | os.PathLike, spec: dict[str, Any]) -> tuple[list[str]
     features = list(spec["input"]["features"])
     f = len(features) or int(spec["input"]["shape"][-1])
     where = str(path)
-    try:
-        text = Path(path).read_text()
+    try:  # ``data``: an upload's bytes, named ``path`` in messages and row names
+        text = data.decode() if data is not None else Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise FmpipeError(f"{where}: cannot read ({exc})") from None
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit, a NUL byte
+        raise FmpipeError(f"{where}: not a readable CSV file ({exc})") from None
     if not rows:
         raise FmpipeError(f"{where}: no rows")
     header = [c.strip() for c in rows[0]]
@@ -219,6 +237,9 @@ def table_rows(path: str | os.PathLike, spec: dict[str, Any]) -> tuple[list[str]
         except (ValueError, IndexError):
             raise FmpipeError(f"{where}: line {line}: expected {f} numbers for {', '.join(features) or 'the features'}") from None
         names.append(f"{Path(path).name}:{row[id_col] if id_col is not None else line}")
+    if not body:
+        raise FmpipeError(f"{where}: a header and no rows; expected at least one row of "
+                          f"{', '.join(features) if features else f'{f} feature values'}")
     if not np.isfinite(out).all():
         raise FmpipeError(f"{where}: missing or non-finite feature values are not supported")
     return names, out
@@ -334,13 +355,41 @@ def probabilities(view_logits, temperature: float = 1.0, tta: Optional[dict[str,
     return p.astype(np.float32)
 
 
+def model_file(package: Package, check_digest: bool = True) -> Path:
+    """The package's ONNX file: inside the package, and (``check_digest``) the very bytes that
+    ``lineage.json`` recorded, so predict and serve never run a swapped or damaged model."""
+    from pipeline.io import sha256_file  # stdlib only
+
+    name = str(package.spec.get("model_file", "model.onnx"))
+    where = f"{package.source}/{PREPROCESS}"
+    root = package.root.resolve()
+    path = (package.root / name).resolve()
+    if os.path.isabs(name) or root not in path.parents:
+        raise FmpipeError(f"{where}: model_file {name!r} points outside the package; expected a file inside it "
+                          "such as model.onnx")
+    if not path.is_file():
+        raise FmpipeError(f"{package.source}/{name}: not found (named by {PREPROCESS})")
+    if not check_digest:
+        return path
+    lineage = _read_json(package.root / LINEAGE, f"{package.source}/{LINEAGE}")
+    entry = (lineage.get("files") or {}).get(name) if isinstance(lineage, dict) else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise FmpipeError(f"{package.source}/{LINEAGE}: no sha256 recorded for {name}; cannot check the model "
+                          "(package it again with `fmpipe package`)")
+    if sha256_file(path) != entry["sha256"]:
+        raise FmpipeError(f"{package.source}/{name}: sha256 differs from {LINEAGE} (file changed since packaging); "
+                          "refusing to run it (`fmpipe verify` checks the whole package)")
+    return path
+
+
 class Predictor:
     """An onnxruntime session over a package, with the package's postprocessing.
 
     ``session.run`` is thread-safe in onnxruntime, so one Predictor serves concurrent requests.
     """
 
-    def __init__(self, package: Package, threads: Optional[int] = None, max_batch: int = 256) -> None:
+    def __init__(self, package: Package, threads: Optional[int] = None, max_batch: int = 256,
+                 check_digest: bool = True) -> None:
         import onnxruntime as ort
 
         self.package = package
@@ -355,7 +404,7 @@ class Predictor:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        model_path = package.root / self.spec.get("model_file", "model.onnx")
+        model_path = model_file(package, check_digest)
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=options,
                                                 providers=["CPUExecutionProvider"])

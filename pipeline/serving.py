@@ -1,11 +1,27 @@
 """``fmpipe serve``: a package behind the Open Inference Protocol (KServe V2 REST).
 
-Server choice: the standard library's ``ThreadingHTTPServer``. The work per request is one
-onnxruntime call (thread-safe, and it releases the GIL while it computes), so a thread per
-connection is enough, adds no dependency and starts instantly. Connections are capped
-(``max_connections``: the accept loop waits when that many are open), request bodies are
-bounded (``max_body``, 413 beyond it) and so is the batch size, so a client cannot exhaust
-memory. HTTP/1.1 keep-alive is on (the Triton client keeps connections open).
+Server choice: uvicorn (the ASGI server KServe's own model server runs on) with Starlette's
+routing and requests. Measured against the earlier standard-library ``ThreadingHTTPServer``
+and against KServe's ``ModelServer`` itself (bench/serve_compare.py, bench/README.md):
+KServe starts ~8x slower, answers ~2x slower, adds ~270 MB and pins pandas<3/protobuf<7,
+which fmpipe's stack does not allow; the thread-per-connection server was locked out by 64
+idle keep-alive clients or 70 slow-header connections. On an event loop an idle or slow
+connection costs a socket, not a thread, so the server keeps accepting; the time limits
+below then close what lingers:
+
+- ``keep_alive``: an idle keep-alive connection is closed after this many seconds;
+- ``timeout``: a client gets this long to send its request headers, and its body may stall no
+  longer than this (a body shorter than its Content-Length gets a 400 after it);
+- ``max_connections``: open connections beyond it are answered 503 at once (file descriptors
+  are finite);
+- ``concurrency``: requests computed at once (decoding and onnxruntime, in worker threads);
+  the rest wait their turn. With ``max_pixels`` (the decoded pixels one request may declare,
+  checked from the image headers before anything is decoded) this bounds decode memory to
+  about ``concurrency x max_pixels x 8`` bytes;
+- ``max_body`` (413 beyond it) and ``max_batch`` bound what one request may send.
+
+This module imports numpy, PIL (through ``pipeline.inference``), onnxruntime, uvicorn and
+Starlette: never torch.
 
 Endpoints (``<name>`` is the package's variant name; ``/versions/1`` may follow it):
 
@@ -24,14 +40,14 @@ Every bad request gets a 4xx with ``{"error": "..."}``; the server keeps serving
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import re
-import sys
-import threading
-import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import socket
+from dataclasses import dataclass
 from typing import Any, Optional
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs
 
 import numpy as np
 
@@ -46,22 +62,58 @@ V2_DTYPES = {
 OUTPUTS = ("probabilities", "logits")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DRAIN_LIMIT = 256 << 20  # oversized bodies up to this are read and dropped before the 413
+MAX_JSON_DEPTH = 64  # a V2 request nests 3 levels plus the data's own dimensions
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.close = close  # the request stream is out of step: answer, then hang up
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body: int = 32 << 20
+    max_batch: int = 1024
+    max_pixels: int = 16_000_000
+    concurrency: int = 4
+    max_connections: int = 1000
+    timeout: float = 10.0
+    keep_alive: float = 15.0
+
+
+def _json_depth_ok(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether no bracket nests deeper than ``limit`` (checked before parsing: Python's JSON
+    parser recurses, and a 200,000-deep body would exhaust the stack). Brackets inside
+    strings count too; they only make the check stricter."""
+    depth = 0
+    for m in re.finditer(rb"[\[\]{}]", raw):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        if depth > limit:
+            return False
+    return True
+
+
+def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    p = obj.get("parameters")
+    if p is None:
+        return {}
+    if not isinstance(p, dict):
+        raise HTTPError(400, f"{where}: `parameters` must be an object, got {type(p).__name__}")
+    return p
 
 
 class ModelService:
     """The loaded package and the V2 request/response logic, independent of HTTP plumbing."""
 
-    def __init__(self, package: inference.Package, threads: int = 1, max_batch: int = 1024) -> None:
+    def __init__(self, package: inference.Package, threads: int = 1, max_batch: int = 1024,
+                 max_pixels: Optional[int] = None) -> None:
         self.package = package
         self.predictor = inference.Predictor(package, threads=threads)
         self.name = package.name
         self.max_batch = max_batch
+        self.max_pixels = max_pixels
         self.input_shape = [int(d) for d in package.spec["input"]["shape"]]
 
     def metadata(self) -> dict[str, Any]:
@@ -84,12 +136,23 @@ class ModelService:
             head, binary = body[:header_length], body[header_length:]
         else:
             head, binary = body, b""
+        if not _json_depth_ok(head):
+            raise HTTPError(400, f"request JSON nests deeper than {MAX_JSON_DEPTH} levels")
         try:
             request = json.loads(head)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
             raise HTTPError(400, "request must be a JSON object with a non-empty `inputs` list")
+        all_binary = bool(_params(request, "request").get("binary_data_output"))
+        wanted = request.get("outputs") or [{"name": n} for n in OUTPUTS]
+        if not isinstance(wanted, list):
+            raise HTTPError(400, "`outputs` must be a list of objects like {\"name\": \"probabilities\"}")
+        for spec in wanted:
+            name = spec.get("name") if isinstance(spec, dict) else None
+            if name not in OUTPUTS:
+                raise HTTPError(400, f"unknown output {name!r}; outputs: {', '.join(OUTPUTS)}")
+            _params(spec, f"output {name!r}")
         x = None
         offset = 0
         for tensor in request["inputs"]:
@@ -109,14 +172,8 @@ class ModelService:
         if len(x) > self.max_batch:
             raise HTTPError(413, f"batch of {len(x)} exceeds the limit of {self.max_batch}")
 
-        wanted = request.get("outputs") or [{"name": n} for n in OUTPUTS]
-        all_binary = bool((request.get("parameters") or {}).get("binary_data_output"))
         results: dict[str, np.ndarray] = {}
         logits = self.predictor.logits(x)
-        for spec in wanted:
-            name = spec.get("name") if isinstance(spec, dict) else None
-            if name not in OUTPUTS:
-                raise HTTPError(400, f"unknown output {name!r}; outputs: {', '.join(OUTPUTS)}")
         if any(s["name"] == "probabilities" for s in wanted):
             results["probabilities"] = inference.probabilities(
                 self.predictor.view_logits(x, plain=logits), self.predictor.temperature, self.predictor.tta)
@@ -149,11 +206,11 @@ class ModelService:
                                  f"(expected FP32, or another numeric type: {', '.join(V2_DTYPES)})")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise HTTPError(400, f"input {name!r}: `shape` must be a list of non-negative integers")
-        count = int(np.prod(shape)) if shape else 1
-        if count > self.max_batch * max(1, int(np.prod(self.input_shape[1:]))):
+        count = math.prod(shape)  # Python integers: [2**32, 2**32, ...] must not wrap around
+        if count > self.max_batch * max(1, math.prod(self.input_shape[1:])):
             raise HTTPError(413, f"input {name!r}: {count} values exceed the batch limit of {self.max_batch}")
         np_dtype = np.dtype(V2_DTYPES[dtype]).newbyteorder("<")
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = _params(tensor, f"input {name!r}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size != count * np_dtype.itemsize or offset + size > len(binary):
                 raise HTTPError(400, f"input {name!r}: binary_data_size {size} does not match shape {shape} "
@@ -164,7 +221,7 @@ class ModelService:
             raise HTTPError(400, f"input {name!r}: no `data` and no binary_data_size")
         try:
             arr = np.asarray(tensor["data"], dtype=V2_DTYPES[dtype])
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise HTTPError(400, f"input {name!r}: data is not {dtype} numbers ({exc})") from None
         if arr.size != count:
             raise HTTPError(400, f"input {name!r}: {arr.size} values given, shape {shape} needs {count}")
@@ -178,15 +235,21 @@ class ModelService:
         spec = self.package.spec
         names: list[str] = []
         rows = []
+        budget = self.max_pixels
         try:
             for fname, data in files:
                 if self.package.kind == "image":
-                    rows.append(inference.image_array(data, spec, fname)[None])
+                    decoded = inference.decode_image(data, spec, fname, max_pixels=budget)
+                    if budget is not None:  # the limit is per request: what one file uses, the next cannot
+                        budget -= decoded.declared_pixels
+                    rows.append(decoded.pixels.transpose(2, 0, 1).astype(np.float32)[None])
                     names.append(fname)
                 else:
                     n, x = _csv_rows(data, spec, fname)
                     names += n
                     rows.append(x)
+        except inference.ImageTooLarge as exc:
+            raise HTTPError(413, f"{exc} of decoded pixels per request (--max-image-mpix)") from None
         except FmpipeError as exc:
             raise HTTPError(400, str(exc)) from None
         x = np.concatenate(rows)
@@ -206,17 +269,7 @@ def prediction_records(names: list[str], probs: np.ndarray, classes: list[str], 
 
 
 def _csv_rows(data: bytes, spec: dict[str, Any], fname: str):
-    import os
-    import tempfile
-
-    fd, path = tempfile.mkstemp(suffix=".csv")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        names, x = inference.table_rows(path, spec)
-    finally:
-        os.unlink(path)
-    return [n.replace(os.path.basename(path), fname) for n in names], x
+    return inference.table_rows(fname, spec, data=data)
 
 
 def _uploaded_files(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
@@ -241,140 +294,211 @@ def _uploaded_files(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
     return [("upload", body)]
 
 
-def make_server(package: inference.Package, host: str = "127.0.0.1", port: int = 8000, threads: int = 1,
-                max_body: int = 32 << 20, max_batch: int = 1024, max_connections: int = 64,
-                verbose: bool = False) -> ThreadingHTTPServer:
-    service = ModelService(package, threads=threads, max_batch=max_batch)
-    slots = threading.BoundedSemaphore(max_connections)
-    model_path = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "fmpipe-serve"
-        # Headers and body go out in two writes; with Nagle on, the second waits for the
-        # client's delayed ACK (~40 ms per keep-alive request).
-        disable_nagle_algorithm = True
+# ---------------------------------------------------------------- HTTP: uvicorn + Starlette
 
-        def log_message(self, fmt: str, *args: Any) -> None:  # access log only when asked
-            if verbose:
-                super().log_message(fmt, *args)
+def _header_timeout_protocol(timeout: float):
+    """uvicorn's h11 protocol with a deadline for request headers.
 
-        def _send(self, status: int, body: bytes, headers: Optional[dict[str, str]] = None) -> None:
-            self.send_response(status)
-            for k, v in (headers or {"Content-Type": "application/json"}).items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(body)
+    uvicorn closes idle keep-alive connections (``timeout_keep_alive``) but waits forever for
+    the headers of a request that has begun (any byte cancels its idle timer), so a client
+    trickling header bytes would hold its connection open forever. This closes a connection
+    whose request headers are not complete ``timeout`` seconds after it opened or after its
+    last response.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-        def _json(self, status: int, obj: Any) -> None:
-            self._send(status, json.dumps(obj).encode())
+    class Protocol(H11Protocol):
+        _header_timer: Optional[asyncio.TimerHandle] = None
 
-        def _body(self) -> bytes:
-            length = self.headers.get("Content-Length")
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                self.close_connection = True
-                raise HTTPError(411, "chunked bodies are not supported; send Content-Length")
-            if length is None:
-                self.close_connection = True
-                raise HTTPError(411, "Content-Length required")
+        def _arm_header_deadline(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout, self._header_deadline)
+
+        def _header_deadline(self) -> None:
+            self._header_timer = None
+            # IDLE: h11 has not seen a whole request line + headers since the last response.
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, which a
+            # listening socket made with proto 0 does not pass on; without it the body
+            # segment waits for the client's delayed ACK (~40 ms per keep-alive request).
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_header_deadline()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+    return Protocol
+
+
+def build_app(service: ModelService, limits: Limits):
+    """The Starlette application: V2 routes and /predict over ``service``."""
+    import anyio
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    state: dict[str, Any] = {}
+
+    def json_response(status: int, obj: Any, close: bool = False) -> Response:
+        headers = {"Connection": "close"} if close else None
+        return Response(json.dumps(obj).encode(), status_code=status, media_type="application/json", headers=headers)
+
+    async def next_chunk(stream, request: Request, got: int, declared: Optional[int]) -> Optional[bytes]:
+        try:
+            return await asyncio.wait_for(stream.__anext__(), limits.timeout)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            of = f" of the {declared} its Content-Length declares" if declared is not None else ""
+            raise HTTPError(400, f"request body incomplete: {got} bytes{of} arrived, then nothing for "
+                                 f"{limits.timeout:g} s", close=True) from None
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length")  # h11 has already refused a malformed one
+        declared = int(length) if length is not None else None
+        stream = request.stream()
+        if declared is not None and declared > limits.max_body:
+            if declared <= DRAIN_LIMIT:
+                # Read and drop it, so the client finishes sending and reads the 413 instead of
+                # a reset connection; beyond DRAIN_LIMIT just answer and hang up.
+                got = 0
+                while (chunk := await next_chunk(stream, request, got, declared)) is not None:
+                    got += len(chunk)
+            raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limits.max_body}",
+                            close=declared > DRAIN_LIMIT)
+        buf = bytearray()
+        while (chunk := await next_chunk(stream, request, len(buf), declared)) is not None:
+            buf += chunk
+            if len(buf) > limits.max_body:  # a chunked body declares no length
+                raise HTTPError(413, f"request body exceeds the limit of {limits.max_body} bytes", close=True)
+        return bytes(buf)
+
+    async def compute(fn, *args):
+        if "limiter" not in state:  # anyio's limiter needs the running loop
+            state["limiter"] = anyio.CapacityLimiter(limits.concurrency)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=state["limiter"])
+
+    def check_model(request: Request) -> None:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        if name != service.name:
+            raise HTTPError(404, f"model {name!r} not found; this server serves {service.name!r}")
+        if version not in (None, "1"):
+            raise HTTPError(404, f"model {name!r} has no version {version!r} (only 1)")
+
+    def endpoint(handler):
+        async def run(request: Request) -> Response:
             try:
-                n = int(length)
-            except ValueError:
-                self.close_connection = True
-                raise HTTPError(400, f"bad Content-Length {length!r}") from None
-            if n < 0:
-                self.close_connection = True
-                raise HTTPError(400, f"bad Content-Length {length!r}")
-            if n > max_body:
-                if n <= DRAIN_LIMIT:
-                    # Read and drop it, so the client finishes sending and gets the 413 instead
-                    # of a reset connection; beyond DRAIN_LIMIT just hang up after answering.
-                    left = n
-                    while left > 0:
-                        chunk = self.rfile.read(min(left, 1 << 20))
-                        if not chunk:
-                            break
-                        left -= len(chunk)
-                else:
-                    self.close_connection = True
-                raise HTTPError(413, f"request body of {n} bytes exceeds the limit of {max_body}")
-            return self.rfile.read(n)
-
-        def _model(self, name: str, version: Optional[str]) -> None:
-            if name != service.name:
-                raise HTTPError(404, f"model {name!r} not found; this server serves {service.name!r}")
-            if version not in (None, "1"):
-                raise HTTPError(404, f"model {name!r} has no version {version!r} (only 1)")
-
-        def _handle(self, method: str) -> None:
-            try:
-                url = urlparse(self.path)
-                # A GET with a body still has it read, so the keep-alive stream stays in step.
-                body = self._body() if method == "POST" or self.headers.get("Content-Length") else b""
-                path = url.path
-                if method == "GET" and path in ("/v2/health/live", "/v2/health/ready"):
-                    return self._json(200, {"live": True} if path.endswith("live") else {"ready": True})
-                if method == "GET" and path in ("/v2", "/v2/"):
-                    return self._json(200, {"name": "fmpipe", "version": "1", "extensions": ["binary_tensor_data"]})
-                m = model_path.match(path)
-                if m:
-                    name, version, action = m.groups()
-                    self._model(name, version)
-                    if method == "GET" and action is None:
-                        return self._json(200, service.metadata())
-                    if method == "GET" and action == "/ready":
-                        return self._json(200, {"name": name, "ready": True})
-                    if method == "POST" and action == "/infer":
-                        header = self.headers.get(HEADER_LENGTH)
-                        try:
-                            hlen = int(header) if header is not None else None
-                        except ValueError:
-                            raise HTTPError(400, f"bad {HEADER_LENGTH} {header!r}") from None
-                        out, headers = service.infer(body, hlen)
-                        return self._send(200, out, headers)
-                    raise HTTPError(405, f"{method} not allowed on {path}")
-                if method == "POST" and path == "/predict":
-                    q = parse_qs(url.query)
-                    try:
-                        k = int(q.get("top_k", ["3"])[0])
-                    except ValueError:
-                        raise HTTPError(400, "top_k must be an integer") from None
-                    return self._json(200, service.predict_upload(body, self.headers.get("Content-Type", ""), k))
-                raise HTTPError(404, f"no endpoint {method} {path}")
+                return await handler(request)
             except HTTPError as exc:
-                self._json(exc.status, {"error": str(exc)})
-            except Exception as exc:  # a bug, not bad input: report 500 and keep serving
-                traceback.print_exc(file=sys.stderr)
-                self._json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+                return json_response(exc.status, {"error": str(exc)}, close=exc.close)
+            except ClientDisconnect:  # nobody to answer
+                return Response(status_code=400)
+        return run
 
-        def do_GET(self) -> None:
-            self._handle("GET")
+    async def live(request: Request) -> Response:
+        return json_response(200, {"live": True})
 
-        def do_POST(self) -> None:
-            self._handle("POST")
+    async def ready(request: Request) -> Response:
+        return json_response(200, {"ready": True})
 
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-        request_queue_size = 128
+    async def server_metadata(request: Request) -> Response:
+        return json_response(200, {"name": "fmpipe", "version": "1", "extensions": ["binary_tensor_data"]})
 
-        def process_request(self, request, client_address):
-            slots.acquire()  # bound the number of connections handled at once
-            try:
-                super().process_request(request, client_address)
-            except BaseException:
-                slots.release()
-                raise
+    async def model_metadata(request: Request) -> Response:
+        check_model(request)
+        return json_response(200, service.metadata())
 
-        def process_request_thread(self, request, client_address):
-            try:
-                super().process_request_thread(request, client_address)
-            finally:
-                slots.release()
+    async def model_ready(request: Request) -> Response:
+        check_model(request)
+        return json_response(200, {"name": service.name, "ready": True})
 
-    server = Server((host, port), Handler)
+    async def infer(request: Request) -> Response:
+        check_model(request)
+        header = request.headers.get(HEADER_LENGTH)
+        try:
+            hlen = int(header) if header is not None else None
+        except ValueError:
+            raise HTTPError(400, f"bad {HEADER_LENGTH} {header!r}") from None
+        body = await read_body(request)
+        out, headers = await compute(service.infer, body, hlen)
+        return Response(out, headers=headers)
+
+    async def predict(request: Request) -> Response:
+        q = parse_qs(request.url.query)
+        try:
+            k = int(q.get("top_k", ["3"])[0])
+        except ValueError:
+            raise HTTPError(400, "top_k must be an integer") from None
+        body = await read_body(request)
+        result = await compute(service.predict_upload, body, request.headers.get("content-type", ""), k)
+        return json_response(200, result)
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 405:
+            return json_response(405, {"error": f"{request.method} not allowed on {request.url.path}"})
+        return json_response(exc.status_code, {"error": f"no endpoint {request.method} {request.url.path}"})
+
+    routes = [Route("/v2/health/live", endpoint(live), methods=["GET"]),
+              Route("/v2/health/ready", endpoint(ready), methods=["GET"]),
+              Route("/v2", endpoint(server_metadata), methods=["GET"]),
+              Route("/v2/", endpoint(server_metadata), methods=["GET"])]
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [Route(prefix, endpoint(model_metadata), methods=["GET"]),
+                   Route(prefix + "/ready", endpoint(model_ready), methods=["GET"]),
+                   Route(prefix + "/infer", endpoint(infer), methods=["POST"])]
+    routes.append(Route("/predict", endpoint(predict), methods=["POST"]))
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+class Server:
+    """A listening socket and the uvicorn server that will run on it."""
+
+    def __init__(self, app, sock: socket.socket, limits: Limits, verbose: bool) -> None:
+        import uvicorn
+
+        self.sock = sock
+        self.server_address = sock.getsockname()
+        config = uvicorn.Config(
+            app, http=_header_timeout_protocol(limits.timeout), lifespan="off", log_config=None,
+            log_level="info" if verbose else "warning", access_log=verbose,
+            timeout_keep_alive=limits.keep_alive, limit_concurrency=limits.max_connections,
+            server_header=False, date_header=False)
+        self.uvicorn = uvicorn.Server(config)
+
+    def serve_forever(self) -> None:
+        """Until SIGINT/SIGTERM (uvicorn finishes the requests in flight, then re-raises the signal)."""
+        self.uvicorn.run(sockets=[self.sock])
+
+    def server_close(self) -> None:
+        self.sock.close()
+
+
+def make_server(package: inference.Package, host: str = "127.0.0.1", port: int = 8000, threads: int = 1,
+                limits: Limits = Limits(), verbose: bool = False) -> Server:
+    """Load the package and bind the address (``port`` 0: any free port); ``serve_forever`` serves."""
+    service = ModelService(package, threads=threads, max_batch=limits.max_batch, max_pixels=limits.max_pixels)
+    app = build_app(service, limits)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    server = Server(app, sock, limits, verbose)
     server.service = service  # type: ignore[attr-defined]
     return server

@@ -107,7 +107,7 @@ def run(ctx) -> None:
     pre = deploy.build_preprocess_spec(
         variant=variant, meta=meta, n_outputs=int(check_logits.shape[1]),
         temperature=float(calibration.get("temperature", 1.0)), tta=effective_tta(meta, spec.train),
-        atol=spec.package.onnx_atol,
+        atol=spec.package.onnx_atol, high_bit_depth=getattr(spec.source, "high_bit_depth", "scale"),
         feature_names=list(ds.features.columns) if ds.features is not None else None)
     (out / deploy.PREPROCESS).write_text(deploy.spec_json(pre))
     check_files = deploy.write_checks(out, inputs[:deploy.N_CHECKS].numpy(), check_logits)

@@ -234,7 +234,7 @@ def test_single_logit_model_maps_to_two_probabilities(tmp_path):
     pkg = inference.open_package(tmp_path)
     names, x = inference.load_inputs([tmp_path / "rows.csv"], pkg.spec)
     assert names == ["rows.csv:r1", "rows.csv:r2"] and x.tolist() == [[2, 0], [0, 1]]
-    probs = inference.Predictor(pkg).predict_proba(x)
+    probs = inference.Predictor(pkg, check_digest=False).predict_proba(x)  # no lineage.json here
     z = x @ w / 2.0
     expected_yes = 1 / (1 + np.exp(-z[:, 0]))
     np.testing.assert_allclose(probs, np.stack([1 - expected_yes, expected_yes], axis=1), atol=1e-6)

@@ -39,7 +39,7 @@ def dist_dir(variant: str) -> Path:
 
 def build_preprocess_spec(*, variant: str, meta: dict[str, Any], n_outputs: int, temperature: float,
                           tta: Optional[dict[str, Any]], atol: float, feature_names: Optional[list[str]] = None,
-                          model_file: str = "model.onnx") -> dict[str, Any]:
+                          model_file: str = "model.onnx", high_bit_depth: str = "scale") -> dict[str, Any]:
     """The package's preprocessing + postprocessing contract (``preprocess.json``)."""
     kind = meta["input"]["kind"]
     shape = [int(d) for d in meta["input"]["shape"]]
@@ -56,6 +56,9 @@ def build_preprocess_spec(*, variant: str, meta: dict[str, Any], n_outputs: int,
                                "(aspect ratio not kept); a JPEG of another size is first decoded at a reduced "
                                "scale still >= the target (PIL Image.draft)",
                        "resample": "bicubic", "library": "PIL"},
+            # What the collect step did with 16-bit/32-bit/float images (pipeline.imaging):
+            # scale their type's range to 0..255, or reject them; predict and serve do the same.
+            "high_bit_depth": high_bit_depth,
         })
     else:
         inp.update({

@@ -61,7 +61,7 @@ def verify_package(path: str | os.PathLike) -> dict[str, Any]:
 
     if pkg is None:
         pkg = inference.open_package(root)
-    predictor = inference.Predictor(pkg, threads=1)
+    predictor = inference.Predictor(pkg, threads=1, check_digest=False)  # every file was hashed above
     checks = pkg.spec.get("checks") or {}
     try:
         x = np.load(root / checks["input"], allow_pickle=False)

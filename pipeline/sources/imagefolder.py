@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -41,7 +40,9 @@ from typing import Annotated, Any, Iterator, Literal, Optional
 import numpy as np
 from pydantic import Field
 
+from pipeline import imaging
 from pipeline.errors import FmpipeError
+from pipeline.imaging import HighBitDepthRefused
 from pipeline.schema import Strict
 from pipeline.sources import fetch
 from pipeline.sources.base import Collected
@@ -224,72 +225,19 @@ def _layout(path: Path, files: list[PurePosixPath], dirs: list[PurePosixPath]):
 
 # ---------------------------------------------------------------- decoding
 
-# PIL modes holding more than 8 bits per pixel (one channel each) and the value range that
-# maps to 0..255. Mode "I" is what Pillow gives many 16-bit files, so its range is 16-bit too;
-# values outside the range are refused rather than clipped.
-_HIGH_BIT_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
-                   "I": 65535.0, "F": 1.0}
-
-
-class HighBitDepthRefused(Exception):
-    """A high-bit-depth image under ``high_bit_depth: reject`` (the caller names the file)."""
-
-
-def _to_8bit(im):
-    """An 8-bit "L" image from a 16-bit/32-bit/float one, scaled by its type's range."""
-    from PIL import Image
-
-    top = _HIGH_BIT_MODES[im.mode]
-    arr = np.asarray(im, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"mode {im.mode} image has NaN or infinite pixel values")
-    lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
-    if lo < 0 or hi > top:
-        raise ValueError(f"mode {im.mode} pixel values {lo:g}..{hi:g} outside the expected 0..{top:g}")
-    return Image.fromarray(np.rint(arr * (255.0 / top)).astype(np.uint8), mode="L")
-
-
-def _reason(exc: Exception) -> str:
-    """A skip reason that is the same on every run (no object addresses), on one line."""
-    from PIL import UnidentifiedImageError
-
-    if isinstance(exc, UnidentifiedImageError):
-        return "unreadable image (not a format Pillow recognises)"
-    text = re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(exc).split()))
-    return f"unreadable image ({type(exc).__name__}: {text})"
-
-
 def _decode(data: bytes, channels: int, size: Optional[tuple[int, int]], reject: bool,
             high_bit_depth: str = "scale"):
-    """(H x W x C uint8 array, None, resized?) or (None, reason, False). Never raises for bad bytes."""
-    from PIL import Image
-
-    mode = "L" if channels == 1 else "RGB"
+    """(H x W x C uint8 array, None, resized?) or (None, reason, False); the rule is
+    ``pipeline.imaging.decode``, shared with predict and serve. Raises only
+    ``HighBitDepthRefused`` (collect stops on it, naming the file)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if size is not None and (h, w) != size:
-                if reject:
-                    return None, f"size {h}x{w} differs from {size[0]}x{size[1]} (on_size_mismatch: reject)", False
-                if im.format == "JPEG":
-                    # Let libjpeg decode at a reduced scale (still >= the target) before resizing.
-                    im.draft(mode, (size[1], size[0]))
-            if im.mode in _HIGH_BIT_MODES:
-                if high_bit_depth == "reject":
-                    raise HighBitDepthRefused(im.mode)
-                # Pillow's convert("L") clips these to 0..255 instead of scaling them.
-                out = _to_8bit(im).convert(mode)
-            else:
-                out = im.convert(mode)
-            resized = size is not None and out.size != (size[1], size[0])
-            if resized:
-                out = out.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-            arr = np.asarray(out, dtype=np.uint8)
+        out = imaging.decode(data, channels, size, on_size_mismatch="reject" if reject else "resize",
+                             high_bit_depth=high_bit_depth)
     except HighBitDepthRefused:
         raise
-    except Exception as exc:  # Pillow raises many types for bad bytes; each is one recorded skip
-        return None, _reason(exc), False
-    return arr.reshape(arr.shape[0], arr.shape[1], channels), None, resized
+    except imaging.ImageProblem as exc:  # one recorded skip
+        return None, str(exc), False
+    return out.pixels, None, out.resized
 
 
 # ---------------------------------------------------------------- load
