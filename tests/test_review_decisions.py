@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -252,3 +253,30 @@ def test_bad_decision_file_stops_annotate_and_keeps_previous_output(iris_clean):
     result = fmpipe("annotate", "--stage", "iris")
     assert result.returncode == 1 and "annotations/iris/x.json:" in result.stderr and "task 1" in result.stderr
     assert sha256_file("data/iris/annotate/manifest.parquet") == before
+
+
+def readme_label_studio_example() -> str:
+    """The README's Label Studio export example: the ```json block in "The review loop"."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## The review loop"):]
+    start = section.index("```json\n") + len("```json\n")
+    return section[start:section.index("```", start)]
+
+
+def test_readme_label_studio_example_is_what_the_real_import_reads(project, tmp_path):
+    """The export format a newcomer copies from the README goes through `fmpipe review import`
+    and annotate as the README says: one relabel (with its note), one drop, one confirm."""
+    from pipeline.runner import run_step
+
+    run_step("collect", "digits")
+    run_step("clean", "digits")
+    src = tmp_path / "project-1-at-2026-11-24-12-00-abcd.json"
+    src.write_text(readme_label_studio_example())
+    result = fmpipe("review", "import", str(src), "--stage", "digits")
+    assert result.returncode == 0, result.stderr
+    assert "1 relabel, 1 confirm, 1 drop" in result.stdout
+    run_step("validate", "digits")
+    report = run_step("annotate", "digits")
+    assert (report["relabelled"], report["confirmed"], report["dropped"]) == (1, 1, 1)
+    change = next(c for c in report["changes"] if c["id"] == "digits/0421")
+    assert change["note"] == "looks like a 9"

@@ -58,17 +58,18 @@ def test_cross_validated_head_finds_flipped_labels():
     assert np.array_equal(probs, cross_validated_head_probs(x, noisy, 3, folds=5, seed=0, c=1.0))
 
 
-def test_label_list_puts_flagged_first_and_ranks_within_scoring_groups():
+def test_label_list_is_ordered_by_its_score_the_percentile_within_scoring_groups():
     labels = np.zeros(6, dtype=np.int64)
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.99, 0.01], [0.55, 0.45], [0.7, 0.3]])
     issues = pd.DataFrame({"is_issue": [False, True, False, False, False, False], "quality": probs[:, 0],
                            "suggested": probs.argmax(1), "given_prob": probs[:, 0], "suggested_prob": probs.max(1)})
     groups = np.array(["a", "a", "a", "b", "b", "b"], dtype=object)
     found = find_label_issues(ReviewInputs(manifest_for(labels), probs, issues, groups=groups), {})
-    assert found["row"].tolist()[0] == 1 and found["reason"].tolist()[:2] == ["label_issue", "low_label_quality"]
-    # By rank within its group: row 4 (b's lowest) before row 2 (a's 2nd lowest, a's lowest is
-    # the flagged row 1), then row 5 (b's 2nd lowest; ties go to the lower row index).
-    assert found["row"].tolist()[1:4] == [4, 2, 5]
+    # Score = suspicion percentile within the row's group: each group's lowest quality scores 1
+    # (rows 1 and 4), the 2nd lowest 2/3 (rows 2 and 5); ties go to the lower row index.
+    assert found["row"].tolist() == [1, 4, 2, 5, 0, 3]
+    assert found["score"].round(4).tolist() == [1.0, 1.0, 0.6667, 0.6667, 0.3333, 0.3333]
+    assert found["reason"].tolist()[:2] == ["label_issue", "low_label_quality"]
     assert (found["suggested"] == 1).all()  # the best class other than the given one
 
 
@@ -82,7 +83,7 @@ def test_near_duplicates_queue_the_less_protected_copy_and_suggest_drop():
     found = find_near_duplicates(ReviewInputs(m, np.zeros((6, 2)), issues, duplicate_vectors=vecs),
                                  {"duplicate_threshold": 0.01})
     got = {(r, rel, reason) for r, rel, reason in zip(found["row"], found["related_row"], found["reason"])}
-    assert got == {(4, 0, "leak_conflicting_labels"), (5, 2, "near_duplicate")}
+    assert got == {(4, 0, "cross_split_duplicate_conflicting_labels"), (5, 2, "near_duplicate")}
     assert (found["suggested"] == DROP_INDEX).all()
 
 
@@ -93,8 +94,13 @@ def test_outliers_flag_the_row_far_from_every_class():
     m = manifest_for(y)
     issues = pd.DataFrame({"suggested": np.zeros(len(y), np.int64), "suggested_prob": np.ones(len(y)),
                            "given_prob": np.ones(len(y))})
-    found = find_outliers(ReviewInputs(m, np.zeros((len(y), 3)), issues, penultimate=x), {"outlier_fraction": 0.01})
+    probs = np.full((len(y), 3), 0.1)
+    probs[np.arange(len(y)), y] = 0.8  # the model agrees with every given label
+    found = find_outliers(ReviewInputs(m, probs, issues, penultimate=x), {"outlier_fraction": 0.01})
     assert found["row"].iloc[0] == len(y) - 1 and len(found) == 4
+    # The suggestion is the most probable *other* class (README), never the label the row has.
+    assert (found["suggested"].to_numpy() != y[found["row"].to_numpy()]).all()
+    assert np.allclose(found["suggested_prob"], 0.1)
 
 
 def test_queue_interleaves_finders_merges_reasons_and_skips_decided_rows():
@@ -107,8 +113,10 @@ def test_queue_interleaves_finders_merges_reasons_and_skips_decided_rows():
     q = build_queue({"label_issues": frame([1, 2, 3, 4, 5], "label_issue"),
                      "near_duplicates": frame([2, 7], "near_duplicate"),
                      "outliers": frame([9], "outlier")}, size=6, skip_rows=np.array([3]))
-    assert q["row"].tolist() == [1, 2, 9, 4, 7, 5]
-    assert q["reasons"].tolist()[1] == "label_issue+near_duplicate"
+    # Taken in turn (1, 2, 9, 4, 7, 5), then shown grouped by the finder that took each row.
+    assert q["row"].tolist() == [1, 4, 5, 2, 7, 9]
+    assert q["group"].tolist() == ["label_issues"] * 3 + ["near_duplicates"] * 2 + ["outliers"]
+    assert q["reasons"].tolist()[3] == "label_issue+near_duplicate"
     assert len(build_queue({"a": frame([1, 2, 3], "x")}, size=2)) == 2
 
 
@@ -116,7 +124,8 @@ def test_label_studio_files_and_contact_sheet():
     m = pd.DataFrame({"id": pd.array(["a/1", "a/2"], dtype="string"), "split": pd.array(["train", "test"], dtype="string"),
                       "label": np.array([0, 1])})
     classes = ["cat", "dog & co"]
-    queue = pd.DataFrame({"row": [0, 1], "reasons": ["label_issue", "leak"], "score": [0.9, 0.99],
+    queue = pd.DataFrame({"row": [0, 1], "reasons": ["label_issue", "cross_split_duplicate"], "score": [0.9, 0.99],
+                          "group": ["label_issues", "near_duplicates"],
                           "suggested": [1, DROP_INDEX], "suggested_prob": [0.8, np.nan], "given_prob": [0.1, 0.7],
                           "related_row": [-1, 0], "distance": [np.nan, 0.004]})
     table = queue_table(queue, m, classes, np.array(["cv", "model"], dtype=object))
@@ -130,6 +139,10 @@ def test_label_studio_files_and_contact_sheet():
     assert [c.get("value") for c in config.iter("Choice")] == ["cat", "dog & co", "drop"]
     html = contact_sheet(table, queue, title="t", kind="image", images=images, features=None, limit=1)
     assert html.count('class="card"') == 1 and "data:image/png;base64," in html and "http" not in html
+    # No "nan" anywhere a person reads: the drop suggestion has no probability, so none is shown.
+    full = contact_sheet(table, queue, title="t", kind="image", images=images, features=None)
+    assert "nan" not in full.lower() and "nan" not in json.dumps([t["data"]["info"] for t in tasks]).lower()
+    assert "suggested drop;" in tasks[1]["data"]["info"]
 
 
 # ---------------------------------------------------------------- the step on a tiny model
@@ -162,6 +175,21 @@ def test_review_step_writes_every_output_deterministically(digits_model):
     assert {n: sha256_file(out / n) for n in names} == first
     queue = pd.read_csv(out / "queue.csv")
     assert len(json.loads((out / "label_studio_tasks.json").read_text())) == len(queue) == report["queue"]["size"]
+    # Ranks follow the score the page names: the queue comes in groups (one per finder, each
+    # group's score meaning in the report and on the page), and within a group a later rank
+    # never has a higher score.
+    assert queue["rank"].tolist() == list(range(1, len(queue) + 1))
+    groups = list(dict.fromkeys(queue["group"]))
+    assert groups == [g for g in report["queue"]["groups"] if report["queue"]["groups"][g]["rows"]]
+    for g in groups:
+        scores = queue.loc[queue["group"] == g, "score"].to_numpy()
+        assert (np.diff(scores) <= 1e-9).all(), g
+    sheet = (out / "contact_sheet.html").read_text()
+    for g in groups:
+        assert report["queue"]["groups"][g]["score"] in sheet.replace("&quot;", '"')
+    assert " nan" not in sheet and "=nan" not in sheet
+    # A suggestion is never the label the row already has (README: the most probable other class).
+    assert (queue["suggested_label"].astype(str) != queue["given_label"].astype(str)).all()
 
 
 def test_full_model_scoring_retrains_per_fold(project):
@@ -190,7 +218,8 @@ def test_contact_sheet_renders_offline_in_chromium(tmp_path):
     images = rng.integers(0, 255, size=(12, 32, 32, 3), dtype=np.uint8)
     m = pd.DataFrame({"id": pd.array([f"test/{i}.png" for i in range(12)], dtype="string"),
                       "split": pd.array(["test"] * 12, dtype="string"), "label": np.arange(12) % 3})
-    queue = pd.DataFrame({"row": np.arange(12), "reasons": ["label_issue"] * 11 + ["leak"],
+    queue = pd.DataFrame({"row": np.arange(12), "reasons": ["label_issue"] * 11 + ["cross_split_duplicate"],
+                          "group": ["label_issues"] * 11 + ["near_duplicates"],
                           "score": np.linspace(1, 0.5, 12), "suggested": [1] * 11 + [DROP_INDEX],
                           "suggested_prob": [0.9] * 11 + [np.nan], "given_prob": [0.05] * 12,
                           "related_row": [-1] * 11 + [0], "distance": [np.nan] * 11 + [0.003]})

@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.review.decisions import CHOICES_CONTROL, DROP, NOTE_CONTROL, TASK_ID_KEY
-from pipeline.review.finders import DROP_INDEX
+from pipeline.review.finders import DROP_INDEX, SCORE_MEANING
 
-QUEUE_COLUMNS = ("rank", "id", "split", "given_label", "suggested_label", "score", "reason", "scored_by",
+QUEUE_COLUMNS = ("rank", "group", "id", "split", "given_label", "suggested_label", "score", "reason", "scored_by",
                  "given_prob", "suggested_prob", "related_id", "distance")
 LS_MIN_SIDE = 128  # enlarge small images to at least this many pixels for Label Studio
 
@@ -44,6 +44,7 @@ def queue_table(queue: pd.DataFrame, manifest: pd.DataFrame, classes: list[str],
     suggested = queue["suggested"].to_numpy().astype(np.int64)
     return pd.DataFrame({
         "rank": np.arange(1, len(rows) + 1, dtype=np.int64),
+        "group": pd.array(queue["group"].astype(str).to_numpy(), dtype="string"),
         "id": pd.array(ids[rows], dtype="string"),
         "split": pd.array(manifest["split"].astype(str).to_numpy()[rows], dtype="string"),
         "given_label": pd.array([classes[int(labels[r])] for r in rows], dtype="string"),
@@ -133,12 +134,14 @@ def label_studio_tasks(table: pd.DataFrame, queue: pd.DataFrame, *, kind: str, i
     for rec, row, related in zip(table.to_dict("records"), queue["row"].tolist(), queue["related_row"].tolist()):
         score = rec["suggested_prob"] if rec["suggested_label"] != DROP else 1.0 - rec["distance"]
         info = (f"#{rec['rank']} {rec['id']} ({rec['split']}): given {rec['given_label']!s}, "
-                f"suggested {rec['suggested_label']!s}; {rec['reason']}, score {rec['score']:.3f}")
+                f"suggested {rec['suggested_label']!s}{_prob_text(rec)}; {rec['reason']}, "
+                f"{rec['group']} score {rec['score']:.3f}")
         if rec["related_id"] is not pd.NA and rec["related_id"] is not None:
             info += f"; right: its near copy {rec['related_id']} (cosine distance {rec['distance']:.4f})"
         data: dict[str, Any] = {
             TASK_ID_KEY: rec["id"], "split": rec["split"], "given_label": rec["given_label"],
-            "suggested_label": rec["suggested_label"], "reason": rec["reason"], "score": rec["score"],
+            "suggested_label": rec["suggested_label"], "reason": rec["reason"], "group": rec["group"],
+            "score": rec["score"],
             "rank": int(rec["rank"]), "info": info,
         }
         if kind == "image":
@@ -161,7 +164,7 @@ def label_studio_tasks(table: pd.DataFrame, queue: pd.DataFrame, *, kind: str, i
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-h1{font-size:1.3em} .meta{color:#555;font-size:.9em}
+h1{font-size:1.3em} h2{font-size:1.1em;margin:1.2em 0 .2em} .meta{color:#555;font-size:.9em}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
 .card{border:1px solid #ccc;border-radius:6px;padding:6px;width:230px;font-size:.8em}
 .card img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #eee;object-fit:contain}
@@ -172,14 +175,31 @@ table.feat{font-family:monospace}
 """
 
 
+def _prob_text(rec: dict[str, Any]) -> str:
+    """`` (p=0.310)`` for a class suggestion; nothing where there is no probability (drop)."""
+    p = rec.get("suggested_prob")
+    return "" if p is None or pd.isna(p) else f" (p={float(p):.3f})"
+
+
 def contact_sheet(table: pd.DataFrame, queue: pd.DataFrame, *, title: str, kind: str,
                   images: Optional[np.ndarray], features: Optional[pd.DataFrame], summary: str = "",
-                  limit: Optional[int] = None) -> str:
-    """An offline HTML page (images inlined as data: URIs) of the queue's top ``limit`` rows."""
+                  limit: Optional[int] = None, notes: Optional[list[str]] = None) -> str:
+    """An offline HTML page (images inlined as data: URIs) of the queue's top ``limit`` rows,
+    one section per group (the finder that queued the rows), each with what its score means."""
     n = len(table) if limit is None else min(limit, len(table))
-    cards = []
-    for rec, row, related in list(zip(table.to_dict("records"), queue["row"].tolist(),
-                                      queue["related_row"].tolist()))[:n]:
+    # The top of each group in turn up to ``limit`` cards, so that every group is on the page.
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(table["group"].astype(str).tolist()):
+        by_group.setdefault(g, []).append(i)
+    shown: list[int] = []
+    depth = 0
+    while len(shown) < n:
+        shown += [rows[depth] for rows in by_group.values() if depth < len(rows)][:n - len(shown)]
+        depth += 1
+    records = table.to_dict("records")
+    rows_of, related_of = queue["row"].tolist(), queue["related_row"].tolist()
+    sections: dict[str, list[str]] = {}
+    for rec, row, related in ((records[i], rows_of[i], related_of[i]) for i in sorted(shown)):
         if kind == "image":
             pics = f'<img alt="{html.escape(rec["id"])}" src="{data_uri(png_bytes(np.asarray(images[int(row)])))}">'
             if int(related) >= 0:
@@ -191,20 +211,27 @@ def contact_sheet(table: pd.DataFrame, queue: pd.DataFrame, *, title: str, kind:
         if int(related) >= 0:
             partner = (f'<div>near copy: <span class="id">{html.escape(str(rec["related_id"]))}</span> '
                        f'(distance {rec["distance"]:.4f})</div>')
-        prob = "" if pd.isna(rec["suggested_prob"]) else f" (p={rec['suggested_prob']:.3f})"
-        cards.append(
+        sections.setdefault(str(rec["group"]), []).append(
             f'<div class="card"><div class="pair">{pics}</div>'
             f'<div><b>#{rec["rank"]}</b> <span class="id">{html.escape(rec["id"])}</span> [{html.escape(rec["split"])}]</div>'
             f'<div>given <span class="given">{html.escape(str(rec["given_label"]))}</span> &rarr; '
-            f'suggested <span class="suggested">{html.escape(str(rec["suggested_label"]))}</span>{prob}</div>'
+            f'suggested <span class="suggested">{html.escape(str(rec["suggested_label"]))}</span>{_prob_text(rec)}</div>'
             f'<div>{html.escape(rec["reason"])}, score {rec["score"]:.3f}</div>{partner}'
             f'<div class="meta">{html.escape(rec["scored_by"])}</div></div>'
         )
+    counts = table["group"].astype(str).value_counts().to_dict() if len(table) else {}
+    body = []
+    for group, cards in sections.items():
+        body.append(f"<h2>{html.escape(group)} ({counts.get(group, len(cards))} queued)</h2>\n"
+                    f'<p class="meta">Ranked by score, highest first: {html.escape(SCORE_MEANING.get(group, ""))}.</p>\n'
+                    '<div class="grid">\n' + "\n".join(cards) + "\n</div>")
+    extra = "".join(f'<p class="meta">{html.escape(t)}</p>\n' for t in (notes or []))
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
         f"<h1>{html.escape(title)}</h1>\n<p class=\"meta\">{html.escape(summary)}</p>\n"
-        f"<p class=\"meta\">Top {n} of {len(table)} queued items. Score: higher is more suspect. "
-        "Given label in red, the suggestion in green; <i>drop</i> suggests removing a near copy.</p>\n"
-        f"<div class=\"grid\">\n" + "\n".join(cards) + "\n</div>\n</body></html>\n"
+        f"<p class=\"meta\">{n} of {len(table)} queued items (the top of each group), grouped by the finder that queued them; "
+        "each group has its own score (higher is more suspect). The suggestion is the most probable class "
+        "other than the given one. Given label in red, the suggestion in green; <i>drop</i> suggests "
+        "removing a near copy.</p>\n" + extra + "\n".join(body) + "\n</body></html>\n"
     )

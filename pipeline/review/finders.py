@@ -4,13 +4,13 @@ Each finder has one interface: ``find(inputs, options) -> DataFrame`` of finding
 suspect dataset row, columns :data:`FINDING_COLUMNS`, most suspect first. ``score`` is in
 [0, 1], higher = more suspect; ``suggested`` is a class index or :data:`DROP_INDEX`.
 
-- ``label_issues``: rows cleanlab flags (see :mod:`pipeline.review.scoring`), then the
-  other rows of the lowest ``low_quality_fraction`` of their scoring group by label quality
-  (see :func:`find_label_issues` for why); score
-  ``1 - label quality``; suggestion: the most probable class other than the given one.
+- ``label_issues``: rows cleanlab flags (see :mod:`pipeline.review.scoring`) and the other
+  rows of the lowest ``low_quality_fraction`` of their scoring group by label quality (see
+  :func:`find_label_issues` for why); score: the row's suspicion percentile within its scoring
+  group; suggestion: the most probable class other than the given one (every finder's).
 - ``near_duplicates``: pairs of rows closer than a cosine-distance threshold in the duplicate
   embedding (:func:`pipeline.quality.neighbors.near_pairs`). A pair across splits is a
-  ``leak``: the copy in the less protected split is queued (train before val before test, the
+  ``cross_split_duplicate``: the copy in the less protected split is queued (train before val before test, the
   rule clean uses for exact copies), so the test set stays intact. A pair within one split is
   a ``near_duplicate``: the later id is queued. The suggestion is ``drop``; the partner is
   named (``related_row``). Score ``1 - distance``.
@@ -18,9 +18,11 @@ suspect dataset row, columns :data:`FINDING_COLUMNS`, most suspect first. ``scor
   mean of the train embeddings; the top ``outlier_fraction`` of rows are flagged. Cheap
   (N x classes) and needs no second index. Score: the row's percentile of that distance.
 
-The queue interleaves the finders' lists (one from each in turn, in the order the params list
-them) so that no finder hides another, merges a row found twice into one entry with both
-reasons, leaves out rows people already decided, and stops at the queue size.
+The queue takes rows from the finders' lists in turn (one from each, in the order the params
+list them) so that no finder hides another, merges a row found twice into one entry with both
+reasons, leaves out rows people already decided, and stops at the queue size. It is then shown
+grouped by the finder that queued each row (``group``), each group ranked by its own score:
+the three scores measure different things and are not compared with each other.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ import numpy as np
 import pandas as pd
 
 DROP_INDEX = -1
+# A near pair across splits. Not called a "leak": that word is clean's (pairs closer than its
+# own threshold, dropped or counted in ``leaked_rows_remaining``); review casts a wider net.
+ACROSS_SPLITS = "cross_split_duplicate"
+# What each finder's score means (the queue is shown grouped by finder, each group ranked by
+# its own score, because the three scores measure different things).
+SCORE_MEANING = {
+    "label_issues": "suspicion percentile of the given label within its scoring group "
+                    "(1 = the lowest label quality among rows scored the same way)",
+    "near_duplicates": "1 - cosine distance to the nearest copy (1 = identical)",
+    "outliers": "percentile of the distance to the nearest class centre (1 = the farthest row)",
+}
 FINDING_COLUMNS = ("row", "reason", "score", "suggested", "suggested_prob", "given_prob",
                    "related_row", "distance")
 _SPLIT_PROTECTION = {"test": 0, "val": 1, "train": 2}
@@ -56,15 +69,15 @@ def _empty() -> pd.DataFrame:
 
 
 def find_label_issues(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataFrame:
-    """Rows cleanlab flags (``label_issue``) first, then every other row (``low_label_quality``),
-    each part ordered by label quality, lowest first.
+    """Rows cleanlab flags (``label_issue``) and the other rows of the least trustworthy
+    ``low_label_quality`` fraction of their scoring group, ordered by one score: the row's
+    suspicion percentile within its scoring group (:data:`SCORE_MEANING`).
 
     Why not the flagged rows alone: the train rows' embeddings come from a network that
     trained on those very labels, so a cross-validated head agrees with a memorised wrong
     label often enough that confident learning flags nothing (measured on digits with 4%
     flipped labels: 0 of 50 flagged), while the *ranking* by label quality still puts 96% of
     them in the lowest 80. The queue size is the reviewers' budget; it is filled in that order.
-    Within each part, rows are ordered by their quality rank within their scoring group.
     """
     iss = inputs.issues
     n = len(iss)
@@ -74,34 +87,30 @@ def find_label_issues(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataF
     quality = iss["quality"].to_numpy().astype(np.float64)
     # Rows are compared with the rows scored the same way: the network's softmax on val/test
     # and a cross-validated head on train are calibrated differently, so raw qualities do not
-    # mix. Each row's rank within its group, as a fraction of the group, orders the list.
+    # mix. The score is a row's suspicion percentile within its group: 1.0 for the lowest
+    # label quality of the group, 1/n for the highest. The list is ordered by that score alone,
+    # so the rank a reviewer sees always follows the score printed next to it.
     groups = inputs.groups if inputs.groups is not None else np.zeros(n, dtype=object)
-    within = np.empty(n, dtype=np.float64)
+    score = np.empty(n, dtype=np.float64)
+    within = np.empty(n, dtype=np.float64)  # fraction of the group at least as suspect
     for g in dict.fromkeys(groups.tolist()):
         rows = np.flatnonzero(groups == g)
         ranks = np.empty(len(rows))
         ranks[np.lexsort((rows, quality[rows]))] = np.arange(len(rows))
+        score[rows] = 1.0 - ranks / len(rows)
         within[rows] = (ranks + 1) / len(rows)
     # Unflagged rows only from the least trustworthy ``low_quality_fraction`` of their group:
     # a queue longer than the doubt would otherwise fill up with confidently right labels.
-    keep = flagged | (within <= float(options.get("low_quality_fraction", 1.0)))
-    order = np.lexsort((np.arange(n), within, ~flagged))
+    keep = flagged | (within <= float(options.get("low_quality_fraction", 1.0)) + 1e-12)
+    order = np.lexsort((np.arange(n), -score))
     order = order[keep[order]]
-    # The suggestion is the most probable class *other than* the given one: for a suspect
-    # label that is the question to put to a person (for a memorised train row the argmax
-    # would often be the given label itself).
-    probs = np.array(inputs.probs, dtype=np.float64, copy=True)
-    labels = inputs.manifest["label"].to_numpy().astype(np.int64)
-    if probs.shape[1] > 1:
-        probs[np.arange(n), labels] = -1.0
-    alternative = probs.argmax(axis=1)
-    alt_prob = np.asarray(inputs.probs)[np.arange(n), alternative]
+    alternative, alt_prob = other_class(inputs.probs, inputs.manifest["label"].to_numpy())
     if len(order) == 0:
         return _empty()
     out = pd.DataFrame({
         "row": order.astype(np.int64),
         "reason": pd.array(np.where(flagged[order], "label_issue", "low_label_quality"), dtype="string"),
-        "score": (1.0 - quality[order]).clip(0, 1),
+        "score": score[order],
         "suggested": alternative[order].astype(np.int64),
         "suggested_prob": alt_prob[order],
         "given_prob": iss["given_prob"].to_numpy()[order],
@@ -109,6 +118,21 @@ def find_label_issues(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataF
         "distance": np.full(len(order), np.nan),
     })
     return out.reset_index(drop=True)
+
+
+def other_class(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The most probable class *other than* the given one, and its probability, per row.
+
+    This is every finder's suggestion: for a suspect label it is the question to put to a
+    person (for a memorised train row the argmax would often be the given label itself, and
+    "suggesting" the label a row already has asks nothing)."""
+    p = np.array(probs, dtype=np.float64, copy=True)
+    n = len(p)
+    labels = np.asarray(labels).astype(np.int64)
+    if n and p.shape[1] > 1:
+        p[np.arange(n), labels] = -1.0
+    alternative = p.argmax(axis=1) if n else np.empty(0, np.int64)
+    return alternative, np.asarray(probs, dtype=np.float64)[np.arange(n), alternative] if n else np.empty(0)
 
 
 def find_near_duplicates(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataFrame:
@@ -134,7 +158,7 @@ def find_near_duplicates(inputs: ReviewInputs, options: dict[str, Any]) -> pd.Da
     partner = np.where(queue_j, i, j)
     leak = split[row] != split[partner]
     labels = m["label"].to_numpy()
-    reason = np.where(leak, "leak", "near_duplicate")
+    reason = np.where(leak, ACROSS_SPLITS, "near_duplicate")
     reason = np.where(labels[row] != labels[partner], np.char.add(reason.astype(str), "_conflicting_labels"), reason)
     n = len(inputs.issues)
     given_prob = inputs.issues["given_prob"].to_numpy() if n else np.zeros(0)
@@ -165,12 +189,13 @@ def find_outliers(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataFrame
     percentile[order] = (np.arange(n) + 1) / n
     flagged = np.flatnonzero(percentile > 1.0 - fraction)
     iss = inputs.issues
+    alternative, alt_prob = other_class(inputs.probs, inputs.manifest["label"].to_numpy())
     out = pd.DataFrame({
         "row": flagged.astype(np.int64),
         "reason": pd.array(["outlier"] * len(flagged), dtype="string"),
         "score": percentile[flagged],
-        "suggested": iss["suggested"].to_numpy()[flagged].astype(np.int64),
-        "suggested_prob": iss["suggested_prob"].to_numpy()[flagged],
+        "suggested": alternative[flagged].astype(np.int64),
+        "suggested_prob": alt_prob[flagged],
         "given_prob": iss["given_prob"].to_numpy()[flagged],
         "related_row": np.full(len(flagged), -1, dtype=np.int64),
         "distance": dist[flagged].astype(np.float64),
@@ -207,11 +232,14 @@ def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optiona
 
     ``findings`` is ordered (the params' finder order). A row found by several finders takes
     the place of its first finding and lists every reason (``label_issue+outlier``).
-    ``skip_rows``: rows left out (people already decided them).
+    ``skip_rows``: rows left out (people already decided them). The result is grouped by the
+    finder that queued each row (``group``), most suspect first within each group.
     """
     skip = set() if skip_rows is None else {int(r) for r in np.asarray(skip_rows)}
     lists = [f[~f["row"].isin(skip)].reset_index(drop=True) for f in findings.values()]
+    names = list(findings)
     picked: list[dict[str, Any]] = []
+    group_of: list[str] = []
     where: dict[int, int] = {}
     cursors = [0] * len(lists)
     while len(picked) < size and any(c < len(f) for c, f in zip(cursors, lists)):
@@ -226,10 +254,12 @@ def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optiona
                     continue
                 where[r] = len(picked)
                 picked.append(rec)
+                group_of.append(names[k])
                 break
     if not picked:
         out = _empty()
         out["reasons"] = pd.Series(dtype="string")
+        out["group"] = pd.Series(dtype="string")
         return out
     # A row's reasons: every finder whose list reached it while the queue filled.
     all_reasons: dict[int, list[str]] = {}
@@ -238,6 +268,10 @@ def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optiona
             all_reasons.setdefault(int(r), []).append(str(reason))
     queue = pd.DataFrame(picked)
     queue["reasons"] = pd.array(["+".join(dict.fromkeys(all_reasons[int(r)])) for r in queue["row"]], dtype="string")
+    queue["group"] = pd.array(group_of, dtype="string")
     for col in ("row", "suggested", "related_row"):
         queue[col] = queue[col].astype(np.int64)
-    return queue.reset_index(drop=True)
+    # Grouped by finder (params order), each group by its own score, most suspect first.
+    queue["_g"] = [names.index(g) for g in group_of]
+    queue = queue.sort_values(["_g", "score", "row"], ascending=[True, False, True], kind="stable")
+    return queue.drop(columns="_g").reset_index(drop=True)

@@ -31,7 +31,7 @@ from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset
 from pipeline.packaging.evaluation import effective_tta, tta_description
 from pipeline.review import export
-from pipeline.review.finders import FINDERS, ReviewInputs, build_queue
+from pipeline.review.finders import ACROSS_SPLITS, FINDERS, SCORE_MEANING, ReviewInputs, build_queue
 from pipeline.review.scoring import cross_validated_head_probs, fold_assignment, label_issues
 
 QUEUE_PARQUET = "queue.parquet"
@@ -266,21 +266,26 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
                     "in_sample_predictions_used": False,
                     "embeddings": captured["describe"]},
         "cleanlab": {"version": cleanlab.__version__, "find_label_issues": {"filter_by": rs.filter_by},
-                     "ranked_by": rs.rank_by, "queue_order": ("rows cleanlab flags first, then the others of the lowest "
-                                       f"{rs.low_quality_fraction:g} of their group; each part by label quality rank "
-                                       "within its scoring group (train: cross-validated, val+test: model), lowest first; "
-                                       "score = 1 - label quality; suggestion = the most probable other class"),
+                     "ranked_by": rs.rank_by, "queue_order": (
+                         "cleanlab's flagged rows and the others of the lowest "
+                         f"{rs.low_quality_fraction:g} of their scoring group (train: cross-validated, "
+                         "val+test: model); score = " + SCORE_MEANING["label_issues"] + ", highest first; "
+                         "suggestion = the most probable other class"),
                      "groups": group_counts, "notes": cleanlab_notes},
         "finders": {name: ({"flagged_by_cleanlab": int((f["reason"] == "label_issue").sum()), "ranked": int(len(f))}
                            if name == "label_issues" else {"found": int(len(f))}) for name, f in findings.items()},
         "near_duplicates": ({"features": list(rs.duplicate_features), "threshold": rs.duplicate_threshold,
+                             "meaning": near_copy_meaning(rs, spec),
                              "index": inputs.extra.get("near_pairs"),
                              "pairs_by_reason": findings["near_duplicates"]["reason"].astype(str).value_counts().sort_index().to_dict()}
                             if "near_duplicates" in findings else None),
         "outliers": ({"method": "cosine distance to the nearest train class mean (penultimate embedding)",
                       "fraction": rs.outlier_fraction} if "outliers" in findings else None),
         "queue": {"size": int(len(table)), "max_size": rs.queue_size,
-                  "order": "the finders' ranked lists interleaved, one from each in turn: " + ", ".join(rs.finders),
+                  "order": ("rows taken from the finders' lists in turn (" + ", ".join(rs.finders) + "), then "
+                            "shown grouped by the finder that queued them, each group ranked by its own score"),
+                  "groups": {g: {"rows": int((table["group"] == g).sum()), "score": SCORE_MEANING[g]}
+                             for g in rs.finders},
                   "by_reason": dict(sorted(in_queue_reasons.items())),
                   "by_split": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")},
                   "skipped_already_decided": int(decided.sum())},
@@ -289,10 +294,23 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
     }
     summary = (f"{len(table)} queued of {len(m)} rows; " + ", ".join(f"{k} {v}" for k, v in report["queue"]["by_reason"].items())
                + f". Train rows: {rs.scoring} {rs.folds}-fold; val/test: the model (out-of-sample).")
+    notes_on_page = [near_copy_meaning(rs, spec)] if "near_duplicates" in findings else []
     html = export.contact_sheet(table, queue, title=f"fmpipe review queue: {variant}", kind=ds.kind, images=ds.images,
-                                features=ds.features, summary=summary, limit=rs.contact_sheet_rows)
+                                features=ds.features, summary=summary, limit=rs.contact_sheet_rows,
+                                notes=notes_on_page)
     return ReviewResult(table=table, queue=queue, report=report, tasks=tasks, config_xml=config_xml, html=html,
                         probs=probs, scored_by=scored_by)
+
+
+def near_copy_meaning(rs, spec: VariantSpec) -> str:
+    """How review's near copies relate to clean's leaks (two thresholds, said on the page)."""
+    clean = spec.clean
+    return (f"Leaks are clean's: pairs across splits closer than cosine distance {clean.near_threshold:g} "
+            "(clean's embedding); clean acts on them by its leakage policy and reports the leaked rows left. "
+            f"Review casts a wider net for a person to judge: pairs closer than {rs.duplicate_threshold:g} on "
+            f"{'+'.join(rs.duplicate_features)}. Across splits they are queued as {ACROSS_SPLITS} (the copy in "
+            "the less protected split), within a split as near_duplicate; neither is a leak by clean's rule "
+            "unless a person decides it is a copy (suggestion: drop).")
 
 
 def write_files(result: ReviewResult, out_dir: str | os.PathLike) -> None:
