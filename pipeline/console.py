@@ -95,3 +95,71 @@ def progress(items: Iterable[T], total: Optional[int] = None, description: str =
         for item in items:
             yield item
             bar.update()
+
+
+# ---------------------------------------------------------------- tables that fit the terminal
+
+def terminal_width(piped: int = 200) -> int:
+    """Columns to fit: ``COLUMNS`` when set (tests, scripts), else the terminal's width; output
+    piped to a file or another program gets ``piped`` (a wide table, rather than rich's 80)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stdout.isatty():
+        import shutil
+
+        return shutil.get_terminal_size().columns
+    return piped
+
+
+def fit_table(title: str, columns: list[dict], rows: list[list[str]], width: int, wide: bool = False):
+    """A rich Table of ``rows`` no wider than ``width``: ``(table, hidden headers)``.
+
+    ``columns``: dicts with ``header``, ``priority`` (1 = kept longest), optional ``no_wrap``
+    (hashes, numbers, dates: never broken over lines) and ``justify``. Wrappable columns are
+    wrapped first (rich does that); when even the narrowest layout is too wide, the
+    lowest-priority column goes, then the next. ``wide`` keeps every column.
+    """
+    from rich.table import Table
+
+    def build(cols: list[dict]) -> Table:
+        table = Table(title=title, title_justify="left")
+        for c in cols:
+            table.add_column(c["header"], no_wrap=c.get("no_wrap", False), justify=c.get("justify", "left"),
+                             overflow="fold")
+        index = [columns.index(c) for c in cols]
+        for r in rows:
+            table.add_row(*(r[i] for i in index))
+        return table
+
+    def narrowest(c: dict) -> int:
+        # A no_wrap cell needs its whole text; a wrapped one its longest word (rich wraps it).
+        i = columns.index(c)
+        texts = [c["header"], *(r[i] for r in rows)]
+        if c.get("no_wrap"):
+            return max(len(line) for t in texts for line in str(t).splitlines() or [""])
+        return max((len(w) for t in texts for w in str(t).split()), default=1)
+
+    keep = list(columns)
+    # Each column takes its width plus 3 (padding and a rule); the table one more rule.
+    while not wide and len(keep) > 1 and sum(narrowest(c) + 3 for c in keep) + 1 > width:
+        keep.remove(max(keep, key=lambda c: c["priority"]))
+    hidden = [c["header"] for c in columns if c not in keep]
+    return build(keep), hidden
+
+
+def print_table(title: str, columns: list[dict], rows: list[list[str]], wide: bool = False) -> str:
+    """:func:`fit_table` rendered as text at the terminal's width (or unbounded with ``wide``)."""
+    from rich.console import Console
+
+    width = terminal_width()
+    table, hidden = fit_table(title, columns, rows, width, wide)
+    console = Console(width=100_000 if wide else width, record=True, file=open(os.devnull, "w"))
+    console.print(table)
+    text = "\n".join(line.rstrip() for line in console.export_text().rstrip().splitlines())
+    if hidden:
+        import textwrap
+
+        note = f"({len(hidden)} column(s) hidden to fit {width} columns: {', '.join(hidden)}; --wide shows all)"
+        text += "\n" + "\n".join(textwrap.wrap(note, max(width, 20)))
+    return text

@@ -50,28 +50,28 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def render(tables: dict[str, list[dict[str, Any]]], as_json: bool = False) -> str:
+# Columns: (header, key, priority); the lowest priority goes first when the terminal is narrow.
+COLUMNS = [("step", "step", 1), ("wall s", "wall_s", 2), ("CPU s", "cpu_s", 4), ("peak MB", "peak_mb", 3),
+           ("read MB", "read_mb", 10), ("written MB", "write_mb", 11), ("rows in", "rows_in", 8),
+           ("rows out", "rows_out", 9), ("epochs", "epochs", 6), ("steps", "optimizer_steps", 12),
+           ("samples", "samples", 13), ("samples/s", "samples_per_s", 7), ("GFLOP", "gflop", 14),
+           ("accel s", "accel_s", 5), ("accel MB", "accel_mb", 15), ("device", "device", 16)]
+
+
+def render(tables: dict[str, list[dict[str, Any]]], as_json: bool = False, wide: bool = False) -> str:
+    """The tables as JSON, or as text that fits the terminal (``wide``: every column)."""
     if as_json:
         return json.dumps({v: {"steps": rows, "total": totals(rows)} for v, rows in tables.items()}, indent=2)
-    from rich.console import Console
-    from rich.table import Table
+    from pipeline.console import print_table
 
-    console = Console(width=160, record=True, file=open("/dev/null", "w"))
+    out = []
     for v, rows in tables.items():
-        table = Table(title=f"resources: {v}", title_justify="left")
-        cols = [("step", "step"), ("wall s", "wall_s"), ("CPU s", "cpu_s"), ("peak MB", "peak_mb"),
-                ("read MB", "read_mb"), ("written MB", "write_mb"), ("rows in", "rows_in"),
-                ("rows out", "rows_out"), ("epochs", "epochs"), ("steps", "optimizer_steps"), ("samples", "samples"),
-                ("samples/s", "samples_per_s"),
-                ("GFLOP", "gflop"), ("accel s", "accel_s"), ("accel MB", "accel_mb"),
-                ("device", "device")]
-        present = [(h, k) for h, k in cols if any(r.get(k) is not None for r in rows)]
-        for h, k in present:
-            table.add_column(h, justify="left" if k in ("step", "device") else "right")
-        for row in [*rows, totals(rows)]:
-            table.add_row(*(_fmt(row.get(k)) for _, k in present), end_section=row["step"] == rows[-1]["step"])
-        console.print(table)
-    return console.export_text().rstrip()
+        present = [(h, k, p) for h, k, p in COLUMNS if any(r.get(k) is not None for r in rows)]
+        columns = [{"header": h, "priority": p, "no_wrap": True, "justify": "left" if k in ("step", "device") else "right"}
+                   for h, k, p in present]
+        cells = [[_fmt(row.get(k)) for _, k, _ in present] for row in [*rows, totals(rows)]]
+        out.append(print_table(f"resources: {v}", columns, cells, wide))
+    return "\n\n".join(out)
 
 
 def _fmt(value: Any) -> str:

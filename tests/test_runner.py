@@ -97,8 +97,29 @@ def test_resources_command_totals_add_up(digits_runs):
     for key in ("wall_s", "cpu_s", "read_mb", "write_mb"):
         assert table["total"][key] == pytest.approx(sum(r[key] for r in table["steps"]), abs=1e-3)
     assert table["total"]["peak_mb"] == max(r["peak_mb"] for r in table["steps"])
-    text = fmpipe(root, "resources", "--stage", "digits").stdout
+    text = fmpipe(root, "resources", "--stage", "digits", env={"COLUMNS": "120"}).stdout
     assert "total" in text and "train" in text
+    assert max(len(line) for line in text.splitlines()) <= 120, text
+
+
+def test_resource_table_fits_the_terminal_and_wide_shows_all(monkeypatch):
+    """Columns go by priority (step, wall time, peak memory stay) and are named; --wide keeps all."""
+    from pipeline.resource_table import COLUMNS, render
+
+    row = {k: 12345.678 for _, k, _ in COLUMNS}
+    rows = [{**row, "step": name, "device": "cpu (2 threads)", "rows_in": 1797} for name in registry.ORDER]
+    for width in (120, 80, 60):
+        monkeypatch.setenv("COLUMNS", str(width))
+        text = render({"digits": rows})
+        assert max(len(line) for line in text.splitlines()) <= width, text
+        header = text.splitlines()[2]
+        assert "step" in header and "wall s" in header and "peak MB" in header
+        assert f"hidden to fit {width} columns" in text and "--wide" in text
+        # Nothing is cut: every shown number is whole.
+        assert "12,345.7" in text and "validate" in text
+    monkeypatch.setenv("COLUMNS", "60")
+    wide = render({"digits": rows}, wide=True)
+    assert "hidden" not in wide and all(h in wide for h, _, _ in COLUMNS)
 
 
 def test_accounting_changes_no_hashed_output(digits_runs):
