@@ -15,6 +15,37 @@ import typer
 
 from pipeline.steps import ORDER, STEPS
 
+
+def _flag_type_hidden() -> None:
+    """typer 0.29 with click 8.3+ prints ``<bool>`` beside plain flags (``--json <bool>``), which
+    reads as if the flag took a value. A flag takes none: show no type for it."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_fmpipe", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._fmpipe = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flag_type_hidden()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"fmpipe {version('fmpipe')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("fmpipe (not installed: no version recorded)")
+        raise typer.Exit()
+
+
 class _LifecycleOrder(typer.core.TyperGroup):
     """Typer lists sub-apps after commands; list the registered steps first, in lifecycle order
     (``review`` is a sub-app), then everything else."""
@@ -36,6 +67,14 @@ app = typer.Typer(
 
 StageOpt = typer.Option(..., "--stage", "-s", help="Pipeline variant from params.yaml (see `fmpipe stages`).")
 ParamsOpt = typer.Option("params.yaml", "--params", help="Params file.")
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print fmpipe's version and exit."),
+) -> None:
+    """Options before any command (--version); the help text above is the app's."""
 
 
 @contextlib.contextmanager
@@ -169,13 +208,14 @@ def resources(
     stage: Optional[str] = typer.Option(None, "--stage", "-s", help="Variant (default: every variant with records)."),
     all_variants: bool = typer.Option(False, "--all", help="Every variant that has records."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
+    wide: bool = typer.Option(False, "--wide", help="Every column, however wide (default: fit the terminal)."),
 ) -> None:
     """What each step's last run used (time, CPU, memory, data moved), per step and in total."""
     from pipeline.resource_table import collect, render
 
     with _reported("fmpipe resources"):
         tables = collect(None if (all_variants or stage is None) else stage)
-    typer.echo(render(tables, as_json=as_json))
+    typer.echo(render(tables, as_json=as_json, wide=wide))
 
 
 # `fmpipe audit ...` (history, diff, model) is its own sub-app (typer only at import);

@@ -44,7 +44,13 @@ def predict(
         typer.echo(json.dumps(records, indent=2))
         return
     for r in records:
-        typer.echo(f"{r['input']}: " + ", ".join(f"{t['label']} {t['probability']:.4f}" for t in r["top_k"]))
+        typer.echo(prediction_line(r))
+
+
+def prediction_line(record: dict) -> str:
+    """``photo.png: label=1 p=0.998, label=7 p=0.001``: ``label=``/``p=`` keep a class named "1"
+    apart from a probability (digits' classes are digits). ``--json`` is the machine format."""
+    return f"{record['input']}: " + ", ".join(f"label={t['label']} p={t['probability']:.3f}" for t in record["top_k"])
 
 
 def verify(package: str = PackageArg) -> None:

@@ -55,3 +55,26 @@ def test_run_stops_at_the_first_failing_step(project):
     assert result.returncode == 1
     assert "fmpipe validate --stage iris: error" in result.stderr
     assert not (project / "data/iris/annotate").exists()
+
+
+def test_predict_text_line_names_label_and_probability():
+    """Digits' classes are digits: `1 1.0000, 8 0.0000` was ambiguous; each part is labelled."""
+    from pipeline.deploy_cli import prediction_line
+
+    record = {"input": "scan.png", "top_k": [{"label": "1", "probability": 0.99951}, {"label": "8", "probability": 0.0}]}
+    assert prediction_line(record) == "scan.png: label=1 p=1.000, label=8 p=0.000"
+
+
+def test_version_and_flags_show_no_value_type():
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"fmpipe {version('fmpipe')}"
+    for args in (["--help"], ["predict", "--help"], ["audit", "--help"], ["resources", "--help"]):
+        out = CliRunner().invoke(app, args, env={"COLUMNS": "120"}).output
+        assert "<bool>" not in out, (args, out)
+    assert "--wide" in CliRunner().invoke(app, ["resources", "--help"]).output
