@@ -269,6 +269,16 @@ def test_init_writes_a_suite_that_passes_and_does_not_overwrite(cleaned):
     proc = subprocess.run([str(FMPIPE), "validate", "--stage", "iris"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    # All passed: one summary line (under `dvc repro` the table was 48 lines of "pass").
+    assert proc.stdout == "" and re.search(r"validate --stage iris: (\d+)/\1 expectations passed", proc.stderr)
+    assert "expectation  " not in proc.stderr
+    # A failure prints the table, failures marked, to read them in context.
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["variants"]["iris"]["validate"]["min_rows_per_class"] = 50
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.run([str(FMPIPE), "validate", "--stage", "iris"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 1
     header = proc.stdout.splitlines()[0].split()
     assert header == ["expectation", "severity", "result", "observed"]
-    assert re.search(r"table_row_count_to_be_between · table where label==2 +critical +pass +49\n", proc.stdout)
+    assert re.search(r"table_row_count_to_be_between · table where label==2 +critical +FAIL +49\n", proc.stdout)
