@@ -488,3 +488,19 @@ def test_collect_full_cifar10_jpeg(project):
     assert ds.images.shape == (60_000, 32, 32, 3)
     manifest = ds.manifest
     assert (manifest.loc[manifest["split"] == "test", "id"].str.startswith("test/")).all()
+
+
+def test_source_dump_holds_only_the_settings_its_kind_uses():
+    """The model card, lineage and `fmpipe audit model` show the params dump: the digits source
+    must not list make_classification's n_samples/n_features/n_informative/seed."""
+    from pipeline.config import VariantSpec, load_variant
+
+    digits = load_variant("digits").model_dump(mode="json", by_alias=True)
+    assert digits["source"] == {"kind": "sklearn", "dataset": "digits"}
+    synthetic = load_variant("digits").source.model_validate(
+        {"kind": "sklearn", "dataset": "make_classification", "n_samples": 50})
+    assert synthetic.model_dump() == {"kind": "sklearn", "dataset": "make_classification", "n_samples": 50,
+                                      "n_features": 10, "n_informative": 5, "seed": 0}
+    # The dump reads back as the same spec (lineage params stay loadable).
+    spec = load_variant("digits")
+    assert VariantSpec.model_validate(spec.model_dump(by_alias=True)) == spec

@@ -15,10 +15,15 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from pipeline.schema import Strict
 from pipeline.sources.base import Collected
+
+
+# Fields that only make_classification reads: left out of every dump (lineage, model card,
+# `fmpipe audit model`) for the other datasets, where they would be settings that do nothing.
+GENERATOR_ONLY = ("n_samples", "n_features", "n_informative", "seed")
 
 
 class Spec(Strict):
@@ -29,6 +34,14 @@ class Spec(Strict):
     n_features: int = Field(10, ge=2)
     n_informative: int = Field(5, ge=1)
     seed: int = 0
+
+    @model_serializer(mode="wrap")
+    def _only_what_applies(self, handler):
+        out = handler(self)
+        if self.dataset != "make_classification":
+            for key in GENERATOR_ONLY:
+                out.pop(key, None)
+        return out
 
     @model_validator(mode="after")
     def _informative_fit(self) -> "Spec":
