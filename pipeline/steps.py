@@ -171,7 +171,7 @@ STEPS: tuple[Step, ...] = (
             # vs the last blessed model (the previous package, not a declared input): uncached
             Out("metrics.json", kind="metric", cache=False),
             Out("confusion.csv", kind="plot", cache=False,
-                plot={"template": "confusion", "x": "actual", "y": "predicted"}),
+                plot={"template": "confusion", "x": "predicted", "y": "actual"}),
             Out("per_class.csv", kind="plot", cache=False,
                 plot={"template": "bar_horizontal", "x": "f1", "y": "class"}),
         ),

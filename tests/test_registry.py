@@ -106,3 +106,11 @@ def test_upstream_of_package_is_every_other_step():
     assert registry.upstream_of("package") == [s for s in registry.ORDER if s not in ("package", "dist", "review", "report")]
     assert registry.upstream_of("dist") == [s for s in registry.ORDER if s not in ("dist", "review", "report")]
     assert registry.upstream_of("collect") == []
+
+
+def test_confusion_plot_has_actual_on_y_like_the_report_png():
+    """DVC's Vega confusion matrix and the report's PNG agree: actual down the side, predicted across."""
+    from pipeline import steps as registry
+
+    out = next(o for o in registry.get("evaluate").outs if o.path == "confusion.csv")
+    assert (out.plot["x"], out.plot["y"]) == ("predicted", "actual")

@@ -59,6 +59,14 @@ def test_digits_report_renders_offline(digits, tmp_path):
             seen[cls] = _rows(page, f"table.{cls} tbody tr")
         seen["change_thumbs"] = _rows(page, "table.changes img.thumb")
         seen["errors"] = _rows(page, ".error")
+        seen["text"] = page.evaluate("document.body.innerText")
+        seen["scroll_width"] = page.evaluate("document.documentElement.scrollWidth")
+        # Each review group's table: its scores in rank order.
+        seen["queue_scores"] = page.evaluate(
+            "Array.from(document.querySelectorAll('table.queue')).map(t => Array.from(t.querySelectorAll('tbody tr'))"
+            ".map(r => parseFloat(r.children[r.children.length - 3].innerText)))")
+        seen["given_colours"] = page.evaluate(
+            "Array.from(new Set(Array.from(document.querySelectorAll('.given')).map(e => getComputedStyle(e).color)))")
 
     page = open_page(index, tmp_path / "digits_report.png", check)
     assert page.external_requests == []
@@ -74,6 +82,12 @@ def test_digits_report_renders_offline(digits, tmp_path):
     assert seen["changes"] == 1 and seen["change_thumbs"] == 1
     assert seen["resources"] == len(registry.ORDER) - 1  # the runner's record of every step but report
     assert seen["errors"] == 0  # every artefact of a real run was read
+    # Readable: nothing wider than the window, no "nan" cells, passes summarised in one line
+    # (the list folded away), review groups each ranked by their own score, one colour for "given".
+    assert seen["scroll_width"] <= 1280
+    assert "nan" not in seen["text"].split() and f"{summary['expectations']} passed" in seen["text"]
+    assert seen["queue_scores"] and all(s == sorted(s, reverse=True) for s in seen["queue_scores"])
+    assert len(seen["given_colours"]) == 1
     # The pictures are written beside the page too, for `dvc plots show`.
     # (reliability.png too, unless evaluate wrote its own reliability picture, which the page inlines)
     assert {"confusion.png", "per_class.png", "rows_per_class.png", "training_curves.png"} <= {

@@ -3,8 +3,8 @@
 - ``expected_calibration_error``: torchmetrics' binned L1 calibration error (the mean gap
   between confidence and accuracy, weighted by the share of examples in each bin);
 - ``reliability_bins``: the same equal-width bins as data (count, mean confidence, accuracy
-  per bin) for the report, and ``reliability_png`` draws them (PIL only: a small static image
-  with deterministic bytes, so it can be a cached DVC output);
+  per bin) for the report, and ``reliability_png`` draws them (PIL only, with its bundled
+  font: a static image with deterministic bytes, so it can be a cached DVC output);
 - ``fit_temperature``: one scalar T > 0 dividing the logits, chosen to minimise the negative
   log-likelihood on the validation split (Guo et al. 2017). It never changes the argmax, so
   accuracy and the blessing are unaffected; only the confidences move.
@@ -111,15 +111,21 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) ->
     return out
 
 
-def reliability_png(bins: list[dict[str, Any]], title: str, size: int = 360) -> bytes:
-    """A reliability diagram: accuracy per confidence bin (bars) against the diagonal."""
-    from PIL import Image, ImageDraw
+def reliability_png(bins: list[dict[str, Any]], title: str, size: int = 420) -> bytes:
+    """A reliability diagram: accuracy per confidence bin (bars), each bin's mean confidence (a
+    red tick: the gap between tick and bar top is the miscalibration), the diagonal of perfect
+    calibration, both axes labelled, and a legend saying so."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    pad_l, pad_b, pad_t, pad_r = 44, 36, 28, 12
-    w, h = size + pad_l + pad_r, size + pad_t + pad_b
+    font = ImageFont.load_default(size=13)  # Pillow's bundled font: the same bytes everywhere
+    small = ImageFont.load_default(size=11)
+    pad_l, pad_b, pad_t, pad_r = 62, 50, 40, 16
+    legend_h = 62
+    w, h = size + pad_l + pad_r, size + pad_t + pad_b + legend_h
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
     x0, y0 = pad_l, pad_t + size  # origin, bottom-left
+    bar, bar_edge, tick, diag = (70, 120, 200), (40, 80, 150), (200, 40, 40), (120, 120, 120)
 
     def px(v: float) -> float:
         return x0 + v * size
@@ -131,19 +137,37 @@ def reliability_png(bins: list[dict[str, Any]], title: str, size: int = 360) -> 
         v = t / 10
         d.line([(px(v), py(0)), (px(v), py(1))], fill=(235, 235, 235))
         d.line([(px(0), py(v)), (px(1), py(v))], fill=(235, 235, 235))
-        d.text((px(v) - 8, y0 + 4), f"{v:.1f}", fill="black")
-        d.text((4, py(v) - 6), f"{v:.1f}", fill="black")
+        d.text((px(v), y0 + 6), f"{v:.1f}", fill="black", font=small, anchor="mt")
+        d.text((x0 - 6, py(v)), f"{v:.1f}", fill="black", font=small, anchor="rm")
     for b in bins:
         if not b["count"]:
             continue
         left, right = px(b["lower"]) + 1, px(b["upper"]) - 1
-        d.rectangle([left, py(b["accuracy"]), right, py(0)], fill=(70, 120, 200), outline=(40, 80, 150))
-        # Gap to perfect calibration (the bin's mean confidence), outlined in red.
-        d.line([(left, py(b["confidence"])), (right, py(b["confidence"]))], fill=(200, 40, 40), width=2)
-    d.line([(px(0), py(0)), (px(1), py(1))], fill=(120, 120, 120), width=1)
+        d.rectangle([left, py(b["accuracy"]), right, py(0)], fill=bar, outline=bar_edge)
+        d.line([(left - 1, py(b["confidence"])), (right + 1, py(b["confidence"]))], fill=tick, width=3)
+        top = max(b["accuracy"], b["confidence"])  # the bin's example count, above its marks
+        d.text(((left + right) / 2, py(top) - 4 if top < 0.96 else py(top) + 14), f"n={b['count']}",
+               fill="black" if top < 0.96 else "white", font=small, anchor="mb")
+    d.line([(px(0), py(0)), (px(1), py(1))], fill=diag, width=1)
     d.rectangle([px(0), py(1), px(1), py(0)], outline="black")
-    d.text((pad_l, 8), title, fill="black")
-    d.text((pad_l + size // 2 - 40, h - 16), "confidence", fill="black")
+    d.text((w // 2, 12), title, fill="black", font=font, anchor="mt")
+    d.text((px(0.5), y0 + 24), "confidence (the top class's probability)", fill="black", font=font, anchor="mt")
+    label = Image.new("RGB", (size, 18), "white")  # the y label, drawn sideways
+    ImageDraw.Draw(label).text((size // 2, 9), "accuracy in the bin", fill="black", font=font, anchor="mm")
+    im.paste(label.rotate(90, expand=True), (8, pad_t))
+    ly = y0 + pad_b
+    items = [("bar", "accuracy of the test examples in the bin (n: how many)"),
+             ("tick", "their mean confidence (tick above the bar: over-confident)"),
+             ("diag", "perfect calibration (accuracy = confidence)")]
+    for k, (kind, text) in enumerate(items):
+        y = ly + 4 + 19 * k
+        if kind == "bar":
+            d.rectangle([x0, y, x0 + 22, y + 12], fill=bar, outline=bar_edge)
+        elif kind == "tick":
+            d.line([(x0, y + 6), (x0 + 22, y + 6)], fill=tick, width=3)
+        else:
+            d.line([(x0, y + 12), (x0 + 22, y)], fill=diag, width=1)
+        d.text((x0 + 30, y + 6), text, fill="black", font=small, anchor="lm")
     buf = io.BytesIO()
     im.save(buf, format="PNG", optimize=False)
     return buf.getvalue()

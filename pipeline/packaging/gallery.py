@@ -15,6 +15,8 @@ import io
 
 import numpy as np
 
+from pipeline import palette
+
 MIN_SIDE = 96
 
 
@@ -66,7 +68,7 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
 .card {{ margin: 0; padding: 8px; border: 1px solid #ddd; border-radius: 6px; width: 150px; font-size: 13px; }}
 .card img {{ display: block; max-width: 134px; image-rendering: pixelated; margin-bottom: 6px; }}
-.given {{ color: #1a6b1a; }} .pred {{ color: #b01c1c; }} .conf {{ font-variant-numeric: tabular-nums; }}
+{palette.CSS} .conf {{ font-variant-numeric: tabular-nums; }}
 </style></head><body>
 <h1>{esc(variant)}: most confident mistakes</h1>
 <p>{n_wrong} wrong predictions on the test split{f' of {n_test}' if n_test is not None else ''}; showing the

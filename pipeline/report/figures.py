@@ -91,7 +91,9 @@ def curves_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
     panels = sorted(groups)
     cols = min(2, max(1, len(panels)))
     rows = (len(panels) + cols - 1) // cols
-    fig = _figure(4.2 * cols, 3.0 * rows)
+    fig = _figure(4.2 * cols, 3.0 * rows + 0.4)
+    # Constrained layout keeps the figure title clear of the panels' own titles.
+    fig.set_layout_engine("constrained")
     for k, panel in enumerate(panels):
         ax = fig.add_subplot(rows, cols, k + 1)
         for name in sorted(groups[panel]):
@@ -101,7 +103,7 @@ def curves_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontweight="bold")
     return _png(fig)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from pipeline import palette
 from pipeline.artefacts import Blessing, Check, DatasetReport, Lineage, Metrics, ValidationSummary
 from pipeline.report import figures
 from pipeline.report.readers import (
@@ -81,8 +82,10 @@ def _cell(v: Any) -> str:
     if isinstance(v, Raw):
         return str(v)
     if isinstance(v, (float, np.floating)):
-        return f"{float(v):.4g}"
-    return esc("" if v is None else str(v))
+        return "" if np.isnan(v) else f"{float(v):.4g}"  # no value: an empty cell, not "nan"
+    if v is None or v is getattr(__import__("pandas"), "NA", None):
+        return ""
+    return esc(str(v))
 
 
 def thumb(ctx: Context, example_id: Any) -> Raw:
@@ -225,8 +228,9 @@ def validation_table(ctx: Context) -> str:
     if docs.is_file():
         out.append(f'<p>Great Expectations Data Docs: <a href="{esc(ctx.link(docs))}">validate/data_docs/index.html</a> '
                    "(they load their styles and scripts from CDNs, so offline they show little; "
-                   "the table below has the same results).</p>")
-    rows = []
+                   "this section has the same results).</p>")
+    passed: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     # One GX result per table ("validations": {table: result}) or one for the whole suite ("validation").
     validations = (results or {}).get("validations") or {}
     single = (results or {}).get("validation")
@@ -239,20 +243,59 @@ def validation_table(ctx: Context) -> str:
             cfg = r.get("expectation_config") or {}
             kwargs = {k: val for k, val in (cfg.get("kwargs") or {}).items() if k != "batch_id"}
             column = kwargs.pop("column", kwargs.pop("column_list", ""))
-            severity = cfg.get("severity") or (cfg.get("meta") or {}).get("severity") or ""
-            observed = (r.get("result") or {}).get("observed_value", "")
-            if isinstance(observed, (list, dict)):
-                observed = str(observed)[:80]
-            rows.append([v.get("_table", v.get("suite_name", "")), cfg.get("type", ""), column, severity,
-                         Raw('<span class="pass">pass</span>' if r.get("success") else '<span class="fail">FAIL</span>'),
-                         observed, ", ".join(f"{k}={val}" for k, val in kwargs.items())[:120]])
-    # Failures first, then by severity, so the page opens on what needs attention.
+            row = {"expectation": str(cfg.get("type", "")).removeprefix("expect_"),
+                   "target": _validation_target(column, kwargs),
+                   "severity": cfg.get("severity") or (cfg.get("meta") or {}).get("severity") or "",
+                   "observed": _readable((r.get("result") or {}).get("observed_value", "")),
+                   "expected": ", ".join(f"{k} {_readable(val)}" for k, val in kwargs.items())}
+            (passed if r.get("success") else failed).append(row)
     order = {"critical": 0, "warning": 1, "info": 2}
-    rows.sort(key=lambda r: ("pass" in r[4], order.get(str(r[3]).lower(), 3)))
-    if rows:
-        out.append(table(["table", "expectation", "column", "severity", "result", "observed", "arguments"], rows,
+    if failed:
+        failed.sort(key=lambda r: order.get(str(r["severity"]).lower(), 3))
+        out.append(f'<p class="fail">{len(failed)} expectation(s) failed:</p>')
+        out.append(table(["severity", "expectation", "on", "observed", "expected"],
+                         [[r["severity"], r["expectation"], r["target"], r["observed"], r["expected"]] for r in failed],
                          cls="validation"))
+    if passed:
+        # Passes are summarised: what was checked, by severity, the full list one click away.
+        by_kind: dict[str, int] = {}
+        for r in passed:
+            by_kind[r["expectation"]] = by_kind.get(r["expectation"], 0) + 1
+        severities = {sev: sum(r["severity"] == sev for r in passed) for sev in dict.fromkeys(r["severity"] for r in passed)}
+        out.append(f'<p><span class="pass">{len(passed)} passed</span> ('
+                   + ", ".join(f"{n} {esc(str(sev))}" for sev, n in severities.items()) + "): "
+                   + ", ".join(f"{esc(k)} &times;{n}" for k, n in sorted(by_kind.items())) + ".</p>")
+        out.append("<details><summary>every passed expectation</summary>"
+                   + table(["severity", "expectation", "on", "observed"],
+                           [[r["severity"], r["expectation"], r["target"], r["observed"]] for r in passed],
+                           cls="validation") + "</details>")
     return "".join(out)
+
+
+def _readable(value: Any) -> str:
+    """A GX value as a person reads it: lists joined, no Python dict syntax, long ones cut."""
+    if isinstance(value, dict):
+        text = ", ".join(f"{k} {_readable(v)}" for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(_readable(v) for v in value) + "]"
+    elif isinstance(value, float):
+        text = f"{value:.4g}"
+    else:
+        text = "" if value is None else str(value)
+    return text if len(text) <= 90 else text[:89] + "…"
+
+
+def _validation_target(column: Any, kwargs: dict[str, Any]) -> str:
+    """The column(s) an expectation is about, and the rows it looked at (its row condition)."""
+    target = ", ".join(column) if isinstance(column, list) else str(column or "table")
+    for key in ("column_A", "column_B"):
+        if key in kwargs:
+            target = f"{kwargs.pop('column_A', '')}, {kwargs.pop('column_B', '')}".strip(", ")
+    condition = kwargs.pop("row_condition", None)
+    kwargs.pop("condition_parser", None)
+    if isinstance(condition, dict):  # GX 1.x: {"pass_through_filter": "label==0", "type": ...}
+        condition = condition.get("pass_through_filter") or next(iter(condition.values()), "")
+    return target + (f" where {condition}" if condition else "")
 
 
 def section_labels(ctx: Context) -> str:
@@ -276,11 +319,42 @@ def section_labels(ctx: Context) -> str:
     if queue is None:
         parts.append(missing("review queue", "no review/queue.parquet"))
     else:
-        parts.append(f"<p>{len(queue)} examples queued for review; the top {min(len(queue), MAX_ROWS)}:</p>")
-        parts.append(frame_rows(ctx, queue))
+        parts.append(review_queue(ctx, queue))
     parts.append(pictures_of(ctx, "review"))
     parts.append(links_to_pages(ctx, "review"))
     return "".join(parts)
+
+
+def review_queue(ctx: Context, queue) -> str:
+    """The queue as the review shows it: one table per group (the finder that queued the rows),
+    each ranked by its own score, whose meaning heads the table; given and suggested label in
+    the pages' colours; only the columns a person reads (the files have every column)."""
+    from pipeline.review.finders import SCORE_MEANING
+
+    if "group" not in queue.columns:  # a queue from before groups: one list
+        queue = queue.assign(group="queue")
+    per_group = max(5, MAX_ROWS // max(1, queue["group"].nunique()))
+    out = [f"<p>{len(queue)} examples queued for review, in groups; the top {per_group} of each "
+           "(all of them: review/queue.csv and the contact sheet).</p>"]
+    for group, rows in queue.groupby("group", sort=False):
+        shown = rows.head(per_group).to_dict("records")
+        pairs = "related_id" in rows.columns and rows["related_id"].notna().any()
+        headers = [*pic_header(ctx), *(["near copy"] if pairs and ctx.thumbs else []), "rank", "id", "split",
+                   "given", "suggested", "score", "reason", "scored by"]
+        body = []
+        for r in shown:
+            p = r.get("suggested_prob")
+            suggested = esc(str(r.get("suggested_label", ""))) + ("" if p is None or p != p else f" (p={p:.2f})")
+            body.append([*pic(ctx, r.get("id")), *([thumb(ctx, r.get("related_id"))] if pairs and ctx.thumbs else []),
+                         r.get("rank"), r.get("id"), r.get("split"),
+                         Raw(f'<span class="given">{esc(str(r.get("given_label", "")))}</span>'),
+                         Raw(f'<span class="model">{suggested}</span>'), r.get("score"), r.get("reason"),
+                         str(r.get("scored_by", "")).split(" (")[0]])
+        meaning = SCORE_MEANING.get(str(group), "")
+        out.append(f"<h4>{esc(str(group))}: {len(rows)} queued</h4>"
+                   + (f"<p>Ranked by score, highest first: {esc(meaning)}.</p>" if meaning else "")
+                   + table(headers, body, cls="queue"))
+    return "".join(out)
 
 
 def section_training(ctx: Context) -> str:
@@ -392,9 +466,13 @@ def section_evaluation(ctx: Context) -> str:
             wrong = wrong.sort_values("confidence", ascending=False, kind="stable")
         if len(wrong):
             cols = [c for c in ("id", "label_name", "predicted_name", "confidence") if c in wrong.columns]
-            rows = [[*pic(ctx, r.get("id")), *[r[c] for c in cols]] for r in wrong.head(MAX_ROWS).to_dict("records")]
+            style = {"label_name": "given", "predicted_name": "model"}
+            rows = [[*pic(ctx, r.get("id")),
+                     *[Raw(f'<span class="{style[c]}">{esc(str(r[c]))}</span>') if c in style else r[c] for c in cols]]
+                    for r in wrong.head(MAX_ROWS).to_dict("records")]
+            headers = [{"label_name": "given", "predicted_name": "predicted"}.get(c, c) for c in cols]
             parts.append(f"<p>{len(wrong)} of {len(preds)} test examples are wrong; the most confident first:</p>")
-            parts.append(table([*pic_header(ctx), *cols], rows, cls="mistakes"))
+            parts.append(table([*pic_header(ctx), *headers], rows, cls="mistakes"))
         else:
             parts.append(f"<p>No mistakes on the {len(preds)} test examples.</p>")
     else:
@@ -482,7 +560,9 @@ th{background:#f4f4f4}table.kv td:first-child{font-weight:600}img.plot{max-width
 img.thumb{image-rendering:pixelated;width:48px;height:48px;object-fit:contain;background:#000}
 .pass{color:#17702a;font-weight:600}.fail{color:#b00020;font-weight:700}.missing{color:#777;font-style:italic}
 .error{color:#b00020}.glance{font-size:15px;margin:.3em 0 .8em}figure{margin:.5em 0}figcaption{color:#666;font-size:12px}
-"""
+table.findings,table.queue,table.validation,table.resources,table.files{max-width:100%}
+td{overflow-wrap:break-word}details summary{cursor:pointer;color:#444}
+""" + palette.CSS
 
 
 def glance(ctx: Context) -> str:

@@ -26,6 +26,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 import pandas as pd
 
+from pipeline import palette
 from pipeline.review.decisions import CHOICES_CONTROL, DROP, NOTE_CONTROL, TASK_ID_KEY
 from pipeline.review.finders import DROP_INDEX, SCORE_MEANING
 
@@ -169,7 +170,7 @@ h1{font-size:1.3em} h2{font-size:1.1em;margin:1.2em 0 .2em} .meta{color:#555;fon
 .card{border:1px solid #ccc;border-radius:6px;padding:6px;width:230px;font-size:.8em}
 .card img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #eee;object-fit:contain}
 .card .pair img{width:96px}
-.given{color:#b00} .suggested{color:#070;font-weight:bold}
+""" + palette.CSS + """
 .id{font-family:monospace;word-break:break-all}
 table.feat{font-family:monospace}
 """
@@ -232,6 +233,6 @@ def contact_sheet(table: pd.DataFrame, queue: pd.DataFrame, *, title: str, kind:
         f"<h1>{html.escape(title)}</h1>\n<p class=\"meta\">{html.escape(summary)}</p>\n"
         f"<p class=\"meta\">{n} of {len(table)} queued items (the top of each group), grouped by the finder that queued them; "
         "each group has its own score (higher is more suspect). The suggestion is the most probable class "
-        "other than the given one. Given label in red, the suggestion in green; <i>drop</i> suggests "
-        "removing a near copy.</p>\n" + extra + "\n".join(body) + "\n</body></html>\n"
+        'other than the given one. Given label in <span class="given">blue</span>, the suggestion in '
+        '<span class="model">orange</span>; <i>drop</i> suggests removing a near copy.</p>\n' + extra + "\n".join(body) + "\n</body></html>\n"
     )
