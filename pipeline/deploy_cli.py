@@ -80,6 +80,8 @@ def serve(
                                   help="Seconds a client gets to send its headers; the longest a body may stall."),
     keep_alive: float = typer.Option(15.0, "--keep-alive", min=0.01, help="Seconds an idle keep-alive connection stays open."),
     max_connections: int = typer.Option(1000, "--max-connections", min=1, help="Open connections; beyond it: 503."),
+    max_buffered_mb: float = typer.Option(256.0, "--max-buffered-mb", min=0.001,
+                                          help="Request bodies held at once, all connections together; beyond it: 503."),
     verbose: bool = typer.Option(False, "--verbose", help="Log every request."),
 ) -> None:
     """Serve a package over the Open Inference Protocol (KServe V2 REST) plus POST /predict for image files."""
@@ -89,7 +91,8 @@ def serve(
 
     limits = Limits(max_body=int(max_body_mb * (1 << 20)), max_batch=max_batch,
                     max_pixels=int(max_image_mpix * 1e6), concurrency=concurrency,
-                    max_connections=max_connections, timeout=timeout, keep_alive=keep_alive)
+                    max_connections=max_connections, max_buffered=int(max_buffered_mb * (1 << 20)),
+                    timeout=timeout, keep_alive=keep_alive)
     try:
         pkg = inference.open_package(package)
         server = make_server(pkg, host, port, threads=threads, limits=limits, verbose=verbose)

@@ -18,7 +18,9 @@ below then close what lingers:
   the rest wait their turn. With ``max_pixels`` (the decoded pixels one request may declare,
   checked from the image headers before anything is decoded) this bounds decode memory to
   about ``concurrency x max_pixels x 8`` bytes;
-- ``max_body`` (413 beyond it) and ``max_batch`` bound what one request may send.
+- ``max_body`` (413 beyond it) and ``max_batch`` bound what one request may send, and
+  ``max_buffered`` all request bodies held at once (a request that would go beyond it gets a
+  503 at once: without it, ``max_connections`` x ``max_body`` could be buffered).
 
 This module imports numpy, PIL (through ``pipeline.inference``), onnxruntime, uvicorn and
 Starlette: never torch.
@@ -79,6 +81,7 @@ class Limits:
     max_pixels: int = 16_000_000
     concurrency: int = 4
     max_connections: int = 1000
+    max_buffered: int = 256 << 20
     timeout: float = 10.0
     keep_alive: float = 15.0
 
@@ -356,7 +359,7 @@ def build_app(service: ModelService, limits: Limits):
     from starlette.responses import Response
     from starlette.routing import Route
 
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"buffered": 0}  # touched only on the event loop's thread
 
     def json_response(status: int, obj: Any, close: bool = False) -> Response:
         headers = {"Connection": "close"} if close else None
@@ -376,21 +379,42 @@ def build_app(service: ModelService, limits: Limits):
         length = request.headers.get("content-length")  # h11 has already refused a malformed one
         declared = int(length) if length is not None else None
         stream = request.stream()
+        refusal = None
         if declared is not None and declared > limits.max_body:
+            refusal = HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limits.max_body}",
+                                close=declared > DRAIN_LIMIT)
+        elif declared is not None and state["buffered"] + declared > limits.max_buffered:
+            refusal = busy()
+        if refusal is not None:
             if declared <= DRAIN_LIMIT:
-                # Read and drop it, so the client finishes sending and reads the 413 instead of
-                # a reset connection; beyond DRAIN_LIMIT just answer and hang up.
+                # Read and drop it, so the client finishes sending and reads the answer instead
+                # of a reset connection; beyond DRAIN_LIMIT just answer and hang up.
                 got = 0
                 while (chunk := await next_chunk(stream, request, got, declared)) is not None:
                     got += len(chunk)
-            raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limits.max_body}",
-                            close=declared > DRAIN_LIMIT)
+            raise refusal
         buf = bytearray()
+        reserve(request, declared or 0)
         while (chunk := await next_chunk(stream, request, len(buf), declared)) is not None:
             buf += chunk
             if len(buf) > limits.max_body:  # a chunked body declares no length
                 raise HTTPError(413, f"request body exceeds the limit of {limits.max_body} bytes", close=True)
+            if len(buf) > request.state.reserved:
+                reserve(request, len(buf) - request.state.reserved)
         return bytes(buf)
+
+    def busy() -> HTTPError:
+        return HTTPError(503, f"server busy: {state['buffered']} bytes of request bodies are held, the limit is "
+                              f"{limits.max_buffered} (--max-buffered-mb); retry shortly")
+
+    def reserve(request: Request, n: int) -> None:
+        """Count ``n`` more body bytes against ``max_buffered`` (released when the request ends)."""
+        if state["buffered"] + n > limits.max_buffered:
+            exc = busy()
+            exc.close = True  # a chunked body mid-way: the stream cannot be resumed
+            raise exc
+        state["buffered"] += n
+        request.state.reserved += n
 
     async def compute(fn, *args):
         if "limiter" not in state:  # anyio's limiter needs the running loop
@@ -406,12 +430,15 @@ def build_app(service: ModelService, limits: Limits):
 
     def endpoint(handler):
         async def run(request: Request) -> Response:
+            request.state.reserved = 0
             try:
                 return await handler(request)
             except HTTPError as exc:
                 return json_response(exc.status, {"error": str(exc)}, close=exc.close)
             except ClientDisconnect:  # nobody to answer
                 return Response(status_code=400)
+            finally:
+                state["buffered"] -= request.state.reserved
         return run
 
     async def live(request: Request) -> Response:
@@ -457,6 +484,11 @@ def build_app(service: ModelService, limits: Limits):
             return json_response(405, {"error": f"{request.method} not allowed on {request.url.path}"})
         return json_response(exc.status_code, {"error": f"no endpoint {request.method} {request.url.path}"})
 
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # A bug, not bad input: a JSON 500 (uvicorn logs the traceback) and the server keeps serving.
+        text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))
+        return json_response(500, {"error": f"internal error: {type(exc).__name__}: {text}"})
+
     routes = [Route("/v2/health/live", endpoint(live), methods=["GET"]),
               Route("/v2/health/ready", endpoint(ready), methods=["GET"]),
               Route("/v2", endpoint(server_metadata), methods=["GET"]),
@@ -466,7 +498,7 @@ def build_app(service: ModelService, limits: Limits):
                    Route(prefix + "/ready", endpoint(model_ready), methods=["GET"]),
                    Route(prefix + "/infer", endpoint(infer), methods=["POST"])]
     routes.append(Route("/predict", endpoint(predict), methods=["POST"]))
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal_error})
 
 
 class Server:

@@ -185,6 +185,36 @@ def test_a_body_shorter_than_its_content_length_gets_400(image_server):
         s.close()
 
 
+def test_bodies_held_at_once_are_bounded(packages):
+    """--max-buffered-mb bounds the request bodies of all connections together: with two 1 MB
+    bodies arriving, a third gets 503 at once; when they end, bodies are accepted again."""
+    proc, addr = _serve(packages["image"], "--max-body-mb", "1", "--max-buffered-mb", "2", "--timeout", "5")
+    mb = 1 << 20
+    slow = []
+    try:
+        for _ in range(2):
+            s = socket.create_connection(addr, timeout=10)
+            s.sendall(b"POST /v2/models/image/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % mb + b" " * 100)
+            slow.append(s)
+        time.sleep(0.5)  # let the server start reading both
+        status, raw = _request(addr, "POST", "/v2/models/image/infer", b" " * mb)
+        assert status == 503 and "server busy" in json.loads(raw)["error"], (status, raw)
+        for s in slow:
+            s.close()
+        deadline = time.monotonic() + 5
+        while True:  # the two disconnects are noticed, their reservations released
+            status, raw = _request(addr, "POST", "/v2/models/image/infer", b" " * mb)
+            if status != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert status == 400 and "not valid JSON" in json.loads(raw)["error"], (status, raw)
+    finally:
+        for s in slow:
+            s.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 # ---------------------------------------------------------------- requests that used to get a 500
 
 @pytest.mark.parametrize("name,body,message", [
@@ -395,3 +425,12 @@ def test_predict_refuses_a_tampered_model_and_a_model_file_outside_the_package(p
     _one_line_error(_predict(str(pkg), str(rows)), "model_file '../elsewhere.onnx' points outside the package")
     r = _predict(str(packages["tabular"]), str(rows), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)[0]["input"] == "rows.csv:1"
+
+
+def test_predict_says_what_a_special_file_is(packages, tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    _one_line_error(_predict(str(packages["tabular"]), str(fifo)), f"{fifo}: a FIFO (named pipe), not a regular file")
+    _one_line_error(_predict(str(packages["tabular"]), "/dev/zero"), "/dev/zero: a character device, not a regular file")
