@@ -101,7 +101,8 @@ STEPS: tuple[Step, ...] = (
         writes_dataset=True,
         help="Load the variant's source and split it into train/val/test.",
         module="stages.collect",
-        code=("stages/collect.py", "pipeline/sources", "pipeline/splitting.py", *_DATASET_CODE),
+        # pipeline/imaging.py: the image decoding rule, shared with predict and serve
+        code=("stages/collect.py", "pipeline/sources", "pipeline/imaging.py", "pipeline/splitting.py", *_DATASET_CODE),
         params=("source", "split"),
     ),
     Step(
