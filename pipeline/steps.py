@@ -102,7 +102,8 @@ STEPS: tuple[Step, ...] = (
         help="Load the variant's source and split it into train/val/test.",
         module="stages.collect",
         # pipeline/imaging.py: the image decoding rule, shared with predict and serve
-        code=("stages/collect.py", "pipeline/sources", "pipeline/imaging.py", "pipeline/splitting.py", *_DATASET_CODE),
+        code=("stages/collect.py", "pipeline/sources", "pipeline/imaging.py", "pipeline/splitting.py",
+              "pipeline/quality/pii.py", *_DATASET_CODE),
         params=("source", "split"),
     ),
     Step(

@@ -17,6 +17,10 @@ class Collected:
     source has none and the collect step draws the test split itself. ``skipped`` lists
     examples the source could not read, as ``{"id", "reason"}``; they count as removed.
     ``info`` says where the data came from (path, URL, checksum) for the report.
+    ``text`` holds free-text columns carried with each row (never model inputs), row-aligned;
+    collect runs the ``pii`` rule over them before anything is written
+    (``pipeline/quality/pii.py``). An image source joining a CSV of metadata hands its text
+    columns here too, with a ``pii`` field in its spec.
     """
 
     ids: list[str]
@@ -27,3 +31,4 @@ class Collected:
     given_split: Optional[list[str]] = None
     skipped: list[dict[str, str]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    text: Optional[pd.DataFrame] = None  # free-text columns, as strings

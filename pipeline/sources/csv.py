@@ -8,6 +8,9 @@
 - ``split_column``: optional train/val/test per row (empty: let the collect step decide).
 - ``features``: the feature columns, in order; default every other column. Each must be
   numeric (empty cells are missing values, counted in the manifest's ``n_missing``).
+- ``text_columns``: free-text columns kept with each row (never model inputs); collect scans
+  them for personal data with the ``pii`` rule and applies ``pii.policy`` (``mask`` by
+  default) before writing anything (``pipeline/quality/pii.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pandas as pd
 from pydantic import Field
 
 from pipeline.errors import FmpipeError
+from pipeline.quality.pii import PiiSpec
 from pipeline.schema import Strict
 from pipeline.sources.base import Collected
 
@@ -35,6 +39,8 @@ class Spec(Strict):
     features: Optional[list[str]] = Field(None, min_length=1)
     classes: Optional[list[str]] = Field(None, min_length=1)
     sep: str = ","
+    text_columns: list[str] = Field(default_factory=list)
+    pii: PiiSpec = Field(default_factory=PiiSpec)
 
 
 def _column(table: pd.DataFrame, name: str, path: Path, role: str) -> pd.Series:
@@ -70,7 +76,7 @@ def load(spec: Spec) -> Collected:
     if dups:
         raise FmpipeError(f"{path}: column {spec.id_column!r}: duplicate ids {sorted(set(dups))[:5]}")
 
-    reserved = {spec.label_column, spec.id_column, spec.split_column} - {None}
+    reserved = {spec.label_column, spec.id_column, spec.split_column, *spec.text_columns} - {None}
     names = spec.features if spec.features is not None else [c for c in table.columns if c not in reserved]
     if not names:
         raise FmpipeError(f"{path}: no feature columns besides {sorted(reserved)}")
@@ -111,6 +117,10 @@ def load(spec: Spec) -> Collected:
     index = {c: i for i, c in enumerate(classes)}
 
     keep = np.flatnonzero(has_label)
+    text = None
+    if spec.text_columns:
+        text = pd.DataFrame({name: _column(table, name, path, "text").to_numpy() for name in spec.text_columns})
+        text = text.iloc[keep].reset_index(drop=True)
     return Collected(
         ids=[ids[i] for i in keep],
         labels=np.array([index[v] for v in values], dtype=np.int64),
@@ -118,5 +128,6 @@ def load(spec: Spec) -> Collected:
         features=feats.iloc[keep].reset_index(drop=True),
         given_split=None if given is None else [given[i] for i in keep],
         skipped=skipped,
+        text=text,
         info={"source": "csv", "path": str(spec.path), "feature_columns": list(names)},
     )
