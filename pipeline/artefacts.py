@@ -189,6 +189,22 @@ class BinaryMetrics(Record):
     recall: float
 
 
+class PrivacySpent(Record):
+    """DP-SGD's guarantee for the whole run (train.privacy): (epsilon, delta)-DP."""
+
+    epsilon: float = Field(ge=0)
+    delta: float = Field(gt=0, lt=1)
+
+
+class MembershipAudit(Record):
+    """The loss-threshold membership-inference attack (pipeline/packaging/membership.py)."""
+
+    auc: Optional[float] = None  # None when one side has no rows
+    tpr_at_1pct_fpr: Optional[float] = None
+    members: int = Field(ge=0)
+    nonmembers: int = Field(ge=0)
+
+
 class Metrics(Artefact):
     """``evaluate/metrics.json``: the numbers people compare across runs (a DVC metric).
 
@@ -203,16 +219,19 @@ class Metrics(Artefact):
     ece: float = Field(ge=0)
     temperature: float = Field(gt=0)
     binary: Optional[BinaryMetrics] = None
+    privacy: Optional[PrivacySpent] = None  # a DP-trained model only
+    membership: Optional[MembershipAudit] = None
 
 
 class Check(Record):
-    """One threshold of the gate: ``value >= threshold``."""
+    """One threshold of the gate: ``value >= threshold`` (``value <= threshold`` with ``at_most``)."""
 
     name: str
     metric: str
     threshold: float
     value: float
     passed: bool
+    at_most: Optional[bool] = None  # True: the check is value <= threshold (a cap)
 
 
 class JudgedModel(Record):
@@ -235,7 +254,8 @@ class Blessing(Artefact):
 
     def failed(self) -> list[str]:
         """``name (value < threshold)`` for each failed check, for error messages."""
-        return [f"{c.name} ({c.value:.4f} < {c.threshold:.4f})" for c in self.checks if not c.passed]
+        return [f"{c.name} ({c.value:.4f} {'>' if c.at_most else '<'} {c.threshold:.4f})"
+                for c in self.checks if not c.passed]
 
 
 class FileDigest(Record):

@@ -271,6 +271,33 @@ class TTASpec(Strict):
         return self
 
 
+class PrivacySpec(Strict):
+    """``train.privacy``: differentially private training, DP-SGD with Opacus.
+
+    Every optimizer step clips each row's gradient to norm ``max_grad_norm``, sums them, adds
+    Gaussian noise of std ``noise_multiplier * max_grad_norm`` and divides by the expected batch
+    size. Batches are Poisson-sampled (each training row joins each step with probability
+    ``batch_size / rows``, so batch sizes vary), the sampling the accountant's bound assumes.
+    Give ``noise_multiplier`` or ``target_epsilon`` (the noise is then chosen so that the whole
+    run spends that budget). ``delta``: None means 1 / (10 x training rows). The achieved
+    (epsilon, delta) go into model.json, metrics.json, the model card and the lineage.
+    Networks with layers that mix rows of a batch (BatchNorm) are refused before training
+    (``cnn_small``: ``model.options.norm: group``).
+    """
+
+    max_grad_norm: float = Field(1.0, gt=0)
+    noise_multiplier: Optional[float] = Field(None, ge=0)
+    target_epsilon: Optional[float] = Field(None, gt=0)
+    delta: Optional[float] = Field(None, gt=0, lt=1)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> "PrivacySpec":
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give noise_multiplier or target_epsilon (one of them)")
+        return self
+
+
 class TrainSpec(Strict):
     accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
     devices: Union[int, str] = 1
@@ -306,6 +333,21 @@ class TrainSpec(Strict):
     # progress bar and on_train_batch_end then count calls. Worth it on steps of a few ms
     # (small nets, small batches); 1 for steps of seconds (bench/lightning_overhead.py).
     steps_per_call: int = Field(1, ge=1, le=1024)
+    # Differentially private training (DP-SGD, Opacus); None: ordinary training.
+    privacy: Optional[PrivacySpec] = None
+
+    @model_validator(mode="after")
+    def _private_training_fits(self) -> "TrainSpec":
+        # What DP-SGD here does not support, named before any training starts.
+        if self.privacy is None:
+            return self
+        if self.compile:
+            raise ValueError("privacy: compile must be false (per-sample gradient hooks)")
+        if self.precision not in ("32-true", "32"):
+            raise ValueError(f"privacy: precision must be 32-true (got {self.precision})")
+        if self.strategy != "auto" or self.num_nodes != 1 or self.devices not in (1, "1"):
+            raise ValueError("privacy: one device only (devices: 1, num_nodes: 1, strategy: auto)")
+        return self
 
     @model_validator(mode="after")
     def _one_tta(self) -> "TrainSpec":
@@ -345,6 +387,13 @@ class EvaluateSpec(Strict):
     temperature_scaling: bool = False
     calibration_bins: int = Field(15, ge=2, le=100)  # equal-width bins for ECE and the diagram
     gallery_size: int = Field(24, ge=0, le=500)  # confident mistakes shown (image variants)
+    # Membership inference (pipeline/packaging/membership.py): a loss-threshold attack telling
+    # training rows from held-out ones. Its AUC is always reported; the gate refuses a model
+    # whose attack AUC is above this (None: no cap).
+    max_membership_auc: Optional[float] = Field(None, ge=0.5, le=1)
+    # Rows per side the attack scores at most (train rows vs val + test rows; seeded sample),
+    # 0: no membership audit.
+    membership_rows: int = Field(10000, ge=0)
 
 
 class PackageSpec(Strict):

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from pipeline import steps as registry
-from pipeline.artefacts import BinaryMetrics, Blessing, JudgedModel, Metrics
+from pipeline.artefacts import BinaryMetrics, Blessing, JudgedModel, MembershipAudit, Metrics, PrivacySpent
 from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file, to_json
 from pipeline.models import WEIGHTS, load_trained
@@ -74,6 +74,10 @@ def run(ctx) -> None:
                       ece=calibration["ece"], temperature=calibration["temperature"])
     if len(classes) == 2:
         metrics.binary = BinaryMetrics(**binary_scores(probs, labels, ev.binary_threshold))
+    if meta.get("privacy"):
+        metrics.privacy = PrivacySpent(epsilon=meta["privacy"]["epsilon"], delta=meta["privacy"]["delta"])
+    if ev.membership_rows:
+        metrics.membership = membership_audit(net, meta, ds, ev.membership_rows)
     views = (tta or {}).get("views") or []
     weights_sha = sha256_file(model_dir / WEIGHTS)
     blessing = bless(metrics, ev, JudgedModel(dir=str(model_dir), sha256=weights_sha, name=meta["model"]["name"]),
@@ -124,12 +128,36 @@ def run(ctx) -> None:
                   "comparison": compared, "calibration": calibration}
 
 
+def membership_audit(net, meta: dict, ds, limit: int) -> MembershipAudit:
+    """The loss-threshold attack: train rows (members) against val + test rows, at most
+    ``limit`` of each (seeded sample), scored on the plain network's logits."""
+    import numpy as np
+
+    from pipeline.packaging import membership as M
+
+    head = meta["model"].get("head", "softmax")
+    losses = {}
+    for side, splits in (("members", ("train",)), ("nonmembers", ("val", "test"))):
+        part = ds.take(ds.manifest["split"].isin(splits).to_numpy())
+        part = part.take(M.sample_rows(len(part), limit))
+        logits = predict_logits(net, model_inputs(part)) if len(part) else np.zeros((0, 1))
+        losses[side] = M.per_row_loss(logits, part.manifest["label"].to_numpy(), head)
+    result = M.audit(losses["members"], losses["nonmembers"])
+    result.pop("attack")
+    return MembershipAudit(**result)
+
+
 def summary_line(metrics: Metrics, blessing: Blessing, compared: dict | None = None) -> str:
     tta = f" ({blessing.tta})" if blessing.tta else ""
     head = f"accuracy {metrics.accuracy:.4f}, macro F1 {metrics.macro_f1:.4f} on {metrics.n_test} test rows{tta}"
     b = metrics.binary
     if b and b.roc_auc is not None:
         head += f", ROC-AUC {b.roc_auc:.4f}, PR-AUC {b.pr_auc:.4f}, F1 {b.f1:.4f} at p >= {b.threshold:g}"
+    if metrics.privacy is not None:
+        head += f"; DP epsilon {metrics.privacy.epsilon:.3g} at delta {metrics.privacy.delta:.2g}"
+    mia = metrics.membership
+    if mia is not None and mia.auc is not None:
+        head += f"; membership attack AUC {mia.auc:.3f}, TPR {mia.tpr_at_1pct_fpr:.3f} at 1% FPR"
     if blessing.blessed:
         verdict = "BLESSED"
     else:

@@ -7,17 +7,30 @@ from torch import nn
 from pipeline.models import register
 
 
-def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+def _norm(kind: str, c: int) -> list[nn.Module]:
+    # "group": GroupNorm normalises each row on its own, so per-sample gradients (DP-SGD,
+    # train.privacy) exist; BatchNorm mixes the rows of a batch and has none.
+    if kind == "batch":
+        return [nn.BatchNorm2d(c)]
+    if kind == "group":
+        return [nn.GroupNorm(8 if c % 8 == 0 else 1, c)]
+    if kind == "none":
+        return []
+    raise ValueError(f"norm must be batch, group or none, got {kind!r}")
+
+
+def _conv_bn(c_in: int, c_out: int, norm: str = "batch") -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm == "none"), *_norm(norm, c_out), nn.ReLU()]
 
 
 @register("cnn_small")
 def cnn_small(input_shape: tuple[int, ...], num_classes: int, width: int = 32,
-              dropout: float = 0.1) -> nn.Module:
-    """Two conv-BN-ReLU blocks with pooling, global average pool, linear head (digits' 8x8)."""
+              dropout: float = 0.1, norm: str = "batch") -> nn.Module:
+    """Two conv-BN-ReLU blocks with pooling, global average pool, linear head (digits' 8x8).
+    ``norm``: ``batch`` (default), ``group`` (trainable with DP-SGD) or ``none``."""
     c = input_shape[0]
     return nn.Sequential(
-        *_conv_bn(c, width), *_conv_bn(width, width), nn.MaxPool2d(2),
-        *_conv_bn(width, 2 * width), *_conv_bn(2 * width, 2 * width), nn.MaxPool2d(2),
+        *_conv_bn(c, width, norm), *_conv_bn(width, width, norm), nn.MaxPool2d(2),
+        *_conv_bn(width, 2 * width, norm), *_conv_bn(2 * width, 2 * width, norm), nn.MaxPool2d(2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * width, num_classes),
     )

@@ -235,6 +235,13 @@ def bless(metrics: Metrics, spec: "EvaluateSpec", model: JudgedModel, tta: str =
         threshold = float(getattr(spec, name))
         value = float(getattr(metrics, key))
         checks.append(Check(name=name, metric=key, threshold=threshold, value=value, passed=value >= threshold))
+    cap = getattr(spec, "max_membership_auc", None)
+    if cap is not None:
+        auc = metrics.membership.auc if metrics.membership is not None else None
+        # No audit (membership_rows: 0, or no held-out rows) cannot pass a cap.
+        checks.append(Check(name="max_membership_auc", metric="membership.auc", threshold=float(cap),
+                            value=1.0 if auc is None else float(auc),
+                            passed=auc is not None and auc <= cap, at_most=True))
     return Blessing(blessed=all(c.passed for c in checks), checks=checks, tta_flip=tta_flip,
                     tta_views=tta_views, tta=tta, model=model)
 

@@ -57,6 +57,24 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
         add("- Time, CPU and memory of every step vary from run to run, so they are not in this card: "
             f"`fmpipe resources --stage {variant}` prints them.\n")
 
+    privacy = meta.get("privacy")
+    mia = metrics.membership
+    if privacy or (mia is not None and mia.auc is not None):
+        add("## Privacy\n")
+        if privacy:
+            add(f"- Trained with DP-SGD (Opacus): ({privacy['epsilon']:.3g}, {privacy['delta']:.2g})-differentially "
+                f"private over the whole run ({privacy['accountant']} accountant; noise multiplier "
+                f"{privacy['noise_multiplier']:.3g}, per-row gradients clipped to {privacy['max_grad_norm']:g}, "
+                f"Poisson-sampled batches at rate {privacy['sample_rate']:.3g}, {privacy['steps']:,} steps). "
+                "The noise comes from torch's seeded generator, not a cryptographic one.")
+        else:
+            add("- Trained without differential privacy.")
+        if mia is not None and mia.auc is not None:
+            add(f"- Membership inference (loss-threshold attack, {mia.members:,} training rows against "
+                f"{mia.nonmembers:,} held-out rows): AUC {mia.auc:.3f} (0.5 = no better than a coin), "
+                f"true-positive rate {mia.tpr_at_1pct_fpr:.3f} at 1% false positives.")
+        add("")
+
     add("## Intended use\n")
     add(f"Classifying {kind} inputs drawn from the same distribution as the `{variant}` training data "
         f"into one of: {', '.join(f'`{c}`' for c in classes)}. It is a pipeline-produced baseline meant for "

@@ -116,8 +116,12 @@ class BatchStream:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, train: bool,
                  seed: int = 0, augment: Optional[AugmentSpec] = None, channels_last: bool = False,
                  epoch: Callable[[], int] = lambda: 0,
-                 rank: Callable[[], tuple[int, int]] = lambda: (0, 1)) -> None:
+                 rank: Callable[[], tuple[int, int]] = lambda: (0, 1),
+                 poisson_rate: Optional[float] = None) -> None:
         self.x, self.y = x, y
+        # DP-SGD (train.privacy): every row joins every batch on its own seeded coin with this
+        # probability (pipeline/training/privacy.py says why); the epoch keeps its step count.
+        self.poisson_rate = poisson_rate
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
@@ -150,6 +154,13 @@ class BatchStream:
                 aug_gen.manual_seed((self.seed * 1_000_003 + epoch) * 4099 + rank + 1)
             order = order.to(self.x.device)
             flips = self._alternate_flips(n, epoch)
+            if self.poisson_rate is not None:
+                coins = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7 + 3)
+                for _ in starts:
+                    idx = torch.nonzero(torch.rand(n, generator=coins) < self.poisson_rate).flatten()
+                    idx = idx.to(self.x.device)
+                    yield self._prepare(self.x[idx], aug_gen, None if flips is None else flips[idx]), self.y[idx]
+                return
             for s in starts:
                 idx = order[s:s + self.batch_size]
                 yield self._prepare(self.x[idx], aug_gen, None if flips is None else flips[idx]), self.y[idx]
@@ -228,7 +239,8 @@ class TensorDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, augment: Optional[AugmentSpec] = None,
-                 seed: int = 0, channels_last: bool = False, steps_per_call: int = 1) -> None:
+                 seed: int = 0, channels_last: bool = False, steps_per_call: int = 1,
+                 poisson: bool = False) -> None:
         super().__init__()
         augment = augment or AugmentSpec()
         if dataset.kind != "image" and (augment.flip or augment.translate):
@@ -254,6 +266,7 @@ class TensorDataModule(pl.LightningDataModule):
                 "every epoch would be empty"
             )
         self.mean, self.std = normalization_stats(self._arrays["train"][0])
+        self.poisson_rate = batch_size / n_train if poisson else None
         self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -280,7 +293,8 @@ class TensorDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> StepGroups:
         x, y = self._tensors["train"]
         return StepGroups(BatchStream(x, y, self.batch_size, train=True, seed=self.seed, augment=self.augment,
-                                      channels_last=self.channels_last, epoch=self._epoch, rank=self._rank),
+                                      channels_last=self.channels_last, epoch=self._epoch, rank=self._rank,
+                                      poisson_rate=self.poisson_rate),
                           self.steps_per_call)
 
     def val_dataloader(self) -> BatchStream:

@@ -120,10 +120,15 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     pl.seed_everything(train.seed, workers=True, verbose=False)
     dm = TensorDataModule(dataset, train.batch_size, augment=train.augment, seed=train.seed,
-                          channels_last=train.channels_last, steps_per_call=train.steps_per_call)
+                          channels_last=train.channels_last, steps_per_call=train.steps_per_call,
+                          poisson=train.privacy is not None)
     has_val = dm.num_val > 0
     net = build(spec.model.name, dm.input_shape, len(dm.classes), spec.model.options,
                 mean=dm.mean, std=dm.std, head=spec.model.head)
+    if train.privacy is not None:
+        from pipeline.training.privacy import check_network
+
+        check_network(net, spec.model.name, variant)
     module = ClassifierModule(net, len(dm.classes), train, head=spec.model.head)
     recipe_callbacks = [WeightAveraging(train.averaging)] if train.averaging is not None else []
 
@@ -216,6 +221,14 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
                         "samples_seen": samples,
                         "gflop": round(train_flops(spec, dataset, samples) / 1e9, 3)}
     summary["samples_seen"] = samples
+    if module.privacy is not None:
+        from pipeline.training.privacy import spent
+
+        p = module.privacy
+        # Steps the accountant counts: every drawn batch, an empty (skipped) Poisson one too.
+        drawn = max(int(trainer.global_step), int(trainer.current_epoch) * trainer.train_dataloader.steps_per_epoch)
+        meta["privacy"] = spent(train.privacy, p["noise_multiplier"], p["sample_rate"], drawn, p["delta"])
+        summary["privacy"] = meta["privacy"]
     with atomic_dir(out_dir) as tmp:
         save_trained(final, meta, tmp)
         if (state_dir / "live").exists():

@@ -82,6 +82,14 @@ class ClassifierModule(pl.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         if train.compile:
             self.net.compile()
+        # DP-SGD (train.privacy, pipeline/training/privacy.py): per-sample gradient hooks on
+        # net's layers. The wrapper is kept outside the module tree (object.__setattr__), so
+        # state_dict keys and checkpoints stay those of the plain network.
+        self.privacy: dict[str, Any] | None = None
+        if train.privacy is not None:
+            from pipeline.training.privacy import per_sample_gradients
+
+            object.__setattr__(self, "_grad_sampler", per_sample_gradients(net))
 
     def __setattr__(self, name: str, value: Any) -> None:
         # The trainer sets _current_fx_name around every hook call (~50 times per step), and
@@ -151,6 +159,8 @@ class ClassifierModule(pl.LightningModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         for x, y in batches:
+            if len(y) == 0:  # an empty Poisson batch (DP-SGD): no step; the accountant counts it
+                continue
             logits = self(x)
             loss = self._loss(logits, y)
             self._accumulate("train", logits, y, loss)
@@ -183,12 +193,28 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = make_optimizer(optimizer_groups(self.groups, self.spec.optimizer), self.spec.optimizer)
         self.total_steps = self.total_optimizer_steps()
+        if self.spec.privacy is not None:
+            optimizer = self._private(optimizer)
         factor = lr_multiplier(self.spec.schedule, self.total_steps)
         # A plain closure, not a callable object: LambdaLR then keeps only its step count in the
         # checkpoint, and a resumed run recomputes the curve for its own max_epochs. Returned so
         # that checkpoints carry its state; training_step steps it.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: factor(t))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+    def _private(self, optimizer):
+        """Wrap ``optimizer`` for DP-SGD; the noise for ``target_epsilon`` is set for this run's
+        length. ``self.privacy`` keeps what the accountant needs at the end."""
+        from pipeline.training.privacy import noise_multiplier, private_optimizer, resolve_delta
+
+        spec = self.spec.privacy
+        n_train = self.trainer.datamodule.num_train
+        rate = self.spec.batch_size / n_train
+        delta = resolve_delta(spec, n_train)
+        sigma = noise_multiplier(spec, rate, self.total_steps, delta)
+        self.privacy = {"noise_multiplier": sigma, "sample_rate": rate, "delta": delta}
+        return private_optimizer(optimizer, spec, sigma, self.spec.batch_size)
 
 
 def _on_device(batch: Any, device: torch.device) -> bool:
