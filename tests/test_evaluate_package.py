@@ -90,7 +90,9 @@ def check_evaluation(variant: str) -> dict:
     per_class = pd.read_csv(out / "per_class.csv", dtype={"class": str})
     assert list(per_class["class"]) == list(test.classes)
     # numbers people compare (ECE and the fitted temperature too); per class: the CSV
-    assert set(metrics) == {"accuracy", "macro_f1", "n_test", "ece", "temperature"}
+    assert set(metrics) == {"accuracy", "macro_f1", "n_test", "ece", "temperature", "membership"}
+    # the membership-inference audit: train rows against val + test rows
+    assert 0 <= metrics["membership"]["auc"] <= 1 and metrics["membership"]["nonmembers"] >= metrics["n_test"]
     assert per_class["support"].sum() == metrics["n_test"]
     for row in per_class.to_dict("records"):
         actual = preds["label_name"] == row["class"]  # recall of this class, recomputed
