@@ -64,8 +64,10 @@ class PiiSpec(Strict):
     # Presidio's confidence at or above which a span counts (its phone recognizer gives 0.4
     # without context words, IP addresses 0.6, Luhn-checked cards and e-mails 1.0).
     score_threshold: float = Field(0.35, ge=0, le=1)
-    # Phone numbers are parsed with these default regions (numbers without a country code).
-    phone_regions: list[str] = Field(default_factory=lambda: ["US", "GB", "DE", "FR", "IN", "CA"], min_length=1)
+    # Regions whose national formats count for numbers written without a country code (any
+    # number with +CC counts whatever the list). Not DE by default: its short local numbers
+    # make any 4-digit figure ("ticket 1641") a phone number.
+    phone_regions: list[str] = Field(default_factory=lambda: ["US", "GB", "FR", "IN", "CA"], min_length=1)
 
 
 @dataclass
