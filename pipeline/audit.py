@@ -233,12 +233,16 @@ class Version:
 
     def fetch_hint(self, step: str) -> str:
         name = f"{step}@{self.variant}"
-        if self.label == "package":
-            return (f"fetch it with `dvc pull {name}` at the commit that made the package "
-                    f"(`fmpipe audit model --json` names it)")
-        return (f"fetch it with `git checkout {self.label} && dvc pull {name}` (then `git checkout -`), "
-                f"after `dvc remote add` if no remote is configured; if no remote has it, rebuild it with "
-                f"`git checkout {self.label} && dvc repro {name}`")
+        at = "the commit that made the package (`fmpipe audit model --json` names it)" if self.label == "package" \
+            else self.label
+        checkout = "git checkout COMMIT" if self.label == "package" else f"git checkout {self.label}"
+        if self.store is None or self.store._remote_odb() is None:
+            # A fresh clone has no DVC remote: `dvc pull` would only fail again.
+            return (f"no DVC remote is configured here, so rebuild it at {at}: "
+                    f"`{checkout} && dvc repro {name}` (then `git checkout -`), or `dvc remote add -d NAME URL` "
+                    f"for a remote that holds it and `dvc pull {name}` there")
+        return (f"fetch it at {at}: `{checkout} && dvc pull {name}` (then `git checkout -`); if the remote "
+                f"does not have it either, rebuild it with `{checkout} && dvc repro {name}`")
 
     def read(self, step: str, name: Optional[str] = None, required: bool = True) -> Optional[bytes]:
         """The bytes of ``data/<variant>/<step>/<name>`` in this version."""
@@ -249,7 +253,8 @@ class Version:
             except FileNotFoundError:
                 if required:
                     raise FmpipeError(f"{path}: not found in the workspace; "
-                                      f"run `fmpipe {step} --stage {self.variant}` or `dvc pull`") from None
+                                      f"run `dvc repro {step}@{self.variant}` (or `dvc pull` where a DVC remote "
+                                      "holds it)") from None
                 return None
         entry = self.stages.get(step)
         found = _find_out(entry, path)
@@ -485,7 +490,10 @@ def _fmt(key: str, item: Any) -> str:
     if isinstance(item, str):
         return item
     if key == "relabelled":
-        extra = ", ".join(f"{k} {item[k]}" for k in ("source", "annotator", "note") if item.get(k))
+        # label_source of the newer side: "source" (the dataset's own label) or "annotation".
+        source = {"source": "as the source labels it", "annotation": "by annotation"}.get(
+            str(item.get("source")), f"from {item['source']}" if item.get("source") else "")
+        extra = ", ".join([source] * bool(source) + [f"{k} {item[k]}" for k in ("annotator", "note") if item.get(k)])
         return f"{item['id']}: {item['from']} -> {item['to']}" + (f" ({extra})" if extra else "")
     if key == "removed":
         extra = f" (duplicate of {item['dup_of']})" if item.get("dup_of") else ""
@@ -498,7 +506,13 @@ def _fmt(key: str, item: Any) -> str:
 # ---------------------------------------------------------------- history
 
 def history(variant: str, repo: str = ".", rev: str = "HEAD") -> dict[str, Any]:
-    """Every commit (oldest first) where ``variant``'s dvc.lock entries changed, with its facts."""
+    """Every distinct version of ``variant``'s data (oldest first), with the commits that hold it.
+
+    A data version is the md5 of the data steps' outputs (collect, clean, annotate) in
+    ``dvc.lock``: a commit that changed only code, params of later steps or the model records
+    the same data and is folded into that version's row (``commits`` names every one). The
+    data facts are the version's; the model's (metrics, blessing) are those of its latest commit.
+    """
     git = Git(repo)
     git.check_repo()
     head = git.resolve(rev)
@@ -509,28 +523,36 @@ def history(variant: str, repo: str = ".", rev: str = "HEAD") -> dict[str, Any]:
     commits = git.log(LOCK, head)
     locks = git.show_many([c["commit"] for c in commits], LOCK)
     store = Store(repo)
-    versions: list[dict[str, Any]] = []
+    groups: dict[str, dict[str, Any]] = {}  # data key -> {"commits": [...], "entries": latest lock entries}
     last: Optional[str] = None
-    missing: set[str] = set()
     for info in commits:
         stages = _lock_stages(locks[info["commit"]])
         mine = variant_entries(stages or {}, variant)
-        key = json.dumps(_identity(mine), sort_keys=True)
-        if not mine or key == last:
-            if not mine and last is not None:
-                last = None  # the variant left the pipeline; a later return is a new version
+        if not mine:
             continue
+        key = json.dumps(_identity(mine), sort_keys=True)
+        if key == last:
+            continue  # nothing of this variant changed in that commit
         last = key
-        version = Version(variant, info["commit"][:12], info["commit"], mine, git, store)
-        versions.append({**info, **version_facts(version, missing)})
-    if not versions:
+        data_key = json.dumps({s: (mine.get(s) or {}).get("outs") for s in DATA_STEPS}, sort_keys=True)
+        group = groups.setdefault(data_key, {"commits": []})
+        group["commits"].append(info)
+        group["entries"] = mine
+    if not groups:
         raise FmpipeError(f"variant {variant!r}: no commit reachable from {rev} has {LOCK} entries for it "
                           f"(run `dvc repro` and commit {LOCK})")
+    versions: list[dict[str, Any]] = []
+    missing: set[str] = set()
+    for group in groups.values():
+        first, latest = group["commits"][0], group["commits"][-1]
+        version = Version(variant, latest["commit"][:12], latest["commit"], group["entries"], git, store)
+        versions.append({**first, "commits": group["commits"], **version_facts(version, missing)})
     result = {"variant": variant, "rev": rev, "versions": versions}
     if missing:
         result["missing_data"] = sorted(missing)
-        result["note"] = ("some versions' data is in neither the DVC cache nor the remote (shown as ?): "
-                          "fetch it with `git checkout REV && dvc pull` at each such revision, then run the audit again")
+        result["note"] = ("some versions' data is in neither the DVC cache nor a remote (shown as ?): fetch it "
+                          "with `git checkout REV && dvc pull` where a remote is configured, else rebuild it with "
+                          "`git checkout REV && dvc repro`; then run the audit again")
     return result
 
 
@@ -591,9 +613,8 @@ def _short(md5: Optional[str]) -> Optional[str]:
 
 def history_markdown(h: dict[str, Any]) -> str:
     out = [f"# Data versions of `{h['variant']}`", "",
-           "| commit | date | author | message | data (collect/clean/annotate) | rows train/val/test | removed | "
-           "validation | label changes | accuracy | blessed |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| " + " | ".join(c["header"] for c in HISTORY_COLUMNS) + " |",
+           "|" + "---|" * len(HISTORY_COLUMNS)]
     for r in h["versions"]:
         out.append("| " + " | ".join(_history_cells(r)).replace("\n", " ") + " |")
     if h.get("note"):
@@ -601,8 +622,21 @@ def history_markdown(h: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-HISTORY_COLUMNS = ("commit", "date", "author", "message", "data (collect/clean/annotate)", "rows train/val/test",
-                   "removed", "validation", "label changes", "accuracy", "blessed")
+# The history's columns; ``priority`` says which go first when a terminal is too narrow.
+HISTORY_COLUMNS = [
+    {"header": "data", "priority": 1, "no_wrap": True},
+    {"header": "commits", "priority": 2},
+    {"header": "date", "priority": 5, "no_wrap": True},
+    {"header": "rows train/val/test", "priority": 3, "no_wrap": True},
+    {"header": "label changes", "priority": 4},
+    {"header": "validation", "priority": 6},
+    {"header": "accuracy", "priority": 7, "no_wrap": True, "justify": "right"},
+    {"header": "blessed", "priority": 8, "no_wrap": True},
+    {"header": "removed", "priority": 9},
+    {"header": "message", "priority": 10},
+    {"header": "author", "priority": 11},
+    {"header": "collect/clean", "priority": 12, "no_wrap": True},
+]
 
 
 def _history_cells(r: dict[str, Any]) -> list[str]:
@@ -613,28 +647,31 @@ def _history_cells(r: dict[str, Any]) -> list[str]:
     m = r.get("metrics") or {}
     changes = r.get("label_changes")
     who = ", ".join(f"{k}: {v}" for k, v in (r.get("annotators") or {}).items())
+    commits = r.get("commits") or [r]
     return [
-        r["commit"][:10], r["date"][:19].replace("T", " "), r["author"], r["message"],
-        "/".join(h.get(s) or "-" for s in DATA_STEPS),
+        h.get("annotate") or h.get("clean") or h.get("collect") or "-",
+        " ".join(c["commit"][:8] for c in commits),
+        r["date"][:10],
         "/".join(str(split.get(s, "?")) for s in ("train", "val", "test")) if split else "?",
-        "?" if removed is None else (", ".join(f"{k}: {v}" for k, v in removed.items()) or "0"),
-        "?" if val is None else (f"passed ({val['expectations']})" if val["success"] else f"FAILED ({val['failed']})"),
         "?" if changes is None else (f"{changes}" + (f" ({who})" if who else "")),
+        "?" if val is None else (f"passed ({val['expectations']})" if val["success"] else f"FAILED ({val['failed']})"),
         "?" if m.get("accuracy") is None else f"{m['accuracy']:.4f}",
         "?" if r.get("blessed") is None else ("yes" if r["blessed"] else "no"),
+        "?" if removed is None else (", ".join(f"{k}: {v}" for k, v in removed.items()) or "0"),
+        "; ".join(dict.fromkeys(c["message"] for c in commits)),
+        ", ".join(dict.fromkeys(c["author"] for c in commits)),
+        "/".join(h.get(s) or "-" for s in ("collect", "clean")),
     ]
 
 
-def history_table(h: dict[str, Any]):
-    """A rich Table of the history (rich is imported here, not at start-up)."""
-    from rich.table import Table
+def history_text(h: dict[str, Any], wide: bool = False) -> str:
+    """The history as a terminal table that fits the terminal's width (``wide``: every column)."""
+    from pipeline.console import print_table
 
-    table = Table(title=f"data versions of {h['variant']} (oldest first)")
-    for col in HISTORY_COLUMNS:
-        table.add_column(col, overflow="fold")
-    for r in h["versions"]:
-        table.add_row(*_history_cells(r))
-    return table
+    title = (f"data versions of {h['variant']}, oldest first (data: the dataset's md5; commits: every commit "
+             "that recorded it; accuracy/blessed: the latest of those commits)")
+    text = print_table(title, HISTORY_COLUMNS, [_history_cells(r) for r in h["versions"]], wide)
+    return text + (f"\nnote: {h['note']}" if h.get("note") else "")
 
 
 # ---------------------------------------------------------------- a model's lineage
@@ -777,6 +814,7 @@ def model_lines(r: dict[str, Any]) -> list[str]:
         if d and "error" in d:
             lines.append(f"  diff to current data: {d['error']}")
         elif d:
+            lines.append(f"  the package's data -> {d['b']}'s data (a relabel reads: package label -> {d['b']} label):")
             lines += ["  " + line for line in summary_lines(d)]
     return lines
 

@@ -39,8 +39,9 @@ def history(
     rev: str = typer.Option("HEAD", "--rev", help="Walk the history reachable from this revision."),
     as_json: bool = typer.Option(False, "--json", help="Print the history as JSON."),
     as_md: bool = typer.Option(False, "--md", help="Print the history as a Markdown table."),
+    wide: bool = typer.Option(False, "--wide", help="Every column, however wide (default: fit the terminal)."),
 ) -> None:
-    """Every version of a variant's data: each commit where its dvc.lock entries changed."""
+    """Every distinct version of a variant's data, with the commits that recorded it."""
     if ctx.invoked_subcommand is not None:
         return
     if stage is None:
@@ -51,7 +52,7 @@ def history(
     from pipeline.errors import FmpipeError
 
     try:
-        from pipeline.audit import history as build, history_markdown, history_table
+        from pipeline.audit import history as build, history_markdown, history_text
 
         result = build(stage, ".", rev)
     except FmpipeError as exc:
@@ -63,15 +64,7 @@ def history(
     elif as_md:
         typer.echo(history_markdown(result), nl=False)
     else:
-        import sys
-
-        from rich.console import Console
-
-        # Piped output gets a wide table rather than rich's 80-column default.
-        console = Console() if sys.stdout.isatty() else Console(width=200)
-        console.print(history_table(result))
-        if result.get("note"):
-            console.print(f"note: {result['note']}")
+        typer.echo(history_text(result, wide))
 
 
 def diff_command(

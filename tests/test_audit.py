@@ -114,6 +114,11 @@ def versions(tmp_path_factory):
     set_source(repo, "tab_v2.csv")
     revs["v2"] = version("v2")
 
+    # A commit that changed only code (the report step's): dvc.lock changes, the data does not.
+    with open(repo / "stages" / "report.py", "a") as fh:
+        fh.write("\n# a code-only change\n")
+    revs["code"] = version("code only")
+
     (repo / "annotations" / "tab" / "labels.csv").write_text("id,label,note,annotator\nr005,a,blurry,alice\nr020,b,clear b,bob\n")
     revs["v3"] = version("v3")
     return {"repo": repo, "revs": revs, "packages": packages, "root": root}
@@ -123,7 +128,9 @@ def test_history_lists_every_version_exactly(versions):
     repo, revs = versions["repo"], versions["revs"]
     h = fmpipe_json(repo, "audit", "--stage", "tab")
     got = h["versions"]
+    # One row per distinct data version: the code-only commit adds none, it is named in v2's row.
     assert [v["commit"] for v in got] == [revs["v1"], revs["v2"], revs["v3"]]
+    assert [[c["commit"] for c in v["commits"]] for v in got] == [[revs["v1"]], [revs["v2"], revs["code"]], [revs["v3"]]]
     assert [v["message"] for v in got] == ["v1", "v2", "v3"]
     assert all(v["author"] == "fmpipe tests" and v["date"] for v in got)
     assert [v["rows"] for v in got] == [60, 63, 63]
@@ -145,9 +152,19 @@ def test_history_lists_every_version_exactly(versions):
     assert lock["stages"]["annotate@tab"]["outs"][0]["md5"].startswith(hashes[1]["annotate"])
 
     md = sh(repo, "fmpipe", "audit", "--stage", "tab", "--md").stdout
-    assert md.count(revs["v1"][:10]) == 1 and "| v3 |" in md and "duplicate: 3" in md
-    table = sh(repo, "fmpipe", "audit", "--stage", "tab").stdout
-    assert revs["v3"][:6] in table
+    assert md.count(revs["v1"][:8]) == 1 and "| v3 |" in md and "duplicate: 3" in md
+    assert f"{revs['v2'][:8]} {revs['code'][:8]}" in md and "v2; code only" in md
+
+    # The terminal table fits the terminal: at 120 columns no line is longer, hashes are
+    # never broken, and what had to go is named; --wide keeps every column.
+    narrow = sh(repo, "fmpipe", "audit", "--stage", "tab", env_extra={"COLUMNS": "120"}).stdout
+    assert max(len(line) for line in narrow.splitlines()) <= 120, narrow
+    assert revs["v3"][:8] in narrow and hashes[2]["annotate"] in narrow
+    very_narrow = sh(repo, "fmpipe", "audit", "--stage", "tab", env_extra={"COLUMNS": "60"}).stdout
+    assert max(len(line) for line in very_narrow.splitlines()) <= 60, very_narrow
+    assert "hidden to fit 60 columns" in very_narrow and "--wide" in very_narrow
+    wide = sh(repo, "fmpipe", "audit", "--stage", "tab", "--wide", env_extra={"COLUMNS": "60"}).stdout
+    assert "hidden" not in wide and "author" in wide and "collect/clean" in wide
 
 
 def test_diff_rows_added_and_duplicates_removed(versions):
@@ -245,7 +262,9 @@ def test_local_remote_push_pull_and_missing_data(versions):
     r = sh(repo, "fmpipe", "audit", "diff", revs["v1"], revs["v2"], "--stage", "tab", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "in neither the local cache nor any remote" in r.stderr
-    assert f"git checkout {revs['v1']} && dvc pull annotate@tab" in r.stderr
+    # A clone without a remote: `dvc pull` cannot help, so the hint says how to rebuild it.
+    assert "no DVC remote is configured" in r.stderr and "dvc pull annotate@tab` there" in r.stderr
+    assert f"git checkout {revs['v1']} && dvc repro annotate@tab" in r.stderr
     sh(repo, "git", "checkout", "--", ".dvc/config")  # the remote is back
     assert fmpipe_json(repo, "audit", "diff", revs["v1"], revs["v2"], "--stage", "tab") == d
 

@@ -8,6 +8,7 @@ a minute): they are the proof that the whole lifecycle works.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,8 +21,9 @@ from pipeline.manifest import read_dataset, read_report
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+def sh(cwd: Path, *cmd: str, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra} if env_extra else None
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
