@@ -191,7 +191,7 @@ def test_diff_rows_added_and_duplicates_removed(versions):
 
 def test_diff_labels_corrected_through_annotate(versions):
     repo, revs = versions["repo"], versions["revs"]
-    d = fmpipe_json(repo, "audit", "diff", "HEAD~1", "HEAD", "--stage", "tab")
+    d = fmpipe_json(repo, "audit", "diff", "HEAD~2", "HEAD", "--stage", "tab")  # HEAD~1: the code-only commit
     assert d["a_commit"] == revs["v2"] and d["b_commit"] == revs["v3"]
     assert d["relabelled"] == [
         {"id": "r005", "from": "c", "to": "a", "source": "annotation", "annotator": "alice", "note": "blurry"},
@@ -199,7 +199,7 @@ def test_diff_labels_corrected_through_annotate(versions):
     ]
     assert d["added"] == [] and d["removed"] == [] and d["content_changed"] == []
     assert d["per_class"]["c"]["relabelled_out"] == 2 and d["per_class"]["a"]["relabelled_in"] == 1
-    md = sh(repo, "fmpipe", "audit", "diff", "HEAD~1", "HEAD", "--stage", "tab", "--md").stdout
+    md = sh(repo, "fmpipe", "audit", "diff", "HEAD~2", "HEAD", "--stage", "tab", "--md").stdout
     assert "r005: c -> a" in md and "alice" in md and "blurry" in md
     # Nothing was checked out: the workspace still holds v3's files and git sees no change.
     assert sh(repo, "git", "status", "--porcelain").stdout == ""
