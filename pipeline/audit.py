@@ -203,10 +203,13 @@ def _lock_stages(raw: Optional[bytes]) -> Optional[dict[str, Any]]:
         return None
     import yaml
 
+    from pipeline.reading import BoundedYamlLoader
+
     try:
-        return (yaml.safe_load(raw) or {}).get("stages") or {}
-    except yaml.YAMLError as exc:
-        raise FmpipeError(f"{LOCK}: not valid YAML ({exc})") from None
+        return (yaml.load(raw, Loader=BoundedYamlLoader) or {}).get("stages") or {}
+    except (yaml.YAMLError, RecursionError) as exc:
+        detail = " ".join(str(exc).split()) or "nested too deeply"
+        raise FmpipeError(f"{LOCK}: not valid YAML ({detail})") from None
 
 
 def _find_out(entry: Optional[dict[str, Any]], path: str) -> Optional[tuple[str, Optional[str]]]:

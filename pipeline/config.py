@@ -14,6 +14,7 @@ Defaults live here, in code, so that a variant section only states what differs.
 
 from __future__ import annotations
 
+import itertools
 import os
 import typing
 from pathlib import Path
@@ -23,6 +24,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import FmpipeError
+from pipeline.reading import BoundedYamlLoader, load_yaml, path_kind, read_text, short_repr
 from pipeline.schema import Strict
 from pipeline.sources import _MODULES as _SOURCE_MODULES
 from pipeline.sources import SourceSpec
@@ -465,16 +467,9 @@ class Params(Strict):
 
 def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
     path = Path(path)
-    try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-    except FileNotFoundError:
+    if path_kind(path) == "not found":
         raise FmpipeError(f"{path}: not found (run fmpipe from the project root, or pass --params)")
-    except yaml.YAMLError as exc:
-        # One line: PyYAML's own message spans several, with a context snippet.
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).replace("\n", " ")
-        raise FmpipeError(f"{path}{where}: not valid YAML: {problem}") from None
+    raw = load_yaml(read_text(path, "the params YAML file"), str(path), _UniqueKeyLoader)
     if not isinstance(raw, dict):
         raise FmpipeError(f"{path}: expected a mapping with keys 'enabled' and 'variants'")
     variants = raw.get("variants")
@@ -499,8 +494,9 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
     return params
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice in one mapping is an error.
+class _UniqueKeyLoader(BoundedYamlLoader):
+    """PyYAML's safe loader (aliases within a budget: pipeline/reading.py), but a key given
+    twice in one mapping is an error.
 
     Plain PyYAML keeps the last value silently, while DVC refuses the same file later; both
     are worse than naming the two lines now.
@@ -562,11 +558,12 @@ def _describe(path: Path, exc: ValidationError) -> str:
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    """A value for an error line: a whole mapping would make the line unreadable."""
+    """A value for an error line: a whole mapping would make the line unreadable, and a huge
+    value's full repr would take gigabytes before being cut."""
     if isinstance(value, dict):
-        return f"a mapping with keys {', '.join(map(str, value))}"[:limit]
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+        keys = ", ".join(short_repr(k, 20) if not isinstance(k, str) else k[:20] for k in itertools.islice(value, 8))
+        return f"a mapping with keys {keys}"[:limit]
+    return short_repr(value, limit)
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline.config import load_params
@@ -207,3 +208,32 @@ def test_annotate_refuses_a_validation_of_other_data(project):
     reseal(path.parent)
     with pytest.raises(FmpipeError, match=r"validate/summary\.json: validates other data than the current data/iris/clean"):
         run_step("annotate", "iris")
+
+
+# ---------------------------------------------------------------- issue #22: YAML aliases
+
+def test_anchors_within_the_budget_still_load_and_a_recursive_alias_is_refused(tmp_path):
+    from pipeline.reading import load_yaml
+
+    repo_params = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    text = repo_params.replace("  iris:\n", "  iris: &iris\n", 1) + "  iris2: *iris\n"
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    params = load_params(path)  # people share a variant's section through an anchor
+    assert params.variants["iris2"] == params.variants["iris"]
+    with pytest.raises(FmpipeError, match=r"^x\.yaml:1: refused: a recursive alias"):
+        load_yaml("a: &a [1, *a]\n", "x.yaml")
+
+
+def test_a_big_value_under_an_unknown_key_is_one_short_line(tmp_path):
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["variants"]["iris"]["train"]["warmup"] = list(range(40_000))
+    params["variants"]["iris"]["description"] = [list(range(500))] * 80  # aliases, under the budget
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(FmpipeError) as err:
+        load_params(path)
+    lines = str(err.value).splitlines()
+    assert any("variants.iris.train.warmup: unknown key" in line for line in lines)
+    assert any("variants.iris.description:" in line for line in lines)
+    assert all(len(line) < 400 for line in lines), lines
