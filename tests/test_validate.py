@@ -238,7 +238,7 @@ def test_broken_suites_are_clear_errors_naming_the_file(cleaned):
     path = Path("expectations/iris.json")
     good = path.read_text()
     path.write_text(good[:-20])
-    with pytest.raises(FmpipeError, match=r"expectations/iris.json: not valid JSON"):
+    with pytest.raises(FmpipeError, match=r"expectations/iris.json:\d+: not valid JSON"):
         run_step("validate", "iris")
     suite = json.loads(good)
     suite["expectations"][10]["kwargs"]["column"] = "petal_colour"

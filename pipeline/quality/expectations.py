@@ -37,6 +37,7 @@ import pandas as pd
 
 from pipeline.errors import FmpipeError
 from pipeline.manifest import REQUIRED_COLUMNS, Dataset
+from pipeline.reading import short_repr
 
 REQUIRED_SPLITS = ("train", "test")
 SPLITS_ALL = ("train", "val", "test")
@@ -218,43 +219,124 @@ def init_command(variant: str, params_path: str = "params.yaml", force: bool = F
 # ---------------------------------------------------------------- loading a suite
 
 def load_suite(path: Path, table: pd.DataFrame):
-    """The suite at ``path`` as a GX ExpectationSuite; bad JSON, unknown expectations and
-    columns the table lacks are one clear error naming the file."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
+    """The suite at ``path`` as a GX ExpectationSuite; bad JSON, unknown expectations, bad
+    arguments and columns the table lacks are one clear error naming the file and the entry.
+
+    Each entry is built here, one by one: GX's own ``ExpectationSuite(expectations=[...])``
+    logs an entry it cannot build and drops it, and the gate would then pass a suite with a
+    check missing.
+    """
+    from pipeline.reading import loads_json, path_kind, read_text
+
+    if path_kind(path) == "not found":
         variant = Path(path).stem
         raise FmpipeError(f"{path}: not found; write a starting suite with "
-                          f"`fmpipe validate --stage {variant} --init`, review it and commit it") from None
-    except json.JSONDecodeError as exc:
-        raise FmpipeError(f"{path}: not valid JSON ({exc})") from None
+                          f"`fmpipe validate --stage {variant} --init`, review it and commit it")
+    raw = loads_json(read_text(path, "a GX expectation suite, JSON"), str(path))
     if not isinstance(raw, dict) or not isinstance(raw.get("expectations"), list):
         raise FmpipeError(f"{path}: expected a GX ExpectationSuite (an object with an 'expectations' list)")
+    if not isinstance(raw.get("name"), str) or not raw["name"]:
+        raise FmpipeError(f"{path}: 'name' must be a non-empty string (the suite's name)")
     present = set(map(str, table.columns))
     for n, e in enumerate(raw["expectations"]):
         if not isinstance(e, dict) or "type" not in e:
             raise FmpipeError(f"{path}: expectations[{n}] has no 'type'")
+        if not isinstance(e["type"], str):
+            raise FmpipeError(f"{path}: expectations[{n}]: 'type' must be a string (an expectation "
+                              f"name such as expect_column_values_to_not_be_null), got {type(e['type']).__name__}")
+        unknown = sorted(set(map(str, e)) - set(_ENTRY_KEYS))
+        if unknown:
+            raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}): unknown key(s) {', '.join(unknown)} "
+                              f"(expected {', '.join(_ENTRY_KEYS)})")
+        if not isinstance(e.get("kwargs", {}), dict):
+            raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}): 'kwargs' must be an object of "
+                              f"arguments, got {type(e['kwargs']).__name__}")
+        if not isinstance(e.get("meta") or {}, dict):
+            raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}): 'meta' must be an object, "
+                              f"got {type(e['meta']).__name__}")
         if e.get("severity", "critical") not in SEVERITIES:
-            raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}): severity {e.get('severity')!r} "
+            raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}): severity {short_repr(e.get('severity'), 40)} "
                               f"is not one of {', '.join(SEVERITIES)}")
         if e["type"] == "expect_column_to_exist":
             continue  # a missing column is then the data's failure, reported as such
         kwargs = e.get("kwargs") or {}
         for key in _COLUMN_KWARGS:
             if key in kwargs and str(kwargs[key]) not in present:
-                raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}) names column {kwargs[key]!r}, "
+                raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}) names column {short_repr(kwargs[key], 60)}, "
                                   f"which the data does not have (columns: {', '.join(sorted(present))})")
         for column in kwargs.get("column_list") or []:
             if str(column) not in present:
-                raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}) names column {column!r}, "
+                raise FmpipeError(f"{path}: expectations[{n}] ({e['type']}) names column {short_repr(column, 60)}, "
                                   f"which the data does not have")
     _ephemeral_context(None)
     import great_expectations as gx
 
+    built = [_build_expectation(path, n, e) for n, e in enumerate(raw["expectations"])]
     try:
-        return gx.ExpectationSuite(**{k: v for k, v in raw.items() if k in ("name", "expectations", "meta", "notes")})
-    except Exception as exc:  # GX raises many types for a bad expectation config
+        suite = gx.ExpectationSuite(name=raw["name"], expectations=built, meta=raw.get("meta"),
+                                    notes=raw.get("notes"))
+    except Exception as exc:  # GX raises many types for a bad suite-level field
         raise FmpipeError(f"{path}: not a valid GX suite: {_first_line(exc)}") from None
+    if len(suite.expectations) != len(raw["expectations"]):  # never validate with a check missing
+        raise FmpipeError(f"{path}: GX built {len(suite.expectations)} of the suite's "
+                          f"{len(raw['expectations'])} expectations")
+    return suite
+
+
+# Keys of one suite entry, as GX serialises an expectation.
+_ENTRY_KEYS = ("type", "kwargs", "meta", "severity", "notes", "description", "id", "rendered_content")
+
+
+def _build_expectation(path: Path, n: int, entry: dict[str, Any]):
+    """One suite entry as a GX Expectation, or one line naming its index, key and reason."""
+    import great_expectations.exceptions as gx_exceptions
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    where = f"{path}: expectations[{n}] ({entry['type']})"
+    config = {k: v for k, v in entry.items() if k not in ("id", "rendered_content")}
+    try:
+        return ExpectationConfiguration(**config).to_domain_obj()
+    except gx_exceptions.ExpectationNotFoundError:
+        import difflib
+
+        from great_expectations.expectations.registry import list_registered_expectation_implementations
+
+        close = difflib.get_close_matches(entry["type"], list_registered_expectation_implementations(), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise FmpipeError(f"{path}: expectations[{n}]: unknown expectation type "
+                          f"{short_repr(entry['type'], 60)}{hint}") from None
+    except gx_exceptions.GreatExpectationsError as exc:
+        raise FmpipeError(f"{where}: {_first_line(getattr(exc, 'message', exc))}") from None
+    except ValueError as exc:  # pydantic's ValidationError (v1 or v2) is a ValueError
+        raise FmpipeError(f"{where}: {_argument_errors(exc, entry.get('kwargs') or {})}") from None
+    except TypeError as exc:
+        raise FmpipeError(f"{where}: {_first_line(exc)}") from None
+
+
+def _argument_errors(exc: ValueError, kwargs: dict[str, Any]) -> str:
+    """pydantic's errors as ``kwargs.KEY: reason (got VALUE)``, one per key: a union-typed
+    argument (a number, a date or a $PARAMETER) gives one error per member, the first says it."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return _first_line(exc)
+    seen: dict[str, str] = {}
+    for err in errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        key = loc[0] if loc else "__root__"
+        if key in seen:
+            continue
+        if key == "__root__":
+            seen[key] = err.get("msg", "")
+        elif err.get("type") in ("value_error.missing", "missing"):
+            seen[key] = f"kwargs.{key}: required argument is missing"
+        elif err.get("type") in ("value_error.extra", "extra_forbidden"):
+            seen[key] = f"kwargs.{key}: not an argument of this expectation"
+        else:
+            got = f" (got {short_repr(kwargs[key], 40)})" if key in kwargs else ""
+            seen[key] = f"kwargs.{key}: {err.get('msg', '')}{got}"
+    # Argument errors first: a cross-argument check (__root__) often only follows from them.
+    lines = [v for k, v in seen.items() if k != "__root__"] or [seen.get("__root__", _first_line(exc))]
+    return "; ".join(lines)
 
 
 # ---------------------------------------------------------------- running it
