@@ -57,6 +57,20 @@ def _mkdtemp(parent: Path, prefix: str) -> Path:
     return tmp
 
 
+def refuse_symlink(target: str | os.PathLike) -> None:
+    """An output directory that is a symbolic link is refused (one line naming it).
+
+    Replacing the link would leave its target stale (and still read by whoever linked it
+    there); writing through it would put a step's output outside data/<variant>/ and, for a
+    link into DVC's cache, corrupt the cache.
+    """
+    target = Path(target)
+    if target.is_symlink():
+        raise FmpipeError(f"{target}: is a symbolic link (to {os.readlink(target)}); fmpipe replaces "
+                          "output directories whole and does not write through links: remove the link "
+                          "(or make it a real directory) and run again")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temp directory; on success it replaces ``target`` in one rename.
@@ -66,6 +80,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     ``FmpipeError`` naming ``target``; the temp directory is removed in every case.
     """
     target = Path(target)
+    refuse_symlink(target)
     # Parents this call creates: removed again if the step fails, so a failed first run of
     # a new variant leaves no empty data/<variant>/ behind.
     created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
@@ -89,7 +104,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         raise
     old = None
     try:
-        if target.exists() or target.is_symlink():
+        if target.exists():
             # Move the old output aside first: rename() cannot replace a non-empty directory.
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
@@ -101,7 +116,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
+        if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)

@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import FmpipeError
+from pipeline.reading import nested_too_deeply, read_text, short_repr
 
 DROP = "drop"
 CHOICES_CONTROL = "label"  # the <Choices name="..."> of the label config the review step writes
@@ -110,12 +111,10 @@ def read_decisions(directory: str | os.PathLike, classes: list[str]) -> tuple[li
         if path.name in IGNORED_FILES or path.name.startswith("."):
             continue
         suffix = path.suffix.lower()
+        expected = f"Label Studio JSON exports *.json or id,label,note *.csv in {directory}/"
         if path.is_dir() or suffix not in (".json", ".csv"):
-            raise FmpipeError(
-                f"{path}: not a decision file (expected Label Studio JSON exports *.json or "
-                f"id,label,note *.csv in {directory}/)"
-            )
-        text = _read_text(path)
+            raise FmpipeError(f"{path}: not a decision file (expected {expected})")
+        text = read_text(path, expected)
         if suffix == ".json":
             found = parse_label_studio_export(text, str(path), classes, stats)
         else:
@@ -124,13 +123,6 @@ def read_decisions(directory: str | os.PathLike, classes: list[str]) -> tuple[li
         votes.extend(found)
     stats.votes = len(votes)
     return votes, stats
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise FmpipeError(f"{path}: not UTF-8 text ({exc})") from None
 
 
 def parse_decisions_csv(text: str, file: str, classes: list[str]) -> list[Vote]:
@@ -205,10 +197,17 @@ def parse_label_studio_export(text: str, file: str, classes: list[str],
                 raise FmpipeError(f"{where}: looks like Label Studio's JSON-MIN export; export as JSON instead")
             raise FmpipeError(f"{where}: no 'data' object (expected a Label Studio JSON export)")
         id_ = data.get(TASK_ID_KEY)
-        if not isinstance(id_, str) or not id_:
+        if id_ is None or id_ == "":
             raise FmpipeError(
                 f"{where}: data.{TASK_ID_KEY} is missing (tasks must come from the review step's "
                 "label_studio_tasks.json)"
+            )
+        if not isinstance(id_, str):
+            # Ids are strings in the contract; a number here was retyped or converted by some
+            # tool, and str(3) might not be the id the task was made for ("003", "row/3").
+            raise FmpipeError(
+                f"{where}: data.{TASK_ID_KEY} is {type(id_).__name__} {short_repr(id_, 40)}, expected a string "
+                "(the id exactly as in the review step's label_studio_tasks.json)"
             )
         where = f"{where} (id {id_})"
         annotations = task.get("annotations", [])
@@ -308,6 +307,8 @@ def _top_level_items(text: str, file: str) -> list[tuple[Any, int]]:
                 obj, end = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as exc:
                 raise FmpipeError(f"{file}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+            except RecursionError:
+                raise nested_too_deeply(f"{file}:{text.count(chr(10), 0, pos) + 1}") from None
             items.append((obj, text.count("\n", 0, pos) + 1))
             pos = skip(end)
             if pos < n and text[pos] == ",":

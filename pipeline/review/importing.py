@@ -18,6 +18,7 @@ from pipeline.errors import FmpipeError
 from pipeline.io import atomic_write_bytes
 from pipeline.manifest import read_dataset, read_report
 from pipeline.paths import annotations_dir, step_dir
+from pipeline.reading import decode_text, path_kind
 from pipeline.review.decisions import ReadStats, parse_decisions_csv, parse_label_studio_export, resolve
 
 
@@ -25,8 +26,10 @@ def import_decisions(file: str | os.PathLike, variant: str, *, name: Optional[st
                      params_path: str = DEFAULT_PARAMS) -> str:
     load_variant(variant, params_path)
     src = Path(file)
-    if not src.is_file():
-        raise FmpipeError(f"{src}: no such file")
+    kind = path_kind(src)
+    if kind is not None:
+        raise FmpipeError(f"{src}: {'no such file' if kind == 'not found' else kind} "
+                          "(expected a Label Studio JSON export or an id,label,note CSV)")
     suffix = src.suffix.lower()
     if suffix not in (".json", ".csv"):
         raise FmpipeError(f"{src}: expected a Label Studio JSON export (.json) or an id,label,note CSV (.csv)")
@@ -38,10 +41,7 @@ def import_decisions(file: str | os.PathLike, variant: str, *, name: Optional[st
     ds = read_dataset(clean_dir, mmap=True)  # names the step to run when it is missing
     removed = {r.id: r.reason for r in read_report(clean_dir).removed}
     raw = src.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise FmpipeError(f"{src}: not UTF-8 text ({exc})") from None
+    text = decode_text(raw, src, "a Label Studio JSON export or an id,label,note CSV")
     stats = ReadStats(files=[str(src)])
     if suffix == ".json":
         votes = parse_label_studio_export(text, str(src), list(ds.classes), stats)

@@ -31,6 +31,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from pipeline.errors import FmpipeError
+from pipeline.reading import path_kind
 from pipeline.schema import Strict
 from pipeline.sources import fetch
 from pipeline.sources.base import Collected
@@ -215,7 +216,7 @@ def _locate(spec: Spec) -> tuple[dict[str, bytes], dict[str, Any]]:
     if path.is_file():
         how = _check_archive(path, spec)
         return _read_members(path), {"path": str(path), "checksum": how}
-    raise FmpipeError(f"{path}: not found (cifar10 `path:` expects {ARCHIVE} or a {FOLDER} folder)")
+    raise FmpipeError(f"{path}: {path_kind(path)} (cifar10 `path:` expects {ARCHIVE} or a {FOLDER} folder)")
 
 
 # ---------------------------------------------------------------- load

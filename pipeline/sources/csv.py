@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import csv as _csv
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -24,6 +25,7 @@ from pydantic import Field
 
 from pipeline.errors import FmpipeError
 from pipeline.quality.pii import PiiSpec
+from pipeline.reading import require_file
 from pipeline.schema import Strict
 from pipeline.sources.base import Collected
 
@@ -57,10 +59,32 @@ def _class_order(values: list[str]) -> list[str]:
         return uniq
 
 
+def _check_field_counts(path: Path, sep: str) -> None:
+    """Every row has the header's number of fields: pandas fills a short row with empty cells,
+    which would make a cut-off line an "empty label" skip or missing features, not an error."""
+    if len(sep) != 1:
+        return  # a regex separator: only pandas can split it
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = _csv.reader(fh, delimiter=sep)
+            width = None
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # a blank line (pandas skips them too)
+                if width is None:
+                    width = len(row)
+                elif len(row) != width:
+                    raise FmpipeError(f"{path}:{reader.line_num}: {len(row)} fields, the header has {width} "
+                                      f"(a cut-off or extra-separator line?)")
+    except UnicodeDecodeError as exc:
+        raise FmpipeError(f"{path}: not a readable CSV table (not UTF-8: {exc.reason} at byte {exc.start})") from None
+    except _csv.Error as exc:
+        raise FmpipeError(f"{path}: not a readable CSV table ({exc})") from None
+
+
 def load(spec: Spec) -> Collected:
-    path = Path(spec.path).expanduser()
-    if not path.is_file():
-        raise FmpipeError(f"{path}: not found (csv source expects a CSV file)")
+    path = require_file(Path(spec.path).expanduser(), "a CSV file, for the csv source")
+    _check_field_counts(path, spec.sep)
     try:
         # Everything as text first: each column is then converted with an error naming it.
         table = pd.read_csv(path, sep=spec.sep, dtype=str, keep_default_na=False)

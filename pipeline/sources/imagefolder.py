@@ -43,6 +43,7 @@ from pydantic import Field
 from pipeline import imaging
 from pipeline.errors import FmpipeError
 from pipeline.imaging import HighBitDepthRefused
+from pipeline.reading import require_file
 from pipeline.schema import Strict
 from pipeline.sources import fetch
 from pipeline.sources.base import Collected
@@ -173,6 +174,7 @@ def _open(path: Path):
         raise FmpipeError(f"{path}: not found (imagefolder source expects a directory or an archive)")
     if path.is_dir():
         return _DirReader(path)
+    require_file(path, "a directory or an archive, for the imagefolder source")  # no FIFO, no device
     kind = fetch.archive_kind(path)
     if kind == "tar":
         return _TarReader(path)
