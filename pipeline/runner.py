@@ -18,12 +18,13 @@ own summary: that all happens here, once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from pipeline import steps as registry
 from pipeline.errors import FmpipeError
@@ -89,18 +90,26 @@ class StepContext:
 
 def run_step(name: str, variant: str, params_path: str = "params.yaml", **flags: bool) -> Any:
     """Run one step of one variant through the registry; raises FmpipeError on bad input."""
-    import importlib
-
     from pipeline.config import load_variant
     from pipeline.console import setup_console
-    from pipeline.io import atomic_dir
-    from pipeline.resources import ResourceMeter
 
     setup_console()
     step = registry.get(name)
     spec = load_variant(variant, params_path)
-    glue = importlib.import_module(step.module)
+    with variant_lock(variant, name):
+        return _run_locked(step, variant, params_path, spec, flags)
+
+
+def _run_locked(step: registry.Step, variant: str, params_path: str, spec: Any, flags: dict[str, bool]) -> Any:
+    import importlib
+
+    from pipeline.io import atomic_dir, refuse_symlink
+    from pipeline.resources import ResourceMeter
+
+    name = step.name
     final = step_path(step.dir, variant)
+    refuse_symlink(final)  # before the step's work (atomic_dir checks again)
+    glue = importlib.import_module(step.module)
     accounting = os.environ.get(ACCOUNTING_ENV, "1") != "0"
 
     with ResourceMeter() as meter:
@@ -129,6 +138,106 @@ def run_step(name: str, variant: str, params_path: str = "params.yaml", **flags:
     if ctx.failure:
         raise FmpipeError(ctx.failure)
     return ctx.result
+
+
+# ---------------------------------------------------------------- one step per variant at a time
+
+# The lock file of a variant; its content names the holder (for the refusal's message only:
+# the lock itself is the kernel's flock, released when the holder exits however it exits).
+LOCK_FILE = f"{registry.RUNS_DIR}/lock"
+# Set by torchrun, Lightning's DDP launcher and SLURM on each process of a multi-process
+# run: only the first process locks (the others run the same step as its helpers).
+_RANK_ENVS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+@contextlib.contextmanager
+def variant_lock(variant: str, step: str) -> Iterator[None]:
+    """Hold the variant's lock while a step runs; a second step of the same variant, in
+    another process, is refused with one line naming the holder.
+
+    Two steps of one variant at once interleave their outputs (two trains wrote every curve
+    row twice, and stray checkpoints). An ``flock`` on ``data/runs/<variant>/lock``
+    (git-ignored, not a DVC output; it holds the holder's pid, host and start time) is
+    released by the kernel when its process ends, even by SIGKILL, so a killed run never
+    leaves a lock that refuses the next one (only the file, which the next run takes over).
+    A finished step removes the file. Where the lock cannot be created (a read-only data/),
+    the step runs without it: nothing can be written there to corrupt.
+    """
+    import json
+    import socket
+    from datetime import datetime, timezone
+
+    if any(os.environ.get(k, "0") not in ("", "0") for k in _RANK_ENVS):
+        yield
+        return
+    path = step_path(LOCK_FILE, variant)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, variant, step)
+    except OSError as exc:
+        from pipeline.io import is_environment_error
+
+        if not is_environment_error(exc):
+            raise
+        log.debug("%s: cannot create the lock (%s); running without it", path, exc.strerror)
+        fd = None
+    except FmpipeError:
+        _remove_empty(created)
+        raise
+    if fd is None:
+        yield
+        return
+    try:
+        holder = {"step": step, "pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        yield
+    finally:
+        # Removed while still held (a process that opened the old file then finds it gone
+        # and retries, see _acquire), so a finished step leaves nothing behind.
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)  # releases the flock
+        _remove_empty(created)
+
+
+def _acquire(path: Path, variant: str, step: str) -> int:
+    """An fd of ``path`` holding its flock; FmpipeError naming the holder when it is held."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise FmpipeError(f"{path}: variant {variant!r} is busy: {holder}; "
+                              f"wait for it to finish (or stop it), then run `fmpipe {step}` again") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file between our open and flock: open it afresh
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:  # deepest first; only if empty
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _holder(fd: int) -> str:
+    import json
+
+    try:
+        h = json.loads(os.pread(fd, 4096, 0))
+        return f"fmpipe {h['step']} (pid {h['pid']} on {h['host']}, started {h['started']}) holds it"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder is still writing its name
+        return "another fmpipe step holds it"
 
 
 def run_all(variant: str, params_path: str = "params.yaml", start: Optional[str] = None) -> None:

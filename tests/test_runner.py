@@ -184,3 +184,36 @@ def test_annotate_logic_in_memory():
     assert list(ds.manifest["label"]) == [0, 0, 1]  # the input is not modified
     with pytest.raises(FmpipeError, match="img9"):
         apply_decisions(ds.manifest, ds.classes, resolve(parse_decisions_csv("id,label\nimg9,0\n", "a.csv", ds.classes)))
+
+
+def test_variant_lock_names_its_holder_and_a_killed_holder_leaves_no_lock(tmp_path, monkeypatch):
+    """Issue #22: one step per variant at a time. The holder is another process (here a bare
+    Python holding the runner's lock, as `fmpipe train` does); SIGKILL frees the lock."""
+    import signal
+    import socket
+
+    from pipeline.runner import variant_lock
+
+    monkeypatch.chdir(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pipeline.runner import variant_lock\n"
+         "with variant_lock('digits', 'train'):\n    print('held', flush=True)\n    time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FmpipeError) as err:
+            with variant_lock("digits", "evaluate"):
+                pass
+        message = str(err.value)
+        assert message.startswith("data/runs/digits/lock: variant 'digits' is busy: fmpipe train "
+                                  f"(pid {holder.pid} on {socket.gethostname()}, started 20")
+        assert "\n" not in message
+        with variant_lock("iris", "train"):  # another variant is free
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert Path("data/runs/digits/lock").exists()  # left by the killed holder...
+    with variant_lock("digits", "evaluate"):  # ...but not held: the next step takes it over
+        assert json.loads(Path("data/runs/digits/lock").read_text())["pid"] == os.getpid()
+    assert not Path("data/runs/digits/lock").exists()  # a finished step removes its lock file
