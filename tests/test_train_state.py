@@ -68,6 +68,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(project):
     set_train("digits", max_epochs=3)
     run_step("train", "digits")
     uninterrupted = Path("data/digits/train", WEIGHTS).read_bytes()
+    figures = training_figures("digits")
     full_curve = curve("digits")
     shutil.rmtree("data/digits/train")
 
@@ -88,6 +89,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(project):
 
     run_step("train", "digits", resume=True)
     assert Path("data/digits/train", WEIGHTS).read_bytes() == uninterrupted
+    assert training_figures("digits") == figures  # the whole run's samples and GFLOP
     resumed_curve = curve("digits")
     steps = [s for s, _ in resumed_curve]
     assert steps == sorted(set(steps)) and len(steps) == 3  # one row per epoch, never stepping back
@@ -124,3 +126,48 @@ def test_gpu_accelerator_without_a_gpu_names_what_exists(project):
     message = str(err.value)
     assert "variants.iris.train.accelerator: 'gpu' is not available" in message
     assert "available: cpu" in message and "\n" not in message
+
+
+def training_figures(variant: str) -> dict:
+    import json
+
+    return json.loads(Path(f"data/{variant}/train/model.json").read_text())["training"]
+
+
+def test_sigkill_then_resume_counts_the_whole_run(project):
+    """Issue #22: model.json's samples and GFLOP after a SIGKILL and `--resume` (and after a
+    `--resume` of the finished run) are the uninterrupted run's, not the last process's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    annotated("iris")
+    set_train("iris", max_epochs=20)
+    run_step("train", "iris")
+    uninterrupted = training_figures("iris")
+    weights = Path("data/iris/train", WEIGHTS).read_bytes()
+    assert uninterrupted["samples_seen"] > 0 and uninterrupted["gflop"] > 0
+    shutil.rmtree("data/iris/train")
+    shutil.rmtree(STATE.as_posix().format(v="iris"))  # so that last.ckpt appears only once the new run wrote it
+
+    last = Path(STATE.as_posix().format(v="iris"), "checkpoints", "last.ckpt")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--stage", "iris"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-run: at most an epoch or two checkpointed
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before the kill; raise max_epochs"
+    assert not Path("data/iris/train").exists()
+    assert 1 <= read_checkpoint_progress(last)["epoch"] < 20
+
+    run_step("train", "iris", resume=True)  # the killed process's lock is gone with it
+    assert Path("data/iris/train", WEIGHTS).read_bytes() == weights
+    assert training_figures("iris") == uninterrupted
+    run_step("train", "iris", resume=True)  # a finished run: nothing left to train
+    assert training_figures("iris") == uninterrupted

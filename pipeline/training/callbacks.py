@@ -12,16 +12,21 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 class ThroughputTimer(pl.Callback):
-    """Training seconds (validation excluded) and samples seen (all ranks) in this run.
+    """Training seconds (validation excluded) and samples seen (all ranks) in this run, and
+    samples seen by the whole training run (``total_samples``).
 
     On CUDA the clock reads synchronise the device first, so queued kernels are counted.
     ``samples / train_seconds`` is the throughput in ``train_summary.json``; the first epoch
-    (warm-up, ``torch.compile``) is included.
+    (warm-up, ``torch.compile``) is included. ``total_samples`` travels in the checkpoint
+    (Lightning saves a callback's ``state_dict``), so a run resumed after a kill, or a
+    ``--resume`` of a finished run, counts every sample the model was trained on, exactly as
+    an uninterrupted run does (the model card's figures).
     """
 
     def __init__(self) -> None:
         self.train_seconds = 0.0
         self.samples = 0
+        self._before = 0  # samples of the epochs the checkpoint resumed from holds
         self._t0: Optional[float] = None
         self._v0 = 0.0
         self._val_seconds = 0.0
@@ -40,6 +45,16 @@ class ThroughputTimer(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # One call's batches: a group of (inputs, labels) pairs (pipeline.training.data.StepGroups).
         self.samples += sum(len(labels) for _, labels in batch) * trainer.world_size
+
+    @property
+    def total_samples(self) -> int:
+        return self._before + self.samples
+
+    def state_dict(self) -> dict:
+        return {"total_samples": self.total_samples}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._before = int(state_dict.get("total_samples", 0))
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._v0 = self._now(trainer)

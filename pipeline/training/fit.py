@@ -216,7 +216,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     meta = model_meta(spec, dm, dataset)
     # The cost of making this model, in figures that do not vary run to run (the model card
     # carries them; times and memory go to the runner's uncached resource records).
-    samples = int(timer.samples)
+    samples = int(timer.total_samples)  # the whole run's, across resumptions
     meta["training"] = {"epochs": int(trainer.current_epoch), "optimizer_steps": int(trainer.global_step),
                         "samples_seen": samples,
                         "gflop": round(train_flops(spec, dataset, samples) / 1e9, 3)}
