@@ -199,6 +199,100 @@ def full_disk(path: Path):
         shutil.rmtree(saved)
 
 
+# ---------------------------------------------------------------- issue #22: hostile inputs
+
+# A 9-level "billion laughs" list: ~0.3 KB of YAML, 9**9 (387 million) strings expanded.
+BILLION_LAUGHS = "[&l0 [lol], " + ", ".join(
+    f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)) + "]"
+
+
+def yaml_bomb(place: Callable[[dict], None]) -> Callable[[Path], None]:
+    """Put the bomb where ``place`` puts the marker value (params.yaml stays otherwise valid)."""
+    def mutate(root: Path) -> None:
+        edit_params(place)(root)
+        text = (root / "params.yaml").read_text()
+        assert text.count("BOMB_HERE") == 1
+        (root / "params.yaml").write_text(text.replace("BOMB_HERE", BILLION_LAUGHS))
+    return mutate
+
+
+def write_bytes(rel: str, data: bytes) -> Callable[[Path], None]:
+    return lambda root: (root / rel).write_bytes(data)
+
+
+def deep_json(rel: str) -> Callable[[Path], None]:
+    return write(rel, "[" * 200_000 + "]" * 200_000)
+
+
+def edit_suite(variant: str, fn: Callable[[dict], None]) -> Callable[[Path], None]:
+    def mutate(root: Path) -> None:
+        path = root / "expectations" / f"{variant}.json"
+        suite = json.loads(path.read_text())
+        fn(suite)
+        path.write_text(json.dumps(suite, indent=2))
+    return mutate
+
+
+def suite_as_directory(root: Path) -> None:
+    (root / "expectations/iris.json").unlink()
+    (root / "expectations/iris.json").mkdir()
+
+
+def first_between(suite: dict) -> dict:
+    return next(e for e in suite["expectations"] if e["type"] == "expect_column_values_to_be_between")
+
+
+def csv_variant(path: str) -> Callable[[Path], None]:
+    return add_variant("table", {"kind": "csv", "path": path, "id_column": "id"}, based_on="iris")
+
+
+def short_csv_row(root: Path) -> None:
+    rows = [f"{i},{i * 0.5},{i % 7},{i % 3},{i},{'ab'[i % 2]}" for i in range(20)]
+    rows[6] = "6,3.0,6"  # cut off after 3 of 6 fields
+    (root / "cut.csv").write_text("id,x1,x2,x3,x4,label\n" + "\n".join(rows) + "\n")
+    csv_variant("cut.csv")(root)
+
+
+def fifo_csv(root: Path) -> None:
+    os.mkfifo(root / "pipe.csv")  # no writer: opening it would block forever
+    csv_variant("pipe.csv")(root)
+
+
+def fifo_imagefolder(root: Path) -> None:
+    os.mkfifo(root / "pipe.tar")
+    add_variant("pics", {"kind": "imagefolder", "path": "pipe.tar"})(root)
+
+
+def ls_export_with_int_id(root: Path) -> None:
+    task = {"id": 1, "data": {"fmpipe_id": 3}, "annotations": [
+        {"id": 1, "completed_by": 1, "result": [
+            {"from_name": "label", "to_name": "item", "type": "choices", "value": {"choices": ["setosa"]}}]}]}
+    (root / "export.json").write_text(json.dumps([task]))
+
+
+def symlinked_output(root: Path) -> None:
+    """data/iris/evaluate is a link to a directory elsewhere (which must not go stale)."""
+    target = root / "elsewhere" / "evaluate"
+    target.parent.mkdir()
+    shutil.move(root / "data/iris/evaluate", target)
+    (root / "data/iris/evaluate").symlink_to(target)
+
+
+@contextlib.contextmanager
+def variant_busy(root: Path, variant: str):
+    """Another fmpipe step of ``variant`` running (this process holds the variant's lock)."""
+    from pipeline.runner import variant_lock
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with variant_lock(variant, "train"):
+            os.chdir(cwd)
+            yield
+    finally:
+        os.chdir(cwd)
+
+
 # ---------------------------------------------------------------- the table
 
 @dataclass
@@ -208,6 +302,8 @@ class Case:
     names: str  # the file or key the error line must name
     mutate: Optional[Callable[[Path], None]] = None
     fault: Optional[Callable[[Path], contextlib.AbstractContextManager]] = None
+    prefix: Optional[str] = None  # the error line's start (default: fmpipe ARG0 --stage ARG2)
+    memory_mb: Optional[int] = None  # address-space limit of the command (a bomb must not need more)
 
 
 CASES = [
@@ -253,7 +349,67 @@ CASES = [
          fault=lambda root: read_only(root / "data/iris")),
     Case("disk full", ["evaluate", "--stage", "digits"], "data/digits/evaluate: cannot write the output: disk full",
          fault=lambda root: full_disk(root / "data/digits")),
+    # Issue #22: hostile params, suites, decisions and inputs.
+    Case("alias bomb in model.options", ["train", "--stage", "iris"], "params.yaml:",
+         yaml_bomb(lambda p: p["variants"]["iris"]["model"].update(options={"hidden": "BOMB_HERE"})),
+         memory_mb=1024),
+    Case("alias bomb in description", ["clean", "--stage", "iris"], "aliases expand this value to more than 100,000",
+         yaml_bomb(lambda p: p["variants"]["iris"].update(description="BOMB_HERE")), memory_mb=1024),
+    Case("alias bomb in an unknown key", ["train", "--stage", "iris"], "refused: aliases expand",
+         yaml_bomb(lambda p: p["variants"]["iris"]["train"].update(warmup="BOMB_HERE")), memory_mb=1024),
+    Case("binary params.yaml", ["train", "--stage", "iris"], "params.yaml:1: not UTF-8 text",
+         write_bytes("params.yaml", bytes(range(128, 256)) * 8)),
+    Case("control bytes in params.yaml", ["train", "--stage", "iris"], "params.yaml: not valid YAML: unacceptable character",
+         write_bytes("params.yaml", bytes(range(0, 32)) * 8)),
+    Case("params nested 200,000 deep", ["train", "--stage", "iris"], "params.yaml: not read: nested too deeply",
+         write("params.yaml", "enabled: " + "[" * 200_000 + "]" * 200_000 + "\n")),
+    Case("--params is a directory", ["train", "--stage", "iris", "--params", "data"], "data: is a directory"),
+    Case("suite: unknown expectation type", ["validate", "--stage", "iris"],
+         "expectations/iris.json: expectations[3]: unknown expectation type 'expect_column_to_exits'",
+         edit_suite("iris", lambda s: s["expectations"][3].update(type="expect_column_to_exits"))),
+    Case("suite: kwargs a string", ["validate", "--stage", "iris"],
+         "expectations/iris.json: expectations[3] (expect_column_to_exist): 'kwargs' must be an object",
+         edit_suite("iris", lambda s: s["expectations"][3].update(kwargs="column=label"))),
+    Case("suite: a bad argument", ["validate", "--stage", "iris"],
+         "(expect_column_values_to_be_between): kwargs.min_value: value is not a valid float (got 'low')",
+         edit_suite("iris", lambda s: first_between(s)["kwargs"].update(min_value="low"))),
+    Case("suite: invalid UTF-8", ["validate", "--stage", "iris"], "expectations/iris.json:1: not UTF-8 text",
+         write_bytes("expectations/iris.json", b'{"name": "iris\xff"}')),
+    Case("suite: a directory", ["validate", "--stage", "iris"], "expectations/iris.json: is a directory",
+         suite_as_directory),
+    Case("decisions nested 200,000 deep", ["annotate", "--stage", "iris"],
+         "annotations/iris/deep.json:1: not read: nested too deeply", deep_json("annotations/iris/deep.json")),
+    Case("review import nested 200,000 deep", ["review", "import", "deep.json", "--stage", "iris"],
+         "deep.json:1: not read: nested too deeply", deep_json("deep.json"),
+         prefix="fmpipe review import --stage iris: error: "),
+    Case("integer fmpipe_id in an export", ["review", "import", "export.json", "--stage", "iris"],
+         "export.json:1: task 0: data.fmpipe_id is int 3, expected a string", ls_export_with_int_id,
+         prefix="fmpipe review import --stage iris: error: "),
+    Case("review import of a FIFO", ["review", "import", "pipe.json", "--stage", "iris"],
+         "pipe.json: is a named pipe (FIFO)", lambda root: os.mkfifo(root / "pipe.json"),
+         prefix="fmpipe review import --stage iris: error: "),
+    Case("csv row with 3 of 6 fields", ["collect", "--stage", "table"], "cut.csv:8: 3 fields, the header has 6",
+         short_csv_row),
+    Case("csv source is a directory", ["collect", "--stage", "table"], "annotations: is a directory",
+         csv_variant("annotations")),
+    Case("csv source is a FIFO", ["collect", "--stage", "table"], "pipe.csv: is a named pipe (FIFO)", fifo_csv),
+    Case("csv source is /dev/zero", ["collect", "--stage", "table"], "/dev/zero: is a device", csv_variant("/dev/zero")),
+    Case("imagefolder source is a FIFO", ["collect", "--stage", "pics"], "pipe.tar: is a named pipe (FIFO)",
+         fifo_imagefolder),
+    Case("symlinked output directory", ["evaluate", "--stage", "iris"], "data/iris/evaluate: is a symbolic link",
+         symlinked_output),
+    Case("another step of the variant running", ["evaluate", "--stage", "iris"],
+         f"data/runs/iris/lock: variant 'iris' is busy: fmpipe train (pid {os.getpid()} on",
+         fault=lambda root: variant_busy(root, "iris")),
 ]
+
+
+def address_space(mb: Optional[int]) -> Optional[Callable[[], None]]:
+    if mb is None:
+        return None
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (mb << 20, mb << 20))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -269,13 +425,14 @@ def test_bad_input(good, tmp_path, case):
         case.mutate(root)
     with case.fault(root) if case.fault else contextlib.nullcontext():
         before = snapshot(root)
-        result = subprocess.run([*FMPIPE, *case.args], cwd=root, capture_output=True, text=True)
+        result = subprocess.run([*FMPIPE, *case.args], cwd=root, capture_output=True, text=True, timeout=300,
+                                preexec_fn=address_space(case.memory_mb))
         after = snapshot(root)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr
     lines = visible_lines(result.stderr)
     assert len(lines) == 1, lines
     (line,) = lines
-    assert line.startswith(f"fmpipe {case.args[0]} --stage {case.args[2]}: error: "), line
+    assert line.startswith(case.prefix or f"fmpipe {case.args[0]} --stage {case.args[2]}: error: "), line
     assert case.names in line, line
     assert after == before  # every good output byte-identical, no temp file or directory left
