@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 import numpy as np
 
 from pipeline.errors import FmpipeError
+from pipeline.reading import path_kind
 from pipeline.packaging import LINEAGE, PREPROCESS  # file names only: importing it loads nothing heavy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -267,24 +268,13 @@ def expand_inputs(paths: Iterable[str | os.PathLike], kind: str) -> list[Path]:
         elif p.is_file():
             out.append(p)
         elif p.exists():  # a FIFO, a device, a socket: reading it could block or never end
-            raise FmpipeError(f"{p}: {_file_kind(p)}, not a regular file; expected an "
+            raise FmpipeError(f"{p}: {path_kind(p)}, not a regular file; expected an "
                               f"{'image' if kind == 'image' else 'CSV'} file or a folder of them")
         else:
             raise FmpipeError(f"{p}: not found")
     if not out:
         raise FmpipeError("no inputs given")
     return out
-
-
-def _file_kind(p: Path) -> str:
-    import stat
-
-    mode = p.stat().st_mode
-    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "a special file"
 
 
 def load_inputs(paths: Iterable[str | os.PathLike], spec: dict[str, Any]) -> tuple[list[str], np.ndarray]:

@@ -33,33 +33,40 @@ YAML_MAX_EXPANDED_NODES = 100_000
 
 
 def path_kind(path: str | os.PathLike) -> Optional[str]:
-    """None for a regular file (symlinks followed); otherwise what the path is, in words."""
+    """None for a regular file (symlinks followed); otherwise what the path is, in words:
+    ``not found``, ``a directory``, ``a FIFO (named pipe)``, ``a character device``, ..."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return "not found"
-    except NotADirectoryError:
-        return "not found (a parent is not a directory)"
     except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
+        return f"unreadable ({exc.strerror})"
     if stat.S_ISREG(mode):
         return None
-    if stat.S_ISDIR(mode):
-        return "is a directory"
-    if stat.S_ISFIFO(mode):
-        return "is a named pipe (FIFO), not a file; not read"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "is a device, not a file; not read"
-    if stat.S_ISSOCK(mode):
-        return "is a socket, not a file"
-    return "is not a regular file"
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def not_a_file(path: str | os.PathLike, expected: str) -> Optional[FmpipeError]:
+    """None for a regular file; else the one-line error saying what ``path`` is instead (a
+    FIFO is never opened, a device never read: that would block, or never end)."""
+    kind = path_kind(path)
+    if kind is None:
+        return None
+    if kind == "not found" or kind.startswith("unreadable"):
+        return FmpipeError(f"{path}: {kind} (expected {expected})")
+    return FmpipeError(f"{path}: {kind}, not a regular file; expected {expected}")
 
 
 def require_file(path: str | os.PathLike, expected: str) -> Path:
     """``path`` if it is a regular file; else one line saying what it is and what was expected."""
-    kind = path_kind(path)
-    if kind is not None:
-        raise FmpipeError(f"{path}: {kind} (expected {expected})")
+    error = not_a_file(path, expected)
+    if error is not None:
+        raise error
     return Path(path)
 
 

@@ -18,7 +18,7 @@ from pipeline.errors import FmpipeError
 from pipeline.io import atomic_write_bytes
 from pipeline.manifest import read_dataset, read_report
 from pipeline.paths import annotations_dir, step_dir
-from pipeline.reading import decode_text, path_kind
+from pipeline.reading import decode_text, not_a_file
 from pipeline.review.decisions import ReadStats, parse_decisions_csv, parse_label_studio_export, resolve
 
 
@@ -26,10 +26,9 @@ def import_decisions(file: str | os.PathLike, variant: str, *, name: Optional[st
                      params_path: str = DEFAULT_PARAMS) -> str:
     load_variant(variant, params_path)
     src = Path(file)
-    kind = path_kind(src)
-    if kind is not None:
-        raise FmpipeError(f"{src}: {'no such file' if kind == 'not found' else kind} "
-                          "(expected a Label Studio JSON export or an id,label,note CSV)")
+    error = not_a_file(src, "a Label Studio JSON export or an id,label,note CSV")
+    if error is not None:
+        raise error
     suffix = src.suffix.lower()
     if suffix not in (".json", ".csv"):
         raise FmpipeError(f"{src}: expected a Label Studio JSON export (.json) or an id,label,note CSV (.csv)")
