@@ -95,11 +95,12 @@ class Artefact(Record):
 
 
 class Resources(Artefact):
-    """``data/resources/<v>/<step>.json``: what one step run used, as a DVC metric.
+    """``data/resources/<v>/<step>.json``: what one step run used (git-ignored, per run).
 
-    Numbers people compare and nothing else (no schema field, no names): every key becomes a
-    column of ``dvc metrics show``, so the set is kept small. Details that are not compared
-    across runs (optimizer steps, throughput, the device) are in the :class:`RunRecord`.
+    Numbers only (no schema field, no names), so ``dvc metrics show data/resources/<v>/<step>.json``
+    reads it when asked; it is no declared metric, because its times change on every run and
+    would drown the figures people compare (``evaluate/figures.json``). Details (optimizer
+    steps, throughput, the device) are in the :class:`RunRecord`.
     """
 
     schema_version: int = Field(default=1, exclude=True)  # never a column of `dvc metrics show`
@@ -206,10 +207,11 @@ class MembershipAudit(Record):
 
 
 class Metrics(Artefact):
-    """``evaluate/metrics.json``: the numbers people compare across runs (a DVC metric).
+    """``evaluate/metrics.json``: every score of the test split (git-tracked, uncached).
 
-    Like :class:`Resources`, written without ``schema_version`` (it would be a column of
-    ``dvc metrics show``); per-class figures are in ``per_class.csv`` (a plot), not here.
+    Written without ``schema_version``, like :class:`Resources`. The DVC metric is the smaller
+    ``evaluate/figures.json`` (``pipeline.packaging.evaluation.compare_figures``); per-class
+    figures are in ``per_class.csv`` (a plot), not here.
     """
 
     schema_version: int = Field(default=1, exclude=True)  # never a column of `dvc metrics show`

@@ -7,8 +7,10 @@
 are file sizes, rows come from parquet footers.
 
 The result is the typed :class:`pipeline.artefacts.Resources`, written by the runner to
-``data/resources/<v>/<step>.json``: numbers only (a DVC metric that ``dvc metrics show`` and
-``dvc exp show`` compare); the device's name goes to ``data/runs/<v>/<step>.json``.
+``data/resources/<v>/<step>.json``: numbers only, git-ignored (times change on every run, so a
+tracked copy would dirty the tree after every ``dvc repro``); ``fmpipe resources`` tabulates
+them and ``dvc metrics show data/resources/<v>/<step>.json`` reads one on request. The
+device's name goes to ``data/runs/<v>/<step>.json``.
 """
 
 from __future__ import annotations

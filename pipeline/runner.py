@@ -9,8 +9,8 @@
 3. on success renames ``ctx.out`` over ``data/<v>/<step>/`` in one step (a failed or
    interrupted step leaves the previous output as it was);
 4. records what the run used in ``data/resources/<v>/<step>.json`` and where it ran in
-   ``data/runs/<v>/<step>.json`` (neither is a stage output, so they never change a hashed
-   output or ``dvc.lock``) and prints one summary line on stderr.
+   ``data/runs/<v>/<step>.json`` (neither is a stage output nor tracked by git, so they never
+   change a hashed output, ``dvc.lock`` or ``git status``) and prints one summary line on stderr.
 
 Steps never open their own output directory, never time themselves and never print their
 own summary: that all happens here, once.

@@ -12,10 +12,9 @@ registry come:
 
 Paths are templates: ``{v}`` is the variant. Step outputs live under ``data/{v}/<step>/``.
 Through the runner every step also writes what its run used to ``data/resources/{v}/<step>.json``
-(numbers; dvc.yaml's top-level ``metrics:``, so ``dvc metrics show`` and ``dvc exp show``
-compare them) and where it ran to ``data/runs/{v}/<step>.json`` (strings, git-ignored).
-Neither is a stage output: they change on every run, and a stage output would put their
-hashes into ``dvc.lock``. This module imports nothing heavy: ``fmpipe --help`` reads it.
+(numbers; ``fmpipe resources``) and where it ran to ``data/runs/{v}/<step>.json`` (strings).
+Both are git-ignored and neither is a stage output nor a DVC metric: they change on every
+run, so they would dirty the tree, churn ``dvc.lock`` and drown ``dvc metrics diff``. This module imports nothing heavy: ``fmpipe --help`` reads it.
 """
 
 from __future__ import annotations
@@ -170,8 +169,11 @@ STEPS: tuple[Step, ...] = (
             Out("blessing.json"),
             # calibration.json, reliability.png, mistakes.html (image variants): deterministic
             Out("details"),
-            # vs the last blessed model (the previous package, not a declared input): uncached
-            Out("metrics.json", kind="metric", cache=False),
+            # every score (readers: package, report, audit); committed to git, uncached
+            Out("metrics.json", cache=False),
+            # The variant's DVC metric: the few figures people compare across runs, keyed by
+            # variant so `dvc exp show` headers stay short (pipeline/packaging/evaluation.py).
+            Out("figures.json", kind="metric", cache=False),
             Out("confusion.csv", kind="plot", cache=False,
                 plot={"template": "confusion", "x": "predicted", "y": "actual"}),
             Out("per_class.csv", kind="plot", cache=False,

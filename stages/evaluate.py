@@ -1,7 +1,8 @@
 """Step 4 glue: score the trained model on the test split and decide its blessing.
 
-Writes ``metrics.json`` (numbers people compare: accuracy, macro F1, test rows, ECE and the
-temperature; for two-class models ROC-AUC, PR-AUC and F1; a DVC metric), ``per_class.csv``
+Writes ``metrics.json`` (every score: accuracy, macro F1, test rows, ECE and the
+temperature; for two-class models ROC-AUC, PR-AUC and F1), ``figures.json`` (the DVC metric:
+the few figures compared across runs, keyed by variant; ``compare_figures``), ``per_class.csv``
 (precision/recall/F1/support per class; a DVC plot), ``confusion.csv`` (actual/predicted per
 test row; DVC's confusion template), ``predictions.parquet`` (with every class probability) and
 ``blessing.json`` (every threshold with its value and verdict, the TTA used, and the sha256 of
@@ -28,13 +29,14 @@ from pipeline.artefacts import BinaryMetrics, Blessing, JudgedModel, MembershipA
 from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file, to_json
 from pipeline.models import WEIGHTS, load_trained
-from pipeline.packaging import (BLESSING, CALIBRATION, CONFUSION, DETAILS, LINEAGE, METRICS,
+from pipeline.packaging import (BLESSING, CALIBRATION, CONFUSION, DETAILS, FIGURES, LINEAGE, METRICS,
                                 MISTAKES, PER_CLASS, PREDICTIONS, RELIABILITY_PNG)
 from pipeline.packaging.calibration import calibrate, reliability_png
 from pipeline.packaging.evaluation import (
     binary_scores,
     bless,
     check_compatible,
+    compare_figures,
     effective_tta,
     model_inputs,
     predict_logits,
@@ -106,6 +108,7 @@ def run(ctx) -> None:
 
     out = ctx.out
     metrics.write(out / METRICS)
+    (out / FIGURES).write_text(to_json(compare_figures(ctx.variant, metrics, meta.get("training"))))
     blessing.write(out / BLESSING)
     predictions[["label_name", "predicted_name"]].set_axis(["actual", "predicted"], axis=1).to_csv(
         out / CONFUSION, index=False)

@@ -22,6 +22,7 @@ that need them, so importing this package stays cheap.
 
 # File names shared by the evaluate and package steps.
 METRICS = "metrics.json"
+FIGURES = "figures.json"  # evaluate: the DVC metric (compare_figures)
 BLESSING = "blessing.json"
 CONFUSION = "confusion.csv"
 PER_CLASS = "per_class.csv"

@@ -254,3 +254,22 @@ def read_json(path: Path, hint: str) -> dict[str, Any]:
         raise FmpipeError(f"{path}: not found; {hint}") from None
     except json.JSONDecodeError as exc:
         raise FmpipeError(f"{path}: not valid JSON: {exc}") from None
+
+
+def compare_figures(variant: str, metrics: Metrics, training: dict[str, Any] | None) -> dict[str, Any]:
+    """``evaluate/figures.json``: the variant's DVC metric, the figures compared across runs.
+
+    Quality (accuracy, macro F1, ECE; ROC-AUC for two classes) and the cost of training that
+    does not vary run to run (epochs, GFLOP; ``train/model.json``). Wall times are per-run
+    records (``data/resources``), not here. Keyed by the variant so that ``dvc exp show``
+    headers are ``digits.accuracy`` rather than the path-qualified
+    ``data/digits/evaluate/metrics.json:accuracy``: every variant's figures then fit on the
+    first screen of a 200-column terminal.
+    """
+    figures: dict[str, Any] = {"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1, "ece": metrics.ece}
+    if metrics.binary is not None and metrics.binary.roc_auc is not None:
+        figures["roc_auc"] = metrics.binary.roc_auc
+    for key in ("epochs", "gflop"):
+        if (training or {}).get(key) is not None:
+            figures[key] = training[key]
+    return {variant: figures}

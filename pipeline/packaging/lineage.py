@@ -35,8 +35,9 @@ def git_info(cwd: str | Path = ".") -> dict[str, Any]:
     try:
         commit = _git(["rev-parse", "HEAD"], cwd).strip()
         status = _git(["status", "--porcelain", "--untracked-files=no"], cwd).splitlines()
-        # dvc.lock is rewritten by the very `dvc repro` that runs this step: a record, not code.
-        changes = [line for line in status if line and line[3:] != DVC_LOCK]
+        # dvc.lock and the git-tracked outputs under data/ (uncached metrics and plots) are
+        # rewritten by the very `dvc repro` that runs this step: records, not code or inputs.
+        changes = [line for line in status if line and line[3:] != DVC_LOCK and not line[3:].startswith("data/")]
     except (OSError, subprocess.CalledProcessError) as exc:
         reason = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) and exc.stderr else str(exc)
         return {"available": False, "reason": f"not a git checkout or git missing: {reason}"}
