@@ -133,6 +133,9 @@ class RunRecord(Artefact):
     # Facts that vary from run to run and so must stay out of every hashed output:
     gx_runs: Optional[dict[str, Any]] = None  # validate: GX's run ids and times per table
     baseline: Optional[dict[str, Any]] = None  # evaluate: change vs the last packaged model
+    # evaluate: the lineage.json of the last blessed package with other weights (the report's
+    # "What changed since the last blessed package"; pipeline.packaging.summary.last_blessed_lineage)
+    last_blessed: Optional[dict[str, Any]] = None
     git: Optional[dict[str, Any]] = None  # package: the commit the run saw (the one before its own)
 
 

@@ -342,9 +342,10 @@ def read_manifest_at(variant: str, step: str, rev: Optional[str], repo: str = ".
 
 
 def removal_reasons(version: Version) -> dict[str, dict[str, Any]]:
-    """``{id: removal}`` from collect's and clean's reports of a version (clean wins)."""
+    """``{id: removal}`` from collect's, clean's and annotate's reports of a version (a row
+    dropped by people's decision is annotate's ``dropped_by_annotation``; the later step wins)."""
     reasons: dict[str, dict[str, Any]] = {}
-    for step in ("collect", "clean"):
+    for step in DATA_STEPS:
         report = version.json(step, REPORT) if (version.commit is None or step in version.stages) else None
         for r in (report or {}).get("removed") or []:
             reasons[str(r.get("id"))] = {"step": step, **{k: v for k, v in r.items() if k != "id"}}

@@ -228,6 +228,34 @@ app.add_typer(audit_app, name="audit")
 
 
 @app.command()
+def compare(
+    a: str = typer.Argument(..., help="Old side: a git revision or branch, a DVC experiment name, 'workspace', "
+                            "or a package directory / .tar.gz."),
+    b: str = typer.Argument("workspace", help="New side (same kinds as A; default: the workspace)."),
+    stage: Optional[str] = typer.Option(None, "--stage", "-s", help="Only this variant (default: every variant both hold)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every difference as JSON."),
+    as_md: bool = typer.Option(False, "--md", help="Print the comparison as Markdown."),
+) -> None:
+    """What changed from A to B: params, metrics and per-class scores, data rows (added, removed,
+    relabelled per split), the model and its lineage."""
+    if as_json and as_md:
+        typer.echo("fmpipe compare: error: --json and --md are alternatives; give one", err=True)
+        raise typer.Exit(2)
+    from pipeline.compare import compare as build, markdown, text_lines
+
+    with _reported("fmpipe compare"):
+        result = build(a, b, ".", stage)
+    if as_json:
+        from pipeline.io import to_json
+
+        typer.echo(to_json(result), nl=False)
+    elif as_md:
+        typer.echo(markdown(result), nl=False)
+    else:
+        typer.echo("\n".join(text_lines(result)))
+
+
+@app.command()
 def stages(params: str = ParamsOpt) -> None:
     """List the variants defined in params.yaml, and which ones `dvc repro` runs."""
     from pipeline.config import load_params

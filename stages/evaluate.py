@@ -44,7 +44,7 @@ from pipeline.packaging.evaluation import (
     tta_description,
 )
 from pipeline.packaging.gallery import render_gallery
-from pipeline.packaging.summary import comparison, read_last_blessed, render_table
+from pipeline.packaging.summary import comparison, last_blessed_lineage, read_last_blessed, render_table
 from pipeline.runner import step_path
 
 
@@ -88,8 +88,12 @@ def run(ctx) -> None:
     # step (package depends on evaluate; the reverse would be a cycle), so the comparison goes
     # to the runner's run record (data/runs/<v>/evaluate.json), never into a declared output:
     # even an uncached one's hash is in dvc.lock, and this one depends on what ran before.
-    compared = comparison(metrics, read_last_blessed(step_path(registry.get("package").dir, ctx.variant) / LINEAGE),
-                          weights_sha)
+    package_lineage = step_path(registry.get("package").dir, ctx.variant) / LINEAGE
+    compared = comparison(metrics, read_last_blessed(package_lineage), weights_sha)
+    # The whole lineage of that package, for the report's "What changed since the last blessed
+    # package" (fmpipe compare's content): same rule, run record only.
+    ctx.details["last_blessed"] = last_blessed_lineage(
+        package_lineage, step_path(registry.get("evaluate").run_record, ctx.variant), weights_sha)
 
     predicted = s["predicted"]
     predictions = pd.DataFrame({

@@ -9,6 +9,7 @@ or the verdict.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +35,25 @@ def read_last_blessed(lineage_path: str | Path) -> Optional[dict[str, Any]]:
     return {"source": str(path),
             **{k: float(getattr(lineage.metrics, k)) for k in COMPARED},
             "model_sha256": lineage.model.sha256}
+
+
+def last_blessed_lineage(lineage_path: str | Path, record_path: str | Path,
+                         weights_sha256: str) -> Optional[dict[str, Any]]:
+    """The raw ``lineage.json`` of the last blessed package whose weights differ from the ones
+    being evaluated: the current package, or, when that one already holds these weights (a
+    forced or repeated run), the one the previous run record kept. ``None`` when none exists.
+    Unreadable files count as absent: a record must never stop an evaluation."""
+    try:
+        current = json.loads(Path(lineage_path).read_text())
+    except (OSError, ValueError):
+        current = None
+    if isinstance(current, dict) and (current.get("model") or {}).get("sha256") != weights_sha256:
+        return current
+    try:
+        earlier = json.loads(Path(record_path).read_text()).get("last_blessed")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    return earlier if isinstance(earlier, dict) else None
 
 
 def comparison(metrics: Metrics, baseline: Optional[dict[str, Any]],

@@ -19,6 +19,7 @@ import numpy as np
 from pipeline import palette
 from pipeline.artefacts import Blessing, Check, DatasetReport, Lineage, Metrics, ValidationSummary
 from pipeline.report import figures
+from pipeline.report.changes import section_changes
 from pipeline.report.readers import (
     ArtefactError,
     Thumbnails,
@@ -550,6 +551,7 @@ SECTIONS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("training", "Training", section_training),
     ("evaluation", "Evaluation", section_evaluation),
     ("package", "Package", section_package),
+    ("changes", "What changed since the last blessed package", section_changes),
 ]
 
 STYLE = """
