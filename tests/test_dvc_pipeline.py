@@ -208,7 +208,7 @@ def test_compare_names_relabel_drop_and_params_change(reproduced, tmp_path):
 
     seen = {}
     open_page(reproduced / "data/iris/report/index.html", tmp_path / "report.png",
-              lambda page: seen.update(text=page.evaluate("document.querySelector('#changes').innerText")))
+              lambda page: seen.update(text=page.evaluate("document.querySelector('#what-changed').innerText")))
     assert "train.max_epochs" in seen["text"] and "iris/002: setosa -> virginica" in seen["text"], seen["text"]
     assert "iris/001" in seen["text"]
 

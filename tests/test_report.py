@@ -71,7 +71,7 @@ def test_digits_report_renders_offline(digits, tmp_path):
     page = open_page(index, tmp_path / "digits_report.png", check)
     assert page.external_requests == []
     assert page.screenshot.stat().st_size > 10_000
-    assert seen["sections"] == ["data", "labels", "training", "evaluation", "package", "changes"]
+    assert seen["sections"] == ["data", "labels", "training", "evaluation", "package", "what-changed"]
     plots = [i for i in seen["images"] if i[0] == "plot"]
     # rows per class, training curves, per-class F1, confusion matrix, reliability
     assert len(plots) == 5 and all(w > 0 and h > 0 for _, w, h in plots)

@@ -551,7 +551,7 @@ SECTIONS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("training", "Training", section_training),
     ("evaluation", "Evaluation", section_evaluation),
     ("package", "Package", section_package),
-    ("changes", "What changed since the last blessed package", section_changes),
+    ("what-changed", "What changed since the last blessed package", section_changes),
 ]
 
 STYLE = """
