@@ -153,6 +153,7 @@ def test_forced_repro_leaves_git_status_clean(reproduced):
     """Per-run records (timings, report pages, GX docs) are git-ignored and every tracked output
     is deterministic: after committing, a forced re-run leaves nothing for git. Every iris step
     runs again (the digits steps are the same code paths, at a minute more)."""
+    sh(reproduced, "dvc", "repro")  # the relabel test above re-ran only up to package@iris
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "results", check=False)
     assert sh(reproduced, "git", "status", "--porcelain").stdout == ""
@@ -169,6 +170,8 @@ def test_compare_names_relabel_drop_and_params_change(reproduced, tmp_path):
     blessed package."""
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "before", check=False)
+    old = tmp_path / "old-package"  # the package of "before", as someone would have kept it
+    shutil.copytree(reproduced / "data/iris/package", old)
     with open(reproduced / "annotations/iris/labels.csv", "a") as fh:
         fh.write("iris/002,virginica,review\niris/001,drop,duplicate\n")
     params = yaml.safe_load((reproduced / "params.yaml").read_text())
@@ -195,10 +198,6 @@ def test_compare_names_relabel_drop_and_params_change(reproduced, tmp_path):
     assert {r["class"] for r in iris["per_class"]} == {"setosa", "versicolor", "virginica"}
     assert "| train.max_epochs |" in sh(reproduced, "fmpipe", "compare", "HEAD~1", "HEAD", "--md").stdout
     # Two package directories: the same content from their lineage.json alone.
-    old = tmp_path / "old-package"
-    sh(reproduced, "git", "worktree", "add", "-q", str(tmp_path / "old"), "HEAD~1")
-    sh(tmp_path / "old", "dvc", "checkout", "package@iris")
-    shutil.copytree(tmp_path / "old/data/iris/package", old)
     pkg = json.loads(sh(reproduced, "fmpipe", "compare", str(old), "data/iris/package", "--json").stdout)
     assert pkg["variants"]["iris"]["params"] == iris["params"]
     assert pkg["variants"]["iris"]["data"]["relabelled"] == iris["data"]["relabelled"]
