@@ -15,7 +15,9 @@ Defaults live here, in code, so that a variant section only states what differs.
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -32,6 +34,22 @@ from pipeline.sources import SourceSpec
 _SOURCE_KINDS = frozenset(_SOURCE_MODULES)
 
 DEFAULT_PARAMS = "params.yaml"
+
+# A variant's name becomes part of paths (data/<name>/, expectations/<name>.json,
+# annotations/<name>/, sources/<name>) and of DVC stage names (collect@<name>): letters,
+# digits, '_' and '-', starting with a letter or digit, at most 64 characters. No '/', '.',
+# '@' or spaces, so no name can reach outside its own folders or clash with DVC's syntax.
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+VARIANT_NAME_RULE = ("letters, digits, '_' and '-', starting with a letter or digit, "
+                     "at most 64 characters")
+
+
+def check_variant_name(name: Any, where: str) -> None:
+    """One line naming ``where`` when ``name`` is not a safe variant name."""
+    if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
+        size = f" ({len(name)} characters)" if isinstance(name, str) and len(name) > 64 else ""
+        raise FmpipeError(f"{where}: {_short(name, 60)}{size} is not a valid variant name "
+                          f"(expected {VARIANT_NAME_RULE}; it names the folder data/<variant>/)")
 
 
 class SplitSpec(Strict):
@@ -475,6 +493,8 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
     variants = raw.get("variants")
     if isinstance(variants, dict):
         for name, section in variants.items():
+            # Before anything else reads the section: the name is used as a path.
+            check_variant_name(name, f"{path}: variants")
             if not isinstance(section, dict):
                 raise FmpipeError(
                     f"{path}: variants.{name}: the variant's section is "
@@ -491,7 +511,51 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
             f"{path}: enabled: names {', '.join(map(repr, undefined))}, which "
             f"{'has' if len(undefined) == 1 else 'have'} no section under variants "
             f"(defined: {', '.join(sorted(params.variants)) or 'none'})")
+    for name, spec in params.variants.items():
+        problem = _contradiction(spec)
+        if problem:
+            key, text = problem
+            raise FmpipeError(f"{path}: variants.{name}.{key}: {text}")
     return params
+
+
+def _contradiction(spec: "VariantSpec") -> Optional[tuple[str, str]]:
+    """The first pair of settings no data can satisfy together, as (key, reason), or None.
+
+    Only what is knowable without reading the data: the row and class counts of sources
+    whose size is fixed by params (scikit-learn's), the classes a source lists, and the
+    upper bound ``validate.max_rows`` puts on any data that passes validate.
+    """
+    v = spec.validate_
+    rows = getattr(spec.source, "known_rows", lambda: None)()
+    n_classes = getattr(spec.source, "known_classes", lambda: None)()
+    if n_classes is None and getattr(spec.source, "classes", None):
+        n_classes = len(spec.source.classes)
+    if rows is not None and v.min_rows > rows:
+        return "validate.min_rows", f"{v.min_rows} is more than the {rows} rows the source has"
+    cap = min(x for x in (rows, v.max_rows) if x is not None) if (rows, v.max_rows) != (None, None) else None
+    if cap is not None and v.min_rows_per_class > math.floor(v.max_class_fraction * cap + 1e-9):
+        return ("validate.min_rows_per_class",
+                f"{v.min_rows_per_class} rows per class cannot be met: at most {cap} rows "
+                f"({'the source' if cap == rows else 'max_rows'}) x max_class_fraction "
+                f"{v.max_class_fraction} allows {math.floor(v.max_class_fraction * cap + 1e-9)} per class")
+    if n_classes:
+        if v.max_class_fraction * n_classes < 1 - 1e-9:
+            return ("validate.max_class_fraction",
+                    f"{v.max_class_fraction} is below 1/{n_classes}: with {n_classes} classes one holds at least that share")
+        if cap is not None and v.min_rows_per_class * n_classes > cap:
+            return ("validate.min_rows_per_class",
+                    f"{v.min_rows_per_class} x {n_classes} classes is more than the at most {cap} rows "
+                    f"({'the source has' if cap == rows else 'validate.max_rows allows'})")
+    if cap is not None:
+        # Rows the split leaves for training (a source's own test split only lowers this).
+        test = 0.0 if getattr(spec.source, "has_own_test_split", False) else spec.split.test_fraction
+        train = math.floor(cap * (1 - spec.split.val_fraction - test) + 1)
+        if spec.train.batch_size > train:
+            return ("train.batch_size",
+                    f"{spec.train.batch_size} is above the at most {train} training rows "
+                    f"({'the source' if cap == rows else 'validate.max_rows'} {cap} x (1 - val_fraction - test_fraction))")
+    return None
 
 
 class _UniqueKeyLoader(BoundedYamlLoader):
@@ -520,6 +584,7 @@ class _UniqueKeyLoader(BoundedYamlLoader):
 
 
 def load_variant(name: str, path: str | os.PathLike = DEFAULT_PARAMS) -> VariantSpec:
+    check_variant_name(name, "--stage")
     params = load_params(path)
     try:
         return params.variants[name]

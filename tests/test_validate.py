@@ -88,7 +88,8 @@ def test_embedded_variants_pass(cleaned, variant):
 
 
 def test_row_count_threshold_fails_and_annotate_refuses(cleaned):
-    _set_validate_params("digits", min_rows=100000, max_rows=200000)
+    # All 1797 rows (more would be refused at load, before any step): clean left 1793.
+    _set_validate_params("digits", min_rows=1797, max_rows=2000)
     with pytest.raises(FmpipeError) as failure:
         run_step("validate", "digits")
     message = str(failure.value)
@@ -138,11 +139,12 @@ def test_class_count_thresholds_name_the_class(cleaned):
     assert [(f["expectation"], f["where"], f["observed"]) for f in failed] == [
         ("expect_table_row_count_to_be_between", "label==2", 49)]
     assert "expect_table_row_count_to_be_between on table where label==2" in str(failure.value)
-    _set_validate_params("iris", min_rows_per_class=1, max_class_fraction=0.3)
+    # At most floor(0.335 * 149) = 49 rows per class (below 1/3 the schema refuses at load).
+    _set_validate_params("iris", min_rows_per_class=1, max_class_fraction=0.335)
     with pytest.raises(FmpipeError):
         run_step("validate", "iris")
     failed = json.loads(Path("data/iris/validate/summary.json").read_text())["failed"]
-    assert sorted(f["where"] for f in failed) == ["label==0", "label==1", "label==2"]  # all above 30%
+    assert sorted(f["where"] for f in failed) == ["label==0", "label==1"]  # 50 rows each; virginica 49
 
 
 def test_missing_split_and_infinite_feature_fail(cleaned):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import pickle
 import tarfile
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import numpy as np
 
@@ -55,6 +55,8 @@ SIDE = 32
 
 class Spec(Strict):
     kind: Literal["cifar10"] = "cifar10"
+    # Its own train/test split: params.split.test_fraction does not apply (config checks).
+    has_own_test_split: ClassVar[bool] = True
     path: Optional[str] = None  # local archive or extracted folder; unset: download
     url: str = URL
     cache_dir: str = fetch.DEFAULT_CACHE

@@ -21,7 +21,7 @@ import gzip
 import struct
 import zlib
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 
@@ -43,6 +43,8 @@ UBYTE = 0x08
 
 class Spec(Strict):
     kind: Literal["mnist"] = "mnist"
+    # Its own train/test split: params.split.test_fraction does not apply (config checks).
+    has_own_test_split: ClassVar[bool] = True
     path: Optional[str] = None  # local folder with the four files; unset: download
     mirrors: list[str] = list(MIRRORS)  # base URLs, tried in order
     cache_dir: str = fetch.DEFAULT_CACHE

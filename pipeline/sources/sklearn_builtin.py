@@ -49,6 +49,14 @@ class Spec(Strict):
             raise ValueError(f"n_informative ({self.n_informative}) exceeds n_features ({self.n_features})")
         return self
 
+    # Sizes fixed by params: the schema (pipeline/config.py) checks validate bounds and the
+    # batch size against them at load, before any step runs.
+    def known_rows(self) -> int:
+        return {"digits": 1797, "iris": 150}.get(self.dataset, self.n_samples)
+
+    def known_classes(self) -> int:
+        return {"digits": 10, "iris": 3}.get(self.dataset, 2)
+
 
 def load(spec: Spec) -> Collected:
     import sklearn
