@@ -133,4 +133,17 @@ def run(ctx) -> None:
     ctx.summary = (f"packaged {meta['model']['name']} (accuracy {metrics.accuracy:.4f}); ONNX max |diff| "
                    f"{lineage.onnx['max_abs_diff']:.3g} on {lineage.onnx['n_checked']} test inputs; "
                    f"git {git.get('commit', 'n/a')[:12]}{' (dirty)' if git.get('dirty') else ''}; "
-                   f"dvc.lock {'recorded' if lineage.dvc_lock['available'] else 'absent'}")
+                   f"{_lock_note(lineage.dvc_lock, variant)}")
+
+
+def _lock_note(lock: dict, variant: str) -> str:
+    """What lineage.json could take from dvc.lock: only entries DVC wrote say anything."""
+    entries = lock.get("stages") or {}
+    if not lock.get("available"):
+        return "no dvc.lock: lineage has no upstream hashes (run under `dvc repro`)"
+    if not entries:
+        return (f"dvc.lock has no entries for {variant}: lineage has no upstream hashes "
+                f"(run under `dvc repro`, or `dvc commit -f` after running by hand)")
+    missing = lock.get("missing") or []
+    return (f"dvc.lock entries of {len(entries)} of {len(entries) + len(missing)} upstream stages recorded"
+            + (f" (none yet for {', '.join(missing)})" if missing else ""))
