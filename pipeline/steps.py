@@ -90,9 +90,9 @@ class Step:
         return [*self.code, *(f"{DATA}/{r}" for r in self.reads), *self.sources]
 
 
-_DATASET_CODE = ("pipeline/manifest.py",)
-# The typed files a step writes (summary, metrics, blessing, lineage) take their shape from here.
-_ARTEFACTS = "pipeline/artefacts.py"
+# Code deps are what each step's module imports, transitively (pipeline/imports.py computes
+# them; tests/test_registry.py fails when a list here differs from it). After adding an import,
+# the test's message names what to add; a package directory stands for all of its files.
 
 STEPS: tuple[Step, ...] = (
     Step(
@@ -100,9 +100,13 @@ STEPS: tuple[Step, ...] = (
         writes_dataset=True,
         help="Load the variant's source and split it into train/val/test.",
         module="stages.collect",
-        # pipeline/imaging.py: the image decoding rule, shared with predict and serve
-        code=("stages/collect.py", "pipeline/sources", "pipeline/imaging.py", "pipeline/splitting.py",
-              "pipeline/quality/pii.py", *_DATASET_CODE),
+        # The source's content (pipeline/sources/__init__.py: TRACKED): a local folder, archive
+        # or CSV is hashed through sources/<v>, so a changed image re-runs collect.
+        sources=("sources/{v}",),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/imaging.py", "pipeline/io.py",
+              "pipeline/manifest.py", "pipeline/quality/__init__.py", "pipeline/quality/pii.py",
+              "pipeline/reading.py", "pipeline/schema.py", "pipeline/sources", "pipeline/splitting.py",
+              "stages/collect.py"),
         params=("source", "split"),
     ),
     Step(
@@ -111,7 +115,10 @@ STEPS: tuple[Step, ...] = (
         help="Find invalid rows, exact/near duplicates, leakage, unhealthy images; drop or flag each by policy.",
         module="stages.clean",
         reads=("collect",),
-        code=("stages/clean.py", "pipeline/quality", *_DATASET_CODE),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/manifest.py",
+              "pipeline/models", "pipeline/quality/__init__.py", "pipeline/quality/clean.py",
+              "pipeline/quality/embedders.py", "pipeline/quality/neighbors.py", "pipeline/quality/rules.py",
+              "pipeline/quality/sheet.py", "pipeline/schema.py", "stages/clean.py"),
         params=("clean",),
     ),
     Step(
@@ -121,7 +128,9 @@ STEPS: tuple[Step, ...] = (
         module="stages.validate",
         reads=("clean",),
         sources=("expectations/{v}.json",),
-        code=("stages/validate.py", "pipeline/quality", _ARTEFACTS),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/manifest.py",
+              "pipeline/quality/__init__.py", "pipeline/quality/expectations.py", "pipeline/quality/gate.py",
+              "pipeline/reading.py", "pipeline/schema.py", "stages/validate.py"),
         params=("validate",),
         flags=(Flag("init", "Write a starting suite, expectations/<stage>.json, from the current cleaned "
                             "data and params (then review and commit it); runs nothing else."),
@@ -137,14 +146,18 @@ STEPS: tuple[Step, ...] = (
         module="stages.annotate",
         reads=("clean", "validate/summary.json"),
         sources=("annotations/{v}",),
-        code=("stages/annotate.py", "pipeline/review/decisions.py", *_DATASET_CODE),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/manifest.py",
+              "pipeline/paths.py", "pipeline/quality/__init__.py", "pipeline/quality/gate.py",
+              "pipeline/reading.py", "pipeline/review/__init__.py", "pipeline/review/decisions.py",
+              "pipeline/schema.py", "stages/annotate.py"),
     ),
     Step(
         name="train",
         help="Train the variant's model with PyTorch Lightning on the configured accelerator.",
         module="stages.train",
         reads=("annotate",),
-        code=("stages/train.py", "pipeline/training", "pipeline/models"),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/manifest.py",
+              "pipeline/models", "pipeline/schema.py", "pipeline/training", "stages/train.py"),
         params=("model", "train"),
         outs=(
             Out("model.safetensors"),
@@ -162,7 +175,12 @@ STEPS: tuple[Step, ...] = (
         help="Score the trained model on the test split and decide its blessing.",
         module="stages.evaluate",
         reads=("train/model.safetensors", "train/model.json", "annotate"),
-        code=("stages/evaluate.py", "pipeline/packaging", "pipeline/inference.py", _ARTEFACTS),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/imaging.py", "pipeline/inference.py",
+              "pipeline/io.py", "pipeline/manifest.py", "pipeline/models", "pipeline/packaging/__init__.py",
+              "pipeline/packaging/calibration.py", "pipeline/packaging/evaluation.py",
+              "pipeline/packaging/gallery.py", "pipeline/packaging/membership.py",
+              "pipeline/packaging/summary.py", "pipeline/palette.py", "pipeline/reading.py", "pipeline/schema.py",
+              "pipeline/training", "stages/evaluate.py"),
         params=("evaluate", "train"),
         outs=(
             Out("predictions.parquet"),
@@ -186,7 +204,11 @@ STEPS: tuple[Step, ...] = (
         module="stages.package",
         reads=("train/model.safetensors", "train/model.json", "evaluate/blessing.json",
                "evaluate/metrics.json", "evaluate/details", "annotate"),
-        code=("stages/package.py", "pipeline/packaging", "pipeline/inference.py", _ARTEFACTS),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/manifest.py",
+              "pipeline/models", "pipeline/packaging/__init__.py", "pipeline/packaging/deploy.py",
+              "pipeline/packaging/evaluation.py", "pipeline/packaging/lineage.py",
+              "pipeline/packaging/model_card.py", "pipeline/packaging/onnx_export.py", "pipeline/reading.py",
+              "pipeline/schema.py", "pipeline/training", "stages/package.py"),
         params=("package", "description"),  # + every upstream input: _depending_on_all_upstream
     ),
     Step(
@@ -194,7 +216,9 @@ STEPS: tuple[Step, ...] = (
         help="Archive the package (deterministic <variant>-<hash>.tar.gz) and lay out a Triton/KServe model repository.",
         module="stages.dist",
         reads=("package",),
-        code=("stages/dist.py", "pipeline/packaging/deploy.py", _ARTEFACTS),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/packaging/__init__.py",
+              "pipeline/packaging/deploy.py", "pipeline/packaging/onnx_export.py", "pipeline/schema.py",
+              "stages/dist.py"),
     ),
     Step(
         name="review",
@@ -202,8 +226,13 @@ STEPS: tuple[Step, ...] = (
         "(Label Studio import, contact sheet); `fmpipe review import` brings their export back.",
         module="stages.review",
         reads=("train/model.safetensors", "train/model.json", "annotate"),
-        code=("stages/review.py", "pipeline/review", "pipeline/quality/embedders.py",
-              "pipeline/quality/neighbors.py"),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/imaging.py", "pipeline/inference.py",
+              "pipeline/io.py", "pipeline/manifest.py", "pipeline/models", "pipeline/packaging/__init__.py",
+              "pipeline/packaging/evaluation.py", "pipeline/palette.py", "pipeline/quality/__init__.py",
+              "pipeline/quality/embedders.py", "pipeline/quality/neighbors.py", "pipeline/reading.py",
+              "pipeline/review/__init__.py", "pipeline/review/decisions.py", "pipeline/review/export.py",
+              "pipeline/review/finders.py", "pipeline/review/review.py", "pipeline/review/scoring.py",
+              "pipeline/schema.py", "pipeline/training", "stages/review.py"),
         params=("review", "train"),
     ),
     Step(
@@ -214,7 +243,12 @@ STEPS: tuple[Step, ...] = (
         # when they exist, without depending on them.
         reads=("clean", "validate/summary.json", "annotate", "train/live/metrics.json",
                "evaluate/predictions.parquet", "evaluate/metrics.json", "package", "review"),
-        code=("stages/report.py", "pipeline/report"),
+        code=("pipeline/artefacts.py", "pipeline/audit.py", "pipeline/compare.py", "pipeline/config.py",
+              "pipeline/io.py", "pipeline/manifest.py", "pipeline/palette.py", "pipeline/paths.py",
+              "pipeline/quality/__init__.py", "pipeline/quality/neighbors.py", "pipeline/reading.py",
+              "pipeline/report/__init__.py", "pipeline/report/changes.py", "pipeline/report/figures.py",
+              "pipeline/report/page.py", "pipeline/report/readers.py", "pipeline/review/__init__.py",
+              "pipeline/review/finders.py", "pipeline/schema.py", "stages/report.py"),
         # The PNGs are deterministic: cached, and image plots for `dvc plots show`. The page
         # (index.html) shows timings that change run to run: written, but not declared, since
         # even an uncached output's hash goes into dvc.lock.

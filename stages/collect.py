@@ -8,13 +8,17 @@ dataset.json's ``text_columns``), ``pii_findings.parquet`` says where personal d
 
 from __future__ import annotations
 
+import os
+
 from pipeline.manifest import TEXT_PREFIX, Dataset, build_manifest, feature_rows, image_rows, make_report, save_dataset
-from pipeline.sources import load
+from pipeline.sources import check_tracked, load
 from pipeline.splitting import assign_splits
 
 
 def run(ctx) -> None:
     spec = ctx.spec
+    if "DVC_STAGE" in os.environ:  # set by DVC for a stage's command
+        check_tracked(spec.source, ctx.variant)
     col = load(spec.source)
     splits = assign_splits(
         col.ids, col.labels, seed=spec.split.seed, val_fraction=spec.split.val_fraction,

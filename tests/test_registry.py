@@ -114,3 +114,35 @@ def test_confusion_plot_has_actual_on_y_like_the_report_png():
 
     out = next(o for o in registry.get("evaluate").outs if o.path == "confusion.csv")
     assert (out.plot["x"], out.plot["y"]) == ("predicted", "actual")
+def code_drift(steps=None) -> list[str]:
+    """Differences between each step's declared code deps and what its module imports."""
+    from pipeline.imports import code_deps, expand
+
+    steps = steps or registry.STEPS
+    by_name = {s.name: s for s in steps}
+    problems = []
+    for step in steps:
+        expected = code_deps(step.module)
+        if step.name == "package":  # depends on every upstream step's code too (lineage)
+            for up in registry.upstream_of("package"):
+                expected |= code_deps(by_name[up].module)
+        declared = expand(step.code)
+        if declared != expected:
+            problems.append(f"{step.name}: imports but does not declare {sorted(expected - declared)}; "
+                            f"declares but does not import {sorted(declared - expected)}")
+    return problems
+
+
+def test_code_deps_are_what_each_step_imports():
+    """dvc.yaml's code deps (equal to the registry's, test above) are computed from imports."""
+    assert code_drift() == []
+
+
+def test_the_import_check_fails_on_a_missing_or_extra_code_dep():
+    evaluate = registry.get("evaluate")
+    # The issue #21 case: evaluate without pipeline/training (recipe.py holds the TTA views).
+    dropped = registry.Step(**{**evaluate.__dict__, "code": tuple(c for c in evaluate.code if c != "pipeline/training")})
+    (problem,) = code_drift([dropped])
+    assert "pipeline/training/recipe.py" in problem
+    extra = registry.Step(**{**evaluate.__dict__, "code": (*evaluate.code, "pipeline/audit.py")})
+    assert "declares but does not import ['pipeline/audit.py']" in code_drift([extra])[0]

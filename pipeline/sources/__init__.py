@@ -8,10 +8,13 @@ Heavy imports (scikit-learn, Pillow) happen inside ``load`` so that reading para
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+import os
+from pathlib import Path
+from typing import Annotated, Optional, Union
 
 from pydantic import Field
 
+from pipeline.errors import FmpipeError
 from pipeline.sources import cifar10, csv, imagefolder, mnist, sklearn_builtin
 from pipeline.sources.base import Collected
 
@@ -27,4 +30,53 @@ def load(spec) -> Collected:
     return _MODULES[spec.kind].load(spec)
 
 
-__all__ = ["Collected", "SourceSpec", "load"]
+# dvc.yaml's dependency of collect: the one path per variant that DVC hashes for its source.
+TRACKED = "sources/{v}"
+
+
+def tracked_path(variant: str) -> Path:
+    return Path(TRACKED.format(v=variant))
+
+
+def local_path(spec) -> Optional[str]:
+    """The local file or folder ``spec`` reads whose content no checksum pins, or None.
+
+    Image folders, archives and CSVs are read as they are; a CIFAR-10/MNIST copy is checked
+    against the official md5 (or the one params give) unless ``verify: false``.
+    """
+    path = getattr(spec, "path", None)
+    if path is None:
+        return None
+    if spec.kind in ("cifar10", "mnist") and spec.verify:
+        return None
+    return path
+
+
+def data_needed(spec) -> Optional[str]:
+    """What must be fetched or present before collect can run, or None (ships or is generated)."""
+    path = getattr(spec, "path", None)
+    if spec.kind == "sklearn":
+        return None
+    if path is not None:
+        where = os.path.expanduser(path)
+        return None if os.path.exists(where) else f"{path} (not found here)"
+    url = getattr(spec, "url", None) or (spec.mirrors[0] if getattr(spec, "mirrors", None) else "its official files")
+    return f"downloads {url} (network), or set source.path to a local copy"
+
+
+def check_tracked(spec, variant: str) -> None:
+    """Under ``dvc repro``: refuse a local source DVC does not hash (changes would go unseen)."""
+    path = local_path(spec)
+    if path is None:
+        return
+    tracked = tracked_path(variant)
+    real, root = os.path.realpath(os.path.expanduser(path)), os.path.realpath(tracked)
+    if real == root or real.startswith(root + os.sep):
+        return
+    raise FmpipeError(
+        f"variants.{variant}.source.path: {path} is not {tracked}, the path dvc.yaml tracks for "
+        f"collect@{variant}, so DVC would not see a change to it; link it (`ln -sfn "
+        f"{os.path.abspath(os.path.expanduser(path))} {tracked}`) and set path: {tracked}")
+
+
+__all__ = ["Collected", "SourceSpec", "TRACKED", "check_tracked", "data_needed", "load", "local_path", "tracked_path"]

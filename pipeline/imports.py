@@ -1,0 +1,124 @@
+"""Which of the project's own files a step's code imports (the code deps dvc.yaml declares).
+
+An AST walk, not an import: every ``import``/``from ... import`` statement in a module counts,
+those inside functions included (heavy imports are made lazily, inside the function that
+needs them, so importing a stage module and reading ``sys.modules`` would miss most of them).
+The walk follows ``pipeline.*`` and ``stages.*`` modules transitively; importing ``a.b.c``
+also runs ``a/__init__.py`` and ``a/b/__init__.py``, so those count too. The result is a
+superset of what one run executes (a branch not taken still counts), which is the safe side
+for a dependency list.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "stages")
+
+# Not followed further: the params schema imports every source module only to build the
+# `source` section's type; a source shapes collect's output alone, and collect imports the
+# source modules itself.
+LEAVES = frozenset({"pipeline.config"})
+
+# Imported by steps but never shaping an output, so not a code dep (a change to one of them
+# must not re-run the pipeline): empty package markers, the terminal, the run records written
+# beside the outputs (never in them), the error type, and the registry and runner, whose
+# paths are dvc.yaml's own (DVC tracks that file itself; tests/test_registry.py keeps them equal).
+NEUTRAL = frozenset({
+    "pipeline/__init__.py", "stages/__init__.py", "pipeline/console.py", "pipeline/resources.py",
+    "pipeline/errors.py", "pipeline/steps.py", "pipeline/runner.py",
+})
+
+# Every step is configured through the params schema: its defaults decide results too.
+SCHEMA = ("pipeline/config.py", "pipeline/schema.py")
+
+
+def module_file(name: str, root: Path = ROOT) -> Path | None:
+    """``pipeline.sources.csv`` -> pipeline/sources/csv.py (or the package's __init__.py)."""
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _with_parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+@lru_cache(maxsize=None)
+def direct_imports(name: str, root: Path = ROOT) -> frozenset[str]:
+    """The project modules one module's source names in import statements."""
+    path = module_file(name, root)
+    if path is None:
+        return frozenset()
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            # `from a import b`: b is a submodule or a name defined in a.
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for n in names:
+            if n.split(".")[0] in PACKAGES:
+                found.update(m for m in _with_parents(n) if module_file(m, root) is not None)
+    found.discard(name)
+    return frozenset(found)
+
+
+def imported_files(module: str, root: Path = ROOT) -> set[str]:
+    """Every project file ``module`` reaches through imports, as repo-relative POSIX paths."""
+    seen: set[str] = set()
+    todo = _with_parents(module)
+    while todo:
+        name = todo.pop()
+        if name in seen or module_file(name, root) is None:
+            continue
+        seen.add(name)
+        if name not in LEAVES:
+            todo.extend(direct_imports(name, root))
+    return {module_file(n, root).relative_to(root).as_posix() for n in seen}
+
+
+def code_deps(module: str, root: Path = ROOT) -> set[str]:
+    """The files whose change may change what the step in ``module`` writes."""
+    return (imported_files(module, root) | set(SCHEMA)) - NEUTRAL
+
+
+def expand(paths, root: Path = ROOT) -> set[str]:
+    """Declared deps as files: a directory stands for every .py file under it."""
+    out: set[str] = set()
+    for p in paths:
+        full = root / p
+        if full.is_dir():
+            out.update(f.relative_to(root).as_posix() for f in full.rglob("*.py"))
+        else:
+            out.add(p)
+    return out
+
+
+def collapse(files: set[str], root: Path = ROOT) -> list[str]:
+    """``files`` as a dep list: a package directory whose every .py file is in it, as the directory."""
+    dirs = sorted({str(Path(f).parent) for f in files if Path(f).parent != Path(".")}, key=len)
+    chosen: list[str] = []
+    covered: set[str] = set()
+    for d in dirs:
+        if any(d == c or d.startswith(c + "/") for c in chosen) or d in PACKAGES:
+            continue
+        inside = expand([d], root)
+        if inside and inside <= files:
+            chosen.append(d)
+            covered |= inside
+    return sorted(chosen + [f for f in files if f not in covered])
