@@ -104,7 +104,8 @@ def _run_step(step: str, variant: str, params: str, **flags: bool) -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     from pipeline.runner import run_step
 
-    with _reported(f"fmpipe {step} --stage {variant}"):
+    shown = variant if len(variant) <= 64 else f"{variant[:40]}..."  # a 300-character name: not twice in full
+    with _reported(f"fmpipe {step} --stage {shown}"):
         if step == "validate" and flags.pop("init", False):
             # Writes a source file people curate, not a step output: no runner, no outputs.
             from pipeline.quality.expectations import init_command
@@ -227,6 +228,31 @@ app.command(name="diff", help="Row-level differences of a variant's dataset betw
 app.add_typer(audit_app, name="audit")
 
 
+variant_app = typer.Typer(help="Add a variant for your own data (an image folder or a CSV).", no_args_is_help=True)
+app.add_typer(variant_app, name="variant")
+
+
+@variant_app.command("add")
+def variant_add(
+    name: str = typer.Argument(..., help="The new variant's name (letters, digits, '_', '-'; at most 64)."),
+    source: str = typer.Option(..., "--source", help="An image folder (<class>/<file> or <split>/<class>/<file>), "
+                               "an archive of one, or a CSV file with a label column."),
+    enable: bool = typer.Option(False, "--enable", help="Also add it to `enabled`, so `dvc repro` runs it."),
+    label_column: str = typer.Option("label", "--label-column", help="CSV: the column holding the class."),
+    description: Optional[str] = typer.Option(None, "--description", help="One line for reports and `fmpipe stages`."),
+    params: str = ParamsOpt,
+) -> None:
+    """Read the data and write everything a variant needs: its params section (values that fit the
+    data), its GX suite, an empty decisions file and the source link DVC tracks."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    from pipeline.variants import add_variant
+
+    with _reported(f"fmpipe variant add {name}"):
+        message = add_variant(name, source, enable=enable, params_path=params,
+                              label_column=label_column, description=description)
+    typer.echo(message)
+
+
 @app.command()
 def compare(
     a: str = typer.Argument(..., help="Old side: a git revision or branch, a DVC experiment name, 'workspace', "
@@ -257,14 +283,20 @@ def compare(
 
 @app.command()
 def stages(params: str = ParamsOpt) -> None:
-    """List the variants defined in params.yaml, and which ones `dvc repro` runs."""
+    """List the variants defined in params.yaml, which ones `dvc repro` runs, and which need data
+    that is not in the repository (a download or a local copy)."""
     from pipeline.config import load_params
 
     with _reported("fmpipe stages"):
         p = load_params(params)
+    from pipeline.sources import data_needed
+
     for name, spec in p.variants.items():
         flag = "enabled " if name in p.enabled else "optional"
         typer.echo(f"{name:12s} {flag}  {spec.source.kind:12s} {spec.model.name:14s} {spec.description}")
+        need = data_needed(spec.source)
+        if need:
+            typer.echo(f"{'':12s} needs data: {need}")
 
 
 

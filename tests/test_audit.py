@@ -32,6 +32,7 @@ CLASSES = ("a", "b", "c")
 def write_csv(path: Path, rows: list[tuple[str, str, str, list[float]]]) -> None:
     lines = ["id,split,label,f1,f2,f3,f4"]
     lines += [f"{i},{s},{lab}," + ",".join(f"{v:.3f}" for v in feats) for i, s, lab, feats in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)  # sources/tab/: what dvc.yaml tracks for tab
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -50,7 +51,7 @@ def add_variant(params: dict) -> None:
     tab = json.loads(json.dumps(params["variants"]["iris"]))
     tab.update(
         description="audit test table",
-        source={"kind": "csv", "path": "tab_v1.csv", "label_column": "label", "id_column": "id",
+        source={"kind": "csv", "path": "sources/tab/tab_v1.csv", "label_column": "label", "id_column": "id",
                 "split_column": "split"},
         validate={"min_rows": 10, "max_rows": 1000, "min_rows_per_class": 3, "max_class_fraction": 0.9},
         evaluate={"min_accuracy": 0.0, "min_macro_f1": 0.0},
@@ -81,7 +82,7 @@ def versions(tmp_path_factory):
     (root / "repo").mkdir()
     repo = make_repo(root / "repo", ["tab"], edit=add_variant)
     rows = base_rows()
-    write_csv(repo / "tab_v1.csv", rows)
+    write_csv(repo / "sources/tab/tab_v1.csv", rows)
     (repo / "annotations" / "tab").mkdir()
     (repo / "annotations" / "tab" / "labels.csv").write_text("id,label,note\n")
     # The variant's curated GX suite, written from its first data as a user would (--init).
@@ -110,8 +111,8 @@ def versions(tmp_path_factory):
     assert rows[10][2] == rows[13][2] and (rows[10][1], rows[13][1]) == ("val", "test")
     edited = {"r010": rows[13][3], "r030": [7.0, 7.0, 7.0, 7.0]}
     v2 = [(i, s, lab, edited.get(i, f)) for i, s, lab, f in rows]
-    write_csv(repo / "tab_v2.csv", v2 + added)
-    set_source(repo, "tab_v2.csv")
+    write_csv(repo / "sources/tab/tab_v2.csv", v2 + added)
+    set_source(repo, "sources/tab/tab_v2.csv")
     revs["v2"] = version("v2")
 
     # A commit that changed only code (the report step's): dvc.lock changes, the data does not.
@@ -213,7 +214,7 @@ def test_audit_model_names_the_version(versions, name):
     # The package alone (no repository): its data version is that commit's annotate output.
     alone = fmpipe_json(versions["root"], "audit", "model", str(packages / name), "--no-repo")
     assert alone["data_version"]["annotate"][0]["md5"] == annotate_md5
-    assert alone["params"]["source"]["path"] == ("tab_v1.csv" if name == "v1" else "tab_v2.csv")
+    assert alone["params"]["source"]["path"] == ("sources/tab/tab_v1.csv" if name == "v1" else "sources/tab/tab_v2.csv")
     assert alone["code"]["stages/collect.py"] and "commits" not in alone
     # With the repository: the commit that recorded it, and the diff against HEAD's data.
     with_repo = fmpipe_json(repo, "audit", "model", str(packages / name))

@@ -34,7 +34,8 @@ def make_repo(dest: Path, enabled: list[str], edit=None) -> Path:
     files = sh(REPO, "git", "ls-files", "--cached", "--others", "--exclude-standard").stdout.split()
     for rel in files:
         src = REPO / rel
-        if src.is_file() and not rel.startswith("data/"):
+        # No outputs, but data/'s own files (its .gitignore keeps outputs out of git).
+        if src.is_file() and (not rel.startswith("data/") or rel in ("data/.gitignore", "data/README.md")):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     params = yaml.safe_load((dest / "params.yaml").read_text())
@@ -213,16 +214,29 @@ def test_compare_names_relabel_drop_and_params_change(reproduced, tmp_path):
 
 
 def test_broken_expectation_stops_pipeline_at_validate(tmp_path):
-    def demand_too_many_rows(params):
-        params["variants"]["iris"]["validate"].update(min_rows=10_000, max_rows=20_000)
-
-    repo = make_repo(tmp_path, ["iris"], edit=demand_too_many_rows)
+    repo = make_repo(tmp_path, ["iris"])
+    # A curated bound the data misses (params' own bounds the schema checks at load: 10,000
+    # rows of iris would be refused there, before any step ran).
+    suite_file = repo / "expectations/iris.json"
+    suite = json.loads(suite_file.read_text())
+    train_rows = next(e for e in suite["expectations"] if e["type"] == "expect_table_row_count_to_be_between"
+                      and 'split=="train"' in str(e["kwargs"]))
+    train_rows.update(severity="critical", kwargs={**train_rows["kwargs"], "min_value": 10_000, "max_value": 20_000})
+    suite_file.write_text(json.dumps(suite, indent=2))
+    sh(repo, "git", "commit", "-qam", "a bound the data misses")
     result = sh(repo, "dvc", "repro", check=False)
     assert result.returncode != 0
     assert "expect_table_row_count_to_be_between" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (repo / "data/iris/annotate").exists()
     assert not (repo / "data/iris/train").exists()
+    # Git safety (issue #21): DVC has removed the .gitignore entries of the stages that finished
+    # (collect, clean) and will not restore them, yet `git add -A` takes nothing under data/
+    # but small files git is meant to have.
+    sh(repo, "git", "add", "-A")
+    staged = sh(repo, "git", "status", "--porcelain", "--untracked-files=all").stdout.split("\n")
+    data = [line[3:] for line in staged if line[3:].startswith("data/")]
+    assert all(p.startswith("data/resources/") or p.endswith("/.gitignore") for p in data), data
 
 
 def test_experiments_fit_a_200_column_terminal(reproduced):

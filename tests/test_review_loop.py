@@ -62,9 +62,11 @@ def loop(tmp_path_factory):
     state: dict = {}
 
     def edit(params):
-        state["flipped"] = write_noisy_digits(dest / "noisy_digits")
+        # The folder is sources/digits itself (dvc.yaml tracks it; git ignores folders there).
+        (dest / "sources/digits").unlink()
+        state["flipped"] = write_noisy_digits(dest / "sources/digits")
         v = params["variants"]["digits"]
-        v["source"] = {"kind": "imagefolder", "path": "noisy_digits", "channels": 1}
+        v["source"] = {"kind": "imagefolder", "path": "sources/digits", "channels": 1}
         v["evaluate"] = {"min_accuracy": 0.85, "min_macro_f1": 0.85}  # the test labels are noisy too
         v["review"] = {**v["review"], "queue_size": QUEUE}
 

@@ -1,0 +1,239 @@
+"""A team's own data (issue #21) and variant names used as paths (issue #22, item 1).
+
+One real `dvc repro` scenario in a temporary git + DVC repository does the newcomer's first
+hour: `fmpipe variant add` on a generated 2-class image folder and on a CSV, `dvc repro`
+(first time, no failure), then edits to the sources and to a module a step imports, each seen
+by `dvc status`; and `git add -A` after a step run by hand takes no payload. The other tests
+here run in milliseconds to a few seconds, without DVC.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import copy_project_files
+from pipeline import steps as registry
+from pipeline.config import load_params
+from pipeline.errors import FmpipeError
+from test_dvc_pipeline import REPO, make_repo, sh
+
+FMPIPE = [sys.executable, "-m", "pipeline"]
+
+
+def image_folder(root: Path, per_class: int = 40, size: int = 16) -> Path:
+    """Two classes told apart by brightness, with noise: learnable, never blank."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(70 + 110 * c + rng.integers(-50, 50, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i:03d}.png")
+    return root
+
+
+def csv_table(path: Path, rows: int = 120) -> Path:
+    rng = np.random.default_rng(1)
+    lines = ["id,x1,x2,x3,label"]
+    for i in range(rows):
+        label = "yes" if i % 2 else "no"
+        x = rng.normal(size=3) + (1.5 if label == "yes" else -1.5)
+        lines.append(f"r{i:04d},{x[0]:.4f},{x[1]:.4f},{x[2]:.4f},{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def changed_stages(repo: Path) -> set[str]:
+    """The stages `dvc status` reports as changed."""
+    out = sh(repo, "dvc", "status", "--json").stdout
+    return set(json.loads(out or "{}"))
+
+
+def staged_under_data(repo: Path) -> list[str]:
+    sh(repo, "git", "add", "-A")
+    lines = sh(repo, "git", "status", "--porcelain", "--untracked-files=all").stdout.splitlines()
+    return [line[3:] for line in lines if line[3:].startswith("data/")]
+
+
+# ---------------------------------------------------------------- the newcomer, under real DVC
+
+def test_newcomer_flow_under_dvc(tmp_path):
+    outside = tmp_path / "mine"
+    pets = image_folder(outside / "pets")
+    table = csv_table(outside / "survey.csv")
+    repo = make_repo(tmp_path / "repo", ["binary"])
+    # params.yaml as committed (make_repo rewrites it without comments), binary enabled.
+    before = (REPO / "params.yaml").read_text().replace("\nenabled: [digits, iris]\n", "\nenabled: [binary]\n")
+    (repo / "params.yaml").write_text(before)
+    sh(repo, "git", "commit", "-qam", "params as committed")
+
+    for name, source in (("pets", pets), ("survey", table)):
+        result = sh(repo, "fmpipe", "variant", "add", name, "--source", str(source), "--enable")
+        assert result.stdout.strip().endswith("next: dvc repro"), result.stdout
+    params = load_params(repo / "params.yaml")
+    assert params.enabled == ["binary", "pets", "survey"]
+    pets_spec = params.variants["pets"]
+    assert pets_spec.source.path == "sources/pets" and pets_spec.source.classes == ["cat", "dog"]
+    assert pets_spec.source.size == (16, 16) and pets_spec.model.name == "cnn_small"
+    train_rows = 80 - 8 - 16  # default fractions of 80 images
+    assert pets_spec.train.batch_size <= train_rows // 2
+    assert pets_spec.validate_.min_rows <= 80 and params.variants["survey"].model.name == "mlp"
+    assert (repo / "sources/pets").resolve() == pets.resolve()
+    # Comments and layout of params.yaml kept: the original text is a prefix of the new one,
+    # apart from the `enabled` line.
+    after = (repo / "params.yaml").read_text()
+    assert after.startswith(before.replace("enabled: [binary]", "enabled: [binary, pets, survey]"))
+
+    # First time, no failure; binary (shipped, not enabled by default) only up to its gate.
+    sh(repo, "dvc", "repro", "dist@pets", "report@pets", "dist@survey", "report@survey", "validate@binary")
+    assert (repo / "data/pets/package/model.onnx").exists() and (repo / "data/survey/package/model.onnx").exists()
+    small = ("/evaluate/metrics.json", "/evaluate/figures.json", "/evaluate/confusion.csv", "/evaluate/per_class.csv", "/train/live/")
+    data = staged_under_data(repo)
+    assert data and all(p.startswith("data/resources/") or p.endswith("/.gitignore") or any(s in p for s in small)
+                        for p in data), data
+    sh(repo, "git", "commit", "-qm", "pets and survey")
+    assert {s for s in changed_stages(repo) if not s.endswith("@binary")} == set()
+
+    # An image added: collect re-runs, and downstream sees a changed input.
+    from PIL import Image
+
+    extra = pets / "cat" / "999.png"
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(extra)
+    assert "collect@pets" in changed_stages(repo)
+    out = sh(repo, "dvc", "repro", "clean@pets").stdout
+    assert "Running stage 'collect@pets'" in out and "Running stage 'clean@pets'" in out
+    downstream = changed_stages(repo)
+    assert {"validate@pets", "annotate@pets", "package@pets"} <= downstream, downstream
+    sh(repo, "dvc", "repro", "annotate@pets")  # validate passes with one more image
+    # ...removed again, and an image changed in place: each is a change of collect's input.
+    extra.unlink()
+    assert "collect@pets" in changed_stages(repo)
+    sh(repo, "dvc", "repro", "clean@pets")
+    first = pets / "dog" / "000.png"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(first)
+    assert "collect@pets" in changed_stages(repo)
+    # A CSV edited in place.
+    text = table.read_text().splitlines()
+    text[5] = text[5].rsplit(",", 1)[0] + ",no"
+    table.write_text("\n".join(text) + "\n")
+    assert "collect@survey" in changed_stages(repo)
+
+    # A module evaluate imports (the TTA views live in pipeline/training/recipe.py).
+    recipe = repo / "pipeline/training/recipe.py"
+    recipe.write_text(recipe.read_text() + "\n# edited\n")
+    assert {"evaluate@pets", "evaluate@survey", "train@pets"} <= changed_stages(repo)
+
+    # A step run by hand on a variant DVC never ran: its payload is not addable either.
+    sh(repo, "fmpipe", "collect", "--stage", "iris")
+    assert (repo / "data/iris/collect/features.parquet").exists()
+    data = staged_under_data(repo)
+    assert not [p for p in data if p.startswith("data/iris/")], data
+
+
+def test_collect_under_dvc_refuses_an_untracked_local_source(tmp_path):
+    """A path DVC does not hash would make `dvc status` blind to changes: one line, what to run."""
+    from pipeline.sources import check_tracked, imagefolder
+
+    spec = imagefolder.Spec(path=str(tmp_path / "elsewhere"))
+    with pytest.raises(FmpipeError, match=r"variants\.pets\.source\.path: .* is not sources/pets.*ln -sfn"):
+        check_tracked(spec, "pets")
+    check_tracked(imagefolder.Spec(path="sources/pets"), "pets")
+
+
+# ---------------------------------------------------------------- without DVC
+
+@pytest.mark.parametrize("name", ["x/../digits", "../../escape", "digits/collect", "v" * 300, "a b", "x@y", ""])
+def test_unsafe_variant_names_are_refused_at_load(tmp_path, name):
+    """Issue #22.1: the name is a path; refused in one line before any step runs, nothing written."""
+    root = copy_project_files(tmp_path / "a" / "b" / "project")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["variants"][name] = params["variants"]["iris"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = sorted(p for p in tmp_path.rglob("*"))
+    for stage in ([name, "iris"] if name else ["iris"]):  # the name itself, and any variant of that file
+        result = subprocess.run([*FMPIPE, "collect", "--stage", stage], cwd=root, capture_output=True, text=True)
+        assert result.returncode == 1
+        lines = [l for l in result.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+        assert "not a valid variant name" in lines[0] and "at most 64 characters" in lines[0]
+        assert len(lines[0]) < 400
+        assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_variant_add_refuses_a_taken_or_unsafe_name(tmp_path):
+    root = copy_project_files(tmp_path / "project")
+    pets = image_folder(tmp_path / "pets", per_class=3, size=8)
+    params = (root / "params.yaml").read_text()
+    for name, expected in (("digits", "variants.digits exists"), ("../pets", "not a valid variant name")):
+        result = subprocess.run([*FMPIPE, "variant", "add", name, "--source", str(pets)], cwd=root,
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and expected in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert (root / "params.yaml").read_text() == params
+    assert not (root / "sources").exists() and not (root / "data").exists()
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda v: v["validate"].update(min_rows=200, max_rows=300), "validate.min_rows: 200 is more than the 150 rows"),
+    (lambda v: v["validate"].update(max_class_fraction=0.3), "validate.max_class_fraction: 0.3 is below 1/3"),
+    (lambda v: v["validate"].update(min_rows_per_class=100), "validate.min_rows_per_class: 100 rows per class"),
+    (lambda v: v["train"].update(batch_size=128), "train.batch_size: 128 is above the at most 91 training rows"),
+])
+def test_schema_refuses_contradictions_at_load(tmp_path, edit, key):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    edit(params["variants"]["iris"])
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(FmpipeError) as err:
+        load_params(path)
+    assert str(err.value) == f"{path}: variants.iris.{key}" + str(err.value).split(key, 1)[1]
+    assert "\n" not in str(err.value)
+
+
+def test_data_gitignore_keeps_every_cached_output_out_of_git(tmp_path):
+    """data/.gitignore against the registry: cached outputs ignored, uncached ones (small, in git) not."""
+    sh(tmp_path, "git", "init", "-q")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/.gitignore").write_bytes((REPO / "data/.gitignore").read_bytes())
+
+    def ignored(rel: str) -> bool:
+        return sh(tmp_path, "git", "check-ignore", "-q", "--no-index", rel, check=False).returncode == 0
+
+    for variant in ("digits", "a-new_one"):
+        for step in registry.STEPS:
+            for path, out in step.out_paths():
+                rel = path.format(v=variant)
+                inside = f"{rel}/some/file.bin"  # an output directory's content
+                assert ignored(inside) == out.cache or ignored(rel) == out.cache, (rel, out.cache)
+            assert ignored(f"data/{variant}/{step.name}/anything.tmp")
+        assert ignored(f"data/resources/{variant}/train.json")  # per-run records
+    assert not ignored("data/README.md")
+
+
+def test_every_shippable_variant_has_what_a_fresh_clone_needs():
+    """Variants whose data ships or is generated: every file DVC needs is committed, and the
+    params load; the others say in `fmpipe stages` what data they need."""
+    from pipeline.sources import data_needed
+
+    tracked = set(sh(REPO, "git", "ls-files", "--cached", "--others", "--exclude-standard").stdout.split())
+    params = load_params(REPO / "params.yaml")
+    shippable = [n for n, v in params.variants.items() if data_needed(v.source) is None]
+    assert {"digits", "iris", "binary"} <= set(shippable)
+    for name in shippable:
+        needed = {f"expectations/{name}.json", f"sources/{name}"}
+        assert needed <= tracked, (name, needed - tracked)
+        assert any(p.startswith(f"annotations/{name}/") for p in tracked), name
+    lines = sh(REPO, "fmpipe", "stages").stdout.splitlines()
+    for i, line in enumerate(lines):
+        name = line.split(" ", 1)[0]
+        if name in params.variants:
+            says = i + 1 < len(lines) and lines[i + 1].lstrip().startswith("needs data:")
+            assert says == (name not in shippable), (name, lines[i:i + 2])
