@@ -122,7 +122,8 @@ def test_newcomer_flow_under_dvc(tmp_path):
     assert "collect@pets" in changed_stages(repo)
     # A CSV edited in place.
     text = table.read_text().splitlines()
-    text[5] = text[5].rsplit(",", 1)[0] + ",no"
+    row, label = text[5].rsplit(",", 1)
+    text[5] = f"{row},{'no' if label == 'yes' else 'yes'}"  # one label flipped
     table.write_text("\n".join(text) + "\n")
     assert "collect@survey" in changed_stages(repo)
 
