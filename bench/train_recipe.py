@@ -181,11 +181,23 @@ def main() -> None:
             run_one(spec, ds, counts, args)
 
 
+def predict_proba(net, x, tta=None, head: str = "softmax", batch_size: int = 512):
+    """Class probabilities of ``net`` on ``x`` (N x K), batch by batch in eval mode, with the
+    model's TTA record (``tta_predict``, the evaluate step's rule) or none."""
+    import torch
+
+    from pipeline.training.recipe import tta_predict
+
+    net.eval()
+    with torch.inference_mode():
+        return torch.cat([tta_predict(net, x[i:i + batch_size], tta or {}, head=head)
+                          for i in range(0, len(x), batch_size)])
+
+
 def run_one(spec, ds: Dataset, counts: dict[str, int], args) -> None:
     import torch
 
     from pipeline.models import load_trained
-    from pipeline.packaging.evaluation import predict_proba
     from pipeline.training.fit import fit
 
     load_before = os.getloadavg()

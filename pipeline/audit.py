@@ -336,11 +336,6 @@ def variant_entries(stages: dict[str, Any], variant: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- row-level diff
 
-def read_manifest_at(variant: str, step: str, rev: Optional[str], repo: str = ".") -> pd.DataFrame:
-    """The manifest of ``data/<variant>/<step>`` at ``rev`` (kept for callers of the old API)."""
-    return open_version(variant, rev, repo, need_step=None if rev in (None, WORKSPACE) else step).manifest(step)
-
-
 def removal_reasons(version: Version) -> dict[str, dict[str, Any]]:
     """``{id: removal}`` from collect's, clean's and annotate's reports of a version (a row
     dropped by people's decision is annotate's ``dropped_by_annotation``; the later step wins)."""

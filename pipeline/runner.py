@@ -244,12 +244,3 @@ def _holder(fd: int) -> str:
         return f"fmpipe {h['step']} (pid {h['pid']} on {h['host']}, started {h['started']}) holds it"
     except (OSError, ValueError, KeyError, TypeError):  # the holder is still writing its name
         return "another fmpipe step holds it"
-
-
-def run_all(variant: str, params_path: str = "params.yaml", start: Optional[str] = None) -> None:
-    """Every step of a variant in lifecycle order (``fmpipe run``), without DVC."""
-    order = list(registry.ORDER)
-    if start is not None:
-        order = order[order.index(registry.get(start).name):]
-    for name in order:
-        run_step(name, variant, params_path)

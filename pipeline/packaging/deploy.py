@@ -33,10 +33,6 @@ DIST = "dist"  # data/<variant>/dist/: archive + model repository, beside the pa
 SPEC_VERSION = 1
 
 
-def dist_dir(variant: str) -> Path:
-    return Path("data") / variant / DIST
-
-
 def build_preprocess_spec(*, variant: str, meta: dict[str, Any], n_outputs: int, temperature: float,
                           tta: Optional[dict[str, Any]], atol: float, feature_names: Optional[list[str]] = None,
                           model_file: str = "model.onnx", high_bit_depth: str = "scale") -> dict[str, Any]:

@@ -54,36 +54,6 @@ def check_compatible(meta: dict[str, Any], ds: "Dataset", model_dir: str | Path,
         raise FmpipeError(f"{where}: model features {names} differ from dataset columns {list(ds.features.columns)}")
 
 
-def predict_proba(net: "torch.nn.Module", x: "torch.Tensor", tta_flip: bool = False,
-                  batch_size: int = 512, tta: Optional[dict[str, Any]] = None,
-                  head: str = "softmax") -> "torch.Tensor":
-    """Class probabilities (N x K), batch by batch, in eval mode.
-
-    ``tta``: model.json's ``tta`` record (views with weights, and whether logits or
-    probabilities are averaged; ``pipeline.training.recipe.tta_record``), images only.
-    ``tta_flip`` is the older switch: the softmax of each image and of its mirror averaged.
-    ``head="sigmoid"``: the network gives one logit; the probabilities are ``[1 - p, p]``.
-    """
-    import torch
-
-    from pipeline.console import progress
-    from pipeline.training.recipe import tta_predict
-
-    if tta is None and tta_flip:
-        tta = {"combine": "probs", "views": [{"flip": False, "shift": [0, 0], "weight": 0.5},
-                                             {"flip": True, "shift": [0, 0], "weight": 0.5}]}
-    record = tta or {}
-    net.eval()
-    out = []
-    starts = range(0, len(x), batch_size)
-    with torch.inference_mode():
-        for start in progress(starts, len(starts), "predict"):
-            out.append(tta_predict(net, x[start:start + batch_size], record, head=head))
-    if not out:
-        return torch.empty(0, 0)
-    return torch.cat(out)
-
-
 def tta_description(record: Optional[dict[str, Any]]) -> str:
     """A short human description of a TTA record ("" when there is none)."""
     views = (record or {}).get("views") or []

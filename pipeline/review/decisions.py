@@ -41,7 +41,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -492,6 +492,3 @@ def _rel(path: str, root: str | os.PathLike) -> str:
     except ValueError:
         return Path(path).as_posix()
 
-
-def vote_records(votes: Iterable[Vote]) -> list[dict[str, Any]]:
-    return [asdict(v) for v in votes]
