@@ -7,30 +7,12 @@ import json
 
 import pytest
 
-from pipeline.artefacts import (Blessing, Check, DatasetReport, FileDigest, JudgedModel, Lineage, Metrics,
+from pipeline.artefacts import (Blessing, DatasetReport, FileDigest, Lineage, Metrics,
                                 Resources)
+from helpers import sample_blessing as blessing
+from helpers import sample_lineage as lineage
+from helpers import sample_metrics as metrics
 from pipeline.errors import FmpipeError
-from pipeline.packaging.lineage import build_lineage
-
-
-def metrics(**over) -> Metrics:
-    return Metrics(**{"accuracy": 0.91, "macro_f1": 0.9, "n_test": 100, "ece": 0.02, "temperature": 1.3, **over})
-
-
-def blessing(passed: bool = True) -> Blessing:
-    checks = [Check(name="min_accuracy", metric="accuracy", threshold=0.95, value=0.91, passed=passed),
-              Check(name="min_macro_f1", metric="macro_f1", threshold=0.5, value=0.9, passed=True)]
-    return Blessing(blessed=passed, checks=checks, tta="flip", tta_views=2, tta_flip=True,
-                    model=JudgedModel(dir="data/v/train", sha256="ab" * 32, name="mlp"))
-
-
-def lineage() -> Lineage:
-    meta = {"model": {"name": "mlp", "options": {"hidden": [8]}}, "classes": ["a", "b"],
-            "input": {"kind": "table", "shape": [4]}}
-    return build_lineage(variant="v", meta=meta, n_params=42, weights_sha="ab" * 32,
-                         dvc_lock={"available": False, "note": "no dvc.lock"}, params={"source": {"kind": "x"}},
-                         data_dir="data/v/annotate", rows_by_split={"train": 8, "val": 1, "test": 2},
-                         rows_by_class={"a": 5, "b": 6}, classes=["a", "b"], metrics=metrics(), blessing=blessing())
 
 
 def test_metrics_file_holds_numbers_only_and_round_trips(tmp_path):

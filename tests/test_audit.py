@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_dvc_pipeline import make_repo, sh
+from helpers import make_repo, sh
 
 CLASSES = ("a", "b", "c")
 
@@ -158,13 +158,13 @@ def test_history_lists_every_version_exactly(versions):
 
     # The terminal table fits the terminal: at 120 columns no line is longer, hashes are
     # never broken, and what had to go is named; --wide keeps every column.
-    narrow = sh(repo, "fmpipe", "audit", "--stage", "tab", env_extra={"COLUMNS": "120"}).stdout
+    narrow = sh(repo, "fmpipe", "audit", "--stage", "tab", env={"COLUMNS": "120"}).stdout
     assert max(len(line) for line in narrow.splitlines()) <= 120, narrow
     assert revs["v3"][:8] in narrow and hashes[2]["annotate"] in narrow
-    very_narrow = sh(repo, "fmpipe", "audit", "--stage", "tab", env_extra={"COLUMNS": "60"}).stdout
+    very_narrow = sh(repo, "fmpipe", "audit", "--stage", "tab", env={"COLUMNS": "60"}).stdout
     assert max(len(line) for line in very_narrow.splitlines()) <= 60, very_narrow
     assert "hidden to fit 60 columns" in very_narrow and "--wide" in very_narrow
-    wide = sh(repo, "fmpipe", "audit", "--stage", "tab", "--wide", env_extra={"COLUMNS": "60"}).stdout
+    wide = sh(repo, "fmpipe", "audit", "--stage", "tab", "--wide", env={"COLUMNS": "60"}).stdout
     assert "hidden" not in wide and "author" in wide and "collect/clean" in wide
 
 

@@ -3,29 +3,13 @@ existing outputs left exactly as they were."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from pipeline.runner import run_step
-import yaml
-
+from helpers import edit_params, fmpipe, run_data_steps
 from pipeline.config import load_params
 from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file
-
-
-def fmpipe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True)
-
-
-def edit_params(fn) -> None:
-    with open("params.yaml") as fh:
-        params = yaml.safe_load(fh)
-    fn(params)
-    with open("params.yaml", "w") as fh:
-        yaml.safe_dump(params, fh)
+from pipeline.runner import run_step
 
 
 def test_unknown_key_names_its_path_and_the_allowed_keys(project):
@@ -76,11 +60,7 @@ def test_unknown_variant_lists_known_ones(project):
     ],
 )
 def test_bad_annotation_row_is_an_error_and_keeps_previous_output(project, row, expected):
-
-    run_step("collect", "iris")
-    run_step("clean", "iris")
-    run_step("validate", "iris")
-    run_step("annotate", "iris")
+    run_data_steps("iris", "collect", "clean", "validate", "annotate")
     before = sha256_file("data/iris/annotate/manifest.parquet")
     with open("annotations/iris/labels.csv", "a") as fh:
         fh.write(row + "\n")
@@ -91,10 +71,7 @@ def test_bad_annotation_row_is_an_error_and_keeps_previous_output(project, row, 
 
 
 def test_annotation_overrides_label_and_records_source(project):
-
-    run_step("collect", "iris")
-    run_step("clean", "iris")
-    run_step("validate", "iris")
+    run_data_steps("iris", "collect", "clean", "validate")
     with open("annotations/iris/labels.csv", "a") as fh:
         fh.write("iris/000,versicolor,relabelled in review\n")
     report = run_step("annotate", "iris")

@@ -14,7 +14,7 @@ from pipeline.config import CleanSpec
 from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset, build_manifest, feature_rows, image_rows, make_report, check_report
 from pipeline.quality.clean import clean_dataset, sheet_writer, summary_line
-from test_neighbors import _photos
+from helpers import photos as _photos
 
 CLASSES = ["a", "b"]
 

@@ -8,9 +8,8 @@ import sys
 
 import yaml
 
+from helpers import fmpipe
 
-def fmpipe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True)
 
 
 def test_help_lists_every_step_in_order():

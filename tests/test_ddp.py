@@ -29,6 +29,7 @@ from pipeline.runner import run_step
 import torch
 import yaml
 
+from helpers import annotated
 from pipeline.manifest import read_dataset
 from pipeline.models import load_trained
 
@@ -51,9 +52,7 @@ def _test_accuracy(model_dir: str) -> float:
 
 
 def test_two_process_ddp_matches_single_process(project):
-    run_step("collect", "iris")
-    run_step("clean", "iris")
-    shutil.copytree("data/iris/clean", "data/iris/annotate")  # the validate gate has its own tests
+    annotated("iris")  # without the validate gate: it has its own tests
     common = {"accelerator": "cpu", "max_epochs": 30, "cpu_threads": 1, "seed": 0}
 
     _set_train(**common, devices=1, strategy="auto", batch_size=16)

@@ -1,8 +1,8 @@
 """Deployment: calibrated evaluation, the package contract, and predict / verify / serve.
 
 One real digits pipeline (``fmpipe run --stage digits``: real Lightning training, torchmetrics,
-ONNX export) runs once per module in a scratch project; the tests then use its package as a
-service team would: through the ``fmpipe`` command in subprocesses, the tar.gz archive, and a
+ONNX export) runs once per session in a scratch project (conftest.py: ``digits_run``); this
+module works on a copy and uses its package as a service team would: through the ``fmpipe`` command in subprocesses, the tar.gz archive, and a
 real third-party Open Inference Protocol client (``tritonclient[http]``) against
 ``fmpipe serve``.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,37 +23,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import copy_project_files
 from PIL import Image
 
+from helpers import FMPIPE, fmpipe, subprocess_env
 from pipeline import inference
 from pipeline.manifest import read_dataset
 from pipeline.packaging import calibration, deploy
 from pipeline.packaging.gallery import render_gallery
 
-REPO = Path(__file__).resolve().parents[1]
-FMPIPE = [sys.executable, "-m", "pipeline"]
-
-
-def _env() -> dict:
-    env = dict(os.environ, GX_ANALYTICS_ENABLED="False")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
-
-def fmpipe(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([*FMPIPE, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """A scratch project where the whole digits pipeline ran once, plus its test images as PNGs."""
-    root = tmp_path_factory.mktemp("deploy")
-    copy_project_files(root)
-    fmpipe("run", "--stage", "digits", cwd=root)
+def digits(digits_run, tmp_path_factory) -> Path:
+    """A copy of the session's scratch project where the whole digits pipeline ran, plus its test
+    images as PNGs."""
+    root = digits_run.copy(tmp_path_factory.mktemp("deploy") / "project")
     test = read_dataset(root / "data/digits/annotate").split("test")
     images = root / "test_images"
     images.mkdir()
@@ -69,7 +50,7 @@ def _predict_json(root: Path, *args: str) -> tuple[list[dict], list[str]]:
             "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(json.dumps(sorted(m for m in ('torch', 'lightning', 'pytorch_lightning', 'torchmetrics') "
             "if m in sys.modules)), file=sys.stderr)\n")
-    r = subprocess.run([sys.executable, "-c", code, "predict", *args, "--json"], cwd=root, env=_env(),
+    r = subprocess.run([sys.executable, "-c", code, "predict", *args, "--json"], cwd=root, env=subprocess_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout), json.loads(r.stderr.strip().splitlines()[-1])
@@ -94,7 +75,7 @@ def test_evaluate_writes_calibration_and_keeps_blessing_pure(digits):
     # blessing.json (cached) must not depend on the previous package; the run record does.
     blessing = (ev / "blessing.json").read_bytes()
     assert b"baseline" not in blessing
-    r = fmpipe("evaluate", "--stage", "digits", cwd=digits)
+    r = fmpipe("evaluate", "--stage", "digits", cwd=digits, check=True)
     assert (ev / "blessing.json").read_bytes() == blessing
     compared = json.loads((ev.parents[1] / "runs" / ev.parent.name / "evaluate.json").read_text())["baseline"]
     assert compared["same_weights"] is True and compared["changes"]["accuracy"] == 0.0
@@ -166,8 +147,8 @@ def test_package_has_spec_checks_archive_and_model_repository(digits):
 
     # Same package -> same archive bytes (sorted members, no times, no owners).
     first = hashlib.sha256(archives[0].read_bytes()).hexdigest()
-    fmpipe("package", "--stage", "digits", cwd=digits)
-    fmpipe("dist", "--stage", "digits", cwd=digits)
+    fmpipe("package", "--stage", "digits", cwd=digits, check=True)
+    fmpipe("dist", "--stage", "digits", cwd=digits, check=True)
     assert hashlib.sha256(archives[0].read_bytes()).hexdigest() == first
     import tarfile
 
@@ -245,10 +226,10 @@ def test_single_logit_model_maps_to_two_probabilities(tmp_path):
 
 def test_verify_accepts_the_package_and_names_a_tampered_or_missing_file(digits, tmp_path):
     src = digits / "data/digits/package"
-    r = fmpipe("verify", str(src), cwd=digits)
+    r = fmpipe("verify", str(src), cwd=digits, check=True)
     assert "OK" in r.stdout and "8 recorded check outputs" in r.stdout
     archive = next((digits / "data/digits/dist").glob("*.tar.gz"))
-    assert "OK" in fmpipe("verify", str(archive), cwd=digits).stdout
+    assert "OK" in fmpipe("verify", str(archive), cwd=digits, check=True).stdout
 
     cases = {
         "model.onnx": lambda p: p.write_bytes(p.read_bytes()[:-1] + bytes([p.read_bytes()[-1] ^ 1])),
@@ -293,7 +274,7 @@ def test_verify_catches_a_model_that_no_longer_reproduces_its_checks(digits, tmp
 @pytest.fixture(scope="module")
 def server(digits):
     proc = subprocess.Popen([*FMPIPE, "serve", "data/digits/package", "--port", "0", "--max-body-mb", "1"],
-                            cwd=digits, env=_env(), stderr=subprocess.PIPE, text=True)
+                            cwd=digits, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     m = re.search(r"http://([\d.]+):(\d+)", line)
     assert m, line + (proc.stderr.read() if proc.poll() is not None else "")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.io import sha256_file
-from test_dvc_pipeline import make_repo, sh
+from helpers import sh
 
 
 def snapshot(repo: Path) -> dict[str, str]:
@@ -32,14 +32,11 @@ def set_train(repo: Path, **values) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    def short(params):
-        params["variants"]["digits"]["train"]["max_epochs"] = 2
-
-    repo = make_repo(tmp_path_factory.mktemp("keep"), ["digits"], edit=short)
-    sh(repo, "dvc", "repro", "train@digits")
+def repo(repro_digits_iris, tmp_path_factory) -> Path:
+    """A copy of the session's reproduced digits + iris repo, every output committed."""
+    repo = repro_digits_iris.copy(tmp_path_factory.mktemp("keep") / "repo")
     sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "trained")
+    sh(repo, "git", "commit", "-qm", "reproduced")
     return repo
 
 
@@ -87,6 +84,7 @@ def test_failing_dvc_repro_keeps_previous_outputs(repo):
 
 def test_interrupted_dvc_repro_keeps_previous_outputs(repo):
     before = snapshot(repo)
+    committed = yaml.safe_load((repo / "params.yaml").read_text())["variants"]["digits"]["train"]
     set_train(repo, max_epochs=100_000, batch_size=8)
     last = repo / "data/digits/train-state/checkpoints/last.ckpt"
     started = time.time()
@@ -114,7 +112,7 @@ def test_interrupted_dvc_repro_keeps_previous_outputs(repo):
     assert snapshot(repo) == before
     leftovers = [p.name for p in (repo / "data/digits").iterdir() if p.name.startswith(".")]
     assert leftovers == [".gitignore"] or leftovers == []
-    set_train(repo, max_epochs=2, batch_size=64)
+    set_train(repo, max_epochs=committed["max_epochs"], batch_size=committed["batch_size"])
     assert "up to date" in sh(repo, "dvc", "status", "--with-deps", "train@digits").stdout
 
 

@@ -1,70 +1,37 @@
 """The real DVC pipeline, end to end, in a temporary git + DVC repository.
 
 The repo's files are copied into a fresh git repo, then ``dvc repro`` runs every stage of
-the embedded variants exactly as a user would. These are the slowest default tests (about
-a minute): they are the proof that the whole lifecycle works.
+the embedded variants exactly as a user would: once per session (``repro_digits_iris`` in
+conftest.py); a test that changes the repo works on its own copy. It is the proof that the
+whole lifecycle works.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import REPO, make_repo, sh
 from pipeline.manifest import read_dataset, read_report
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def sh(cwd: Path, *cmd: str, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **env_extra} if env_extra else None
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def make_repo(dest: Path, enabled: list[str], edit=None) -> Path:
-    """A fresh git + DVC repo holding the project's files (as git would clone them)."""
-    files = sh(REPO, "git", "ls-files", "--cached", "--others", "--exclude-standard").stdout.split()
-    for rel in files:
-        src = REPO / rel
-        # No outputs, but data/'s own files (its .gitignore keeps outputs out of git).
-        if src.is_file() and (not rel.startswith("data/") or rel in ("data/.gitignore", "data/README.md")):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["enabled"] = enabled
-    if edit:
-        edit(params)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(dest, "git", "init", "-q", "-b", "main")
-    sh(dest, "git", "config", "user.email", "ci@example.invalid")
-    sh(dest, "git", "config", "user.name", "fmpipe tests")
-    sh(dest, "git", "add", "-A")
-    sh(dest, "git", "commit", "-qm", "project")
-    return dest
-
-
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory) -> Path:
-    # The project's files with its committed dvc.lock and no data: like a fresh clone, so
-    # `--force` (every stage runs) must give back dvc.lock exactly (test below).
-    repo = make_repo(tmp_path_factory.mktemp("dvcrepo"), ["digits", "iris"])
-    sh(repo, "dvc", "repro", "--force")
-    return repo
+@pytest.fixture
+def reproduced(repro_digits_iris) -> Path:
+    # The session's `dvc repro --force` of the project's files with its committed dvc.lock and
+    # no data (like a fresh clone, so every stage runs and must give back dvc.lock exactly).
+    # Read only: tests that change the repo take `repro_copy`.
+    return repro_digits_iris.root
 
 
 def test_repro_reproduces_the_committed_dvc_lock(reproduced):
     """Every hashed output (and every metric) of the committed dvc.lock, bit for bit, on CPU.
 
-    Runs first in this module, before other tests change the repo. When it fails after a code
-    or params change, regenerate the lock: `dvc repro --force && git add dvc.lock data/digits data/iris`.
+    When it fails after a code or params change, regenerate the lock:
+    `dvc repro --force && git add dvc.lock data/digits data/iris`.
     """
     result = sh(reproduced, "git", "diff", "--exit-code", "--stat", "dvc.lock", check=False)
     assert result.returncode == 0, sh(reproduced, "git", "diff", "dvc.lock").stdout[:4000]
@@ -107,14 +74,16 @@ def test_lineage_names_the_locked_upstream_outputs(reproduced):
     assert locked["data/iris/annotate"] in json.dumps(lineage)
 
 
-def test_second_repro_runs_nothing(reproduced):
+def test_second_repro_runs_nothing(repro_copy):
+    reproduced = repro_copy
     out = sh(reproduced, "dvc", "repro").stdout
     assert "Running stage" not in out
     status = sh(reproduced, "dvc", "status").stdout
     assert "up to date" in status
 
 
-def test_metrics_and_plots_commands_work(reproduced):
+def test_metrics_and_plots_commands_work(repro_copy):
+    reproduced = repro_copy
     metrics = json.loads(sh(reproduced, "dvc", "metrics", "show", "--json").stdout)
     files = metrics[""]["data"]
     # The figures people compare, one file per variant; per-run timings are no metric.
@@ -135,8 +104,9 @@ def test_metrics_and_plots_commands_work(reproduced):
     assert "accuracy" in exp
 
 
-def test_relabel_is_traced_by_diff_between_versions(reproduced):
+def test_relabel_is_traced_by_diff_between_versions(repro_copy):
     """Auditing: a new annotation re-runs the downstream steps, and `fmpipe diff` names it."""
+    reproduced = repro_copy
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "baseline", check=False)
     with open(reproduced / "annotations/iris/labels.csv", "a") as fh:
@@ -150,11 +120,11 @@ def test_relabel_is_traced_by_diff_between_versions(reproduced):
     assert diff["added"] == [] and diff["removed"] == []
 
 
-def test_forced_repro_leaves_git_status_clean(reproduced):
+def test_forced_repro_leaves_git_status_clean(repro_copy):
     """Per-run records (timings, report pages, GX docs) are git-ignored and every tracked output
     is deterministic: after committing, a forced re-run leaves nothing for git. Every iris step
     runs again (the digits steps are the same code paths, at a minute more)."""
-    sh(reproduced, "dvc", "repro")  # the relabel test above re-ran only up to package@iris
+    reproduced = repro_copy
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "results", check=False)
     assert sh(reproduced, "git", "status", "--porcelain").stdout == ""
@@ -165,10 +135,11 @@ def test_forced_repro_leaves_git_status_clean(reproduced):
     assert record["git"]["dirty"] is False, record["git"]
 
 
-def test_compare_names_relabel_drop_and_params_change(reproduced, tmp_path):
+def test_compare_names_relabel_drop_and_params_change(repro_copy, tmp_path):
     """Two commits apart by a relabel, a dropped row and a params change: `fmpipe compare`
     names all three (terminal, --json, --md), and the report shows the same since the last
     blessed package."""
+    reproduced = repro_copy
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "before", check=False)
     old = tmp_path / "old-package"  # the package of "before", as someone would have kept it
@@ -183,7 +154,7 @@ def test_compare_names_relabel_drop_and_params_change(reproduced, tmp_path):
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "relabel, drop, fewer epochs")
 
-    text = sh(reproduced, "fmpipe", "compare", "HEAD~1", "HEAD", env_extra={"COLUMNS": "100"}).stdout
+    text = sh(reproduced, "fmpipe", "compare", "HEAD~1", "HEAD", env={"COLUMNS": "100"}).stdout
     assert f"train.max_epochs: {before_epochs} -> {before_epochs - 20}" in text, text
     assert "relabelled iris/002: setosa -> virginica" in text, text
     assert "removed iris/001 [train, setosa]: dropped_by_annotation" in text, text
@@ -239,7 +210,7 @@ def test_broken_expectation_stops_pipeline_at_validate(tmp_path):
     assert all(p.startswith("data/resources/") or p.endswith("/.gitignore") for p in data), data
 
 
-def test_experiments_fit_a_200_column_terminal(reproduced):
+def test_experiments_fit_a_200_column_terminal(repro_copy):
     """`dvc exp show` of two experiments: the figures people compare (both variants' quality,
     epochs, GFLOP) come first and fit the first screen of a 200-column terminal; no timing
     column anywhere. Runs last: `dvc exp run` leaves the last experiment in the workspace.
@@ -248,12 +219,13 @@ def test_experiments_fit_a_200_column_terminal(reproduced):
     whose first screen is the first 200 columns. (`--no-pager` squeezes every column into the
     terminal instead: with every params.yaml leaf and code dependency a column, nothing fits
     that way; `--only-changed` or `--drop` is DVC's answer there.)"""
+    reproduced = repro_copy
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "baseline for experiments", check=False)
     for name, bar in (("bar-90", "0.9"), ("bar-91", "0.91")):  # evaluate onwards: no training
         sh(reproduced, "dvc", "exp", "run", "-n", name, "-S", f"variants.iris.evaluate.min_accuracy={bar}")
     screen = [line[:200] for line in
-              sh(reproduced, "dvc", "exp", "show", env_extra={"COLUMNS": "200"}).stdout.splitlines()]
+              sh(reproduced, "dvc", "exp", "show", env={"COLUMNS": "200"}).stdout.splitlines()]
     header = next(line for line in screen if "Experiment" in line)
     for column in ("digits.accuracy", "digits.macro_f1", "digits.ece", "digits.epochs", "digits.gflop",
                    "iris.accuracy", "iris.macro_f1", "iris.ece", "iris.epochs", "iris.gflop"):

@@ -8,7 +8,6 @@ saves it with ``save_trained`` where the train step would (``data/<variant>/trai
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,11 +16,12 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 
-from pipeline.runner import run_step
 import torch
 import yaml
-from test_artefacts import lineage as sample_lineage
 from typer.testing import CliRunner
+
+from helpers import annotated, make_model, sample_lineage
+from pipeline.runner import run_step
 
 from pipeline.artefacts import Blessing, Lineage, Metrics
 from pipeline.cli import app
@@ -29,7 +29,7 @@ from pipeline.config import load_variant
 from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file
 from pipeline.manifest import read_dataset
-from pipeline.models import build, save_trained
+from pipeline.models import build
 from pipeline.packaging.evaluation import model_inputs
 
 PACKAGE_FILES = {"model.safetensors", "model.json", "model.onnx", "MODEL_CARD.md", "lineage.json",
@@ -37,40 +37,6 @@ PACKAGE_FILES = {"model.safetensors", "model.json", "model.onnx", "MODEL_CARD.md
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def make_annotated(variant: str) -> None:
-    run_step("collect", variant)
-    run_step("clean", variant)
-    # The annotate step requires the validate step's pass marker (another module); with no
-    # label overrides its output equals clean's, so copy clean -> annotate directly.
-    shutil.copytree(f"data/{variant}/clean", f"data/{variant}/annotate")
-
-
-def make_model(variant: str, epochs: int = 0, lr: float = 0.01, batch_size: int = 64):
-    """The variant's network, fitted ``epochs`` passes with Adam, saved as the train step would."""
-    spec = load_variant(variant)
-    train = read_dataset("data/{}/annotate".format(variant), mmap=False).split("train")
-    x = model_inputs(train)
-    y = torch.tensor(train.manifest["label"].to_numpy(), dtype=torch.long)
-    dims = (0, 2, 3) if x.ndim == 4 else (0,)
-    torch.manual_seed(0)
-    net = build(spec.model.name, tuple(x.shape[1:]), len(train.classes), spec.model.options,
-                mean=x.mean(dim=dims), std=x.std(dim=dims))
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in range(epochs):
-        net.train()
-        for idx in torch.randperm(len(x)).split(batch_size):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    net.eval()
-    meta = {"model": {"name": spec.model.name, "options": dict(spec.model.options)},
-            "input": {"kind": train.kind, "shape": list(x.shape[1:])}, "classes": list(train.classes)}
-    out = Path(f"data/{variant}/train")
-    out.mkdir(parents=True, exist_ok=True)
-    save_trained(net, meta, out)
-    return net
 
 
 def check_evaluation(variant: str) -> dict:
@@ -143,7 +109,7 @@ def check_package(variant: str, net: torch.nn.Module, metrics: dict) -> dict:
 
 
 def test_iris_evaluate_and_package(project, capsys):
-    make_annotated("iris")
+    annotated("iris")
     net = make_model("iris", epochs=40, lr=0.02, batch_size=16)
     result = run_step("evaluate", "iris")
     assert "BLESSED" in capsys.readouterr().err
@@ -169,7 +135,7 @@ def test_iris_evaluate_and_package(project, capsys):
 
 
 def test_digits_evaluate_and_package(project):
-    make_annotated("digits")
+    annotated("digits")
     net = make_model("digits", epochs=4, lr=0.005)
     run_step("evaluate", "digits")
     ev = check_evaluation("digits")
@@ -181,7 +147,7 @@ def test_digits_evaluate_and_package(project):
 
 
 def test_unblessed_model_is_not_packaged(project):
-    make_annotated("digits")
+    annotated("digits")
     make_model("digits", epochs=0)  # untrained: ~10% accuracy against min_accuracy 0.97
     sentinel = Path("data/digits/package")
     sentinel.mkdir(parents=True)
@@ -212,7 +178,7 @@ def test_unblessed_model_is_not_packaged(project):
 
 
 def test_package_refuses_weights_changed_after_evaluate(project):
-    make_annotated("iris")
+    annotated("iris")
     make_model("iris", epochs=40, lr=0.02, batch_size=16)
     run_step("evaluate", "iris")
     make_model("iris", epochs=1)  # retrained without re-evaluating
@@ -222,7 +188,7 @@ def test_package_refuses_weights_changed_after_evaluate(project):
 
 
 def test_package_records_dvc_lock_entries(project):
-    make_annotated("iris")
+    annotated("iris")
     make_model("iris", epochs=40, lr=0.02, batch_size=16)
     run_step("evaluate", "iris")
     entry = {"cmd": "fmpipe train --stage iris",
@@ -261,7 +227,7 @@ def test_flip_tta_averages_image_and_mirror(project):
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["variants"]["digits"]["train"]["tta_flip"] = True
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    make_annotated("digits")
+    annotated("digits")
     net = make_model("digits", epochs=0)
     result = run_step("evaluate", "digits")
     metrics = result["metrics"]
@@ -278,7 +244,7 @@ def test_flip_tta_averages_image_and_mirror(project):
 def test_onnx_check_rejects_a_graph_that_differs_from_torch(project):
     from pipeline.packaging.onnx_export import export_onnx, verify_onnx
 
-    make_annotated("iris")
+    annotated("iris")
     net = make_model("iris", epochs=0)
     x = model_inputs(read_dataset("data/iris/annotate").split("test"))
     onnx_model = export_onnx(net, x[:2], opset=17)

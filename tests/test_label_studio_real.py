@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_model, run_data_steps
+
 LS = os.environ.get("FMPIPE_LABEL_STUDIO", "/work/venv-ls/bin/label-studio")
 TOKEN = "fmpipe-test-token-0123456789"
 
@@ -88,12 +90,8 @@ def label_studio(tmp_path):
 
 def test_round_trip_through_label_studio(project, label_studio):
     from pipeline.runner import run_step
-    from test_evaluate_package import make_model
 
-    run_step("collect", "digits")
-    run_step("clean", "digits")
-    run_step("validate", "digits")
-    run_step("annotate", "digits")
+    run_data_steps("digits", "collect", "clean", "validate", "annotate")
     make_model("digits", epochs=2)
     run_step("review", "digits")
     out = project / "data/digits/review"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import photos as _photos
 from pipeline.errors import FmpipeError
 from pipeline.quality.embedders import PackageEmbedder, ThumbsEmbedder, make_embedder, symmetrise, _mirror_perm
 from pipeline.quality.neighbors import describe, near_pairs, normalize
@@ -87,22 +88,6 @@ def test_bad_arguments_are_clear_errors():
 
 
 # ---------------------------------------------------------------- embedders
-
-def _photos(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
-    """Distinct smooth 'photos': random blobs of colour on a gradient, plus fine texture."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    out = np.empty((n, size, size, 3), np.uint8)
-    for k in range(n):
-        img = rng.uniform(40, 200, 3) + 60 * (rng.uniform(-1, 1, 3) * yy[..., None] + rng.uniform(-1, 1, 3) * xx[..., None])
-        for _ in range(8):
-            cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.2)
-            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-            img = img + blob[..., None] * rng.uniform(-120, 120, 3)
-        img = img + rng.normal(0, 6, (size, size, 1))
-        out[k] = np.clip(img, 0, 255).astype(np.uint8)
-    return out
-
 
 def _jpeg(img: np.ndarray, quality: int = 60) -> np.ndarray:
     buf = io.BytesIO()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 import struct
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import pytest
 import torch
 import yaml
 from torch import nn
+
+from helpers import annotated
 
 from pipeline.config import (
     AugmentSpec,
@@ -347,14 +348,6 @@ def test_flip_symmetric_input_gives_the_same_prediction_under_flip_tta():
 
 
 # ----------------------------------------------------------------------------- variants
-
-def annotated(variant: str) -> None:
-    from pipeline.runner import run_step
-
-    run_step("collect", variant)
-    run_step("clean", variant)
-    shutil.copytree(f"data/{variant}/clean", f"data/{variant}/annotate")
-
 
 def update_params(variant: str, **sections) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())

@@ -1,6 +1,6 @@
 """The report page and the offline DVC plots page, opened in real headless Chromium offline.
 
-One real digits run (``fmpipe run`` then ``fmpipe report``, no mocks) is shared by the module;
+One real digits run (``fmpipe run``, the report its last step, no mocks; conftest.py: ``digits_run``);
 the DVC plots page is built by real ``dvc plots show`` from the project's own dvc.yaml over
 that run's outputs, in a temporary git + DVC repo.
 """
@@ -19,25 +19,14 @@ import pytest
 import yaml
 
 from browser import open_page
+from helpers import REPO, fmpipe
 from pipeline import steps as registry
 
-REPO = Path(__file__).resolve().parents[1]
-RELABELLED = "digits/0002"  # a train row: one label change for the Labels section
-
-
-def fmpipe(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits")
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    shutil.copytree(REPO / "annotations", root / "annotations")
-    shutil.copytree(REPO / "expectations", root / "expectations")
-    (root / "annotations" / "digits" / "labels.csv").write_text(f"id,label,note\n{RELABELLED},3,report test relabel\n")
-    done = fmpipe(root, "run", "--stage", "digits")  # the report is the last step of a run
-    assert done.returncode == 0, done.stderr[-2000:]
+def digits(digits_run, tmp_path_factory) -> Path:
+    """A copy of the session's digits run (its last step wrote the report; one train row,
+    ``DIGITS_RELABEL``, relabelled by an annotation)."""
+    root = digits_run.copy(tmp_path_factory.mktemp("digits") / "project")
     assert (root / "data" / "digits" / "report" / "index.html").is_file()
     return root
 
@@ -98,7 +87,7 @@ def test_same_inputs_give_the_same_page(digits):
     """Same inputs, same page: the report itself adds no timestamps or random ids."""
     index = digits / "data" / "digits" / "report" / "index.html"
     first = index.read_bytes()
-    assert fmpipe(digits, "report", "--stage", "digits").returncode == 0
+    assert fmpipe("report", "--stage", "digits", cwd=digits).returncode == 0
     assert index.read_bytes() == first
 
 
@@ -129,7 +118,7 @@ def _render_plots(page_path: Path, shot: Path):
 
 def test_dvc_plots_page_renders_offline(digits, tmp_path):
     repo = _dvc_repo(digits, tmp_path / "repo")
-    done = fmpipe(repo, "plots")
+    done = fmpipe("plots", cwd=repo)
     assert done.returncode == 0, done.stderr
     page, seen = _render_plots(repo / "dvc_plots" / "index.html", tmp_path / "dvc_plots.png")
     assert page.external_requests == []
@@ -146,7 +135,7 @@ def test_dvc_plots_page_renders_offline(digits, tmp_path):
     assert plain_seen["charts"] == []
 
     # --install makes plain `dvc plots show` offline in this checkout.
-    assert fmpipe(repo, "plots", "--install").returncode == 0
+    assert fmpipe("plots", "--install", cwd=repo).returncode == 0
     subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "installed"], cwd=repo, check=True,
                    capture_output=True)
     installed, installed_seen = _render_plots(repo / "installed" / "index.html", tmp_path / "installed.png")
@@ -199,7 +188,7 @@ def test_partial_variant_shows_what_exists_and_says_what_is_missing(project):
 
 def test_report_with_no_data_yet_says_what_is_missing(project):
     """A variant that has not run: the page is written, every section says what is missing."""
-    done = fmpipe(project, "report", "--stage", "digits")
+    done = fmpipe("report", "--stage", "digits", cwd=project)
     assert done.returncode == 0, done.stderr
     html = (project / "data" / "digits" / "report" / "index.html").read_text()
     for absent in ("row counts", "clean report", "validation", "annotation report", "training summary",
@@ -208,14 +197,14 @@ def test_report_with_no_data_yet_says_what_is_missing(project):
 
 
 def test_report_of_unknown_variant_is_one_line(project):
-    done = fmpipe(project, "report", "--stage", "nope")
+    done = fmpipe("report", "--stage", "nope", cwd=project)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fmpipe report --stage nope: error:") and "nope" in lines[0][30:]
 
 
 def test_plots_outside_a_dvc_project_is_one_line(tmp_path):
-    done = fmpipe(tmp_path, "plots")
+    done = fmpipe("plots", cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"fmpipe plots: error: {tmp_path.resolve()}: not a DVC project (no .dvc/ folder); run this from the project root"]

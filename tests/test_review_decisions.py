@@ -6,8 +6,6 @@ Pure functions in memory first; then the annotate step and `fmpipe review import
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from pipeline.review.decisions import (
     read_decisions,
     resolve,
 )
+from helpers import fmpipe, run_data_steps
 from ls_export import annotation, dumps, task
 
 CLASSES = ["cat", "dog", "fox"]
@@ -170,17 +169,10 @@ def test_directory_reads_json_and_csv_and_refuses_other_files(tmp_path):
 
 # ---------------------------------------------------------------- the annotate step and the CLI
 
-def fmpipe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True)
-
 
 @pytest.fixture
 def iris_clean(project):
-    from pipeline.runner import run_step
-
-    run_step("collect", "iris")
-    run_step("clean", "iris")
-    run_step("validate", "iris")
+    run_data_steps("iris", "collect", "clean", "validate")
     return project
 
 

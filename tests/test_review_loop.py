@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from ls_export import annotation, dumps, task
-from test_dvc_pipeline import make_repo, sh
+from helpers import make_repo, sh
 
 pytestmark = pytest.mark.slow  # two `dvc repro` of digits: minutes
 

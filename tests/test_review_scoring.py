@@ -4,13 +4,13 @@ the files people look at; then the whole step on a tiny digits model, twice (sam
 from __future__ import annotations
 
 import json
-import shutil
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import annotated, make_model, run_data_steps
 from pipeline.review.export import contact_sheet, label_config, label_studio_tasks, queue_table
 from pipeline.review.finders import (
     DROP_INDEX,
@@ -149,12 +149,7 @@ def test_label_studio_files_and_contact_sheet():
 
 @pytest.fixture
 def digits_model(project):
-    from pipeline.runner import run_step
-    from test_evaluate_package import make_model
-
-    run_step("collect", "digits")
-    run_step("clean", "digits")
-    shutil.copytree("data/digits/clean", "data/digits/annotate")
+    annotated("digits")
     make_model("digits", epochs=2)
     return project
 
@@ -197,10 +192,8 @@ def test_full_model_scoring_retrains_per_fold(project):
     from pipeline.config import load_variant
     from pipeline.manifest import read_dataset
     from pipeline.review.review import full_model_probs
-    from pipeline.runner import run_step
 
-    run_step("collect", "iris")
-    run_step("clean", "iris")
+    run_data_steps("iris", "collect", "clean")
     ds = read_dataset("data/iris/clean", mmap=False)
     spec = load_variant("iris")
     train_rows = np.flatnonzero(ds.manifest["split"].to_numpy() == "train")

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_project_files
+from helpers import fmpipe
 
 from pipeline import steps as registry
 from pipeline.errors import FmpipeError
@@ -21,21 +19,9 @@ from pipeline.config import CleanSpec
 from pipeline.quality.clean import clean_dataset
 from pipeline.review.decisions import apply_decisions, parse_decisions_csv, resolve
 
-REPO = Path(__file__).resolve().parents[1]
 # Outputs that legitimately differ between two runs: none. GX run ids and times go to the run
 # record, and validate's Data Docs are not a declared output.
 _VARYING: tuple[str, ...] = ()
-
-
-def fmpipe(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-
-
-def _project(root: Path) -> Path:
-    root.mkdir(parents=True)
-    copy_project_files(root)
-    return root
 
 
 def _hashed_outputs(root: Path, variant: str) -> dict[str, str]:
@@ -53,14 +39,16 @@ def _hashed_outputs(root: Path, variant: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def digits_runs(tmp_path_factory):
-    """The digits variant run twice: with resource accounting and without."""
-    base = tmp_path_factory.mktemp("runner")
-    with_acc, without = _project(base / "with"), _project(base / "without")
-    for root, env in ((with_acc, {}), (without, {"FMPIPE_RESOURCES": "0"})):
-        result = fmpipe(root, "run", "--stage", "digits", env=env)
-        assert result.returncode == 0, result.stderr
-    return with_acc, without, result
+def digits_runs(digits_run, tmp_path_factory):
+    """The digits variant run twice: with resource accounting (the session's ``digits_run``)
+    and without, in a second scratch project with the same params and annotations."""
+    without = tmp_path_factory.mktemp("runner") / "without"
+    without.mkdir()
+    for name in ("params.yaml", "annotations", "expectations"):
+        src = digits_run.root / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, without / name)
+    fmpipe("run", "--stage", "digits", cwd=without, env={"FMPIPE_RESOURCES": "0"}, check=True)
+    return digits_run.root, without, digits_run
 
 
 def test_every_step_records_positive_figures(digits_runs):
@@ -90,14 +78,14 @@ def test_every_step_records_positive_figures(digits_runs):
 
 def test_resources_command_totals_add_up(digits_runs):
     root = digits_runs[0]
-    result = fmpipe(root, "resources", "--stage", "digits", "--json")
+    result = fmpipe("resources", "--stage", "digits", "--json", cwd=root)
     assert result.returncode == 0, result.stderr
     table = json.loads(result.stdout)["digits"]
     assert [r["step"] for r in table["steps"]] == list(registry.ORDER)
     for key in ("wall_s", "cpu_s", "read_mb", "write_mb"):
         assert table["total"][key] == pytest.approx(sum(r[key] for r in table["steps"]), abs=1e-3)
     assert table["total"]["peak_mb"] == max(r["peak_mb"] for r in table["steps"])
-    text = fmpipe(root, "resources", "--stage", "digits", env={"COLUMNS": "120"}).stdout
+    text = fmpipe("resources", "--stage", "digits", cwd=root, env={"COLUMNS": "120"}).stdout
     assert "total" in text and "train" in text
     assert max(len(line) for line in text.splitlines()) <= 120, text
 
@@ -139,7 +127,7 @@ def test_one_summary_line_per_step(digits_runs):
 
 
 def test_resources_without_records_is_one_clear_error(tmp_path):
-    result = fmpipe(tmp_path, "resources", "--stage", "digits")
+    result = fmpipe("resources", "--stage", "digits", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "no resource records" in result.stderr
 

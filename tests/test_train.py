@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.runner import run_step
 import torch
 import yaml
+
+from helpers import annotated
+from pipeline.runner import run_step
 
 from pipeline.config import AugmentSpec, load_variant
 from pipeline.errors import FmpipeError
@@ -24,13 +25,6 @@ from pipeline.manifest import read_dataset
 from pipeline.models import WEIGHTS, load_trained
 
 FMPIPE = Path(sys.executable).parent / "fmpipe"
-
-
-def annotated(variant: str) -> None:
-    """data/<variant>/annotate without the validate gate (its own tests cover it)."""
-    run_step("collect", variant)
-    run_step("clean", variant)
-    shutil.copytree(f"data/{variant}/clean", f"data/{variant}/annotate")
 
 
 def set_params(variant: str, train: dict | None = None, model_options: dict | None = None) -> None:

@@ -13,18 +13,13 @@ import pytest
 import torch
 import yaml
 
+from helpers import annotated
 from pipeline.errors import FmpipeError
 from pipeline.models import WEIGHTS
 from pipeline.training.fit import read_checkpoint_progress
 from pipeline.runner import run_step
 
 STATE = Path("data/{v}/train-state")
-
-
-def annotated(variant: str) -> None:
-    run_step("collect", variant)
-    run_step("clean", variant)
-    shutil.copytree(f"data/{variant}/clean", f"data/{variant}/annotate")
 
 
 def set_train(variant: str, **train) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import run_data_steps
 from pipeline.quality.expectations import init_command
 from pipeline.quality.gate import require_passed
 from pipeline.runner import run_step
@@ -25,28 +25,11 @@ from pipeline.manifest import reseal
 FMPIPE = Path(sys.executable).with_name("fmpipe")
 
 
-@pytest.fixture(scope="session")
-def cleaned_data(tmp_path_factory) -> Path:
-    """collect + clean of digits and iris, once per session; tests copy the result."""
-    root = tmp_path_factory.mktemp("cleaned")
-    repo = Path(__file__).resolve().parents[1]
-    shutil.copy(repo / "params.yaml", root / "params.yaml")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        for variant in ("digits", "iris"):
-            run_step("collect", variant)
-            run_step("clean", variant)
-    finally:
-        os.chdir(cwd)
-    return root / "data"
-
-
 @pytest.fixture
-def cleaned(project, cleaned_data) -> Path:
+def cleaned(project) -> Path:
     """The scratch project with data/<variant>/clean/ in place for both variants."""
     for variant in ("digits", "iris"):
-        shutil.copytree(cleaned_data / variant / "clean", project / "data" / variant / "clean")
+        run_data_steps(variant, "collect", "clean")
     return project
 
 
