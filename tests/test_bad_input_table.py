@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import pytest
-from conftest import copy_project_files
+from helpers import copy_project_files
 import yaml
 
 from pipeline.io import sha256_file

@@ -16,7 +16,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,22 +24,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import FMPIPE, subprocess_env
 from pipeline import inference
 from pipeline.io import sha256_file
 from pipeline.packaging import deploy
 
-REPO = Path(__file__).resolve().parents[1]
-FMPIPE = [sys.executable, "-m", "pipeline"]
 TIMEOUT = 1.0  # --timeout of the served image model: headers and stalled bodies
 KEEP_ALIVE = 1.5
-
-
-def _env() -> dict:
-    import os
-
-    env = dict(os.environ, GX_ANALYTICS_ENABLED="False")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
 
 
 def _write_package(root: Path, kind: str) -> Path:
@@ -82,7 +72,7 @@ def packages(tmp_path_factory) -> dict[str, Path]:
 
 
 def _serve(package: Path, *flags: str):
-    proc = subprocess.Popen([*FMPIPE, "serve", str(package), "--port", "0", *flags], env=_env(),
+    proc = subprocess.Popen([*FMPIPE, "serve", str(package), "--port", "0", *flags], env=subprocess_env(),
                             stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     m = re.search(r"http://([\d.]+):(\d+)", line)
@@ -348,7 +338,7 @@ def test_collect_predict_and_serve_decode_high_bit_images_alike(packages, image_
     expected = inference.Predictor(pkg).predict_proba(x)
 
     r = subprocess.run([*FMPIPE, "predict", str(pkg_dir), *(str(folder / "a" / n) for n in names), "--json",
-                        "-k", "10"], env=_env(), capture_output=True, text=True, timeout=120)
+                        "-k", "10"], env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     _, addr = image_server
     for rec, n, want in zip(json.loads(r.stdout), names, expected):
@@ -387,7 +377,7 @@ def test_table_server_names_the_upload_and_refuses_rows_it_cannot_read(table_ser
 # ---------------------------------------------------------------- predict on bad packages and inputs
 
 def _predict(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*FMPIPE, "predict", *args], env=_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run([*FMPIPE, "predict", *args], env=subprocess_env(), capture_output=True, text=True, timeout=120)
 
 
 def _one_line_error(r: subprocess.CompletedProcess, *parts: str) -> None:
