@@ -30,12 +30,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
 from pydantic import Field
 
 from pipeline.schema import Strict
+
+if TYPE_CHECKING:  # annotations only: PiiSpec is read with params (pipeline.config), pandas is not needed then
+    import pandas as pd
 
 PiiPolicy = Literal["drop", "mask", "flag", "off"]
 
@@ -106,6 +108,8 @@ def analyzer(entities: tuple[str, ...], phone_regions: tuple[str, ...]):
 
 def scan(ids: list[str], text: pd.DataFrame, spec: PiiSpec) -> pd.DataFrame:
     """Findings (one row per detected span) in ``text``'s columns; values never copied out."""
+    import pandas as pd
+
     engine = analyzer(tuple(spec.entities), tuple(spec.phone_regions))
     rows: list[tuple] = []
     for column in text.columns:
@@ -143,6 +147,8 @@ def mask_value(value: str, spans: list[tuple[int, int, str]]) -> str:
 
 def scrub(ids: list[str], text: pd.DataFrame, spec: PiiSpec) -> Scrubbed:
     """Scan ``text`` (row-aligned with ``ids``) and apply ``spec.policy``."""
+    import pandas as pd
+
     if spec.policy == "off" or text.shape[1] == 0:
         return Scrubbed(text=text, findings=pd.DataFrame(columns=FINDING_COLUMNS),
                         facts={"policy": spec.policy, "columns": {}, "dropped_columns": []})

@@ -3,7 +3,8 @@
 Each module defines ``Spec`` (its params section, with a literal ``kind``) and
 ``load(spec) -> Collected``. The collect step turns a ``Collected`` into the dataset
 contract (splits, hashes, stats, manifest); sources only load and label.
-Heavy imports (scikit-learn, Pillow) happen inside ``load`` so that reading params stays fast.
+Heavy imports (numpy, pandas, scikit-learn, Pillow) happen inside the functions that use them:
+reading params (``pipeline.config``, every step's start) imports these modules for their ``Spec``.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:  # annotations only: reading params (pipeline.config) imports every source module
+    import numpy as np
+    import pandas as pd
 
 
 @dataclass

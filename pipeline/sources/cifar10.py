@@ -26,15 +26,16 @@ from __future__ import annotations
 import pickle
 import tarfile
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 
 from pipeline.errors import FmpipeError
 from pipeline.reading import path_kind
 from pipeline.schema import Strict
 from pipeline.sources import fetch
 from pipeline.sources.base import Collected
+
+if TYPE_CHECKING:  # annotations only: reading params (pipeline.config) imports every source module
+    import numpy as np
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -97,6 +98,8 @@ class _BatchUnpickler(pickle.Unpickler):
         self.where = where
 
     def find_class(self, module: str, name: str) -> Any:
+        import numpy as np
+
         if (module, name) not in self._ALLOWED:
             raise FmpipeError(
                 f"{self.where}: refusing to unpickle global {module}.{name} "
@@ -125,6 +128,8 @@ def _as_str_keys(obj: Any, where: str) -> dict[str, Any]:
 
 
 def _parse_batch(obj: Any, where: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
     d = _as_str_keys(obj, where)
     data, labels = d.get("data"), d.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
@@ -224,6 +229,8 @@ def _locate(spec: Spec) -> tuple[dict[str, bytes], dict[str, Any]]:
 # ---------------------------------------------------------------- load
 
 def load(spec: Spec) -> Collected:
+    import numpy as np
+
     files, info = _locate(spec)
     where = info["path"]
     missing = [n for n in [b[1] for b in BATCHES] + [META[0]] if n not in files]

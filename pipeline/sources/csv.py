@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import csv as _csv
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-import numpy as np
-import pandas as pd
 from pydantic import Field
 
 from pipeline.errors import FmpipeError
@@ -28,6 +26,9 @@ from pipeline.quality.pii import PiiSpec
 from pipeline.reading import require_file
 from pipeline.schema import Strict
 from pipeline.sources.base import Collected
+
+if TYPE_CHECKING:  # annotations only: reading params (pipeline.config) imports every source module
+    import pandas as pd
 
 SPLITS = ("train", "val", "test")
 
@@ -83,6 +84,9 @@ def _check_field_counts(path: Path, sep: str) -> None:
 
 
 def load(spec: Spec) -> Collected:
+    import numpy as np
+    import pandas as pd
+
     path = require_file(Path(spec.path).expanduser(), "a CSV file, for the csv source")
     _check_field_counts(path, spec.sep)
     try:

@@ -37,12 +37,9 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Iterator, Literal, Optional
 
-import numpy as np
 from pydantic import Field
 
-from pipeline import imaging
 from pipeline.errors import FmpipeError
-from pipeline.imaging import HighBitDepthRefused
 from pipeline.reading import require_file
 from pipeline.schema import Strict
 from pipeline.sources import fetch
@@ -232,10 +229,12 @@ def _decode(data: bytes, channels: int, size: Optional[tuple[int, int]], reject:
     """(H x W x C uint8 array, None, resized?) or (None, reason, False); the rule is
     ``pipeline.imaging.decode``, shared with predict and serve. Raises only
     ``HighBitDepthRefused`` (collect stops on it, naming the file)."""
+    from pipeline import imaging
+
     try:
         out = imaging.decode(data, channels, size, on_size_mismatch="reject" if reject else "resize",
                              high_bit_depth=high_bit_depth)
-    except HighBitDepthRefused:
+    except imaging.HighBitDepthRefused:
         raise
     except imaging.ImageProblem as exc:  # one recorded skip
         return None, str(exc), False
@@ -254,6 +253,10 @@ def load(spec: Spec) -> Collected:
 
 
 def _load(spec: Spec, path: Path, reader) -> Collected:
+    import numpy as np
+
+    from pipeline.imaging import HighBitDepthRefused
+
     raw_files, raw_dirs = reader.entries()
     skipped: list[dict[str, str]] = []
     files = []

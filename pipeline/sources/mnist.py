@@ -21,14 +21,15 @@ import gzip
 import struct
 import zlib
 from pathlib import Path
-from typing import ClassVar, Literal, Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, ClassVar, Literal, Optional
 
 from pipeline.errors import FmpipeError
 from pipeline.schema import Strict
 from pipeline.sources import fetch
 from pipeline.sources.base import Collected
+
+if TYPE_CHECKING:  # annotations only: reading params (pipeline.config) imports every source module
+    import numpy as np
 
 MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
 # split -> (images file, md5), (labels file, md5): the published checksums of the .gz files.
@@ -55,6 +56,8 @@ class Spec(Strict):
 
 def parse_idx(raw: bytes, where: str, ndim: int) -> np.ndarray:
     """An IDX ubyte array of ``ndim`` dimensions, checked against its header."""
+    import numpy as np
+
     if len(raw) < 4:
         raise FmpipeError(f"{where}: truncated IDX file ({len(raw)} bytes, no header)")
     zero, dtype, dims = struct.unpack(">HBB", raw[:4])
@@ -135,6 +138,8 @@ def _files(spec: Spec) -> tuple[dict[str, tuple[Path, Path]], dict[str, str]]:
 # ---------------------------------------------------------------- load
 
 def load(spec: Spec) -> Collected:
+    import numpy as np
+
     files, how = _files(spec)
     parts, labels, ids, splits = [], [], [], []
     for split, (img_path, lab_path) in files.items():

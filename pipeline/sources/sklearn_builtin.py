@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
-import pandas as pd
-
 from pydantic import Field, model_serializer, model_validator
 
 from pipeline.schema import Strict
@@ -59,6 +56,9 @@ class Spec(Strict):
 
 
 def load(spec: Spec) -> Collected:
+    import numpy as np
+    import pandas as pd
+
     import sklearn
     from sklearn import datasets
 
