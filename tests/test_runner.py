@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fmpipe
+from helpers import REPO, fmpipe
 
 from pipeline import steps as registry
 from pipeline.errors import FmpipeError
