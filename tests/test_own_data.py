@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import copy_project_files
+from helpers import REPO, copy_project_files, make_repo, sh
 from pipeline import steps as registry
 from pipeline.config import load_params
 from pipeline.errors import FmpipeError
-from test_dvc_pipeline import REPO, make_repo, sh
 
 FMPIPE = [sys.executable, "-m", "pipeline"]
 
