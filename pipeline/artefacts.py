@@ -137,6 +137,8 @@ class RunRecord(Artefact):
     # "What changed since the last blessed package"; pipeline.packaging.summary.last_blessed_lineage)
     last_blessed: Optional[dict[str, Any]] = None
     git: Optional[dict[str, Any]] = None  # package: the commit the run saw (the one before its own)
+    int8_speed: Optional[dict[str, Any]] = None  # package: INT8 vs float32 throughput on this machine
+    canary: Optional[dict[str, Any]] = None  # dist: what the served release answered
 
 
 class Removal(Record):
@@ -282,6 +284,35 @@ class LineageData(Record):
     rows_by_split: dict[str, int]
     classes: list[str]
     rows_by_class: dict[str, int] = Field(default_factory=dict)
+
+
+class Int8Scores(Record):
+    accuracy: float = Field(ge=0, le=1)
+    macro_f1: float = Field(ge=0, le=1)
+    ece: float = Field(ge=0)
+
+
+class Int8Report(Artefact):
+    """``package/int8.json``: the INT8 model against float32 on the test split, and the gate.
+
+    Deterministic (one onnxruntime thread, no timings): it is a hashed package file. Speed is
+    measured per machine (run record, ``choose_precision``), never written here.
+    """
+
+    shipped: bool
+    reason: str  # why it ships or was left out, as people read it
+    calibration: str  # package.int8.calibration
+    calibration_rows: int = Field(ge=0)  # validation inputs that fixed the activation ranges
+    n_test: int = Field(ge=0)
+    fp32: Int8Scores
+    int8: Int8Scores
+    accuracy_drop: float  # fp32 - int8 accuracy (negative: INT8 did better)
+    argmax_agreement: float = Field(ge=0, le=1)
+    max_accuracy_drop: float
+    min_speedup: float  # checked where the model runs (pipeline.inference.choose_precision)
+    size_fp32: int = Field(ge=0)
+    size_int8: int = Field(ge=0)
+    model_file: Optional[str] = None  # the shipped INT8 file; None when left out
 
 
 class Lineage(Artefact):

@@ -416,9 +416,22 @@ class EvaluateSpec(Strict):
     membership_rows: int = Field(10000, ge=0)
 
 
+class Int8Spec(Strict):
+    """Static INT8 quantization of the packaged ONNX model (pipeline/packaging/quantize.py)."""
+
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_rows: int = Field(256, ge=1)  # validation inputs that fix the activation ranges
+    # Test accuracy INT8 may lose and still ship. Negative: INT8 must beat float32 by that much
+    # (a way to see the float32-only path when INT8 loses nothing).
+    max_accuracy_drop: float = Field(0.005, ge=-1, le=1)
+    # `--precision auto` serves INT8 only where it measures at least this much faster than float32.
+    min_speedup: float = Field(1.0, gt=0)
+
+
 class PackageSpec(Strict):
     onnx_opset: int = Field(17, ge=9)
     onnx_atol: float = Field(1e-4, gt=0)  # max |onnxruntime - torch| on test logits
+    int8: Optional[Int8Spec] = None  # None: float32 only
 
 
 class ReviewSpec(Strict):

@@ -11,6 +11,9 @@ from typing import List
 
 import typer
 
+PrecisionOpt = typer.Option(
+    "auto", "--precision", help="fp32, int8 (when the package ships one) or auto: INT8 when the package ships it "
+                                "and it runs at least the package's min_speedup faster here, else fp32.")
 PackageArg = typer.Argument(..., help="A package directory (data/<variant>/package) or its .tar.gz archive.")
 
 
@@ -25,6 +28,7 @@ def predict(
     top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="How many classes to show per input."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (a list, one entry per input)."),
     threads: int = typer.Option(0, "--threads", min=0, help="onnxruntime intra-op threads (0: its default)."),
+    precision: str = PrecisionOpt,
 ) -> None:
     """Predict with a packaged model: images of any size (resized by the package's rule) or CSV rows."""
     import json
@@ -36,7 +40,8 @@ def predict(
     try:
         pkg = inference.open_package(package)
         names, x = inference.load_inputs(inputs, pkg.spec)
-        probs = inference.Predictor(pkg, threads=threads or None).predict_proba(x)
+        chosen, _ = inference.choose_precision(pkg, precision, threads or None)
+        probs = inference.Predictor(pkg, threads=threads or None, precision=chosen).predict_proba(x)
     except FmpipeError as exc:
         _fail("fmpipe predict", exc)
     records = prediction_records(names, probs, pkg.classes, top_k)
@@ -63,7 +68,9 @@ def verify(package: str = PackageArg) -> None:
     except FmpipeError as exc:
         _fail("fmpipe verify", exc)
     typer.echo(f"fmpipe verify: {r['package']}: OK: {r['files']} files match lineage.json; model.onnx reproduces "
-               f"{r['checks']} recorded check outputs (max |diff| {r['max_abs_diff']:.3g}, allowed {r['atol']:g})")
+               f"{r['checks']} recorded check outputs (max |diff| {r['max_abs_diff']:.3g}, allowed {r['atol']:g})"
+               + (f"; {r['int8']['file']} reproduces its own (max |diff| {r['int8']['max_abs_diff']:.3g}, "
+                  f"allowed {r['int8']['atol']:g})" if "int8" in r else ""))
 
 
 def serve(
@@ -83,6 +90,7 @@ def serve(
     max_buffered_mb: float = typer.Option(256.0, "--max-buffered-mb", min=0.001,
                                           help="Request bodies held at once, all connections together; beyond it: 503."),
     verbose: bool = typer.Option(False, "--verbose", help="Log every request."),
+    precision: str = PrecisionOpt,
 ) -> None:
     """Serve a package over the Open Inference Protocol (KServe V2 REST) plus POST /predict for image files."""
     from pipeline import inference
@@ -95,7 +103,8 @@ def serve(
                     timeout=timeout, keep_alive=keep_alive)
     try:
         pkg = inference.open_package(package)
-        server = make_server(pkg, host, port, threads=threads, limits=limits, verbose=verbose)
+        chosen, why = inference.choose_precision(pkg, precision, threads)
+        server = make_server(pkg, host, port, threads=threads, limits=limits, verbose=verbose, precision=chosen)
     except FmpipeError as exc:
         _fail("fmpipe serve", exc)
     except OSError as exc:
@@ -108,7 +117,7 @@ def serve(
     signal.signal(signal.SIGTERM, _stop)
     h, p = server.server_address[:2]
     typer.echo(f"fmpipe serve: model {pkg.name!r} on http://{h}:{p} (KServe V2: /v2/models/{pkg.name}/infer; "
-               f"images: POST /predict); Ctrl+C stops", err=True)
+               f"images: POST /predict); precision {chosen} ({why}); Ctrl+C stops", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -359,12 +359,74 @@ def probabilities(view_logits, temperature: float = 1.0, tta: Optional[dict[str,
     return p.astype(np.float32)
 
 
-def model_file(package: Package, check_digest: bool = True) -> Path:
+PRECISIONS = ("fp32", "int8", "auto")
+
+
+def int8_file(package: Package) -> Optional[str]:
+    """The package's INT8 model file, or None when it ships none (older package, or left out
+    by the gate: ``int8.json`` says why)."""
+    int8 = package.spec.get("int8")
+    return str(int8["model_file"]) if isinstance(int8, dict) and int8.get("model_file") else None
+
+
+def choose_precision(package: Package, requested: str = "auto", threads: Optional[int] = None) -> tuple[str, str]:
+    """(``fp32`` or ``int8``, why) for ``--precision``.
+
+    ``auto``: INT8 when the package ships it (it passed the accuracy gate) and it runs at least
+    the package's ``min_speedup`` faster than float32 here, timed on the package's check inputs
+    now; speed belongs to the machine a model runs on, so it is measured where it is served.
+    """
+    if requested not in PRECISIONS:
+        raise FmpipeError(f"--precision {requested!r}: expected one of {', '.join(PRECISIONS)}")
+    name = int8_file(package)
+    if requested == "fp32":
+        return "fp32", "asked for"
+    if name is None:
+        if requested == "int8":
+            raise FmpipeError(f"{package.source}: the package ships no INT8 model (see its int8.json: "
+                              "left out by the gate or not quantized); use --precision fp32")
+        return "fp32", "the package ships no INT8 model"
+    if requested == "int8":
+        return "int8", "asked for"
+    checks = package.spec.get("checks") or {}
+    try:
+        x = np.load(package.root / checks["input"], allow_pickle=False)
+    except (KeyError, TypeError, OSError, ValueError):
+        return "fp32", "no check inputs to time INT8 on"
+    x = np.resize(x, (64, *x.shape[1:]))
+    t = {p: float(np.median(time_runs(Predictor(package, threads=threads, precision=p).session,
+                                      package.spec["input"]["name"], x, 5))) for p in ("fp32", "int8")}
+    speedup = t["fp32"] / t["int8"]
+    wanted = float(package.spec["int8"].get("min_speedup", 1.0))
+    if speedup >= wanted:
+        return "int8", f"INT8 {speedup:.2f}x float32 here (>= {wanted:g})"
+    return "fp32", f"INT8 only {speedup:.2f}x float32 here (< {wanted:g})"
+
+
+def time_runs(sess, input_name: str, x: np.ndarray, repeats: int) -> list[float]:
+    """Seconds per ``session.run`` on ``x``, ``repeats`` times after one warm-up run."""
+    import time
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    sess.run(None, {input_name: x})
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, {input_name: x})
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def model_file(package: Package, check_digest: bool = True, precision: str = "fp32") -> Path:
     """The package's ONNX file: inside the package, and (``check_digest``) the very bytes that
     ``lineage.json`` recorded, so predict and serve never run a swapped or damaged model."""
     from pipeline.io import sha256_file  # stdlib only
 
     name = str(package.spec.get("model_file", "model.onnx"))
+    if precision == "int8":
+        name = int8_file(package) or ""
+        if not name:
+            raise FmpipeError(f"{package.source}: the package ships no INT8 model; use --precision fp32")
     where = f"{package.source}/{PREPROCESS}"
     root = package.root.resolve()
     path = (package.root / name).resolve()
@@ -393,10 +455,11 @@ class Predictor:
     """
 
     def __init__(self, package: Package, threads: Optional[int] = None, max_batch: int = 256,
-                 check_digest: bool = True) -> None:
+                 check_digest: bool = True, precision: str = "fp32") -> None:
         import onnxruntime as ort
 
         self.package = package
+        self.precision = precision
         self.spec = package.spec
         self.input_name = self.spec["input"]["name"]
         self.output_name = self.spec["output"]["name"]
@@ -408,7 +471,7 @@ class Predictor:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        model_path = model_file(package, check_digest)
+        model_path = model_file(package, check_digest, precision)
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=options,
                                                 providers=["CPUExecutionProvider"])

@@ -111,9 +111,9 @@ class ModelService:
     """The loaded package and the V2 request/response logic, independent of HTTP plumbing."""
 
     def __init__(self, package: inference.Package, threads: int = 1, max_batch: int = 1024,
-                 max_pixels: Optional[int] = None) -> None:
+                 max_pixels: Optional[int] = None, precision: str = "fp32") -> None:
         self.package = package
-        self.predictor = inference.Predictor(package, threads=threads)
+        self.predictor = inference.Predictor(package, threads=threads, precision=precision)
         self.name = package.name
         self.max_batch = max_batch
         self.max_pixels = max_pixels
@@ -128,6 +128,7 @@ class ModelService:
                         {"name": "logits", "datatype": "FP32",
                          "shape": [int(d) for d in self.package.spec["output"]["shape"]]}],
             "parameters": {"classes": self.package.classes, "temperature": self.predictor.temperature,
+                           "precision": self.predictor.precision,
                            "preprocess": self.package.spec["input"]},
         }
 
@@ -525,9 +526,11 @@ class Server:
 
 
 def make_server(package: inference.Package, host: str = "127.0.0.1", port: int = 8000, threads: int = 1,
-                limits: Limits = Limits(), verbose: bool = False) -> Server:
-    """Load the package and bind the address (``port`` 0: any free port); ``serve_forever`` serves."""
-    service = ModelService(package, threads=threads, max_batch=limits.max_batch, max_pixels=limits.max_pixels)
+                limits: Limits = Limits(), verbose: bool = False, precision: str = "fp32") -> Server:
+    """Load the package and bind the address (``port`` 0: any free port); ``serve_forever`` serves.
+    ``precision``: fp32 or int8 (``inference.choose_precision`` resolves ``auto``)."""
+    service = ModelService(package, threads=threads, max_batch=limits.max_batch, max_pixels=limits.max_pixels,
+                           precision=precision)
     app = build_app(service, limits)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=1024)

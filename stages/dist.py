@@ -3,7 +3,8 @@
 Writes ``<variant>-<hash>.tar.gz`` (the package directory as a deterministic archive: the same
 package gives the same bytes; the hash names the packaged files' content) and
 ``model_repository/<variant>/`` (``1/model.onnx``, ``config.pbtxt``, ``labels.txt``: an ONNX
-model repository NVIDIA Triton or KServe loads as it is). No torch: the logic is in
+model repository NVIDIA Triton or KServe loads as it is; ``<variant>-int8/`` beside it when the
+package ships an INT8 model). No torch: the logic is in
 ``pipeline/packaging/deploy.py``.
 """
 
@@ -28,5 +29,11 @@ def run(ctx) -> None:
         {name: d.model_dump() for name, d in lineage.files.items()}))
     deploy.write_archive(package_dir, ctx.out / archive, top=archive[: -len(".tar.gz")])
     deploy.write_model_repository(ctx.out / "model_repository", ctx.variant, package_dir / ONNX_MODEL, spec)
-    ctx.summary = f"{ctx.final_dir / archive}; model repository {ctx.final_dir / 'model_repository' / ctx.variant}"
+    int8 = (spec.get("int8") or {}).get("model_file")
+    if int8:
+        # Its own model, not version 2: Triton's default policy serves the latest version only,
+        # and which precision a client gets must be its choice.
+        deploy.write_model_repository(ctx.out / "model_repository", f"{ctx.variant}-int8", package_dir / int8, spec)
+    ctx.summary = (f"{ctx.final_dir / archive}; model repository {ctx.final_dir / 'model_repository' / ctx.variant}"
+                   + (f" (+ {ctx.variant}-int8)" if int8 else ""))
     ctx.result = {"archive": str(ctx.final_dir / archive)}

@@ -37,6 +37,7 @@ from pipeline.packaging.evaluation import check_compatible, effective_tta, model
 from pipeline.packaging.lineage import build_lineage, dvc_lock_entries, file_digests, git_info, lock_matches_file
 from pipeline.packaging.model_card import render_model_card
 from pipeline.packaging.onnx_export import export_onnx, verify_onnx
+from pipeline.packaging.quantize import INT8_MODEL, INT8_REPORT
 
 MAX_CHECK_INPUTS = 256
 
@@ -109,8 +110,12 @@ def run(ctx) -> None:
         temperature=float(calibration.get("temperature", 1.0)), tta=effective_tta(meta, spec.train),
         atol=spec.package.onnx_atol, high_bit_depth=getattr(spec.source, "high_bit_depth", "scale"),
         feature_names=list(ds.features.columns) if ds.features is not None else None)
-    (out / deploy.PREPROCESS).write_text(deploy.spec_json(pre))
     check_files = deploy.write_checks(out, inputs[:deploy.N_CHECKS].numpy(), check_logits)
+    int8 = None
+    if spec.package.int8 is not None:
+        int8, int8_files = _int8(ctx, onnx_model, pre, ds, test, inputs[:deploy.N_CHECKS].numpy())
+        check_files += int8_files
+    (out / deploy.PREPROCESS).write_text(deploy.spec_json(pre))
     card = render_model_card(
         variant=variant, description=spec.description, meta=meta,
         n_params=lineage.model.n_params, source=lineage.params["source"],
@@ -134,6 +139,13 @@ def run(ctx) -> None:
                    f"{lineage.onnx['max_abs_diff']:.3g} on {lineage.onnx['n_checked']} test inputs; "
                    f"git {git.get('commit', 'n/a')[:12]}{' (dirty)' if git.get('dirty') else ''}; "
                    f"{_lock_note(lineage.dvc_lock, variant)}")
+    if int8 is not None:
+        speed = ctx.details.get("int8_speed") or {}
+        ctx.summary += (f"; INT8 {'shipped' if int8.shipped else 'LEFT OUT'}: {int8.reason}, argmax agreement "
+                        f"{int8.argmax_agreement:.4f}, {int8.size_int8 / 1e6:.2f} MB vs {int8.size_fp32 / 1e6:.2f} MB"
+                        + (f", {speed['speedup']:.2f}x float32 throughput here at batch {speed['batch']}, "
+                           f"1 thread (load {speed['loadavg_1m']:.1f})" if speed else "")
+                        + ("" if int8.shipped else f" (see {ctx.final_dir / INT8_REPORT})"))
 
 
 def _lock_note(lock: dict, variant: str) -> str:
@@ -147,3 +159,44 @@ def _lock_note(lock: dict, variant: str) -> str:
     missing = lock.get("missing") or []
     return (f"dvc.lock entries of {len(entries)} of {len(entries) + len(missing)} upstream stages recorded"
             + (f" (none yet for {', '.join(missing)})" if missing else ""))
+
+
+def _int8(ctx, onnx_model: bytes, pre: dict, ds, test, check_x: np.ndarray):
+    """Quantize, score INT8 against float32 on the test split, gate; returns (report, files written).
+
+    ``pre`` (the preprocess spec, not yet written) gains ``int8`` when the model ships.
+    """
+    from pipeline import inference
+    from pipeline.packaging.quantize import (INT8_CHECK_ATOL, INT8_CHECK_LOGITS, gate, measure_speed,
+                                             quantize_int8)
+
+    spec, out = ctx.spec.package.int8, ctx.out
+    val = ds.split("val")
+    if len(val) == 0:
+        raise FmpipeError(f"{ctx.input('annotate')}: the validation split is empty; INT8 calibration "
+                          "needs it (or remove package.int8)")
+    calib = model_inputs(val.take(np.arange(min(len(val), spec.calibration_rows)))).numpy()
+    name = pre["input"]["name"]
+    (out / INT8_MODEL).write_bytes(quantize_int8(onnx_model, calib, name, spec.calibration))
+    pre["int8"] = {"model_file": INT8_MODEL, "min_speedup": spec.min_speedup,
+                   "checks": {"logits": INT8_CHECK_LOGITS, "atol": INT8_CHECK_ATOL,
+                              "note": "expected logits are the INT8 model's own on checks.input"}}
+    pkg = inference.Package(root=out, spec=pre, source=str(ctx.final_dir))
+    # One thread: the scores go into a hashed file and must not depend on the machine's cores.
+    x = model_inputs(test).numpy()
+    probs = {p: inference.Predictor(pkg, threads=1, check_digest=False, precision=p).predict_proba(x)
+             for p in ("fp32", "int8")}
+    report = gate(fp32_probs=probs["fp32"], int8_probs=probs["int8"], labels=test.manifest["label"].to_numpy(),
+                  spec=spec, size_fp32=(out / ONNX_MODEL).stat().st_size, size_int8=(out / INT8_MODEL).stat().st_size,
+                  calibration_rows=len(calib))
+    # Timed here for the run record and the summary only (run-varying: never in a hashed file).
+    ctx.details["int8_speed"] = measure_speed(out / ONNX_MODEL, out / INT8_MODEL, name, x)
+    report.write(out / INT8_REPORT)
+    if not report.shipped:
+        (out / INT8_MODEL).unlink()
+        pre["int8"] = None
+        return report, [INT8_REPORT]
+    int8_logits = inference.Predictor(pkg, threads=1, check_digest=False, precision="int8").logits(check_x)
+    with open(out / INT8_CHECK_LOGITS, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(int8_logits, dtype=np.float32), allow_pickle=False)
+    return report, [INT8_REPORT, INT8_MODEL, INT8_CHECK_LOGITS]

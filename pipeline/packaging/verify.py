@@ -81,5 +81,23 @@ def verify_package(path: str | os.PathLike) -> dict[str, Any]:
         raise FmpipeError(f"{where(pkg.spec.get('model_file', 'model.onnx'))}: does not reproduce the recorded "
                           f"check outputs (max |diff| {diff:.3g}, allowed {atol:g}"
                           f"{', different argmax' if not same_argmax else ''})")
-    return {"package": str(source), "files": len(files), "checks": int(len(x)), "max_abs_diff": diff,
-            "atol": atol, "name": pkg.name}
+    result = {"package": str(source), "files": len(files), "checks": int(len(x)), "max_abs_diff": diff,
+              "atol": atol, "name": pkg.name}
+    int8 = inference.int8_file(pkg)
+    if int8 is not None:
+        # The INT8 model against its own recorded outputs (its integer arithmetic is not torch's).
+        try:
+            c8 = pkg.spec["int8"]["checks"]
+            expected8 = np.load(root / c8["logits"], allow_pickle=False)
+            atol8 = float(c8["atol"])
+        except (KeyError, TypeError):
+            raise FmpipeError(f"{where('preprocess.json')}: int8 without `checks` (logits, atol)") from None
+        except (OSError, ValueError) as exc:
+            raise FmpipeError(f"{where(c8.get('logits', 'int8 checks'))}: unreadable check array ({exc})") from None
+        got8 = inference.Predictor(pkg, threads=1, check_digest=False, precision="int8").logits(x)
+        diff8 = float(np.abs(got8 - expected8).max()) if got8.shape == expected8.shape and got8.size else float("inf")
+        if not diff8 <= atol8 or (got8.shape[1] > 1 and not (got8.argmax(1) == expected8.argmax(1)).all()):
+            raise FmpipeError(f"{where(int8)}: does not reproduce its recorded INT8 check outputs "
+                              f"(max |diff| {diff8:.3g}, allowed {atol8:g})")
+        result["int8"] = {"file": int8, "max_abs_diff": diff8, "atol": atol8}
+    return result
