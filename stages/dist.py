@@ -15,6 +15,7 @@ import json
 from pipeline.artefacts import Lineage
 from pipeline.errors import FmpipeError
 from pipeline.packaging import LINEAGE, ONNX_MODEL, deploy
+from pipeline.packaging.canary import canary
 
 
 def run(ctx) -> None:
@@ -34,6 +35,10 @@ def run(ctx) -> None:
         # Its own model, not version 2: Triton's default policy serves the latest version only,
         # and which precision a client gets must be its choice.
         deploy.write_model_repository(ctx.out / "model_repository", f"{ctx.variant}-int8", package_dir / int8, spec)
-    ctx.summary = (f"{ctx.final_dir / archive}; model repository {ctx.final_dir / 'model_repository' / ctx.variant}"
+    # The release is only published (the runner moves ctx.out into place) if the canary passes.
+    checked = canary(ctx.out / archive, ctx.out / "model_repository", ctx.variant)
+    ctx.details["canary"] = checked
+    ctx.summary = (f"canary: served {' and '.join(checked['checked'])} answered as the package predicts; "
+                   f"{ctx.final_dir / archive}; model repository {ctx.final_dir / 'model_repository' / ctx.variant}"
                    + (f" (+ {ctx.variant}-int8)" if int8 else ""))
     ctx.result = {"archive": str(ctx.final_dir / archive)}

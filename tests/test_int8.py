@@ -173,3 +173,23 @@ def test_int8_failing_the_gate_is_left_out_and_the_package_says_why(project, tmp
     auto = fmpipe("predict", str(pkg), str(project / "rows.csv"), "--json", cwd=root)
     assert len(json.loads(auto.stdout)) == len(read_dataset(root / "data/iris/annotate").split("test"))
 
+
+def test_dist_canary_serves_the_release_and_refuses_a_broken_model_repository(project, tmp_path):
+    r = fmpipe("dist", "--stage", "iris", cwd=project)
+    assert "canary: served fp32 and int8 answered as the package predicts" in r.stderr
+    dist = project / "data/iris/dist"
+    assert (dist / "model_repository/iris-int8/1/model.onnx").is_file()
+    before = sorted(p.name for p in dist.iterdir())
+    # A package whose model no longer matches its lineage: the repository would ship other bytes.
+    root = copy_project_files(tmp_path / "proj")
+    shutil.copytree(project / "data/iris", root / "data/iris")
+    onnx = root / "data/iris/package/model.int8.onnx"
+    raw = bytearray(onnx.read_bytes())
+    raw[-1] ^= 0xFF
+    onnx.write_bytes(bytes(raw))
+    bad = fmpipe("dist", "--stage", "iris", cwd=root, check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "canary: model_repository/iris-int8/1/model.onnx" in bad.stderr
+    assert "no release written" in bad.stderr
+    # The previous release is left as it was.
+    assert sorted(p.name for p in (root / "data/iris/dist").iterdir()) == before

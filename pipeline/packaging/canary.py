@@ -1,0 +1,93 @@
+"""The canary before a release (TFX's InfraValidator idea): serve what is about to ship, ask it.
+
+``dist`` calls ``canary`` on the archive and model repository it has just written, before the
+step's output is published: a real ``fmpipe serve`` process (uvicorn, a free port) on the
+archive, one Open Inference Protocol request per precision the package ships, built from the
+package's recorded check inputs (real test images / rows), and the answer must equal the
+package's own prediction (``inference.Predictor`` in this process). The model repository's
+ONNX files must be the package's bytes. Any difference raises one FmpipeError line, and the
+runner then discards the whole output: no release.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import FmpipeError
+from pipeline.io import sha256_file
+
+START_TIMEOUT_S = 60
+ATOL = 1e-5  # the same session on the same bytes: only float printing separates the two
+
+
+def canary(archive: Path, repo_root: Path, variant: str) -> dict[str, Any]:
+    from pipeline import inference
+
+    pkg = inference.open_package(archive)
+    try:
+        lineage = json.loads((pkg.root / "lineage.json").read_text())["files"]
+        shipped = {"fp32": (variant, str(pkg.spec.get("model_file", "model.onnx")))}
+        if inference.int8_file(pkg):
+            shipped["int8"] = (f"{variant}-int8", inference.int8_file(pkg))
+        for model, name in shipped.values():
+            onnx = repo_root / model / "1" / "model.onnx"
+            if not onnx.is_file() or sha256_file(onnx) != lineage[name]["sha256"]:
+                raise FmpipeError(f"canary: model_repository/{model}/1/model.onnx: missing, or not the bytes "
+                                  f"lineage.json records for the package's {name}; no release written")
+        x = np.load(pkg.root / pkg.spec["checks"]["input"], allow_pickle=False)[:1]
+        answers = {}
+        for precision in shipped:
+            expected = inference.Predictor(pkg, threads=1, precision=precision).predict_proba(x)
+            got = _ask_server(archive, x, pkg.name, precision)
+            if got.shape != expected.shape or not np.allclose(got, expected, atol=ATOL) \
+                    or (got.argmax(1) != expected.argmax(1)).any():
+                raise FmpipeError(f"canary: the served {precision} model answered {np.round(got, 4).tolist()} "
+                                  f"for a test input, the package predicts {np.round(expected, 4).tolist()}; "
+                                  "no release written")
+            answers[precision] = pkg.classes[int(got.argmax())]
+        return {"checked": sorted(shipped), "answers": answers}
+    finally:
+        pkg.close()
+
+
+def _ask_server(archive: Path, x: np.ndarray, name: str, precision: str) -> np.ndarray:
+    cmd = [sys.executable, "-m", "pipeline", "serve", str(archive), "--port", "0", "--precision", precision]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()  # the "listening on" line, or the server's one error line
+        m = re.search(r"http://([\d.]+):(\d+)", line)
+        if not m:
+            proc.wait(timeout=START_TIMEOUT_S)
+            raise FmpipeError(f"canary: `fmpipe serve {archive}` did not start ({line.strip() or 'no output'}); "
+                              "no release written")
+        body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                       "data": x.ravel().tolist()}], "outputs": [{"name": "probabilities"}]})
+        conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=START_TIMEOUT_S)
+        try:
+            conn.request("POST", f"/v2/models/{name}/infer", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+        except OSError as exc:
+            raise FmpipeError(f"canary: no answer from the server ({exc}); no release written") from None
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise FmpipeError(f"canary: the server answered HTTP {resp.status} ({raw[:200]!r}); no release written")
+        out = json.loads(raw)["outputs"][0]
+        return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
