@@ -1,38 +1,32 @@
 """INT8 packages: quantization, the accuracy gate, predict/serve/verify with each precision.
 
-One scratch project runs the real digits (image) and iris (table) steps up to ``package``
-once per module (real Lightning training, ONNX export, ONNX Runtime static quantization);
+The session's real digits run (image) and iris (table) packaged in a copy of it (real
+Lightning training, ONNX export, ONNX Runtime static quantization);
 the tests then use those packages through the ``fmpipe`` command, as a service team would.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import copy_project_files
+from helpers import FMPIPE, annotated, copy_project_files, subprocess_env
 from PIL import Image
 
 from pipeline.manifest import read_dataset
 
-REPO = Path(__file__).resolve().parents[1]
-FMPIPE = [sys.executable, "-m", "pipeline"]
-STEPS = ("collect", "clean", "validate", "annotate", "train", "evaluate", "package")
+STEPS = ("train", "evaluate", "package")
 
 
 def _env() -> dict:
-    import os
-
-    env = dict(os.environ, GX_ANALYTICS_ENABLED="False")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
+    return subprocess_env()
 
 
 def fmpipe(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -43,12 +37,18 @@ def fmpipe(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPro
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """digits and iris packaged with INT8 (the repo's params), plus test inputs as files."""
-    root = copy_project_files(tmp_path_factory.mktemp("int8"))
-    for variant in ("digits", "iris"):
-        for step in STEPS:
-            fmpipe(step, "--stage", variant, cwd=root)
+def project(digits_run, tmp_path_factory) -> Path:
+    """The session's digits run (packaged with INT8 by the repo's params) plus iris packaged,
+    and test inputs as files."""
+    root = digits_run.copy(tmp_path_factory.mktemp("int8") / "project")
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        annotated("iris")  # the session's cached iris data steps
+    finally:
+        os.chdir(here)
+    for step in STEPS:
+        fmpipe(step, "--stage", "iris", cwd=root)
     test = read_dataset(root / "data/digits/annotate").split("test")
     (root / "images").mkdir()
     for i, img in enumerate(test.images[:20]):
