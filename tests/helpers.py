@@ -263,3 +263,27 @@ def photos(n: int, size: int = 32, seed: int = 0):
         img = img + rng.normal(0, 6, (size, size, 1))
         out[k] = np.clip(img, 0, 255).astype(np.uint8)
     return out
+
+
+# The ISA extensions oneDNN and MKL choose float kernels by: two CPUs that differ in one of
+# them (this project's machines come with and without AVX512-BF16/AMX) train the same code to
+# different last bits. "Same weights on CPU" holds per signature.
+_KERNEL_ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+               "amx_bf16", "amx_int8", "avx_vnni")
+
+
+def cpu_signature() -> dict:
+    """What decides a CPU run's last bits: torch's version and the kernel ISA of this CPU."""
+    import torch
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"torch": torch.__version__.split("+")[0],
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "isa": sorted(f for f in _KERNEL_ISA if f in flags)}

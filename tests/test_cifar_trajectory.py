@@ -9,7 +9,8 @@ a small synthetic set made here, and compares the result with ``cifar_trajectory
 - the per-epoch train and val losses, to a relative 1e-4 on any machine (a change to the
   recipe or the loop moves them by far more; last-bit differences between CPUs do not);
 - the sha256 of the trained weights, exactly, when the machine matches the one the digest
-  was recorded on (torch version and CPU capability: oneDNN picks kernels by ISA).
+  was recorded on (``helpers.cpu_signature``: torch version and the kernel ISA; oneDNN
+  picks kernels by ISA).
 
 Only the size of the run is shrunk (32 training images of 32x32, batch 32, 4 epochs: one
 step each, past the 3 epochs the stem's bias trains; float32; the
@@ -31,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import cpu_signature
 from pipeline.config import load_variant
 from pipeline.manifest import Dataset, build_manifest, image_rows
 
@@ -79,8 +81,7 @@ def trajectory(tmp_path: Path) -> dict:
     return {
         "weights_sha256": hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest(),
         "losses": losses,
-        "machine": {"torch": torch.__version__.split("+")[0],
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "machine": cpu_signature(),
     }
 
 
