@@ -35,13 +35,32 @@ def is_environment_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS
 
 
-def cannot_write(target: str | os.PathLike, exc: OSError) -> FmpipeError:
+class OutputNotWritable(FmpipeError):
+    """A write the disk or the permissions refused; keeps the OSError so that an enclosing
+    ``atomic_dir`` can name its own output instead of a file inside its temp directory."""
+
+    def __init__(self, message: str, cause: OSError):
+        super().__init__(message)
+        self.cause = cause
+
+
+def cannot_write(target: str | os.PathLike, exc: OSError, where: str | None = None) -> FmpipeError:
     """The one-line error for a write that the disk or the permissions refused."""
     what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
             errno.EROFS: "read-only file system"}.get(exc.errno, "permission denied")
-    where = f" ({exc.filename})" if exc.filename else ""
-    return FmpipeError(f"{target}: cannot write the output: {what}{where}; "
-                       "previous outputs left as they were, no temporary files left behind")
+    if where is None:
+        where = exc.filename
+    where = f" ({where})" if where else ""
+    return OutputNotWritable(f"{target}: cannot write the output: {what}{where}; "
+                             "previous outputs left as they were, no temporary files left behind", exc)
+
+
+def _inside(path, root: Path) -> str | None:
+    """``path`` relative to ``root`` when it lies inside it, else None."""
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except (TypeError, ValueError, OSError):
+        return None
 
 
 def umask() -> int:
@@ -100,7 +119,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 parent.rmdir()
         if is_environment_error(exc):
-            raise cannot_write(target, exc) from None
+            raise cannot_write(target, exc, _inside(exc.filename, tmp) if exc.filename else None) from None
+        if isinstance(exc, OutputNotWritable):
+            # A write inside the temp directory (atomic_write_bytes): name this output and the
+            # file relative to it, never the temp directory, which no longer exists.
+            where = _inside(exc.cause.filename, tmp) if exc.cause.filename else None
+            raise cannot_write(target, exc.cause, where or "") from None
         raise
     old = None
     try:
