@@ -75,13 +75,18 @@ def check_evaluation(variant: str) -> dict:
 
 def check_package(variant: str, net: torch.nn.Module, metrics: dict) -> dict:
     out = Path(f"data/{variant}/package")
-    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == PACKAGE_FILES
+    expected = set(PACKAGE_FILES)
+    if load_variant(variant).package.int8 is not None:  # the INT8 report, and the model if it shipped
+        expected.add("int8.json")
+        if json.loads((out / "int8.json").read_text())["shipped"]:
+            expected |= {"model.int8.onnx", "checks/logits.int8.npy"}
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == expected
     lineage = json.loads((out / "lineage.json").read_text())
     assert Lineage.read(out / "lineage.json").metrics == Metrics.read(f"data/{variant}/evaluate/metrics.json")
     assert Blessing.read(f"data/{variant}/evaluate/blessing.json").blessed
     for name, digest in lineage["files"].items():
         assert digest == {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}
-    assert set(lineage["files"]) == PACKAGE_FILES - {"lineage.json"}
+    assert set(lineage["files"]) == expected - {"lineage.json"}
     assert sha256_file(out / "model.safetensors") == sha256_file(f"data/{variant}/train/model.safetensors")
     assert lineage["metrics"] == metrics
     assert lineage["params"]["evaluate"] == load_variant(variant).evaluate.model_dump()
