@@ -146,10 +146,13 @@ def run_data_steps(variant: str, *steps: str) -> None:
     """
     from pipeline.runner import run_step
 
+    source = (yaml.safe_load(Path("params.yaml").read_text())["variants"][variant].get("source") or {})
     key = _step_inputs_key(variant, steps)
     cached = _STEP_CACHE.get(key)
     if cached is None:
-        if STEP_CACHE_DIR is None:  # outside pytest's session: just run them here
+        # Outside pytest's session, or a source with local data (a path the cache key does not
+        # hash, and that may be relative to this directory): just run them here.
+        if STEP_CACHE_DIR is None or source.get("path"):
             for name in steps:
                 run_step(name, variant)
             return
