@@ -50,6 +50,10 @@ def _predict_json(root: Path, *args: str) -> tuple[list[dict], list[str]]:
             "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(json.dumps(sorted(m for m in ('torch', 'lightning', 'pytorch_lightning', 'torchmetrics') "
             "if m in sys.modules)), file=sys.stderr)\n")
+    # fp32 unless asked: `--precision auto` picks INT8 by a timing where it runs, and this module
+    # compares predict's numbers with a server's (pinned to fp32 too) to 1e-6.
+    if "--precision" not in args:
+        args = (*args, "--precision", "fp32")
     r = subprocess.run([sys.executable, "-c", code, "predict", *args, "--json"], cwd=root, env=subprocess_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -273,7 +277,8 @@ def test_verify_catches_a_model_that_no_longer_reproduces_its_checks(digits, tmp
 
 @pytest.fixture(scope="module")
 def server(digits):
-    proc = subprocess.Popen([*FMPIPE, "serve", "data/digits/package", "--port", "0", "--max-body-mb", "1"],
+    proc = subprocess.Popen([*FMPIPE, "serve", "data/digits/package", "--port", "0", "--max-body-mb", "1",
+                             "--precision", "fp32"],
                             cwd=digits, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     m = re.search(r"http://([\d.]+):(\d+)", line)
