@@ -40,7 +40,7 @@ def predict(
     try:
         pkg = inference.open_package(package)
         names, x = inference.load_inputs(inputs, pkg.spec)
-        chosen, _ = inference.choose_precision(pkg, precision, threads or None)
+        chosen, _ = inference.choose_precision(pkg, precision)
         probs = inference.Predictor(pkg, threads=threads or None, precision=chosen).predict_proba(x)
     except FmpipeError as exc:
         _fail("fmpipe predict", exc)
@@ -103,7 +103,7 @@ def serve(
                     timeout=timeout, keep_alive=keep_alive)
     try:
         pkg = inference.open_package(package)
-        chosen, why = inference.choose_precision(pkg, precision, threads)
+        chosen, why = inference.choose_precision(pkg, precision)
         server = make_server(pkg, host, port, threads=threads, limits=limits, verbose=verbose, precision=chosen)
     except FmpipeError as exc:
         _fail("fmpipe serve", exc)

@@ -369,12 +369,13 @@ def int8_file(package: Package) -> Optional[str]:
     return str(int8["model_file"]) if isinstance(int8, dict) and int8.get("model_file") else None
 
 
-def choose_precision(package: Package, requested: str = "auto", threads: Optional[int] = None) -> tuple[str, str]:
+def choose_precision(package: Package, requested: str = "auto") -> tuple[str, str]:
     """(``fp32`` or ``int8``, why) for ``--precision``.
 
     ``auto``: INT8 when the package ships it (it passed the accuracy gate) and it runs at least
-    the package's ``min_speedup`` faster than float32 here, timed on the package's check inputs
-    now; speed belongs to the machine a model runs on, so it is measured where it is served.
+    the package's ``min_speedup`` faster than float32 on this machine (``_speedup_here``: timed
+    once per package and machine, then remembered); speed belongs to the machine a model runs
+    on, so it is measured where it is served, and never enters the package.
     """
     if requested not in PRECISIONS:
         raise FmpipeError(f"--precision {requested!r}: expected one of {', '.join(PRECISIONS)}")
@@ -388,19 +389,52 @@ def choose_precision(package: Package, requested: str = "auto", threads: Optiona
         return "fp32", "the package ships no INT8 model"
     if requested == "int8":
         return "int8", "asked for"
-    checks = package.spec.get("checks") or {}
-    try:
-        x = np.load(package.root / checks["input"], allow_pickle=False)
-    except (KeyError, TypeError, OSError, ValueError):
+    speedup = _speedup_here(package)
+    if speedup is None:
         return "fp32", "no check inputs to time INT8 on"
-    x = np.resize(x, (64, *x.shape[1:]))
-    t = {p: float(np.median(time_runs(Predictor(package, threads=threads, precision=p).session,
-                                      package.spec["input"]["name"], x, 5))) for p in ("fp32", "int8")}
-    speedup = t["fp32"] / t["int8"]
     wanted = float(package.spec["int8"].get("min_speedup", 1.0))
     if speedup >= wanted:
         return "int8", f"INT8 {speedup:.2f}x float32 here (>= {wanted:g})"
     return "fp32", f"INT8 only {speedup:.2f}x float32 here (< {wanted:g})"
+
+
+def _speedup_here(package: Package) -> Optional[float]:
+    """INT8's batch speedup over float32 on this machine, for ``auto``.
+
+    Timed once per package and machine (the two model files' digests recorded in lineage.json,
+    the CPU model, the core count), at one thread, then remembered in the user's cache
+    (``$XDG_CACHE_HOME/fmpipe/precision.json``): every process that predicts or serves with
+    this package here makes the same choice, whatever the load at its start, and a one-image
+    predict does not pay for the timing again. Never written into the package (run-varying).
+    """
+    from pipeline.io import atomic_write_bytes
+    from pipeline.resources import _cpu_model
+
+    files = (_read_json(package.root / LINEAGE, f"{package.source}/{LINEAGE}") or {}).get("files") or {}
+    digests = [str((files.get(n) or {}).get("sha256")) for n in (package.spec.get("model_file", "model.onnx"),
+                                                                 int8_file(package))]
+    key = f"{digests[0]}:{digests[1]}:{_cpu_model()}:{os.cpu_count()}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fmpipe" / "precision.json"
+    try:
+        known = json.loads(cache.read_text())
+        if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
+            return float(known[key])
+    except (OSError, ValueError):
+        known = {}
+    checks = package.spec.get("checks") or {}
+    try:
+        x = np.load(package.root / checks["input"], allow_pickle=False)
+    except (KeyError, TypeError, OSError, ValueError):
+        return None
+    x = np.resize(x, (64, *x.shape[1:]))
+    t = {p: float(np.median(time_runs(Predictor(package, threads=1, precision=p).session,
+                                      package.spec["input"]["name"], x, 5))) for p in ("fp32", "int8")}
+    speedup = t["fp32"] / t["int8"]
+    try:  # a read-only home only costs the next process a timing
+        atomic_write_bytes(cache, json.dumps({**(known if isinstance(known, dict) else {}), key: speedup}).encode())
+    except (OSError, FmpipeError):
+        pass
+    return speedup
 
 
 def time_runs(sess, input_name: str, x: np.ndarray, repeats: int) -> list[float]:
