@@ -32,6 +32,18 @@ def _one_format(as_json: bool, as_md: bool, what: str) -> None:
         raise typer.Exit(2)
 
 
+def _emit(result, as_json: bool, text, markdown=None, as_md: bool = False) -> None:
+    """Print a command's result as JSON, Markdown (``markdown(result)``) or ``text(result)``."""
+    if as_json:
+        from pipeline.io import to_json
+
+        typer.echo(to_json(result), nl=False)
+    elif as_md and markdown is not None:
+        typer.echo(markdown(result), nl=False)
+    else:
+        typer.echo(text(result))
+
+
 @audit_app.callback()
 def history(
     ctx: typer.Context,
@@ -57,14 +69,7 @@ def history(
         result = build(stage, ".", rev)
     except FmpipeError as exc:
         _fail(f"fmpipe audit --stage {stage}", exc)
-    if as_json:
-        from pipeline.io import to_json
-
-        typer.echo(to_json(result), nl=False)
-    elif as_md:
-        typer.echo(history_markdown(result), nl=False)
-    else:
-        typer.echo(history_text(result, wide))
+    _emit(result, as_json, lambda r: history_text(r, wide), history_markdown, as_md)
 
 
 def diff_command(
@@ -88,14 +93,7 @@ def diff_command(
         result = diff_versions(stage, step, rev_a, rev_b)
     except FmpipeError as exc:
         _fail("fmpipe audit diff", exc)
-    if as_json:
-        from pipeline.io import to_json
-
-        typer.echo(to_json(result), nl=False)
-    elif as_md:
-        typer.echo(diff_markdown(result), nl=False)
-    else:
-        typer.echo("\n".join(summary_lines(result)))
+    _emit(result, as_json, lambda r: "\n".join(summary_lines(r)), diff_markdown, as_md)
 
 
 audit_app.command("diff")(diff_command)
@@ -118,9 +116,4 @@ def model(
         result = audit_model(package, None if no_repo else ".", against)
     except FmpipeError as exc:
         _fail("fmpipe audit model", exc)
-    if as_json:
-        from pipeline.io import to_json
-
-        typer.echo(to_json(result), nl=False)
-    else:
-        typer.echo("\n".join(model_lines(result)))
+    _emit(result, as_json, lambda r: "\n".join(model_lines(r)))

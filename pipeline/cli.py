@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import typer
@@ -100,7 +101,17 @@ def _reported(what: str) -> Iterator[None]:
         raise typer.Exit(130)
 
 
-def _run_step(step: str, variant: str, params: str, **flags: bool) -> None:
+def _dvc_hint(variant: str, steps: list[str]) -> None:
+    """After steps run by hand in a DVC project (not by `dvc repro`): data/.gitignore keeps their
+    outputs out of git, but dvc.lock still describes the previous ones until DVC records these."""
+    if "DVC_STAGE" in os.environ or not Path("dvc.yaml").is_file():
+        return
+    targets = " ".join(f"{s}@{variant}" for s in steps)
+    typer.echo(f"fmpipe: run outside `dvc repro`, so dvc.lock does not record these outputs; "
+               f"`dvc commit -f {targets}` records them (`dvc repro` re-runs what changed)", err=True)
+
+
+def _run_step(step: str, variant: str, params: str, hint: bool = True, **flags: bool) -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     from pipeline.runner import run_step
 
@@ -114,6 +125,8 @@ def _run_step(step: str, variant: str, params: str, **flags: bool) -> None:
             return
         flags.pop("force", None)
         run_step(step, variant, params, **flags)
+    if hint:
+        _dvc_hint(variant, [step])
 
 
 def _step_command(step) -> Callable:
@@ -201,7 +214,8 @@ def run(
         steps = steps[steps.index(from_step):]
     for step in steps:
         typer.echo(f"==> fmpipe {step} --stage {stage}", err=True)
-        _run_step(step, stage, params)
+        _run_step(step, stage, params, hint=False)
+    _dvc_hint(stage, steps)
 
 
 @app.command()
@@ -264,21 +278,14 @@ def compare(
 ) -> None:
     """What changed from A to B: params, metrics and per-class scores, data rows (added, removed,
     relabelled per split), the model and its lineage."""
-    if as_json and as_md:
-        typer.echo("fmpipe compare: error: --json and --md are alternatives; give one", err=True)
-        raise typer.Exit(2)
+    from pipeline.audit_cli import _emit, _one_format
+
+    _one_format(as_json, as_md, "fmpipe compare")
     from pipeline.compare import compare as build, markdown, text_lines
 
     with _reported("fmpipe compare"):
         result = build(a, b, ".", stage)
-    if as_json:
-        from pipeline.io import to_json
-
-        typer.echo(to_json(result), nl=False)
-    elif as_md:
-        typer.echo(markdown(result), nl=False)
-    else:
-        typer.echo("\n".join(text_lines(result)))
+    _emit(result, as_json, lambda r: "\n".join(text_lines(r)), markdown, as_md)
 
 
 @app.command()

@@ -135,12 +135,6 @@ def _run_locked(step: registry.Step, variant: str, params_path: str, spec: Any, 
     else:
         cost = ""
     print(f"fmpipe {name} --stage {variant}: {ctx.summary or 'done'}{cost}", file=sys.stderr)
-    if "DVC_STAGE" not in os.environ and Path("dvc.yaml").is_file():
-        # Run by hand in a DVC project: data/.gitignore keeps the outputs out of git, but
-        # dvc.lock still describes the previous ones until DVC records these.
-        print(f"fmpipe {name} --stage {variant}: run outside `dvc repro`, so dvc.lock does not record "
-              f"these outputs; `dvc commit -f {name}@{variant}` records them (`dvc repro` re-runs what changed)",
-              file=sys.stderr)
     if ctx.failure:
         raise FmpipeError(ctx.failure)
     return ctx.result
