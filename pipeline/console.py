@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import io
 import os
 import sys
 import warnings
@@ -154,7 +155,7 @@ def print_table(title: str, columns: list[dict], rows: list[list[str]], wide: bo
 
     width = terminal_width()
     table, hidden = fit_table(title, columns, rows, width, wide)
-    console = Console(width=100_000 if wide else width, record=True, file=open(os.devnull, "w"))
+    console = Console(width=100_000 if wide else width, record=True, file=io.StringIO())
     console.print(table)
     text = "\n".join(line.rstrip() for line in console.export_text().rstrip().splitlines())
     if hidden:

@@ -118,13 +118,11 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         for parent in created:  # deepest first; only if still empty
             with contextlib.suppress(OSError):
                 parent.rmdir()
-        if is_environment_error(exc):
-            raise cannot_write(target, exc, _inside(exc.filename, tmp) if exc.filename else None) from None
-        if isinstance(exc, OutputNotWritable):
-            # A write inside the temp directory (atomic_write_bytes): name this output and the
-            # file relative to it, never the temp directory, which no longer exists.
-            where = _inside(exc.cause.filename, tmp) if exc.cause.filename else None
-            raise cannot_write(target, exc.cause, where or "") from None
+        # A refusal from inside the temp directory (atomic_write_bytes) is renamed too: name
+        # this output and the file relative to it, never the temp directory, which is gone.
+        cause = exc.cause if isinstance(exc, OutputNotWritable) else exc
+        if is_environment_error(cause):
+            raise cannot_write(target, cause, _inside(cause.filename, tmp) if cause.filename else None) from None
         raise
     old = None
     try:

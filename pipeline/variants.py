@@ -95,15 +95,16 @@ def params_with(text: str, name: str, section: dict[str, Any], enable: bool) -> 
 
 
 def _kind(path: Path) -> str:
+    from pipeline.reading import path_kind, require_file
     from pipeline.sources import fetch
 
-    if not path.exists():
-        raise FmpipeError(f"{path}: not found (expected an image folder, an archive of one, or a CSV file)")
-    if path.is_dir():
+    expected = "an image folder, an archive of one, or a CSV file"
+    if path_kind(path) == "a directory":
         return "imagefolder"
+    require_file(path, expected)  # not found, a FIFO or a device: one line, never opened
     if path.suffix.lower() in TABLE_SUFFIXES:
         return "csv"
-    if path.is_file() and fetch.archive_kind(path) in ("tar", "zip"):
+    if fetch.archive_kind(path) in ("tar", "zip"):
         return "imagefolder"
     raise FmpipeError(f"{path}: not an image folder, a .tar/.tar.gz/.zip archive or a .csv file")
 

@@ -21,8 +21,6 @@ import os
 import stat
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
@@ -90,6 +88,8 @@ def download(url: str, dest: str | os.PathLike, expected: Optional[Checksum],
     The temp file lives in ``dest``'s directory so the final ``os.replace`` is atomic; it is
     removed on any failure (network error, checksum mismatch, Ctrl-C).
     """
+    import urllib.request  # here, not at the top: every params load imports this module
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     algorithm = expected[0] if expected else "sha256"
@@ -132,7 +132,7 @@ def fetch(urls: Sequence[str], dest: str | os.PathLike, expected: Optional[Check
             return download(url, dest, expected)
         except FmpipeError as exc:
             errors.append(str(exc))
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # urllib's URLError is an OSError
             reason = getattr(exc, "reason", None) or exc
             errors.append(f"{url}: {reason}")
     raise FmpipeError(f"could not download {dest.name}: " + "; ".join(errors) + f". {hint}")
