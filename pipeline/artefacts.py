@@ -333,3 +333,53 @@ class Lineage(Artefact):
     blessing: Blessing
     onnx: Optional[dict[str, Any]] = None  # the ONNX export's check against torch
     files: dict[str, FileDigest] = Field(default_factory=dict)  # every other packaged file
+
+
+class DriftTest(Record):
+    name: str  # embedding_mmd, image_mean_ks, feature:<name>, prediction_chi2, confidence_ks
+    method: str
+    statistic: float
+    p_value: float = Field(ge=0, le=1)
+    drifted: bool  # p_value < MonitorReport.threshold
+    detail: str
+
+
+class PredictionShift(Record):
+    classes: list[str]
+    reference: list[float]  # fraction of predictions per class
+    current: list[float]
+
+
+class ConfidenceShift(Record):
+    reference_mean: float
+    current_mean: float
+
+
+class AtypicalInput(Record):
+    id: str  # the request-log record id (<segment>/<line>)
+    name: str
+    score: float  # k-NN embedding distance over the reference's typical one (about 1: typical)
+    prediction: str
+    confidence: float
+
+
+class MonitorReport(Artefact):
+    """``fmpipe monitor``'s result (``pipeline.monitoring``): a request log against the variant's
+    held-out data. Not a pipeline output (a log is not a DVC dependency): written beside the
+    run's page, git-ignored."""
+
+    variant: str
+    package: str  # <variant>-<digest> that scored the reference (and re-scored other packages' records)
+    log: str
+    reference_splits: list[str]
+    reference_rows: int = Field(ge=0)
+    current_rows: int = Field(ge=0)
+    rescored: int = Field(ge=0)  # records made by another package, scored again by this one
+    drift: bool
+    reason: str  # the one line the CLI prints
+    alpha: float
+    threshold: float  # alpha / number of tests (Bonferroni)
+    tests: list[DriftTest]
+    predictions: PredictionShift
+    confidence: ConfidenceShift
+    atypical: list[AtypicalInput]

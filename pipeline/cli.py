@@ -197,6 +197,9 @@ for _step in STEPS:
 from pipeline.deploy_cli import register as _register_deploy  # noqa: E402
 
 _register_deploy(app)
+from pipeline.monitor_cli import register as _register_monitor  # noqa: E402
+
+_register_monitor(app)
 
 
 @app.command()

@@ -7,13 +7,18 @@ commands and these stay independent. Imports happen inside the commands and go t
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import typer
 
 PrecisionOpt = typer.Option(
     "auto", "--precision", help="fp32, int8 (when the package ships one) or auto: INT8 when the package ships it "
                                 "and it runs at least the package's min_speedup faster here, else fp32.")
+LogOpt = typer.Option(None, "--log", help="Append every scored input to this request-log folder (input bytes by "
+                                         "SHA-256, prediction, confidence, embedding; README: Monitoring). "
+                                         "Nothing is logged without it.")
+LogMaxOpt = typer.Option(1024.0, "--log-max-mb", min=0.001,
+                         help="The request log's size limit: the oldest segments are deleted beyond it.")
 PackageArg = typer.Argument(..., help="A package directory (data/<variant>/package) or its .tar.gz archive.")
 
 
@@ -29,6 +34,8 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (a list, one entry per input)."),
     threads: int = typer.Option(0, "--threads", min=0, help="onnxruntime intra-op threads (0: its default)."),
     precision: str = PrecisionOpt,
+    log_dir: Optional[str] = LogOpt,
+    log_max_mb: float = LogMaxOpt,
 ) -> None:
     """Predict with a packaged model: images of any size (resized by the package's rule) or CSV rows."""
     import json
@@ -41,7 +48,16 @@ def predict(
         pkg = inference.open_package(package)
         names, x = inference.load_inputs(inputs, pkg.spec)
         chosen, _ = inference.choose_precision(pkg, precision)
-        probs = inference.Predictor(pkg, threads=threads or None, precision=chosen).predict_proba(x)
+        predictor = inference.Predictor(pkg, threads=threads or None, precision=chosen)
+        if log_dir is None:
+            probs = predictor.predict_proba(x)
+        else:
+            from pipeline.monitoring import log
+
+            request_log = log.RequestLog(log_dir, pkg, chosen, max_bytes=int(log_max_mb * (1 << 20)))
+            probs, logits = predictor.scores(x)
+            request_log.write(log.cli_inputs(names, x, pkg.spec), probs, logits, "cli")
+            request_log.close()
     except FmpipeError as exc:
         _fail("fmpipe predict", exc)
     records = prediction_records(names, probs, pkg.classes, top_k)
@@ -91,6 +107,8 @@ def serve(
                                           help="Request bodies held at once, all connections together; beyond it: 503."),
     verbose: bool = typer.Option(False, "--verbose", help="Log every request."),
     precision: str = PrecisionOpt,
+    log_dir: Optional[str] = LogOpt,
+    log_max_mb: float = LogMaxOpt,
 ) -> None:
     """Serve a package over the Open Inference Protocol (KServe V2 REST) plus POST /predict for image files."""
     from pipeline import inference
@@ -104,7 +122,13 @@ def serve(
     try:
         pkg = inference.open_package(package)
         chosen, why = inference.choose_precision(pkg, precision)
-        server = make_server(pkg, host, port, threads=threads, limits=limits, verbose=verbose, precision=chosen)
+        request_log = None
+        if log_dir is not None:
+            from pipeline.monitoring.log import RequestLog
+
+            request_log = RequestLog(log_dir, pkg, chosen, max_bytes=int(log_max_mb * (1 << 20)))
+        server = make_server(pkg, host, port, threads=threads, limits=limits, verbose=verbose, precision=chosen,
+                             request_log=request_log)
     except FmpipeError as exc:
         _fail("fmpipe serve", exc)
     except OSError as exc:
@@ -117,13 +141,16 @@ def serve(
     signal.signal(signal.SIGTERM, _stop)
     h, p = server.server_address[:2]
     typer.echo(f"fmpipe serve: model {pkg.name!r} on http://{h}:{p} (KServe V2: /v2/models/{pkg.name}/infer; "
-               f"images: POST /predict); precision {chosen} ({why}); Ctrl+C stops", err=True)
+               f"images: POST /predict); precision {chosen} ({why})"
+               + (f"; logging requests to {log_dir}" if log_dir is not None else "") + "; Ctrl+C stops", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         typer.echo("fmpipe serve: stopped", err=True)
     finally:
         server.server_close()
+        if request_log is not None:
+            request_log.close()
 
 
 def register(app: typer.Typer) -> None:

@@ -525,6 +525,11 @@ class Predictor:
         """Class probabilities (N x K) as evaluate scored them: temperature and TTA views applied."""
         return probabilities(self.view_logits(x), self.temperature, self.tta)
 
+    def scores(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, the plain view's logits): what the request log records."""
+        plain = self.logits(x)
+        return probabilities(self.view_logits(x, plain=plain), self.temperature, self.tta), plain
+
     def view_logits(self, x: np.ndarray, plain: Optional[np.ndarray] = None):
         """The logits of every TTA view (one array without TTA); ``plain``: x's own, if known."""
         if self.tta is None:

@@ -37,6 +37,9 @@ Endpoints (``<name>`` is the package's variant name; ``/versions/1`` may follow 
 - ``POST /predict?top_k=3``: image file(s) as the raw body or multipart/form-data (a CSV body
   for table models), preprocessed by the package's rule; answers like ``fmpipe predict --json``.
 
+With ``--log DIR`` every input either endpoint scores is appended to a request log
+(``pipeline.monitoring.log``) before the answer is sent; nothing is logged without it.
+
 Every bad request gets a 4xx with ``{"error": "..."}``; the server keeps serving.
 """
 
@@ -111,8 +114,9 @@ class ModelService:
     """The loaded package and the V2 request/response logic, independent of HTTP plumbing."""
 
     def __init__(self, package: inference.Package, threads: int = 1, max_batch: int = 1024,
-                 max_pixels: Optional[int] = None, precision: str = "fp32") -> None:
+                 max_pixels: Optional[int] = None, precision: str = "fp32", request_log=None) -> None:
         self.package = package
+        self.request_log = request_log  # pipeline.monitoring.log.RequestLog, or None: nothing logged
         self.predictor = inference.Predictor(package, threads=threads, precision=precision)
         self.name = package.name
         self.max_batch = max_batch
@@ -178,10 +182,12 @@ class ModelService:
 
         results: dict[str, np.ndarray] = {}
         logits = self.predictor.logits(x)
-        if any(s["name"] == "probabilities" for s in wanted):
+        if any(s["name"] == "probabilities" for s in wanted) or self.request_log is not None:
             results["probabilities"] = inference.probabilities(
                 self.predictor.view_logits(x, plain=logits), self.predictor.temperature, self.predictor.tta)
         results["logits"] = logits
+        if self.request_log is not None:
+            self._log_tensor(x, results["probabilities"], logits, request.get("id"))
 
         outputs, chunks = [], []
         for spec in wanted:
@@ -202,6 +208,17 @@ class ModelService:
             return head_bytes + b"".join(chunks), {"Content-Type": "application/octet-stream",
                                                    HEADER_LENGTH: str(len(head_bytes))}
         return head_bytes, {"Content-Type": "application/json"}
+
+    def _log_tensor(self, x: np.ndarray, probs: np.ndarray, logits: np.ndarray, request_id: Any) -> None:
+        from pipeline.monitoring import log
+
+        base = f"infer:{request_id}" if isinstance(request_id, (str, int)) else "infer"
+        if self.package.kind == "image":
+            items = [log.tensor_input(f"{base}[{i}]", row) for i, row in enumerate(x)]
+        else:
+            feats = list(self.package.spec["input"]["features"])
+            items = [log.table_input(f"{base}[{i}]", feats, row) for i, row in enumerate(x)]
+        self.request_log.write(items, probs, logits, "infer")
 
     def _tensor(self, tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[np.ndarray, int]:
         name, dtype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
@@ -239,6 +256,7 @@ class ModelService:
         spec = self.package.spec
         names: list[str] = []
         rows = []
+        logged = []  # what the request log stores, row-aligned with names
         budget = self.max_pixels
         try:
             for fname, data in files:
@@ -248,10 +266,12 @@ class ModelService:
                         budget -= decoded.declared_pixels
                     rows.append(decoded.pixels.transpose(2, 0, 1).astype(np.float32)[None])
                     names.append(fname)
+                    logged.append((fname, data, None))
                 else:
                     n, x = _csv_rows(data, spec, fname)
                     names += n
                     rows.append(x)
+                    logged += [(name, None, row) for name, row in zip(n, x)]
         except inference.ImageTooLarge as exc:
             raise HTTPError(413, f"{exc} of decoded pixels per request (--max-image-mpix)") from None
         except FmpipeError as exc:
@@ -259,7 +279,11 @@ class ModelService:
         x = np.concatenate(rows)
         if len(x) > self.max_batch:
             raise HTTPError(413, f"{len(x)} inputs exceed the limit of {self.max_batch}")
-        probs = self.predictor.predict_proba(x)
+        if self.request_log is None:
+            probs = self.predictor.predict_proba(x)
+        else:
+            probs, logits = self.predictor.scores(x)
+            self.request_log.write(_logged_inputs(logged, spec), probs, logits, "predict")
         return {"model_name": self.name, "predictions": prediction_records(names, probs, self.package.classes, top_k)}
 
 
@@ -270,6 +294,15 @@ def prediction_records(names: list[str], probs: np.ndarray, classes: list[str], 
         out.append({"input": name, "label": tops[0]["label"], "index": tops[0]["index"],
                     "probability": tops[0]["probability"], "top_k": tops})
     return out
+
+
+def _logged_inputs(logged: list, spec: dict[str, Any]) -> list:
+    """(name, image bytes or None, table row or None) -> what the request log stores."""
+    from pipeline.monitoring import log
+
+    features = list(spec["input"].get("features") or [])
+    return [log.image_input(name, data) if data is not None else log.table_input(name, features, row)
+            for name, data, row in logged]
 
 
 def _csv_rows(data: bytes, spec: dict[str, Any], fname: str):
@@ -526,11 +559,13 @@ class Server:
 
 
 def make_server(package: inference.Package, host: str = "127.0.0.1", port: int = 8000, threads: int = 1,
-                limits: Limits = Limits(), verbose: bool = False, precision: str = "fp32") -> Server:
+                limits: Limits = Limits(), verbose: bool = False, precision: str = "fp32",
+                request_log=None) -> Server:
     """Load the package and bind the address (``port`` 0: any free port); ``serve_forever`` serves.
-    ``precision``: fp32 or int8 (``inference.choose_precision`` resolves ``auto``)."""
+    ``precision``: fp32 or int8 (``inference.choose_precision`` resolves ``auto``); ``request_log``:
+    a ``pipeline.monitoring.log.RequestLog`` that every scored input is appended to."""
     service = ModelService(package, threads=threads, max_batch=limits.max_batch, max_pixels=limits.max_pixels,
-                           precision=precision)
+                           precision=precision, request_log=request_log)
     app = build_app(service, limits)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=1024)

@@ -125,18 +125,23 @@ class Thumbnails:
         return None
 
     def _png(self, pixels: np.ndarray) -> bytes:
-        from PIL import Image
+        return thumbnail_png(pixels, self.size)
 
-        if pixels.ndim == 3 and pixels.shape[-1] == 1:
-            pixels = pixels[..., 0]
-        img = Image.fromarray(pixels.astype(np.uint8))
-        scale = max(1, self.size // max(img.size))
-        if scale > 1:
-            # Nearest neighbour: an 8x8 digit stays crisp instead of a blur.
-            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return buf.getvalue()
+
+def thumbnail_png(pixels: np.ndarray, size: int = 64) -> bytes:
+    """An H x W (x C) uint8 image as a PNG about ``size`` pixels wide (small ones enlarged)."""
+    from PIL import Image
+
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    img = Image.fromarray(pixels.astype(np.uint8))
+    scale = max(1, size // max(img.size))
+    if scale > 1:
+        # Nearest neighbour: an 8x8 digit stays crisp instead of a blur.
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def id_columns(columns: Iterable[str]) -> list[str]:

@@ -1,0 +1,11 @@
+"""What a deployed package meets, brought back to the data (issue #28).
+
+- ``log``: the request log ``fmpipe serve --log`` / ``fmpipe predict --log`` write: each scored
+  input content-addressed on disk, one JSON line per input with its prediction, confidence and
+  embedding; size-bounded segments, readable while written.
+- ``drift``: ``fmpipe monitor``: logged inputs against the variant's held-out data, two-sample
+  tests with one decision and one reason line; a typed report (``artefacts.MonitorReport``).
+- ``page``: the report-page section of a monitor run (most atypical inputs as thumbnails).
+
+Like ``pipeline.inference``, ``log`` imports only numpy: ``serve`` and ``predict`` load it.
+"""

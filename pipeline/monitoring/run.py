@@ -1,0 +1,55 @@
+"""One ``fmpipe monitor`` run: read the log, build both samples, test, write the report and its page."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pipeline.errors import FmpipeError
+
+REPORT = "monitor.json"
+PAGE = "monitor.html"
+
+
+def monitor(variant: str, log_path: str | Path, *, splits: Sequence[str] = ("val",), alpha: float = 0.01,
+            out_dir: Optional[str | Path] = None, n_perm: int = 500, seed: int = 0):
+    """The ``MonitorReport`` of ``log_path`` against ``variant``'s package and held-out data,
+    written to ``out_dir`` (default ``data/<variant>/monitor``) with its HTML section."""
+    from pipeline import inference
+    from pipeline.artefacts import MonitorReport
+    from pipeline.io import atomic_write_text
+    from pipeline.monitoring import drift, log, page
+    from pipeline.paths import DATA_ROOT, step_dir
+
+    if not 0 < alpha < 1:
+        raise FmpipeError(f"--alpha {alpha}: expected a probability between 0 and 1, e.g. 0.01")
+    entries = log.read_log(log_path)
+    others = Counter(str(e.record.get("variant")) for e in entries if e.record.get("variant") != variant)
+    if others:
+        name, n = others.most_common(1)[0]
+        raise FmpipeError(f"{log_path}: {n} record(s) scored by a package of variant {name!r}, not {variant!r}; "
+                          "monitor a log against the variant that served it")
+    pkg_dir = step_dir(variant, "package")
+    if not pkg_dir.is_dir():
+        raise FmpipeError(f"{pkg_dir}: not found; the variant {variant!r} has no package yet "
+                          f"(`dvc repro` or `fmpipe run --stage {variant}`)")
+    pkg = inference.open_package(pkg_dir)
+    # Score the reference as the log's records were scored (an INT8 package's logits differ a little).
+    precision = Counter(str(e.record.get("precision", "fp32")) for e in entries).most_common(1)[0][0]
+    if precision == "int8" and inference.int8_file(pkg) is None:
+        precision = "fp32"
+    predictor = inference.Predictor(pkg, precision=precision if precision in ("fp32", "int8") else "fp32")
+    reference = drift.reference_sample(step_dir(variant, "annotate"), predictor, splits, seed=seed)
+    current, rescored = drift.current_sample(entries, predictor, log.package_id(pkg))
+    body, _ = drift.compare(reference, current, kind=pkg.kind, classes=pkg.classes, alpha=alpha,
+                            n_perm=n_perm, seed=seed)
+    report = MonitorReport(variant=variant, package=log.package_id(pkg), log=str(log_path),
+                           reference_splits=list(splits), rescored=rescored, **body)
+    out = Path(out_dir) if out_dir is not None else DATA_ROOT / variant / "monitor"  # git-ignored (data/*/*)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write(out / REPORT)
+    index = {cid: i for i, cid in enumerate(current.ids)}
+    thumbs = {a.id: current.images[index[a.id]] for a in report.atypical} if current.images is not None else {}
+    atomic_write_text(out / PAGE, page.render(report, thumbs))
+    return report, out

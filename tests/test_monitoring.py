@@ -1,0 +1,280 @@
+"""Monitoring (#28): the request log, the drift tests, and ``fmpipe monitor`` on a served package.
+
+The statistics and the log are tested in memory (milliseconds); one end-to-end test serves the
+session's digits package (conftest ``digits_run``: no pipeline of its own) with ``--log``,
+sends real HTTP requests, and runs ``fmpipe monitor`` on what was logged.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import re
+import subprocess
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import FMPIPE, fmpipe, subprocess_env
+from pipeline.errors import FmpipeError
+from pipeline.monitoring import drift, log
+
+
+# ---------------------------------------------------------------- the tests, in memory
+
+def test_mmd_keeps_false_alarms_near_alpha_and_detects_a_shift():
+    rng = np.random.default_rng(0)
+    ps = [drift.mmd_test(rng.normal(size=(60, 4)), rng.normal(size=(40, 4)), n_perm=200, seed=s)[1]
+          for s in range(40)]
+    assert 0.0 <= np.mean(np.array(ps) < 0.05) <= 0.15  # a valid test: about 5% below 0.05
+    shifted = rng.normal(size=(40, 4)) + np.array([0.9, 0, 0, 0])
+    stat, p = drift.mmd_test(rng.normal(size=(60, 4)), shifted, n_perm=200)
+    assert p < 0.01 and stat > 0
+
+
+def test_chi2_psi_and_ks_see_what_changed():
+    assert drift.chi2_counts([50, 50, 0], [48, 52, 0])[1] > 0.5
+    assert drift.chi2_counts([50, 50, 0], [90, 10, 0])[1] < 1e-6
+    assert drift.chi2_counts([10, 0], [5, 0]) == (0.0, 1.0)  # one category: nothing to compare
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=2000)
+    assert drift.psi(a, rng.normal(size=2000)) < 0.05 < 0.25 < drift.psi(a, rng.normal(1.5, 1, size=2000))
+    assert drift.ks_test(a, a + 1.0)[1] < 1e-10
+
+
+def _sample(rng, n, shift=0.0, k=3, prefix="r"):
+    emb = rng.normal(size=(n, k)) + shift
+    probs = np.exp(emb * 3) / np.exp(emb * 3).sum(1, keepdims=True)
+    ids = [f"{prefix}{i}" for i in range(n)]
+    return drift.Sample(ids, emb, probs, {"mean": rng.normal(100 + 40 * shift, 10, n), "std": rng.normal(50, 5, n)}, ids)
+
+
+def test_compare_decides_with_bonferroni_and_names_the_worst_test():
+    rng = np.random.default_rng(2)
+    ref = _sample(rng, 200)
+    body, _ = drift.compare(ref, _sample(rng, 100, prefix="c"), kind="image", classes=["a", "b", "c"], alpha=0.01)
+    assert not body["drift"] and body["reason"].startswith("no drift: 5 tests")
+    assert body["threshold"] == pytest.approx(0.002)
+    mixed = _sample(rng, 100, prefix="c")
+    bad = _sample(rng, 30, shift=3.0, prefix="x")
+    mixed = drift.Sample(mixed.ids + bad.ids, np.concatenate([mixed.embedding, bad.embedding]),
+                         np.concatenate([mixed.probs, bad.probs]),
+                         {k: np.concatenate([mixed.stats[k], bad.stats[k]]) for k in mixed.stats}, mixed.ids + bad.ids)
+    body, scores = drift.compare(ref, mixed, kind="image", classes=["a", "b", "c"], alpha=0.01)
+    assert body["drift"] and body["reason"].startswith("drift: ") and "\n" not in body["reason"]
+    assert min(t["p_value"] for t in body["tests"]) < body["threshold"]
+    # The permutation p-value can go below the threshold: enough permutations were drawn.
+    assert next(t for t in body["tests"] if t["name"] == "embedding_mmd")["p_value"] < body["threshold"]
+    # The most atypical inputs are the shifted ones.
+    assert all(a["id"].startswith("x") for a in body["atypical"])
+    assert scores[:100].mean() < 2 < scores[100:].mean()
+    with pytest.raises(FmpipeError, match="at least 20"):
+        drift.compare(ref, _sample(rng, 5), kind="image", classes=["a", "b", "c"])
+
+
+def test_table_features_use_ks_or_chi_square():
+    rng = np.random.default_rng(3)
+    ref = _sample(rng, 150)
+    ref.stats = {"width": rng.normal(5, 1, 150), "doors": rng.integers(2, 5, 150).astype(float)}
+    cur = _sample(rng, 80, prefix="c")
+    cur.stats = {"width": rng.normal(5, 1, 80), "doors": np.full(80, 4.0)}
+    body, _ = drift.compare(ref, cur, kind="tabular", classes=["a", "b", "c"])
+    tests = {t["name"]: t for t in body["tests"]}
+    assert tests["feature:doors"]["method"] == "chi-square" and tests["feature:doors"]["drifted"]
+    assert tests["feature:width"]["method"] == "Kolmogorov-Smirnov" and not tests["feature:width"]["drifted"]
+    assert body["drift"] and "feature:doors" in body["reason"]
+
+
+# ---------------------------------------------------------------- the request log, in memory
+
+def _fake_package(tmp_path, kind="image"):
+    return SimpleNamespace(name="digits", classes=["a", "b"], root=tmp_path / "no-package", kind=kind)
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_log_stores_inputs_by_content_and_reads_back_while_written(tmp_path):
+    rl = log.RequestLog(tmp_path / "log", _fake_package(tmp_path))
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.9, 0.1]])
+    ids = rl.write([log.image_input("a.png", _png(1)), log.image_input("b.png", _png(2)),
+                    log.image_input("again.png", _png(1))], p, np.log(p), "predict")
+    assert len(set(ids)) == 3
+    entries = log.read_log(tmp_path / "log")
+    assert [e.id for e in entries] == ids
+    rec = entries[1].record
+    assert rec["prediction"] == "b" and rec["index"] == 1 and rec["confidence"] == pytest.approx(0.8)
+    assert rec["embedding"] == pytest.approx(np.log(p[1]).tolist(), abs=1e-4) and rec["package"] == "digits-unknown"
+    assert entries[0].path.read_bytes() == _png(1) and entries[0].path.suffix == ".png"
+    assert entries[0].path == entries[2].path  # one file for a repeated input
+    assert len(list(entries[0].path.parent.iterdir())) == 2
+    # A record half-written (no newline yet) is not read; the next read sees it whole.
+    seg = entries[0].path.parent.parent
+    with open(seg / log.RECORDS, "ab") as fh:
+        fh.write(b'{"id": "half')
+    assert len(log.read_log(tmp_path / "log")) == 3
+    assert len(log.read_log(seg)) == 3  # one segment can be read on its own
+
+
+def test_log_tensor_and_table_inputs(tmp_path):
+    rl = log.RequestLog(tmp_path / "log", _fake_package(tmp_path))
+    row = np.arange(64, dtype=np.float32).reshape(1, 8, 8)
+    t = log.table_input("x.csv:2", ["w", "h"], np.array([1.5, 2.0]))
+    rl.write([log.tensor_input("infer[0]", row), t], np.array([[0.5, 0.5], [0.1, 0.9]]), np.zeros((2, 2)), "infer")
+    a, b = log.read_log(tmp_path / "log")
+    assert np.array_equal(np.load(a.path), row)
+    assert json.loads(b.path.read_text()) == {"w": 1.5, "h": 2.0} and b.record["features"] == [1.5, 2.0]
+
+
+def test_log_rotation_bounds_its_size(tmp_path):
+    rl = log.RequestLog(tmp_path / "log", _fake_package(tmp_path), max_bytes=20_000)
+    rng = np.random.default_rng(0)
+    for i in range(200):  # distinct inputs of ~300 bytes, so the log would hold ~100 kB unbounded
+        rl.write([log.image_input(f"{i}.png", _png(i % 256) + rng.bytes(200))], np.array([[0.5, 0.5]]),
+                 np.zeros((1, 2)), "predict")
+    rl.close()
+    total = sum(f.stat().st_size for f in (tmp_path / "log").rglob("*") if f.is_file())
+    assert total <= 20_000 + 20_000 // 8
+    entries = log.read_log(tmp_path / "log")
+    assert 20 < len(entries) < 200 and entries[-1].record["name"] == "199.png"  # the newest are kept
+    assert all(e.path.is_file() for e in entries)
+
+
+def test_log_refuses_a_folder_of_other_files_and_names_a_bad_line(tmp_path):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(FmpipeError, match="a folder with other files"):
+        log.RequestLog(other, _fake_package(tmp_path))
+    with pytest.raises(FmpipeError, match="no records.jsonl"):
+        log.read_log(other)
+    seg = tmp_path / "log" / "s1"
+    seg.mkdir(parents=True)
+    (seg / log.RECORDS).write_text('{"id": "s1/0"}\n')
+    with pytest.raises(FmpipeError, match=r"records.jsonl: line 1: not a request-log record"):
+        log.read_log(tmp_path / "log")
+
+
+# ---------------------------------------------------------------- serve --log, then fmpipe monitor
+
+def _shifted(img: np.ndarray, i: int, rng) -> np.ndarray:
+    """Inverted, rotated or noisy: inputs the digits model never saw."""
+    x = img.astype(np.float64)
+    x = [255 - x, np.rot90(x), np.clip(x + rng.normal(0, 70, x.shape), 0, 255)][i % 3]
+    return x.astype(np.uint8)
+
+
+class _Served:
+    def __init__(self, root: Path, log_dir: Path):
+        self.proc = subprocess.Popen([*FMPIPE, "serve", "data/digits/package", "--port", "0", "--precision", "fp32",
+                                      "--log", str(log_dir)], cwd=root, env=subprocess_env(),
+                                     stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        m = re.search(r"http://([\d.]+):(\d+)", line)
+        assert m and f"logging requests to {log_dir}" in line, line
+        assert "libtorch" not in Path(f"/proc/{self.proc.pid}/maps").read_text()
+        self.conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=30)
+
+    def post(self, path: str, body: bytes, headers: dict) -> dict:
+        self.conn.request("POST", path, body=body, headers=headers)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        assert resp.status == 200, data
+        return json.loads(data)
+
+    def upload(self, images: list[np.ndarray]) -> None:
+        """Two images per multipart/form-data request, as a browser form would send them."""
+        for start in range(0, len(images), 2):
+            boundary = uuid.uuid4().hex
+            parts = []
+            for n, img in enumerate(images[start:start + 2]):
+                buf = io.BytesIO()
+                Image.fromarray(img[..., 0], mode="L").save(buf, format="PNG")
+                parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                             f'filename="img{start + n}.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
+                             + buf.getvalue() + b"\r\n")
+            body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+            self.post("/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def close(self) -> None:
+        self.conn.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def test_served_requests_are_logged_and_monitor_flags_shifted_inputs(digits_run, tmp_path):
+    from pipeline.artefacts import MonitorReport
+    from pipeline.manifest import read_dataset
+
+    root = digits_run.root  # read only: the server and monitor write under tmp_path
+    test = read_dataset(root / "data/digits/annotate").split("test")
+    images = np.asarray(test.images)
+    rng = np.random.default_rng(0)
+
+    served = _Served(root, tmp_path / "log-in")
+    try:
+        served.upload(list(images[:120]))
+        # Readable while the server runs: every answered request is in the log already.
+        assert len(log.read_log(tmp_path / "log-in")) == 120
+    finally:
+        served.close()
+
+    shifted = np.stack([_shifted(img[..., 0], i, rng)[..., None] for i, img in enumerate(images[120:240])])
+    served = _Served(root, tmp_path / "log-shift")
+    try:
+        served.upload(list(shifted[:80]))
+        # The V2 endpoint logs each row of the tensor (the model's raw input) too.
+        x = shifted[80:].transpose(0, 3, 1, 2).astype(np.float32)
+        request = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+        served.post("/v2/models/digits/infer", json.dumps(request).encode(), {"Content-Type": "application/json"})
+    finally:
+        served.close()
+    entries = log.read_log(tmp_path / "log-shift")
+    assert len(entries) == 120 and {e.record["endpoint"] for e in entries} == {"predict", "infer"}
+    assert {e.path.suffix for e in entries} == {".png", ".npy"}
+
+    ok = fmpipe("monitor", "--stage", "digits", str(tmp_path / "log-in"), "--out", str(tmp_path / "m-in"), cwd=root)
+    assert ok.returncode == 0, ok.stderr
+    assert "digits: no drift:" in ok.stdout and ok.stderr == ""
+    bad = fmpipe("monitor", "--stage", "digits", str(tmp_path / "log-shift"), "--out", str(tmp_path / "m-shift"),
+                 cwd=root)
+    assert bad.returncode == 1
+    assert len(bad.stderr.strip().splitlines()) == 1 and "digits: drift: " in bad.stderr and "Traceback" not in bad.stderr
+    report = MonitorReport.read(tmp_path / "m-shift" / "monitor.json")
+    assert report.drift and report.current_rows == 120 and report.reference_splits == ["val"]
+    assert sum(t.drifted for t in report.tests) >= 2
+    page = (tmp_path / "m-shift" / "monitor.html").read_text()
+    assert page.count('<img class="thumb"') == len(report.atypical) > 0
+    assert not MonitorReport.read(tmp_path / "m-in" / "monitor.json").drift
+
+    # A log of another variant, or no log, is one clear line.
+    r = fmpipe("monitor", "--stage", "iris", str(tmp_path / "log-in"), "--out", str(tmp_path / "x"), cwd=root)
+    assert r.returncode == 1 and "variant 'digits', not 'iris'" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = fmpipe("monitor", "--stage", "digits", str(tmp_path / "nothing"), cwd=root)
+    assert r.returncode == 1 and "nothing: not found" in r.stderr
+
+
+def test_predict_logs_only_when_asked(digits_run, tmp_path):
+    root = digits_run.root
+    from pipeline.manifest import read_dataset
+
+    img = np.asarray(read_dataset(root / "data/digits/annotate").split("test").images[0])
+    Image.fromarray(img[..., 0], mode="L").save(tmp_path / "one.png")
+    r = subprocess.run([*FMPIPE, "predict", "data/digits/package", str(tmp_path / "one.png"), "--precision", "fp32"],
+                       cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and not list(tmp_path.glob("*/records.jsonl"))
+    r = subprocess.run([*FMPIPE, "predict", "data/digits/package", str(tmp_path / "one.png"), "--precision", "fp32",
+                        "--log", str(tmp_path / "log")], cwd=root, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (entry,) = log.read_log(tmp_path / "log")
+    assert entry.record["endpoint"] == "cli" and entry.path.read_bytes() == (tmp_path / "one.png").read_bytes()
+    assert entry.record["prediction"] in r.stdout and entry.record["package"].startswith("digits-")
