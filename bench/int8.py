@@ -3,7 +3,7 @@
     python bench/int8.py data/cifar/package [--threads 2] [--seconds 5]
 
 Accuracy figures are the package's own (``int8.json``: the test split, scored at packaging);
-the timings are taken here, through ``pipeline.inference.Predictor`` (the predict/serve path,
+the timings are taken here, through ``pipeline.inference.runtime.Predictor`` (the predict/serve path,
 the package's TTA views and temperature included): images/s at batch 64 and p50/p99 latency
 of one image, on ``--threads`` onnxruntime threads. Inputs are the package's check inputs
 (real test images) tiled to the batch size. Run it on a quiet machine: the load average is
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import inference  # noqa: E402
+from pipeline.inference import runtime  # noqa: E402
 
 
 def timed(fn, seconds: float, min_runs: int) -> list[float]:
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="time spent on each measurement")
     args = ap.parse_args()
 
-    pkg = inference.open_package(args.package)
+    pkg = runtime.open_package(args.package)
     report_path = pkg.root / "int8.json"
     if not report_path.exists():
         sys.exit(f"{report_path}: not found; package the model with package.int8 in params")
@@ -55,13 +55,13 @@ def main() -> None:
     views = len((pkg.spec.get("tta") or {}).get("views") or [1]) if pkg.kind == "image" else 1
     print(f"package {args.package}: {pkg.name}, {pkg.kind}, {views} TTA view(s); threads {args.threads}; "
           f"load average before {os.getloadavg()}; cpu_count {os.cpu_count()}")
-    precisions = ["fp32"] + (["int8"] if inference.int8_file(pkg) else [])
+    precisions = ["fp32"] + (["int8"] if runtime.int8_file(pkg) else [])
     if len(precisions) == 1:
         print(f"INT8 not shipped: {report['reason']}")
     rows = []
     for p in precisions:
-        pred = inference.Predictor(pkg, threads=args.threads, precision=p)
-        size = (pkg.root / (inference.int8_file(pkg) if p == "int8" else pkg.spec["model_file"])).stat().st_size
+        pred = runtime.Predictor(pkg, threads=args.threads, precision=p)
+        size = (pkg.root / (runtime.int8_file(pkg) if p == "int8" else pkg.spec["model_file"])).stat().st_size
         batch = timed(lambda: pred.predict_proba(xb), args.seconds, 5)
         single = timed(lambda: pred.predict_proba(xb[:1]), args.seconds, 50)
         rows.append((p, report["int8" if p == "int8" else "fp32"]["accuracy"], size / 1e6,

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import inference  # noqa: E402
+from pipeline.inference import runtime  # noqa: E402
 from pipeline.manifest import image_rows, read_dataset  # noqa: E402
 from pipeline.monitoring import drift  # noqa: E402
 
@@ -88,7 +88,7 @@ def time_one_run(root: Path, variant: str, pkg, images: np.ndarray, size: int, a
     tmp = Path(tempfile.mkdtemp(prefix="fmpipe-bench-monitor-"))
     try:
         rl = log.RequestLog(tmp / "log", pkg)
-        predictor = inference.Predictor(pkg)
+        predictor = runtime.Predictor(pkg)
         items = []
         for img in images[:size]:
             buf = io.BytesIO()
@@ -121,10 +121,10 @@ def main() -> None:
     root = Path(args.root)
     print(f"bench/monitor.py: {args.variant} in {root.resolve()}; load average before {os.getloadavg()}; "
           f"cpu_count {os.cpu_count()}", flush=True)
-    pkg = inference.open_package(root / "data" / args.variant / "package")
+    pkg = runtime.open_package(root / "data" / args.variant / "package")
     if pkg.kind != "image":
         sys.exit("bench/monitor.py: an image variant is needed")
-    predictor = inference.Predictor(pkg)
+    predictor = runtime.Predictor(pkg)
     data = root / "data" / args.variant / "annotate"
     t = time.perf_counter()
     reference = drift.reference_sample(data, predictor, ["val"], seed=args.seed)

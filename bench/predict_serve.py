@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import inference  # noqa: E402
+from pipeline.inference import runtime  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -63,9 +63,9 @@ def batches(x: np.ndarray, size: int):
     return [x[i:i + size] for i in range(0, len(x), size)]
 
 
-def bench_local(pkg: inference.Package, x: np.ndarray, args) -> dict:
+def bench_local(pkg: runtime.Package, x: np.ndarray, args) -> dict:
     out: dict = {"inputs": len(x), "batch": args.batch, "threads": args.threads}
-    pred = inference.Predictor(pkg, threads=args.threads, max_batch=args.batch)
+    pred = runtime.Predictor(pkg, threads=args.threads, max_batch=args.batch)
     t = timed(lambda: pred.predict_proba(x), args.reps)
     out["onnxruntime_per_s"] = len(x) / t
     lat = []
@@ -86,8 +86,8 @@ def bench_local(pkg: inference.Package, x: np.ndarray, args) -> dict:
     torch.set_num_threads(args.threads)
     net, _ = load_trained(pkg.root)
     net.eval()
-    from pipeline.inference import probabilities
-    from pipeline.packaging.evaluation import predict_logits
+    from pipeline.inference.tta import probabilities
+    from pipeline.inference.network import predict_logits
 
     xt = torch.from_numpy(x)
 
@@ -111,7 +111,7 @@ def bench_local(pkg: inference.Package, x: np.ndarray, args) -> dict:
     return out
 
 
-def bench_server(package: str, pkg: inference.Package, x: np.ndarray, args) -> dict:
+def bench_server(package: str, pkg: runtime.Package, x: np.ndarray, args) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "pipeline", "serve", package, "--port", "0", "--threads", str(args.server_threads)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
 
-    pkg = inference.open_package(args.package)
+    pkg = runtime.open_package(args.package)
     checks = np.load(pkg.root / pkg.spec["checks"]["input"], allow_pickle=False)
     x = np.ascontiguousarray(np.resize(checks, (args.images, *checks.shape[1:])), dtype=np.float32)
     result = {"package": args.package, "name": pkg.name, "input_shape": pkg.spec["input"]["shape"],

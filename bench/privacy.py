@@ -80,9 +80,9 @@ def train_and_score(ds, spec, out: Path) -> dict:
     import torch
 
     from pipeline.models import load_trained
-    from pipeline.packaging.evaluation import model_inputs, predict_logits
+    from pipeline.inference.network import model_inputs, predict_logits
     from pipeline.training.fit import fit
-    from stages.evaluate import membership_audit
+    from pipeline.evaluation.evaluate import membership_audit
 
     t0 = time.perf_counter()
     fit(ds, spec, out)
@@ -116,7 +116,7 @@ def cmd_mia(args) -> None:
     if args.model:
         from pipeline.manifest import read_dataset
         from pipeline.models import load_trained
-        from stages.evaluate import membership_audit
+        from pipeline.evaluation.evaluate import membership_audit
 
         net, meta = load_trained(args.model)
         ds = read_dataset(args.data)

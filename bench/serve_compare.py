@@ -46,17 +46,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import inference  # noqa: E402
+from pipeline.inference import runtime  # noqa: E402
 
 KSERVE_MAIN = r"""
 import asyncio, sys
 sys.argv = sys.argv[:1]  # kserve parses the command line when imported
 import kserve
 from kserve import InferOutput, InferResponse
-from pipeline import inference
+from pipeline.inference import runtime
 
-pkg = inference.open_package(PACKAGE)
-predictor = inference.Predictor(pkg, threads=1)
+pkg = runtime.open_package(PACKAGE)
+predictor = runtime.Predictor(pkg, threads=1)
 
 class PackageModel(kserve.Model):
     def __init__(self):
@@ -80,8 +80,8 @@ STDLIB_MAIN = r"""
 import sys
 sys.path.insert(0, MODDIR)
 import serving_stdlib
-from pipeline import inference
-server = serving_stdlib.make_server(inference.open_package(PACKAGE), "127.0.0.1", PORT)
+from pipeline.inference import runtime
+server = serving_stdlib.make_server(runtime.open_package(PACKAGE), "127.0.0.1", PORT)
 server.serve_forever()
 """
 
@@ -250,9 +250,9 @@ def main() -> None:
     ap.add_argument("--idle", type=int, default=70)
     args = ap.parse_args()
 
-    pkg = inference.open_package(args.package)
+    pkg = runtime.open_package(args.package)
     x = np.load(pkg.root / "checks/input.npy").astype(np.float32)
-    want = inference.Predictor(pkg, threads=1).predict_proba(x)
+    want = runtime.Predictor(pkg, threads=1).predict_proba(x)
     kinds = ["fmpipe", "stdlib"] + (["kserve"] if args.kserve_path else [])
     sizes = {"fmpipe": dist_size(["uvicorn", "starlette", "anyio", "h11"]), "stdlib": 0.0}
     if args.kserve_path:

@@ -181,17 +181,14 @@ def main() -> None:
             run_one(spec, ds, counts, args)
 
 
-def predict_proba(net, x, tta=None, head: str = "softmax", batch_size: int = 512):
-    """Class probabilities of ``net`` on ``x`` (N x K), batch by batch in eval mode, with the
-    model's TTA record (``tta_predict``, the evaluate step's rule) or none."""
-    import torch
+def predict_proba(net, x, tta=None, batch_size: int = 512):
+    """Class probabilities of ``net`` on ``x`` (N x K numpy), with the model's TTA record or
+    none: evaluate's own path (``pipeline.inference``: the views' logits, then the one rule
+    that combines them; a binary model's single logit as [1 - p, p])."""
+    from pipeline.inference.network import predict_logits
+    from pipeline.inference.tta import probabilities
 
-    from pipeline.training.recipe import tta_predict
-
-    net.eval()
-    with torch.inference_mode():
-        return torch.cat([tta_predict(net, x[i:i + batch_size], tta or {}, head=head)
-                          for i in range(0, len(x), batch_size)])
+    return probabilities(predict_logits(net, x, tta, batch_size=batch_size), 1.0, tta)
 
 
 def run_one(spec, ds: Dataset, counts: dict[str, int], args) -> None:
@@ -215,11 +212,10 @@ def run_one(spec, ds: Dataset, counts: dict[str, int], args) -> None:
     test = ds.split("test")
     x = torch.from_numpy(np.ascontiguousarray(np.asarray(test.images).transpose(0, 3, 1, 2))).float()
     y = test.manifest["label"].to_numpy()
-    head = meta["model"].get("head", "softmax")
     if torch.cuda.is_available():  # score where it trained: the CPU would take longer than the training
         net, x = net.cuda(), x.cuda()
-    acc_plain = float((predict_proba(net, x, head=head).argmax(1).cpu().numpy() == y).mean())
-    acc_tta = float((predict_proba(net, x, tta=meta.get("tta"), head=head).argmax(1).cpu().numpy() == y).mean())
+    acc_plain = float((predict_proba(net, x).argmax(1) == y).mean())
+    acc_tta = float((predict_proba(net, x, tta=meta.get("tta")).argmax(1) == y).mean())
     load_after = os.getloadavg()
     epochs = summary["epochs"]
     result = {

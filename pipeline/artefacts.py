@@ -134,7 +134,7 @@ class RunRecord(Artefact):
     gx_runs: Optional[dict[str, Any]] = None  # validate: GX's run ids and times per table
     baseline: Optional[dict[str, Any]] = None  # evaluate: change vs the last packaged model
     # evaluate: the lineage.json of the last blessed package with other weights (the report's
-    # "What changed since the last blessed package"; pipeline.packaging.summary.last_blessed_lineage)
+    # "What changed since the last blessed package"; pipeline.evaluation.summary.last_blessed_lineage)
     last_blessed: Optional[dict[str, Any]] = None
     git: Optional[dict[str, Any]] = None  # package: the commit the run saw (the one before its own)
     int8_speed: Optional[dict[str, Any]] = None  # package: INT8 vs float32 throughput on this machine
@@ -215,7 +215,7 @@ class Metrics(Artefact):
     """``evaluate/metrics.json``: every score of the test split (git-tracked, uncached).
 
     Written without ``schema_version``, like :class:`Resources`. The DVC metric is the smaller
-    ``evaluate/figures.json`` (``pipeline.packaging.evaluation.compare_figures``); per-class
+    ``evaluate/figures.json`` (``pipeline.evaluation.metrics.compare_figures``); per-class
     figures are in ``per_class.csv`` (a plot), not here.
     """
 
@@ -309,7 +309,7 @@ class Int8Report(Artefact):
     accuracy_drop: float  # fp32 - int8 accuracy (negative: INT8 did better)
     argmax_agreement: float = Field(ge=0, le=1)
     max_accuracy_drop: float
-    min_speedup: float  # checked where the model runs (pipeline.inference.choose_precision)
+    min_speedup: float  # checked where the model runs (pipeline.inference.runtime.choose_precision)
     size_fp32: int = Field(ge=0)
     size_int8: int = Field(ge=0)
     model_file: Optional[str] = None  # the shipped INT8 file; None when left out

@@ -119,9 +119,11 @@ def _run_step(step: str, variant: str, params: str, hint: bool = True, **flags: 
     with _reported(f"fmpipe {step} --stage {shown}"):
         if step == "validate" and flags.pop("init", False):
             # Writes a source file people curate, not a step output: no runner, no outputs.
+            from pipeline.config import load_variant
             from pipeline.quality.expectations import init_command
 
-            init_command(variant, params, force=flags.get("force", False))
+            load_variant(variant, params)  # an unknown variant is a clear error first
+            init_command(variant, force=flags.get("force", False))
             return
         flags.pop("force", None)
         run_step(step, variant, params, **flags)

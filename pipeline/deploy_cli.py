@@ -2,7 +2,7 @@
 
 Registered on the main app by ``pipeline.cli``; kept in their own module so the lifecycle
 commands and these stay independent. Imports happen inside the commands and go through
-``pipeline.inference`` only: numpy, PIL and onnxruntime, never torch or lightning.
+``pipeline.inference.runtime`` only: numpy, PIL and onnxruntime, never torch or lightning.
 """
 
 from __future__ import annotations
@@ -40,15 +40,15 @@ def predict(
     """Predict with a packaged model: images of any size (resized by the package's rule) or CSV rows."""
     import json
 
-    from pipeline import inference
+    from pipeline.inference import runtime
     from pipeline.errors import FmpipeError
     from pipeline.serving import prediction_records
 
     try:
-        pkg = inference.open_package(package)
-        names, x = inference.load_inputs(inputs, pkg.spec)
-        chosen, _ = inference.choose_precision(pkg, precision)
-        predictor = inference.Predictor(pkg, threads=threads or None, precision=chosen)
+        pkg = runtime.open_package(package)
+        names, x = runtime.load_inputs(inputs, pkg.spec)
+        chosen, _ = runtime.choose_precision(pkg, precision)
+        predictor = runtime.Predictor(pkg, threads=threads or None, precision=chosen)
         if log_dir is None:
             probs = predictor.predict_proba(x)
         else:
@@ -111,7 +111,7 @@ def serve(
     log_max_mb: float = LogMaxOpt,
 ) -> None:
     """Serve a package over the Open Inference Protocol (KServe V2 REST) plus POST /predict for image files."""
-    from pipeline import inference
+    from pipeline.inference import runtime
     from pipeline.errors import FmpipeError
     from pipeline.serving import Limits, make_server
 
@@ -120,8 +120,8 @@ def serve(
                     max_connections=max_connections, max_buffered=int(max_buffered_mb * (1 << 20)),
                     timeout=timeout, keep_alive=keep_alive)
     try:
-        pkg = inference.open_package(package)
-        chosen, why = inference.choose_precision(pkg, precision)
+        pkg = runtime.open_package(package)
+        chosen, why = runtime.choose_precision(pkg, precision)
         request_log = None
         if log_dir is not None:
             from pipeline.monitoring.log import RequestLog

@@ -122,3 +122,67 @@ def collapse(files: set[str], root: Path = ROOT) -> list[str]:
             chosen.append(d)
             covered |= inside
     return sorted(chosen + [f for f in files if f not in covered])
+
+
+# ---------------------------------------------------------------- the layers
+
+def project_modules(root: Path = ROOT) -> list[str]:
+    """Every module of ``pipeline`` and ``stages`` by its dotted name (packages by their own)."""
+    names = []
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def unit(name: str, root: Path = ROOT) -> str:
+    """The layer ``name`` belongs to: its subpackage of ``pipeline`` (``pipeline.inference``),
+    a top-level module itself (``pipeline.serving``), ``stages`` (the glue), or the command
+    line (``pipeline.cli`` with its sub-apps ``pipeline/*_cli.py``, which it registers)."""
+    parts = name.split(".")
+    if parts[0] == "stages":
+        return "stages"
+    if len(parts) == 2 and parts[1].endswith("_cli"):
+        return "pipeline.cli"
+    if len(parts) > 1 and (root / "pipeline" / parts[1]).is_dir():
+        return ".".join(parts[:2])
+    return name
+
+
+def unit_imports(root: Path = ROOT) -> dict[str, set[str]]:
+    """Which units each unit imports (lazy imports included; the ``pipeline`` package's own
+    ``__init__``, which every import runs, is not a unit)."""
+    graph: dict[str, set[str]] = {}
+    for name in project_modules(root):
+        if name == "pipeline":
+            continue
+        mine = unit(name, root)
+        graph.setdefault(mine, set()).update(
+            unit(m, root) for m in direct_imports(name, root) if m != "pipeline" and unit(m, root) != mine)
+    return graph
+
+
+def levels(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each unit's level: 1 for one that imports no other, else 1 + the highest it imports.
+
+    Raises ``ValueError`` naming the cycle when units import each other (then no unit of
+    the cycle is below the others, and an import "runs back up" the layers).
+    """
+    level: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> int:
+        if node in level:
+            return level[node]
+        if node in path:
+            cycle = path[path.index(node):] + [node]
+            raise ValueError("import cycle: " + " -> ".join(cycle))
+        path.append(node)
+        level[node] = 1 + max((visit(m) for m in sorted(graph.get(node, ()))), default=0)
+        path.pop()
+        return level[node]
+
+    for node in sorted(graph):
+        visit(node)
+    return level

@@ -22,7 +22,7 @@ below then close what lingers:
   ``max_buffered`` all request bodies held at once (a request that would go beyond it gets a
   503 at once: without it, ``max_connections`` x ``max_body`` could be buffered).
 
-This module imports numpy, PIL (through ``pipeline.inference``), onnxruntime, uvicorn and
+This module imports numpy, PIL (through ``pipeline.inference.runtime``), onnxruntime, uvicorn and
 Starlette: never torch.
 
 Endpoints (``<name>`` is the package's variant name; ``/versions/1`` may follow it):
@@ -56,7 +56,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from pipeline import inference
+from pipeline.inference import runtime, tta
 from pipeline.errors import FmpipeError
 
 V2_DTYPES = {
@@ -113,11 +113,11 @@ def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
 class ModelService:
     """The loaded package and the V2 request/response logic, independent of HTTP plumbing."""
 
-    def __init__(self, package: inference.Package, threads: int = 1, max_batch: int = 1024,
+    def __init__(self, package: runtime.Package, threads: int = 1, max_batch: int = 1024,
                  max_pixels: Optional[int] = None, precision: str = "fp32", request_log=None) -> None:
         self.package = package
         self.request_log = request_log  # pipeline.monitoring.log.RequestLog, or None: nothing logged
-        self.predictor = inference.Predictor(package, threads=threads, precision=precision)
+        self.predictor = runtime.Predictor(package, threads=threads, precision=precision)
         self.name = package.name
         self.max_batch = max_batch
         self.max_pixels = max_pixels
@@ -174,7 +174,7 @@ class ModelService:
         if offset != len(binary):
             raise HTTPError(400, f"{len(binary) - offset} bytes of binary data not claimed by any input")
         try:
-            x = inference.check_batch(x, self.package.spec, f"input {self.predictor.input_name!r}")
+            x = runtime.check_batch(x, self.package.spec, f"input {self.predictor.input_name!r}")
         except FmpipeError as exc:
             raise HTTPError(400, str(exc)) from None
         if len(x) > self.max_batch:
@@ -183,7 +183,7 @@ class ModelService:
         results: dict[str, np.ndarray] = {}
         logits = self.predictor.logits(x)
         if any(s["name"] == "probabilities" for s in wanted) or self.request_log is not None:
-            results["probabilities"] = inference.probabilities(
+            results["probabilities"] = tta.probabilities(
                 self.predictor.view_logits(x, plain=logits), self.predictor.temperature, self.predictor.tta)
         results["logits"] = logits
         if self.request_log is not None:
@@ -261,7 +261,7 @@ class ModelService:
         try:
             for fname, data in files:
                 if self.package.kind == "image":
-                    decoded = inference.decode_image(data, spec, fname, max_pixels=budget)
+                    decoded = runtime.decode_image(data, spec, fname, max_pixels=budget)
                     if budget is not None:  # the limit is per request: what one file uses, the next cannot
                         budget -= decoded.declared_pixels
                     rows.append(decoded.pixels.transpose(2, 0, 1).astype(np.float32)[None])
@@ -272,7 +272,7 @@ class ModelService:
                     names += n
                     rows.append(x)
                     logged += [(name, None, row) for name, row in zip(n, x)]
-        except inference.ImageTooLarge as exc:
+        except runtime.ImageTooLarge as exc:
             raise HTTPError(413, f"{exc} of decoded pixels per request (--max-image-mpix)") from None
         except FmpipeError as exc:
             raise HTTPError(400, str(exc)) from None
@@ -290,7 +290,7 @@ class ModelService:
 def prediction_records(names: list[str], probs: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:
     """The shape ``fmpipe predict --json`` and ``POST /predict`` answer with."""
     out = []
-    for name, tops in zip(names, inference.top_k(probs, classes, k)):
+    for name, tops in zip(names, runtime.top_k(probs, classes, k)):
         out.append({"input": name, "label": tops[0]["label"], "index": tops[0]["index"],
                     "probability": tops[0]["probability"], "top_k": tops})
     return out
@@ -306,7 +306,7 @@ def _logged_inputs(logged: list, spec: dict[str, Any]) -> list:
 
 
 def _csv_rows(data: bytes, spec: dict[str, Any], fname: str):
-    return inference.table_rows(fname, spec, data=data)
+    return runtime.table_rows(fname, spec, data=data)
 
 
 def _uploaded_files(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
@@ -558,11 +558,11 @@ class Server:
         self.sock.close()
 
 
-def make_server(package: inference.Package, host: str = "127.0.0.1", port: int = 8000, threads: int = 1,
+def make_server(package: runtime.Package, host: str = "127.0.0.1", port: int = 8000, threads: int = 1,
                 limits: Limits = Limits(), verbose: bool = False, precision: str = "fp32",
                 request_log=None) -> Server:
     """Load the package and bind the address (``port`` 0: any free port); ``serve_forever`` serves.
-    ``precision``: fp32 or int8 (``inference.choose_precision`` resolves ``auto``); ``request_log``:
+    ``precision``: fp32 or int8 (``runtime.choose_precision`` resolves ``auto``); ``request_log``:
     a ``pipeline.monitoring.log.RequestLog`` that every scored input is appended to."""
     service = ModelService(package, threads=threads, max_batch=limits.max_batch, max_pixels=limits.max_pixels,
                            precision=precision, request_log=request_log)

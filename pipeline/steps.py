@@ -156,8 +156,9 @@ STEPS: tuple[Step, ...] = (
         help="Train the variant's model with PyTorch Lightning on the configured accelerator.",
         module="stages.train",
         reads=("annotate",),
-        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/manifest.py",
-              "pipeline/models", "pipeline/schema.py", "pipeline/training", "stages/train.py"),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/inference/__init__.py",
+              "pipeline/inference/tta.py", "pipeline/io.py", "pipeline/manifest.py", "pipeline/models",
+              "pipeline/schema.py", "pipeline/training", "stages/train.py"),
         params=("model", "train"),
         outs=(
             Out("model.safetensors"),
@@ -175,12 +176,10 @@ STEPS: tuple[Step, ...] = (
         help="Score the trained model on the test split and decide its blessing.",
         module="stages.evaluate",
         reads=("train/model.safetensors", "train/model.json", "annotate"),
-        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/imaging.py", "pipeline/inference.py",
-              "pipeline/io.py", "pipeline/manifest.py", "pipeline/models", "pipeline/packaging/__init__.py",
-              "pipeline/packaging/calibration.py", "pipeline/packaging/evaluation.py",
-              "pipeline/packaging/gallery.py", "pipeline/packaging/membership.py",
-              "pipeline/packaging/summary.py", "pipeline/palette.py", "pipeline/reading.py", "pipeline/schema.py",
-              "pipeline/training", "stages/evaluate.py"),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/evaluation", "pipeline/filenames.py",
+              "pipeline/inference/__init__.py", "pipeline/inference/network.py", "pipeline/inference/tta.py",
+              "pipeline/io.py", "pipeline/manifest.py", "pipeline/models", "pipeline/palette.py",
+              "pipeline/schema.py", "stages/evaluate.py"),
         params=("evaluate", "train"),
         outs=(
             Out("predictions.parquet"),
@@ -204,12 +203,14 @@ STEPS: tuple[Step, ...] = (
         module="stages.package",
         reads=("train/model.safetensors", "train/model.json", "evaluate/blessing.json",
                "evaluate/metrics.json", "evaluate/details", "annotate"),
-        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/manifest.py",
-              "pipeline/models", "pipeline/packaging/__init__.py", "pipeline/packaging/deploy.py",
-              "pipeline/packaging/evaluation.py", "pipeline/packaging/lineage.py",
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/evaluation/__init__.py",
+              "pipeline/evaluation/calibration.py", "pipeline/filenames.py", "pipeline/imaging.py",
+              "pipeline/inference", "pipeline/io.py", "pipeline/manifest.py", "pipeline/models",
+              "pipeline/packaging/__init__.py", "pipeline/packaging/build.py",
+              "pipeline/packaging/deploy.py", "pipeline/packaging/lineage.py",
               "pipeline/packaging/model_card.py", "pipeline/packaging/onnx_export.py",
-              "pipeline/packaging/quantize.py", "pipeline/reading.py",
-              "pipeline/schema.py", "pipeline/training", "stages/package.py"),
+              "pipeline/packaging/quantize.py", "pipeline/reading.py", "pipeline/schema.py",
+              "stages/package.py"),
         params=("package", "description"),  # + every upstream input: _depending_on_all_upstream
     ),
     Step(
@@ -220,7 +221,8 @@ STEPS: tuple[Step, ...] = (
         reads=("package",),
         # + pipeline/packaging/canary.py: the release waits for a served answer (its server runs
         # in a subprocess, `fmpipe serve`, whose code checks the release but never shapes its bytes).
-        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/imaging.py", "pipeline/inference.py",
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/filenames.py", "pipeline/imaging.py",
+              "pipeline/inference/__init__.py", "pipeline/inference/runtime.py", "pipeline/inference/tta.py",
               "pipeline/io.py", "pipeline/packaging/__init__.py", "pipeline/packaging/canary.py",
               "pipeline/packaging/deploy.py", "pipeline/packaging/onnx_export.py", "pipeline/reading.py",
               "pipeline/schema.py", "stages/dist.py"),
@@ -231,13 +233,14 @@ STEPS: tuple[Step, ...] = (
         "(Label Studio import, contact sheet); `fmpipe review import` brings their export back.",
         module="stages.review",
         reads=("train/model.safetensors", "train/model.json", "annotate"),
-        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/imaging.py", "pipeline/inference.py",
-              "pipeline/io.py", "pipeline/manifest.py", "pipeline/models", "pipeline/packaging/__init__.py",
-              "pipeline/packaging/evaluation.py", "pipeline/palette.py", "pipeline/quality/__init__.py",
-              "pipeline/quality/embedders.py", "pipeline/quality/neighbors.py", "pipeline/reading.py",
-              "pipeline/review/__init__.py", "pipeline/review/decisions.py", "pipeline/review/export.py",
-              "pipeline/review/finders.py", "pipeline/review/review.py", "pipeline/review/scoring.py",
-              "pipeline/schema.py", "pipeline/training", "stages/review.py"),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/inference/__init__.py",
+              "pipeline/inference/network.py", "pipeline/inference/tta.py", "pipeline/io.py",
+              "pipeline/manifest.py", "pipeline/models", "pipeline/palette.py",
+              "pipeline/quality/__init__.py", "pipeline/quality/embedders.py",
+              "pipeline/quality/neighbors.py", "pipeline/reading.py", "pipeline/review/__init__.py",
+              "pipeline/review/decisions.py", "pipeline/review/export.py", "pipeline/review/finders.py",
+              "pipeline/review/review.py", "pipeline/review/scoring.py", "pipeline/schema.py",
+              "pipeline/training", "stages/review.py"),
         params=("review", "train"),
     ),
     Step(
@@ -287,6 +290,9 @@ def _depending_on_all_upstream(step: Step) -> Step:
         params += u.params
         reads += [f"{u.name}/{o.path}".rstrip("/") for o in u.outs]
     uniq = lambda items: tuple(dict.fromkeys(items))  # noqa: E731  (order kept, duplicates dropped)
+    dirs = [c for c in code if not c.endswith(".py")]
+    # A file inside a package directory another step lists is already covered by that directory.
+    code = [c for c in code if not any(c.startswith(d + "/") for d in dirs)]
     return replace(step, reads=uniq(reads), code=uniq(code), params=uniq(params), sources=uniq(sources))
 
 

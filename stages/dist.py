@@ -14,7 +14,8 @@ import json
 
 from pipeline.artefacts import Lineage
 from pipeline.errors import FmpipeError
-from pipeline.packaging import LINEAGE, ONNX_MODEL, deploy
+from pipeline.filenames import LINEAGE, ONNX_MODEL, PREPROCESS
+from pipeline.packaging import deploy
 from pipeline.packaging.canary import canary
 
 
@@ -23,7 +24,7 @@ def run(ctx) -> None:
     rerun = f"run `fmpipe package --stage {ctx.variant}` first"
     lineage = Lineage.read(package_dir / LINEAGE, rerun)
     try:
-        spec = json.loads((package_dir / deploy.PREPROCESS).read_text())
+        spec = json.loads((package_dir / PREPROCESS).read_text())
     except FileNotFoundError as exc:
         raise FmpipeError(f"{exc.filename}: not found; {rerun}") from None
     archive = deploy.archive_name(ctx.variant, deploy.package_digest(

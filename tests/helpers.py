@@ -224,7 +224,7 @@ def make_model(variant: str, epochs: int = 0, lr: float = 0.01, batch_size: int 
     from pipeline.config import load_variant
     from pipeline.manifest import read_dataset
     from pipeline.models import build, save_trained
-    from pipeline.packaging.evaluation import model_inputs
+    from pipeline.inference.network import model_inputs
 
     spec = load_variant(variant)
     train = read_dataset("data/{}/annotate".format(variant), mmap=False).split("train")

@@ -12,7 +12,7 @@ import pandas as pd
 
 from pipeline.audit import WORKSPACE, Version
 from pipeline.compare import State, _per_class_predictions, compare_states, text_lines
-from pipeline.packaging.summary import last_blessed_lineage
+from pipeline.evaluation.summary import last_blessed_lineage
 
 
 def _lineage(sha: str) -> dict:

@@ -26,10 +26,11 @@ import pytest
 from PIL import Image
 
 from helpers import FMPIPE, fmpipe, subprocess_env
-from pipeline import inference
+from pipeline.inference import runtime, tta
 from pipeline.manifest import read_dataset
-from pipeline.packaging import calibration, deploy
-from pipeline.packaging.gallery import render_gallery
+from pipeline.evaluation import calibration
+from pipeline.packaging import deploy
+from pipeline.evaluation.gallery import render_gallery
 
 @pytest.fixture(scope="module")
 def digits(digits_run, tmp_path_factory) -> Path:
@@ -89,11 +90,11 @@ def test_evaluate_writes_calibration_and_keeps_blessing_pure(digits):
 def test_fit_temperature_recovers_a_known_temperature():
     rng = np.random.default_rng(0)
     true_logits = rng.normal(size=(4000, 5)) * 2
-    labels = np.array([rng.choice(5, p=p) for p in inference.softmax(true_logits)])
+    labels = np.array([rng.choice(5, p=p) for p in tta.softmax(true_logits)])
     fitted = calibration.fit_temperature(true_logits * 3, labels)  # over-confident by 3x
     assert fitted == pytest.approx(3.0, rel=0.1)
-    p_before = inference.probabilities(true_logits * 3)
-    p_after = inference.probabilities(true_logits * 3, fitted)
+    p_before = tta.probabilities(true_logits * 3)
+    p_after = tta.probabilities(true_logits * 3, fitted)
     assert (calibration.expected_calibration_error(p_after, labels)
             < calibration.expected_calibration_error(p_before, labels))
     assert (p_after.argmax(1) == p_before.argmax(1)).all()  # temperature never changes a prediction
@@ -216,10 +217,10 @@ def test_single_logit_model_maps_to_two_probabilities(tmp_path):
     (tmp_path / "preprocess.json").write_text(deploy.spec_json(spec))
     (tmp_path / "rows.csv").write_text("id,b,a\nr1,0,2\nr2,1,0\n")  # columns by name, any order
 
-    pkg = inference.open_package(tmp_path)
-    names, x = inference.load_inputs([tmp_path / "rows.csv"], pkg.spec)
+    pkg = runtime.open_package(tmp_path)
+    names, x = runtime.load_inputs([tmp_path / "rows.csv"], pkg.spec)
     assert names == ["rows.csv:r1", "rows.csv:r2"] and x.tolist() == [[2, 0], [0, 1]]
-    probs = inference.Predictor(pkg, check_digest=False).predict_proba(x)  # no lineage.json here
+    probs = runtime.Predictor(pkg, check_digest=False).predict_proba(x)  # no lineage.json here
     z = x @ w / 2.0
     expected_yes = 1 / (1 + np.exp(-z[:, 0]))
     np.testing.assert_allclose(probs, np.stack([1 - expected_yes, expected_yes], axis=1), atol=1e-6)
@@ -303,8 +304,8 @@ def _request(url: str, method: str, path: str, body: bytes = b"", headers: dict 
 
 def _test_batch(digits: Path, n: int = 40) -> tuple[list[Path], np.ndarray]:
     files = sorted((digits / "test_images").iterdir())[:n]
-    pkg = inference.open_package(digits / "data/digits/package")
-    return files, inference.load_inputs(files, pkg.spec)[1]
+    pkg = runtime.open_package(digits / "data/digits/package")
+    return files, runtime.load_inputs(files, pkg.spec)[1]
 
 
 def test_server_answers_a_triton_client_like_predict(digits, server):
@@ -416,5 +417,5 @@ def test_predict_preprocessing_is_the_collect_rule(fmt, channels):
     collected, reason, resized = _decode(data, channels, (16, 24), reject=False)
     assert reason is None and resized
     spec = {"input": {"channels": channels, "height": 16, "width": 24}}
-    got = inference.image_array(data, spec)
+    got = runtime.image_array(data, spec)
     np.testing.assert_array_equal(got, collected.transpose(2, 0, 1).astype(np.float32))

@@ -30,7 +30,7 @@ from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file
 from pipeline.manifest import read_dataset
 from pipeline.models import build
-from pipeline.packaging.evaluation import model_inputs
+from pipeline.inference.network import model_inputs
 
 PACKAGE_FILES = {"model.safetensors", "model.json", "model.onnx", "MODEL_CARD.md", "lineage.json",
                  "preprocess.json", "checks/input.npy", "checks/logits.npy"}
@@ -264,8 +264,8 @@ def test_batch_inference_runs_images_channels_last_and_leaves_the_net_as_it_was(
     """predict_logits feeds images in channels_last (faster convolutions): the logits of
     every TTA view match a plain forward pass of that view, and the caller's network keeps
     its memory format."""
-    from pipeline.packaging.evaluation import predict_logits
-    from pipeline.training.recipe import view
+    from pipeline.inference.network import predict_logits
+    from pipeline.inference.tta import view
 
     torch.manual_seed(0)
     net = build("airbench", (3, 16, 16), 10, {"widths": [8, 16, 16]}).eval()

@@ -114,9 +114,9 @@ def test_serve_with_each_precision_answers_like_predict(project, precision):
         assert m, line
         assert f"precision {precision}" in line
         files = sorted((project / "images").iterdir())[:8]
-        from pipeline import inference
+        from pipeline.inference import runtime
 
-        x = inference.load_inputs(files, inference.open_package(project / "data/digits/package").spec)[1]
+        x = runtime.load_inputs(files, runtime.open_package(project / "data/digits/package").spec)[1]
         body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                        "data": x.ravel().tolist()}],
                            "outputs": [{"name": "probabilities"}]})

@@ -126,9 +126,9 @@ def test_newcomer_flow_under_dvc(tmp_path):
     table.write_text("\n".join(text) + "\n")
     assert "collect@survey" in changed_stages(repo)
 
-    # A module evaluate imports (the TTA views live in pipeline/training/recipe.py).
-    recipe = repo / "pipeline/training/recipe.py"
-    recipe.write_text(recipe.read_text() + "\n# edited\n")
+    # A module evaluate imports (the TTA views live in pipeline/inference/tta.py).
+    views = repo / "pipeline/inference/tta.py"
+    views.write_text(views.read_text() + "\n# edited\n")
     assert {"evaluate@pets", "evaluate@survey", "train@pets"} <= changed_stages(repo)
 
     # A step run by hand on a variant DVC never ran: its payload is not addable either.

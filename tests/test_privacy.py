@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.packaging import membership as M
+from pipeline.evaluation import membership as M
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -111,8 +111,8 @@ def _spec(project, **train):
 def _train_and_audit(ds, spec, out):
     from pipeline.models import load_trained
     from pipeline.training.fit import fit
-    from stages.evaluate import membership_audit
-    from pipeline.packaging.evaluation import model_inputs, predict_logits
+    from pipeline.evaluation.evaluate import membership_audit
+    from pipeline.inference.network import model_inputs, predict_logits
 
     fit(ds, spec, out)
     net, meta = load_trained(out)

@@ -140,9 +140,33 @@ def test_code_deps_are_what_each_step_imports():
 
 def test_the_import_check_fails_on_a_missing_or_extra_code_dep():
     evaluate = registry.get("evaluate")
-    # The issue #21 case: evaluate without pipeline/training (recipe.py holds the TTA views).
-    dropped = registry.Step(**{**evaluate.__dict__, "code": tuple(c for c in evaluate.code if c != "pipeline/training")})
+    # The issue #21 case: evaluate without the module that holds the TTA views.
+    dropped = registry.Step(**{**evaluate.__dict__,
+                               "code": tuple(c for c in evaluate.code if c != "pipeline/inference/tta.py")})
     (problem,) = code_drift([dropped])
-    assert "pipeline/training/recipe.py" in problem
+    assert "pipeline/inference/tta.py" in problem
     extra = registry.Step(**{**evaluate.__dict__, "code": (*evaluate.code, "pipeline/audit.py")})
     assert "declares but does not import ['pipeline/audit.py']" in code_drift([extra])[0]
+
+
+def test_no_import_runs_back_up_the_layers():
+    """Every package of pipeline/ (and each top-level module) sits on a level below all that
+    import it: no two units import each other, lazily or not (the inference <-> packaging
+    loop of issue #23 was one)."""
+    from pipeline.imports import levels, unit_imports
+
+    graph = unit_imports()
+    level = levels(graph)  # raises, naming the cycle, when there is one
+    for a, imported in graph.items():
+        for b in imported:
+            assert level[b] < level[a], f"{a} (level {level[a]}) imports {b} (level {level[b]})"
+    # The glue is the top: no library module imports a stage.
+    assert all("stages" not in imported for a, imported in graph.items() if a != "stages")
+    assert level["pipeline.errors"] == 1 and level["pipeline.filenames"] == 1
+
+
+def test_the_layer_check_names_a_cycle():
+    from pipeline.imports import levels
+
+    with pytest.raises(ValueError, match="pipeline.inference -> pipeline.packaging -> pipeline.inference"):
+        levels({"pipeline.inference": {"pipeline.packaging"}, "pipeline.packaging": {"pipeline.inference"}})

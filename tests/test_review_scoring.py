@@ -235,12 +235,13 @@ def test_contact_sheet_renders_offline_in_chromium(tmp_path):
 def test_review_scores_held_out_rows_with_the_models_tta_views(digits_model):
     """One inference path: val/test probabilities are the ones evaluate computes, TTA views included."""
     from pipeline.config import TTASpec, load_variant
-    from pipeline.inference import probabilities
+    from pipeline.inference.tta import probabilities
     from pipeline.manifest import read_dataset
     from pipeline.models import load_trained
-    from pipeline.packaging.evaluation import model_inputs, predict_logits
-    from pipeline.review.review import review, softmax
-    from pipeline.training.recipe import tta_record
+    from pipeline.inference.network import model_inputs, predict_logits
+    from pipeline.inference.tta import softmax
+    from pipeline.review.review import review
+    from pipeline.inference.tta import tta_record
 
     meta_path = digits_model / "data/digits/train/model.json"
     meta = json.loads(meta_path.read_text())

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from helpers import FMPIPE, subprocess_env
-from pipeline import inference
+from pipeline.inference import runtime
 from pipeline.io import sha256_file
 from pipeline.packaging import deploy
 
@@ -330,12 +330,12 @@ def test_collect_predict_and_serve_decode_high_bit_images_alike(packages, image_
     spec = json.loads((pkg_dir / "preprocess.json").read_text())
     assert spec["input"]["high_bit_depth"] == "scale"  # the package records the policy
 
-    pkg = inference.open_package(pkg_dir)
+    pkg = runtime.open_package(pkg_dir)
     names = sorted(images)
     x = np.stack([collected[n].transpose(2, 0, 1).astype(np.float32) for n in names])
     for n, xi in zip(names, x):
-        np.testing.assert_array_equal(inference.image_array(images[n], pkg.spec, n), xi)  # same pixels
-    expected = inference.Predictor(pkg).predict_proba(x)
+        np.testing.assert_array_equal(runtime.image_array(images[n], pkg.spec, n), xi)  # same pixels
+    expected = runtime.Predictor(pkg).predict_proba(x)
 
     r = subprocess.run([*FMPIPE, "predict", str(pkg_dir), *(str(folder / "a" / n) for n in names), "--json",
                         "-k", "10"], env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -357,8 +357,8 @@ def test_high_bit_depth_reject_policy_is_applied_by_predict(packages, tmp_path):
     spec["input"]["high_bit_depth"] = "reject"
     img = tmp_path / "deep.png"
     img.write_bytes(_high_bit_images()["png16.png"])
-    with pytest.raises(inference.FmpipeError, match="deep.png: a high-bit-depth image .*high_bit_depth: reject"):
-        inference.image_array(img, spec, str(img))
+    with pytest.raises(runtime.FmpipeError, match="deep.png: a high-bit-depth image .*high_bit_depth: reject"):
+        runtime.image_array(img, spec, str(img))
 
 
 # ---------------------------------------------------------------- tables

@@ -7,5 +7,5 @@
   tests with one decision and one reason line; a typed report (``artefacts.MonitorReport``).
 - ``page``: the report-page section of a monitor run (most atypical inputs as thumbnails).
 
-Like ``pipeline.inference``, ``log`` imports only numpy: ``serve`` and ``predict`` load it.
+Like ``pipeline.inference.runtime``, ``log`` imports only numpy: ``serve`` and ``predict`` load it.
 """

@@ -283,7 +283,7 @@ def current_sample(entries, predictor, package_id: str, thumbnails: bool = True)
 
 def input_pixels(entry, spec: dict[str, Any]) -> np.ndarray:
     """A logged image input as the model's H x W x C uint8 pixels (the package's decoding rule)."""
-    from pipeline import inference
+    from pipeline.inference import runtime
 
     if entry.path.suffix == ".npy":
         try:
@@ -291,7 +291,7 @@ def input_pixels(entry, spec: dict[str, Any]) -> np.ndarray:
         except (OSError, ValueError) as exc:
             raise FmpipeError(f"{entry.path}: not a readable logged tensor ({exc})") from None
         return np.clip(np.rint(arr), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-    return inference.decode_image(entry.path, spec, str(entry.path)).pixels
+    return runtime.decode_image(entry.path, spec, str(entry.path)).pixels
 
 
 def input_features(entry, features: Sequence[str]) -> list[float]:

@@ -16,7 +16,7 @@ def monitor(variant: str, log_path: str | Path, *, splits: Sequence[str] = ("val
             out_dir: Optional[str | Path] = None, n_perm: int = 500, seed: int = 0):
     """The ``MonitorReport`` of ``log_path`` against ``variant``'s package and held-out data,
     written to ``out_dir`` (default ``data/<variant>/monitor``) with its HTML section."""
-    from pipeline import inference
+    from pipeline.inference import runtime
     from pipeline.artefacts import MonitorReport
     from pipeline.io import atomic_write_text
     from pipeline.monitoring import drift, log, page
@@ -34,12 +34,12 @@ def monitor(variant: str, log_path: str | Path, *, splits: Sequence[str] = ("val
     if not pkg_dir.is_dir():
         raise FmpipeError(f"{pkg_dir}: not found; the variant {variant!r} has no package yet "
                           f"(`dvc repro` or `fmpipe run --stage {variant}`)")
-    pkg = inference.open_package(pkg_dir)
+    pkg = runtime.open_package(pkg_dir)
     # Score the reference as the log's records were scored (an INT8 package's logits differ a little).
     precision = Counter(str(e.record.get("precision", "fp32")) for e in entries).most_common(1)[0][0]
-    if precision == "int8" and inference.int8_file(pkg) is None:
+    if precision == "int8" and runtime.int8_file(pkg) is None:
         precision = "fp32"
-    predictor = inference.Predictor(pkg, precision=precision if precision in ("fp32", "int8") else "fp32")
+    predictor = runtime.Predictor(pkg, precision=precision if precision in ("fp32", "int8") else "fp32")
     reference = drift.reference_sample(step_dir(variant, "annotate"), predictor, splits, seed=seed)
     current, rescored = drift.current_sample(entries, predictor, log.package_id(pkg))
     body, _ = drift.compare(reference, current, kind=pkg.kind, classes=pkg.classes, alpha=alpha,

@@ -4,7 +4,7 @@
 step's output is published: a real ``fmpipe serve`` process (uvicorn, a free port) on the
 archive, one Open Inference Protocol request per precision the package ships, built from the
 package's recorded check inputs (real test images / rows), and the answer must equal the
-package's own prediction (``inference.Predictor`` in this process). The model repository's
+package's own prediction (``runtime.Predictor`` in this process). The model repository's
 ONNX files must be the package's bytes. Any difference raises one FmpipeError line, and the
 runner then discards the whole output: no release.
 """
@@ -29,14 +29,14 @@ ATOL = 1e-5  # the same session on the same bytes: only float printing separates
 
 
 def canary(archive: Path, repo_root: Path, variant: str) -> dict[str, Any]:
-    from pipeline import inference
+    from pipeline.inference import runtime
 
-    pkg = inference.open_package(archive)
+    pkg = runtime.open_package(archive)
     try:
         lineage = json.loads((pkg.root / "lineage.json").read_text())["files"]
         shipped = {"fp32": (variant, str(pkg.spec.get("model_file", "model.onnx")))}
-        if inference.int8_file(pkg):
-            shipped["int8"] = (f"{variant}-int8", inference.int8_file(pkg))
+        if runtime.int8_file(pkg):
+            shipped["int8"] = (f"{variant}-int8", runtime.int8_file(pkg))
         for model, name in shipped.values():
             onnx = repo_root / model / "1" / "model.onnx"
             if not onnx.is_file() or sha256_file(onnx) != lineage[name]["sha256"]:
@@ -45,7 +45,7 @@ def canary(archive: Path, repo_root: Path, variant: str) -> dict[str, Any]:
         x = np.load(pkg.root / pkg.spec["checks"]["input"], allow_pickle=False)[:1]
         answers = {}
         for precision in shipped:
-            expected = inference.Predictor(pkg, threads=1, precision=precision).predict_proba(x)
+            expected = runtime.Predictor(pkg, threads=1, precision=precision).predict_proba(x)
             got = _ask_server(archive, x, pkg.name, precision)
             if got.shape != expected.shape or not np.allclose(got, expected, atol=ATOL) \
                     or (got.argmax(1) != expected.argmax(1)).any():

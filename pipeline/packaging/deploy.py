@@ -23,7 +23,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pipeline.packaging import PREPROCESS  # noqa: F401  (deploy.PREPROCESS: the name callers use)
 from pipeline.packaging.onnx_export import INPUT_NAME, OUTPUT_NAME
 
 CHECK_INPUT = "checks/input.npy"
@@ -73,7 +72,7 @@ def build_preprocess_spec(*, variant: str, meta: dict[str, Any], n_outputs: int,
         "name": variant, "variant": variant, "model_file": model_file,
         "input": inp, "output": output, "classes": classes,
         "temperature": float(temperature),
-        # Test-time augmentation views (pipeline.inference.tta_view) and how their logits
+        # Test-time augmentation views (pipeline.inference.tta.view) and how their logits
         # combine; null: the plain input only.
         "tta": tta,
         "checks": {"input": CHECK_INPUT, "logits": CHECK_LOGITS, "atol": float(atol),

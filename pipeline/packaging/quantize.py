@@ -6,14 +6,14 @@ activation ranges come from the validation split through a ``CalibrationDataRead
 the calibration method of ``package.int8.calibration`` (minmax, entropy, percentile).
 
 ``compare`` scores both models with the one inference path of predict/serve
-(``pipeline.inference.Predictor``: TTA views and temperature as the package applies them) on
+(``pipeline.inference.runtime.Predictor``: TTA views and temperature as the package applies them) on
 the test split, on one onnxruntime thread so the figures are reproducible.
 
 The gate written into the package (``int8.json``, a hashed DVC output) is the accuracy part
 only: a function of params and data, so ``dvc repro --force`` rewrites it byte for byte.
 Speed is a property of the machine the model runs on, not of the package: ``measure_speed``
 times both models at package time for the uncached run record and the summary line, and
-``pipeline.inference.choose_precision`` decides ``auto`` where the model is served, against
+``pipeline.inference.runtime.choose_precision`` decides ``auto`` where the model is served, against
 the ``min_speedup`` recorded here (a param, so deterministic).
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.artefacts import Int8Report, Int8Scores
 from pipeline.errors import FmpipeError
-from pipeline.inference import time_runs
+from pipeline.inference.runtime import time_runs
 
 INT8_MODEL = "model.int8.onnx"
 INT8_REPORT = "int8.json"
@@ -85,7 +85,7 @@ def quantize_int8(onnx_model: bytes, calibration_x: np.ndarray, input_name: str,
 def scores(probs: np.ndarray, labels: np.ndarray) -> Int8Scores:
     from sklearn.metrics import f1_score
 
-    from pipeline.packaging.calibration import expected_calibration_error
+    from pipeline.evaluation.calibration import expected_calibration_error
 
     pred = probs.argmax(axis=1)
     return Int8Scores(accuracy=float((pred == labels).mean()) if len(labels) else 0.0,

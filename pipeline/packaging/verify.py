@@ -22,18 +22,18 @@ import numpy as np
 from pipeline.artefacts import Lineage
 from pipeline.errors import FmpipeError
 from pipeline.io import sha256_file
-from pipeline.packaging import LINEAGE
+from pipeline.filenames import LINEAGE
 
 
 def verify_package(path: str | os.PathLike) -> dict[str, Any]:
-    from pipeline import inference
+    from pipeline.inference import runtime
 
     source = Path(path)
     if source.is_dir():
         root = source
         pkg = None
     else:
-        pkg = inference.open_package(source)  # extracts an archive; names a missing path
+        pkg = runtime.open_package(source)  # extracts an archive; names a missing path
         root = pkg.root
     where = lambda name: f"{source}/{name}" if source.is_dir() else f"{source}:{name}"  # noqa: E731
 
@@ -60,8 +60,8 @@ def verify_package(path: str | os.PathLike) -> dict[str, Any]:
         raise FmpipeError(f"{where(extra[0])}: not part of the package (not listed in lineage.json)")
 
     if pkg is None:
-        pkg = inference.open_package(root)
-    predictor = inference.Predictor(pkg, threads=1, check_digest=False)  # every file was hashed above
+        pkg = runtime.open_package(root)
+    predictor = runtime.Predictor(pkg, threads=1, check_digest=False)  # every file was hashed above
     checks = pkg.spec.get("checks") or {}
     try:
         x = np.load(root / checks["input"], allow_pickle=False)
@@ -83,7 +83,7 @@ def verify_package(path: str | os.PathLike) -> dict[str, Any]:
                           f"{', different argmax' if not same_argmax else ''})")
     result = {"package": str(source), "files": len(files), "checks": int(len(x)), "max_abs_diff": diff,
               "atol": atol, "name": pkg.name}
-    int8 = inference.int8_file(pkg)
+    int8 = runtime.int8_file(pkg)
     if int8 is not None:
         # The INT8 model against its own recorded outputs (its integer arithmetic is not torch's).
         try:
@@ -94,7 +94,7 @@ def verify_package(path: str | os.PathLike) -> dict[str, Any]:
             raise FmpipeError(f"{where('preprocess.json')}: int8 without `checks` (logits, atol)") from None
         except (OSError, ValueError) as exc:
             raise FmpipeError(f"{where(c8.get('logits', 'int8 checks'))}: unreadable check array ({exc})") from None
-        got8 = inference.Predictor(pkg, threads=1, check_digest=False, precision="int8").logits(x)
+        got8 = runtime.Predictor(pkg, threads=1, check_digest=False, precision="int8").logits(x)
         diff8 = float(np.abs(got8 - expected8).max()) if got8.shape == expected8.shape and got8.size else float("inf")
         if not diff8 <= atol8 or (got8.shape[1] > 1 and not (got8.argmax(1) == expected8.argmax(1)).all()):
             raise FmpipeError(f"{where(int8)}: does not reproduce its recorded INT8 check outputs "

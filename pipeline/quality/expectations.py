@@ -197,14 +197,15 @@ def write_suite(data: dict[str, Any], path: Path) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
-def init_command(variant: str, params_path: str = "params.yaml", force: bool = False) -> dict[str, Any]:
-    """``fmpipe validate --stage V --init``: write expectations/V.json from data/V/clean."""
+def init_command(variant: str, force: bool = False) -> dict[str, Any]:
+    """``fmpipe validate --stage V --init``: write expectations/V.json from data/V/clean.
+
+    The caller has checked that ``variant`` is one (the CLI loads its params first).
+    """
     import sys
 
-    from pipeline.config import load_variant
     from pipeline.manifest import read_dataset
 
-    load_variant(variant, params_path)  # an unknown variant is a clear error first
     path = suite_path(variant)
     if path.exists() and not force:
         raise FmpipeError(f"{path}: exists (people curate it); pass --force to overwrite it with a fresh suite")

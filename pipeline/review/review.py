@@ -7,7 +7,7 @@ it runs in memory in tests. What it does, in order:
    penultimate embedding and any layers named in ``review.duplicate_features`` (forward hooks
    of :class:`pipeline.quality.embedders.PackageEmbedder`); when the model has TTA views
    (model.json ``tta``), the val/test rows again through each view, combined exactly as
-   evaluate, predict and serve combine them (``pipeline.inference.probabilities``);
+   evaluate, predict and serve combine them (``pipeline.inference.tta.probabilities``);
 2. out-of-sample probabilities (:mod:`pipeline.review.scoring`): val/test from the network,
    train from the cross-validated head (or per-fold networks with ``scoring: full_model``);
 3. cleanlab per scoring group; the finders (:mod:`pipeline.review.finders`); the queue;
@@ -29,7 +29,7 @@ import pandas as pd
 from pipeline.config import VariantSpec
 from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset
-from pipeline.packaging.evaluation import effective_tta, tta_description
+from pipeline.inference.tta import effective_tta, softmax, tta_description
 from pipeline.review import export
 from pipeline.review.finders import ACROSS_SPLITS, FINDERS, SCORE_MEANING, ReviewInputs, build_queue
 from pipeline.review.scoring import cross_validated_head_probs, fold_assignment, label_issues
@@ -78,7 +78,7 @@ def _scored_by_label(split: str, method: str, folds: int) -> str:
 def embed_dataset(model_dir: str | os.PathLike, ds: Dataset, layers: list[Optional[str]], *,
                   batch_size: int = 512) -> dict[str, Any]:
     """Logits, penultimate embedding (``None``) and named layers for every row, one pass."""
-    from pipeline.packaging.evaluation import check_compatible
+    from pipeline.inference.network import check_compatible
     from pipeline.quality.embedders import PackageEmbedder
 
     embedder = PackageEmbedder(path=str(model_dir), batch_size=batch_size)
@@ -94,13 +94,13 @@ def embed_dataset(model_dir: str | os.PathLike, ds: Dataset, layers: list[Option
 def model_probs(net_or_dir, ds: Dataset, rows: np.ndarray, tta: Optional[dict[str, Any]],
                 logits: Optional[np.ndarray] = None) -> np.ndarray:
     """The model's class probabilities for ``rows`` as evaluate computes them: the same TTA views
-    through ``pipeline.inference.probabilities`` (without TTA: the softmax of ``logits`` when
+    through ``pipeline.inference.tta.probabilities`` (without TTA: the softmax of ``logits`` when
     the one pass already made them)."""
     if tta is None and logits is not None:
-        return softmax(logits[rows])
-    from pipeline.inference import probabilities
+        return softmax(np.asarray(logits[rows], dtype=np.float64))
+    from pipeline.inference.network import model_inputs, predict_logits
+    from pipeline.inference.tta import probabilities
     from pipeline.models import load_trained
-    from pipeline.packaging.evaluation import model_inputs, predict_logits
 
     net = load_trained(net_or_dir)[0] if isinstance(net_or_dir, (str, os.PathLike)) else net_or_dir
     return probabilities(predict_logits(net, model_inputs(ds.take(rows)), tta), 1.0, tta).astype(np.float64)
@@ -110,12 +110,6 @@ def review_tta(meta: dict[str, Any], spec: VariantSpec) -> Optional[dict[str, An
     """The TTA views evaluate scored this model with (none for tables)."""
     return effective_tta(meta, spec.train)
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def full_model_probs(ds: Dataset, spec: VariantSpec, train_rows: np.ndarray, folds: int, seed: int, *,

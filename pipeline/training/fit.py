@@ -278,7 +278,7 @@ def trim_curves(live_dir: Path, global_step: int) -> None:
 
 def model_meta(spec: VariantSpec, dm, dataset: Dataset) -> dict[str, Any]:
     """``model.json``: what ``pipeline.models.load_trained`` needs, plus how inputs look."""
-    from pipeline.training.recipe import tta_record
+    from pipeline.inference.tta import tta_record
 
     tta = spec.train.tta_spec() if dm.kind == "image" else None
     meta: dict[str, Any] = {

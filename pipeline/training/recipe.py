@@ -1,7 +1,7 @@
-"""The training recipe's pieces as plain functions: LR schedule shapes, parameter groups, TTA views.
+"""The training recipe's pieces as plain functions: LR schedule shapes and parameter groups.
 
 Everything here is a function of params and a plain ``nn.Module``/tensor, with no Lightning, so
-the training module, the benchmarks and evaluate share one definition and tests can check each
+the training module and the benchmarks share one definition and tests can check each
 piece by hand.
 """
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from pipeline.config import OptimizerSpec, ParamGroupRule, ScheduleSpec, TTASpec
+    from pipeline.config import OptimizerSpec, ParamGroupRule, ScheduleSpec
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -163,74 +163,3 @@ def make_optimizer(params, spec: "OptimizerSpec") -> "torch.optim.Optimizer":
     if spec.name == "adamw":
         return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     raise ValueError(f"unknown optimizer {spec.name!r}")  # the schema's Literal rules this out
-
-
-# ----------------------------------------------------------------------------- TTA
-
-def tta_views(spec: Optional["TTASpec"]) -> list[dict[str, Any]]:
-    """The views of ``spec`` as ``{"flip", "shift": [dy, dx], "weight"}``, weights summing to 1.
-
-    No TTA is the one identity view. This list (with ``combine``) is what model.json records
-    under ``tta``, so a served package can apply the very same views.
-    """
-    if spec is None:
-        return [{"flip": False, "shift": [0, 0], "weight": 1.0}]
-    if spec.views is not None:
-        raw = [(v.flip, list(v.shift), v.weight) for v in spec.views]
-    else:
-        flips = [False, True] if spec.flip else [False]
-        raw = [(f, [0, 0], 1.0 / len(flips)) for f in flips]
-        if spec.translate:
-            t = spec.translate
-            shifted = [(f, [d, d]) for d in (-t, t) for f in flips]
-            raw = [(f, s, w * 0.5) for f, s, w in raw] + [(f, s, 0.5 / len(shifted)) for f, s in shifted]
-    total = sum(w for _, _, w in raw)
-    return [{"flip": f, "shift": s, "weight": w / total} for f, s, w in raw]
-
-
-def tta_record(spec: Optional["TTASpec"]) -> dict[str, Any]:
-    """model.json's ``tta`` entry: the views and how their outputs combine."""
-    return {"combine": spec.combine if spec is not None else "logits", "padding": "reflect",
-            "views": tta_views(spec)}
-
-
-def view(x: "torch.Tensor", flip: bool, shift: Sequence[int]) -> "torch.Tensor":
-    """One TTA view of an N x C x H x W batch (see ``TTAView``)."""
-    import torch.nn.functional as F
-
-    dy, dx = int(shift[0]), int(shift[1])
-    if dy or dx:
-        h, w = x.shape[-2:]
-        py, px = abs(dy), abs(dx)
-        padded = F.pad(x, (px, px, py, py), mode="reflect")
-        x = padded[..., py + dy:py + dy + h, px + dx:px + dx + w]
-    if flip:
-        x = x.flip(-1)
-    return x
-
-
-def tta_predict(forward: Callable[["torch.Tensor"], "torch.Tensor"], x: "torch.Tensor",
-                record: dict[str, Any], head: str = "softmax") -> "torch.Tensor":
-    """Class probabilities (N x K) of batch ``x`` averaged over ``record``'s views.
-
-    ``forward`` maps inputs to logits. ``head="sigmoid"``: one logit per row, probabilities
-    ``[1 - p, p]``. With ``combine="logits"`` the weighted logits are averaged first.
-    """
-    import torch
-
-    def to_probs(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if head == "sigmoid":
-            p = torch.sigmoid(logits.reshape(-1))
-            return torch.stack([1 - p, p], dim=1)
-        return torch.softmax(logits, dim=1)
-
-    views = record.get("views") or [{"flip": False, "shift": [0, 0], "weight": 1.0}]
-    combine = record.get("combine", "logits")
-    acc = None
-    for v in views:
-        out = forward(view(x, bool(v["flip"]), v["shift"])).float()
-        part = out if combine == "logits" else to_probs(out)
-        part = part * float(v["weight"])
-        acc = part if acc is None else acc + part
-    return to_probs(acc) if combine == "logits" else acc

@@ -21,13 +21,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pipeline.inference import probabilities
+from pipeline.inference.tta import probabilities
 
 T_MIN, T_MAX = 0.05, 20.0
 
 
 def nll(logits, labels: np.ndarray, temperature: float, tta: Optional[dict[str, Any]] = None) -> float:
-    """Mean negative log-likelihood; ``logits`` as ``pipeline.inference.probabilities`` takes them."""
+    """Mean negative log-likelihood; ``logits`` as ``pipeline.inference.tta.probabilities`` takes them."""
     p = probabilities(logits, temperature, tta).astype(np.float64)
     picked = p[np.arange(len(labels)), np.asarray(labels, dtype=np.int64)]
     return float(-np.log(np.clip(picked, 1e-12, None)).mean())

@@ -1,4 +1,5 @@
-"""Run a packaged model on raw inputs: the one inference path of predict, serve and verify.
+"""Run a packaged model on raw inputs with onnxruntime: the one path of predict, serve, verify,
+the dist canary and package's INT8 gate.
 
 A package (the ``data/<variant>/package/`` directory or its ``<variant>-<hash>.tar.gz``
 archive) carries ``preprocess.json``, the machine-readable contract of its ONNX model:
@@ -34,8 +35,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 import numpy as np
 
 from pipeline.errors import FmpipeError
-from pipeline.reading import path_kind
-from pipeline.packaging import LINEAGE, PREPROCESS  # file names only: importing it loads nothing heavy
+from pipeline.filenames import LINEAGE, PREPROCESS
+from pipeline.inference.tta import LEGACY_FLIP_TTA, is_identity, probabilities, view
+from pipeline.reading import decode_text, path_kind
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.artefacts import Lineage
@@ -207,9 +209,10 @@ def table_rows(path: str | os.PathLike, spec: dict[str, Any], data: Optional[byt
     f = len(features) or int(spec["input"]["shape"][-1])
     where = str(path)
     try:  # ``data``: an upload's bytes, named ``path`` in messages and row names
-        text = data.decode() if data is not None else Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FmpipeError(f"{where}: cannot read ({exc})") from None
+        raw = data if data is not None else Path(path).read_bytes()
+    except OSError as exc:
+        raise FmpipeError(f"{where}: cannot read ({exc.strerror or exc})") from None
+    text = decode_text(raw, where, "a CSV file of feature rows")  # a BOM (Excel's UTF-8 CSV) is not a header byte
     try:
         rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
     except csv.Error as exc:  # e.g. a field over the csv module's size limit, a NUL byte
@@ -306,58 +309,6 @@ def check_batch(x: Any, spec: dict[str, Any], where: str = "input") -> np.ndarra
 
 
 # ---------------------------------------------------------------- the model
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def as_class_logits(logits: np.ndarray) -> np.ndarray:
-    """N x K logits as they are; a binary model's N x 1 logit z as [0, z] (softmax = [1-p, p])."""
-    logits = np.asarray(logits, dtype=np.float32)
-    if logits.ndim == 2 and logits.shape[1] == 1:
-        return np.concatenate([np.zeros_like(logits), logits], axis=1)
-    return logits
-
-
-# The TTA record of an older package that only knew ``tta_flip``: image and mirror, softmax averaged.
-LEGACY_FLIP_TTA = {"combine": "probs", "padding": "reflect",
-                   "views": [{"flip": False, "shift": [0, 0], "weight": 0.5},
-                             {"flip": True, "shift": [0, 0], "weight": 0.5}]}
-
-
-def tta_view(x: np.ndarray, flip: bool, shift: Sequence[int]) -> np.ndarray:
-    """One TTA view of an N x C x H x W batch: pixel (i, j) is input pixel (i+dy, j+dx),
-    mirrored at the borders, then the horizontal flip (as ``pipeline.training.recipe.view``)."""
-    dy, dx = int(shift[0]), int(shift[1])
-    if dy or dx:
-        h, w = x.shape[-2:]
-        py, px = abs(dy), abs(dx)
-        padded = np.pad(x, ((0, 0), (0, 0), (py, py), (px, px)), mode="reflect")
-        x = padded[..., py + dy:py + dy + h, px + dx:px + dx + w]
-    if flip:
-        x = x[..., ::-1]
-    return np.ascontiguousarray(x)
-
-
-def probabilities(view_logits, temperature: float = 1.0, tta: Optional[dict[str, Any]] = None) -> np.ndarray:
-    """Class probabilities from the logits of each TTA view, with the temperature applied.
-
-    ``view_logits``: one N x K (or N x 1 binary) array when there is no TTA, else a list
-    aligned with ``tta["views"]``. ``combine: logits`` averages the weighted logits before the
-    softmax; ``combine: probs`` averages the softmaxes. Evaluate, predict and serve all use it.
-    """
-    if tta is None or isinstance(view_logits, np.ndarray):
-        return softmax(as_class_logits(view_logits).astype(np.float64) / temperature).astype(np.float32)
-    views = tta["views"]
-    if tta.get("combine", "logits") == "logits":
-        z = sum(float(v["weight"]) * as_class_logits(l).astype(np.float64) for v, l in zip(views, view_logits))
-        return softmax(z / temperature).astype(np.float32)
-    p = sum(float(v["weight"]) * softmax(as_class_logits(l).astype(np.float64) / temperature)
-            for v, l in zip(views, view_logits))
-    return p.astype(np.float32)
-
 
 PRECISIONS = ("fp32", "int8", "auto")
 
@@ -534,8 +485,8 @@ class Predictor:
         """The logits of every TTA view (one array without TTA); ``plain``: x's own, if known."""
         if self.tta is None:
             return self.logits(x) if plain is None else plain
-        return [plain if plain is not None and not v["flip"] and not any(v["shift"])
-                else self.logits(tta_view(x, bool(v["flip"]), v["shift"])) for v in self.tta["views"]]
+        return [plain if plain is not None and is_identity(v)
+                else self.logits(view(x, bool(v["flip"]), v["shift"])) for v in self.tta["views"]]
 
 
 def top_k(probs: np.ndarray, classes: Sequence[str], k: int = 3) -> list[list[dict[str, Any]]]:

@@ -1,0 +1,109 @@
+"""A trained torch network run over a dataset: the batch side of inference (evaluate, review,
+the membership audit, package's ONNX check inputs).
+
+The network takes raw inputs (normalisation is its first layer, see ``pipeline.models``):
+images as float32 N x C x H x W pixel values 0..255, tables as float32 N x F features in the
+dataset's column order. ``model_inputs`` is the one place that turns a dataset into that;
+``predict_logits`` gives the logits of every TTA view (``pipeline.inference.tta``), which
+``tta.probabilities`` turns into class probabilities exactly as predict and serve do.
+
+torch is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from pipeline.errors import FmpipeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from pipeline.manifest import Dataset
+
+
+def model_inputs(ds: "Dataset") -> "torch.Tensor":
+    """The dataset's payload as the network's raw input tensor (float32, CPU)."""
+    import torch
+
+    if ds.images is not None:
+        # uint8 N x H x W x C -> float32 N x C x H x W, values kept in 0..255.
+        return torch.from_numpy(np.ascontiguousarray(ds.images)).permute(0, 3, 1, 2).float().contiguous()
+    return torch.from_numpy(ds.features.to_numpy(dtype=np.float32, copy=True))
+
+
+def check_compatible(meta: dict[str, Any], ds: "Dataset", model_dir: str | Path, data_dir: str | Path) -> None:
+    """Refuse to score a model on data it was not built for (kind, shape, classes, features)."""
+    where = f"{model_dir}/model.json vs {data_dir}"
+    kind = meta["input"]["kind"]
+    if kind != ds.kind:
+        raise FmpipeError(f"{where}: model takes {kind} input, dataset is {ds.kind}")
+    shape = list(meta["input"]["shape"])
+    if ds.images is not None:
+        h, w, c = ds.images.shape[1:]
+        expected = [c, h, w]
+    else:
+        expected = [ds.features.shape[1]]
+    if shape != expected:
+        raise FmpipeError(f"{where}: model input shape {shape}, dataset gives {expected}")
+    if list(meta["classes"]) != list(ds.classes):
+        raise FmpipeError(f"{where}: model classes {meta['classes']} differ from dataset classes {ds.classes}")
+    names = meta["input"].get("feature_names")
+    if names is not None and ds.features is not None and list(names) != list(ds.features.columns):
+        raise FmpipeError(f"{where}: model features {names} differ from dataset columns {list(ds.features.columns)}")
+
+
+def predict_logits(net: "torch.nn.Module", x: "torch.Tensor", tta: Optional[dict[str, Any]] = None,
+                   batch_size: int = 512):
+    """Raw network outputs as float32 numpy: one N x K (or N x 1) array, or with ``tta`` one
+    per view, in the form ``pipeline.inference.tta.probabilities`` (evaluate, predict, serve) takes.
+
+    Images go through the network in channels_last (NHWC in memory, the same values): oneDNN's
+    convolutions are faster on it, and on a CPU the freed activations stay in the heap
+    (``pipeline.resources.keep_freed_cpu_memory``). Together 1.8x faster for the cifar net's
+    6 TTA views (bench/README.md); the logits move by ~1e-6, the same on every run. ``net`` is
+    left in the memory format it came in.
+    """
+    import torch
+
+    from pipeline.console import progress
+    from pipeline.inference.tta import view
+    from pipeline.resources import keep_freed_cpu_memory
+
+    views = (tta or {}).get("views")
+    net.eval()
+    images = x.ndim == 4
+    device = next(iter(net.parameters()), torch.empty(0)).device
+    if device.type == "cpu":
+        keep_freed_cpu_memory()
+    restore = images and _to_channels_last(net)
+    outs: list[list[np.ndarray]] = [[] for _ in (views or [None])]
+    starts = range(0, len(x), batch_size)
+    try:
+        with torch.inference_mode():
+            for start in progress(starts, len(starts), "predict"):
+                batch = x[start:start + batch_size]
+                for i, v in enumerate(views or [None]):
+                    b = batch if v is None else view(batch, bool(v["flip"]), v["shift"])
+                    if images:
+                        b = b.contiguous(memory_format=torch.channels_last)
+                    outs[i].append(net(b).float().cpu().numpy())
+    finally:
+        if restore:
+            net.to(memory_format=torch.contiguous_format)
+    arrays = [np.concatenate(o) if o else np.zeros((0, 0), dtype=np.float32) for o in outs]
+    return arrays if views else arrays[0]
+
+
+def _to_channels_last(net: "torch.nn.Module") -> bool:
+    """Put ``net``'s 4-D weights in channels_last; True when it changed any (to undo after)."""
+    import torch
+
+    filters = [p for p in net.parameters() if p.ndim == 4]
+    if not filters or all(p.is_contiguous(memory_format=torch.channels_last) for p in filters):
+        return False
+    net.to(memory_format=torch.channels_last)
+    return True
