@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ("collect", "clean", "validate", "annotate", "train", "evaluate", "package", "dist", "review", "report")
+sys.path.insert(0, str(REPO))
+from pipeline.steps import ORDER  # noqa: E402  (the registry; no heavy import)
 
 # Runs in the child: record the wall clock (epoch seconds) at the step's start, then be fmpipe.
 LAUNCHER = r"""

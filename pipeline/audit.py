@@ -37,10 +37,11 @@ import pandas as pd
 from pipeline.artefacts import A, Blessing, DatasetReport, Lineage, Metrics, ValidationSummary
 from pipeline.errors import FmpipeError
 from pipeline.manifest import MANIFEST, REPORT
-from pipeline.paths import STEPS, step_dir
+from pipeline.steps import DATASET_STEPS
+from pipeline.steps import ORDER as STEPS
+from pipeline.steps import output, upstream_of
 
 WORKSPACE = "workspace"
-DATA_STEPS = ("collect", "clean", "annotate")
 LOCK = "dvc.lock"
 _SEP = "\x1f"  # field separator in git's --format output (never in names or messages)
 # The output that names a multi-output step's result in the history's hashes.
@@ -249,7 +250,7 @@ class Version:
 
     def read(self, step: str, name: Optional[str] = None, required: bool = True) -> Optional[bytes]:
         """The bytes of ``data/<variant>/<step>/<name>`` in this version."""
-        path = str(step_dir(self.variant, step) / name) if name else str(step_dir(self.variant, step))
+        path = str(output(f"{step}/{name}" if name else step, self.variant))
         if self.commit is None:
             try:
                 return Path(path).read_bytes()
@@ -340,7 +341,7 @@ def removal_reasons(version: Version) -> dict[str, dict[str, Any]]:
     """``{id: removal}`` from collect's, clean's and annotate's reports of a version (a row
     dropped by people's decision is annotate's ``dropped_by_annotation``; the later step wins)."""
     reasons: dict[str, dict[str, Any]] = {}
-    for step in DATA_STEPS:
+    for step in DATASET_STEPS:
         report = version.json(step, REPORT) if (version.commit is None or step in version.stages) else None
         for r in (report or {}).get("removed") or []:
             reasons[str(r.get("id"))] = {"step": step, **{k: v for k, v in r.items() if k != "id"}}
@@ -432,8 +433,8 @@ def _notes(version: Version) -> dict[str, str]:
 
 def diff_versions(variant: str, step: str, rev_a: str, rev_b: str, repo: str = ".") -> dict[str, Any]:
     """Row-level differences of ``data/<variant>/<step>`` between two revisions (or the workspace)."""
-    if step not in DATA_STEPS:
-        raise FmpipeError(f"--step must be one of {', '.join(DATA_STEPS)}, not {step!r}")
+    if step not in DATASET_STEPS:
+        raise FmpipeError(f"--step must be one of {', '.join(DATASET_STEPS)}, not {step!r}")
     git = Git(repo)
     store = Store(repo)
     a = open_version(variant, rev_a, repo, git, store, need_step=step)
@@ -533,7 +534,7 @@ def history(variant: str, repo: str = ".", rev: str = "HEAD") -> dict[str, Any]:
         if key == last:
             continue  # nothing of this variant changed in that commit
         last = key
-        data_key = json.dumps({s: (mine.get(s) or {}).get("outs") for s in DATA_STEPS}, sort_keys=True)
+        data_key = json.dumps({s: (mine.get(s) or {}).get("outs") for s in DATASET_STEPS}, sort_keys=True)
         group = groups.setdefault(data_key, {"commits": []})
         group["commits"].append(info)
         group["entries"] = mine
@@ -711,7 +712,7 @@ def model_provenance(lineage: Lineage) -> dict[str, Any]:
     dvc = lineage.dvc_lock
     stages = dvc.get("stages") or {}
     data = {}
-    for step in ("collect", "clean", "validate", "annotate"):
+    for step in upstream_of("train"):  # the data steps that made the model
         entry = stages.get(f"{step}@{variant}")
         if entry:
             data[step] = [{"path": o["path"], "md5": o.get("md5")} for o in entry.get("outs") or []]
@@ -771,7 +772,7 @@ def audit_model(package: str | Path, repo: Optional[str] = ".", against: str = "
     if annotate:
         store = Store(repo)
         made = Version(variant, "package", "package", {"annotate": {"outs": [
-            {"path": str(step_dir(variant, "annotate")), "md5": annotate}]}}, git, store)
+            {"path": str(output("annotate", variant)), "md5": annotate}]}}, git, store)
         now = open_version(variant, against, repo, git, store, need_step="annotate")
         try:
             result["diff_to_current"] = diff_between(made, now, "annotate")

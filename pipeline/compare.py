@@ -32,7 +32,7 @@ from typing import Any, Optional
 from pipeline.audit import (LOCK, WORKSPACE, Git, Store, Version, _lock_stages, diff_between, read_lineage,
                             variant_entries)
 from pipeline.errors import FmpipeError
-from pipeline.paths import STEPS
+from pipeline.steps import ORDER as STEPS
 
 PER_CLASS_KEYS = ("precision", "recall", "f1")
 _CODE = ("stages/", "pipeline/")  # dvc.yaml deps that are the project's code

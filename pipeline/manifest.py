@@ -192,24 +192,25 @@ def save_dataset(ds: Dataset, directory: str | os.PathLike, report: dict[str, An
     (tmp / REPORT).write_text(to_json(report))
 
 
-def read_dataset(in_dir: str | os.PathLike, mmap: bool = True) -> Dataset:
+def read_dataset(in_dir: str | os.PathLike, mmap: bool = True, run: str = "") -> Dataset:
     """Read a dataset directory, checking that its files are whole and belong together.
 
     Every problem (a missing or truncated file, a payload that is not the one written with
-    this manifest) is a ``FmpipeError`` naming the file, never a traceback.
+    this manifest) is a ``FmpipeError`` naming the file, never a traceback. ``run``: the
+    command that writes it (``pipeline.steps.rerun_hint``), which the messages name.
     """
     in_dir = Path(in_dir)
     meta_path = in_dir / META
+    rerun = f"{run} again" if run else "run the step that wrote it again"
     if not meta_path.exists():
-        raise FmpipeError(f"{in_dir}: not a dataset directory (no {META}); run the previous step first")
+        raise FmpipeError(f"{in_dir}: not a dataset directory (no {META}); "
+                          f"{f'{run} first' if run else 'run the previous step first'}")
     try:
         meta = json.loads(meta_path.read_text())
         kind, classes = meta["kind"], list(meta["classes"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise FmpipeError(f"{meta_path}: not a valid dataset description ({_reason(exc)}); "
-                          "run the step that wrote it again") from None
+        raise FmpipeError(f"{meta_path}: not a valid dataset description ({_reason(exc)}); {rerun}") from None
     payload = IMAGES if kind == "image" else FEATURES
-    rerun = "run the step that wrote it again"
     for name in (MANIFEST, payload):
         if not (in_dir / name).is_file():
             raise FmpipeError(f"{in_dir / name}: missing from the dataset directory; {rerun}")

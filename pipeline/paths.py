@@ -1,18 +1,9 @@
-"""Where each step of each variant reads and writes: ``data/<variant>/<step>/`` (see pipeline/steps.py)."""
+"""Where people's files for a variant live; step outputs' paths come from the registry
+(``pipeline.steps.output``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from pipeline.steps import ORDER as STEPS
-from pipeline.steps import get
-
-DATA_ROOT = Path("data")
-
-
-def step_dir(variant: str, step: str) -> Path:
-    return Path(get(step).dir.format(v=variant))
-
 
 def annotations_dir(variant: str) -> Path:
     """People's decisions for a variant (a dvc.yaml dependency of its annotate stage)."""

@@ -16,17 +16,17 @@ _SUMMED = ("wall_s", "cpu_s", "read_mb", "write_mb", "accel_s", "gflop")
 
 def collect(variant: Optional[str]) -> dict[str, list[dict[str, Any]]]:
     """``{variant: [row per step that has a record, in lifecycle order]}``."""
-    root = Path(registry.RESOURCES_DIR.format(v="x")).parent
+    root = registry.at(registry.RESOURCES_DIR, "x").parent
     variants = [variant] if variant else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     tables: dict[str, list[dict[str, Any]]] = {}
     for v in variants:
         rows = []
         for step in registry.STEPS:
-            path = Path(step.resources.format(v=v))
+            path = registry.at(step.resources, v)
             if not path.exists():
                 continue
             row = {"step": step.name, **Resources.read(path).model_dump(exclude_none=True, exclude={"schema_version"})}
-            record = Path(step.run_record.format(v=v))
+            record = registry.at(step.run_record, v)
             if record.exists():
                 rec = RunRecord.read(record)
                 row.update(device=rec.device, optimizer_steps=rec.optimizer_steps, samples_per_s=rec.samples_per_s)

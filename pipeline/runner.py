@@ -35,10 +35,6 @@ log = logging.getLogger("fmpipe")
 ACCOUNTING_ENV = "FMPIPE_RESOURCES"
 
 
-def step_path(template: str, variant: str) -> Path:
-    return Path(template.format(v=variant))
-
-
 @dataclass
 class StepContext:
     """What a step's glue gets: its params, its inputs, and a place to write its outputs."""
@@ -62,25 +58,30 @@ class StepContext:
 
     @property
     def final_dir(self) -> Path:
-        return step_path(self.step.dir, self.variant)
+        return self.step.path(self.variant)
 
     def input(self, ref: str) -> Path:
         """Path of one of the step's declared inputs: ``"annotate"`` or ``"train/model.json"``."""
         if ref not in self.step.reads and ref.split("/", 1)[0] not in self.step.reads:
             raise KeyError(f"step {self.step.name!r} does not declare {ref!r} as an input")
-        return step_path(f"{registry.DATA}/{ref}", self.variant)
+        return registry.output(ref, self.variant)
+
+    def rerun(self, ref: str, then: str = "first") -> str:
+        """The hint for a missing or stale input ``ref``: run the step that writes it."""
+        self.input(ref)  # only a declared input
+        return registry.rerun_hint(ref, self.variant, then)
 
     def source(self, template: str) -> Path:
         if template not in self.step.sources:
             raise KeyError(f"step {self.step.name!r} does not declare {template!r} as a source")
-        return step_path(template, self.variant)
+        return registry.at(template, self.variant)
 
     def dataset(self, ref: str):
         """The dataset an upstream step wrote, read once and checked against its manifest."""
         if ref not in self._datasets:
             from pipeline.manifest import read_dataset
 
-            self._datasets[ref] = read_dataset(self.input(ref))
+            self._datasets[ref] = read_dataset(self.input(ref), run=self.rerun(ref, then=""))
         return self._datasets[ref]
 
     def previous(self, name: str) -> Path:
@@ -107,7 +108,7 @@ def _run_locked(step: registry.Step, variant: str, params_path: str, spec: Any, 
     from pipeline.resources import ResourceMeter
 
     name = step.name
-    final = step_path(step.dir, variant)
+    final = step.path(variant)
     refuse_symlink(final)  # before the step's work (atomic_dir checks again)
     glue = importlib.import_module(step.module)
     accounting = os.environ.get(ACCOUNTING_ENV, "1") != "0"
@@ -125,12 +126,12 @@ def _run_locked(step: registry.Step, variant: str, params_path: str, spec: Any, 
         return ctx.result
 
     if accounting:
-        inputs = [step_path(f"{registry.DATA}/{r}", variant) for r in step.reads]
-        inputs += [step_path(s, variant) for s in step.sources]
-        outputs = [step_path(p, variant) for p, _ in step.out_paths()]
+        inputs = [registry.output(r, variant) for r in step.reads]
+        inputs += [registry.at(s, variant) for s in step.sources]
+        outputs = [registry.at(p, variant) for p, _ in step.out_paths()]
         res = meter.result(inputs, outputs, ctx.figures)
-        res.write(step_path(step.resources, variant))
-        meter.record(name, ctx.details).write(step_path(step.run_record, variant))
+        res.write(registry.at(step.resources, variant))
+        meter.record(name, ctx.details).write(registry.at(step.run_record, variant))
         cost = f" [{res.wall_s:.1f} s, {res.cpu_s:.1f} s CPU, {res.peak_mb / 1024:.2f} GB peak]"
     else:
         cost = ""
@@ -170,7 +171,7 @@ def variant_lock(variant: str, step: str) -> Iterator[None]:
     if any(os.environ.get(k, "0") not in ("", "0") for k in _RANK_ENVS):
         yield
         return
-    path = step_path(LOCK_FILE, variant)
+    path = registry.at(LOCK_FILE, variant)
     created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,8 +215,8 @@ def _acquire(path: Path, variant: str, step: str) -> int:
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise FmpipeError(f"{path}: variant {variant!r} is busy: {holder}; "
-                              f"wait for it to finish (or stop it), then run `fmpipe {step}` again") from None
+            raise FmpipeError(f"{path}: variant {variant!r} is busy: {holder}; wait for it to finish "
+                              f"(or stop it), then {registry.rerun_hint(step, variant, 'again')}") from None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd

@@ -6,7 +6,11 @@ registry come:
 
 - the ``fmpipe`` commands and their order in ``fmpipe --help`` (``pipeline/cli.py``);
 - the lifecycle order ``fmpipe run`` follows and the upstream list package records;
-- the input/output paths the runner (``pipeline/runner.py``) resolves for every step;
+- every step output's path (:func:`output`, ``Step.path``; ``{v}`` is filled in by :func:`at`
+  alone), which the runner (``pipeline/runner.py``) resolves for every step;
+- the steps that write a dataset (``DATASET_STEPS``: what the audit versions and diffs);
+- every "run ``fmpipe X --stage V`` first" hint (:func:`rerun_hint`, ``StepContext.rerun``),
+  from the step that writes the missing output;
 - ``tests/test_registry.py``, which fails when ``dvc.yaml`` and this registry disagree
   (deps, params, outs, metrics, plots), so the two cannot drift.
 
@@ -20,6 +24,7 @@ run, so they would dirty the tree, churn ``dvc.lock`` and drown ``dvc metrics di
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 DATA = "data/{v}"
@@ -27,6 +32,11 @@ RESOURCES_DIR = "data/resources/{v}"
 RUNS_DIR = "data/runs/{v}"
 
 OutKind = Literal["out", "metric", "plot"]
+
+
+def at(template: str, variant: str) -> Path:
+    """A registry path template for one variant: the one place ``{v}`` is filled in."""
+    return Path(template.format(v=variant))
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,10 @@ class Step:
     @property
     def dir(self) -> str:
         return f"{DATA}/{self.name}"
+
+    def path(self, variant: str, name: str = "") -> Path:
+        """``data/<variant>/<step>`` (or a file in it): where the step's output is, after a run."""
+        return at(f"{self.dir}/{name}".rstrip("/"), variant)
 
     @property
     def upstream(self) -> tuple[str, ...]:
@@ -252,7 +266,7 @@ STEPS: tuple[Step, ...] = (
         reads=("clean", "validate/summary.json", "annotate", "train/live/metrics.json",
                "evaluate/predictions.parquet", "evaluate/metrics.json", "package", "review"),
         code=("pipeline/artefacts.py", "pipeline/audit.py", "pipeline/compare.py", "pipeline/config.py",
-              "pipeline/io.py", "pipeline/manifest.py", "pipeline/palette.py", "pipeline/paths.py",
+              "pipeline/io.py", "pipeline/manifest.py", "pipeline/palette.py",
               "pipeline/quality/__init__.py", "pipeline/quality/neighbors.py", "pipeline/reading.py",
               "pipeline/report/__init__.py", "pipeline/report/changes.py", "pipeline/report/figures.py",
               "pipeline/report/page.py", "pipeline/report/readers.py", "pipeline/review/__init__.py",
@@ -307,6 +321,27 @@ def get(name: str) -> Step:
         return BY_NAME[name]
     except KeyError:
         raise KeyError(f"unknown step {name!r} (steps: {', '.join(ORDER)})") from None
+
+
+def output(ref: str, variant: str) -> Path:
+    """The path of an output ``ref``: ``"clean"`` (a step's directory) or ``"evaluate/blessing.json"``."""
+    step, _, name = ref.partition("/")
+    return get(step).path(variant, name)
+
+
+def rerun_hint(ref: str, variant: str, then: str = "first") -> str:
+    """What a person types to (re)make the output ``ref`` (``"package"``, ``"train/model.json"``):
+    ``run `fmpipe package --stage V` first``. Every "run this step" hint is built here, from
+    the step that writes the output, so a renamed step or a moved output cannot leave a hint
+    naming the wrong command."""
+    step = get(ref.split("/", 1)[0]).name
+    return f"run `fmpipe {step} --stage {variant}`" + (f" {then}" if then else "")
+
+
+def listed(names, last: str = "or") -> str:
+    """``collect, clean or annotate``: a list of step names for a message."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
 
 
 def upstream_of(name: str) -> list[str]:

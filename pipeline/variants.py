@@ -215,6 +215,7 @@ def add_variant(name: str, source: str, enable: bool = False, params_path: str =
     from pipeline.quality.expectations import init_suite, suite_path, write_suite
     from pipeline.runner import run_step
     from pipeline.sources import tracked_path
+    from pipeline.steps import DATA, at, output
 
     check_variant_name(name, "NAME")
     params_file = Path(params_path)
@@ -227,7 +228,7 @@ def add_variant(name: str, source: str, enable: bool = False, params_path: str =
     link = tracked_path(name)
     same = link.exists() and os.path.realpath(link) == os.path.realpath(src)
     annotations = annotations_dir(name)
-    for taken in (suite_path(name), annotations, Path("data") / name, *([] if same else [link])):
+    for taken in (suite_path(name), annotations, at(DATA, name), *([] if same else [link])):
         if os.path.lexists(taken):
             raise FmpipeError(f"{taken}: exists already (left from an earlier variant {name}?); "
                               "remove it or choose another name")
@@ -245,7 +246,7 @@ def add_variant(name: str, source: str, enable: bool = False, params_path: str =
     with _scratch_project(params_with(text, name, section, False), name, src) as root:
         run_step("collect", name)
         run_step("clean", name)
-        ds = read_dataset(root / "data" / name / "clean")
+        ds = read_dataset(root / output("clean", name))
         section = _fitted(section, ds.manifest, ds.classes)
         new_text = params_with(text, name, section, enable)
         (root / "params.yaml").write_text(new_text)

@@ -21,7 +21,7 @@ from pipeline.packaging.canary import canary
 
 def run(ctx) -> None:
     package_dir = ctx.input("package")
-    rerun = f"run `fmpipe package --stage {ctx.variant}` first"
+    rerun = ctx.rerun("package")
     lineage = Lineage.read(package_dir / LINEAGE, rerun)
     try:
         spec = json.loads((package_dir / PREPROCESS).read_text())

@@ -22,7 +22,6 @@ from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.summary import render_table
 from pipeline.filenames import LINEAGE
 from pipeline.models import load_trained
-from pipeline.runner import step_path
 
 
 def run(ctx) -> None:
@@ -30,8 +29,8 @@ def run(ctx) -> None:
     net, meta = load_trained(model_dir)
     ev = evaluate(variant=ctx.variant, spec=ctx.spec, net=net, meta=meta, ds=ctx.dataset("annotate"),
                   model_dir=model_dir, data_dir=ctx.input("annotate"),
-                  last_package=step_path(registry.get("package").dir, ctx.variant) / LINEAGE,
-                  last_run_record=step_path(registry.get("evaluate").run_record, ctx.variant))
+                  last_package=registry.output(f"package/{LINEAGE}", ctx.variant),
+                  last_run_record=registry.at(registry.get("evaluate").run_record, ctx.variant))
     ev.write(ctx.out)
     ctx.details["last_blessed"] = ev.last_blessed
     ctx.details["baseline"] = ev.compared

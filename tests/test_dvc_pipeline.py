@@ -18,6 +18,7 @@ import yaml
 
 from helpers import REPO, cpu_signature, make_repo, sh
 from pipeline.manifest import read_dataset, read_report
+from pipeline.steps import DATASET_STEPS
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def test_fresh_clone_reproduces_dvc_lock(tmp_path):
 @pytest.mark.parametrize("variant", ["digits", "iris"])
 def test_every_step_wrote_its_contract(reproduced, variant):
     base = reproduced / "data" / variant
-    for step in ("collect", "clean", "annotate"):
+    for step in DATASET_STEPS:
         ds = read_dataset(base / step)
         report = read_report(base / step)
         assert report.rows_in == report.rows_out + report.rows_removed

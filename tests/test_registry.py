@@ -39,6 +39,18 @@ def dvc_stages(text: str) -> dict:
     return yaml.safe_load(text)["stages"]
 
 
+def stage_entry(step: registry.Step) -> str:
+    """The registry's ``dvc.yaml`` entry for ``step``, as YAML to paste (a new step's stage)."""
+    item = lambda p: p.replace("{v}", "${item}")  # noqa: E731
+    do: dict = {"cmd": f"fmpipe {step.name} --stage ${{item}}", "deps": [item(d) for d in step.dep_paths()]}
+    if step.params:
+        do["params"] = [f"variants.${{item}}.{p}" for p in step.params]
+    for section, entries in _expected(step).items():
+        if entries:
+            do[section] = [{p: props} if props else p for p, props in entries.items()]
+    return yaml.safe_dump({"stages": {step.name: {"foreach": "${enabled}", "do": do}}}, sort_keys=False)
+
+
 def disagreements(dvc_yaml: str) -> list[str]:
     stages = dvc_stages(dvc_yaml)
     problems = []
@@ -47,6 +59,7 @@ def disagreements(dvc_yaml: str) -> list[str]:
     for step in registry.STEPS:
         stage = stages.get(step.name)
         if stage is None:
+            problems.append(f"{step.name}: not in dvc.yaml; its entry:\n{stage_entry(step)}")
             continue
         assert stage["foreach"] == "${enabled}"
         do = stage["do"]
@@ -82,6 +95,19 @@ def test_the_check_fails_when_dvc_yaml_changes_alone(edit):
     assert disagreements(changed)
 
 
+def test_a_new_step_fails_the_check_with_its_dvc_yaml_entry(monkeypatch):
+    text = (REPO / "dvc.yaml").read_text()
+    hello = registry.Step(name="hello", help="", module="stages.hello", reads=("annotate",),
+                          code=("stages/hello.py",), params=("hello",))
+    monkeypatch.setattr(registry, "STEPS", (*registry.STEPS, hello))
+    monkeypatch.setattr(registry, "ORDER", (*registry.ORDER, "hello"))
+    problem = next(p for p in disagreements(text) if p.startswith("hello: not in dvc.yaml"))
+    entry = problem.split("\n", 1)[1]
+    # Pasted into dvc.yaml, the entry satisfies the check.
+    assert disagreements(text + entry.split("stages:\n", 1)[1]) == []
+    assert "cmd: fmpipe hello --stage ${item}" in entry and "- data/${item}/annotate" in entry
+
+
 def test_the_check_fails_when_the_registry_changes_alone(monkeypatch):
     text = (REPO / "dvc.yaml").read_text()
     clean = registry.get("clean")
@@ -101,11 +127,32 @@ def test_cli_lists_exactly_the_registered_steps_in_order():
     assert names[:len(registry.ORDER)] == list(registry.ORDER)
 
 
-def test_upstream_of_package_is_every_other_step():
-    # dist, review and report come after package (review reads the trained model, never package's output).
-    assert registry.upstream_of("package") == [s for s in registry.ORDER if s not in ("package", "dist", "review", "report")]
-    assert registry.upstream_of("dist") == [s for s in registry.ORDER if s not in ("dist", "review", "report")]
+def test_upstream_is_transitive_and_in_lifecycle_order():
+    up = registry.upstream_of("package")
+    # package's lineage covers the data, the model and its evaluation, in lifecycle order...
+    assert {"collect", "clean", "validate", "annotate", "train", "evaluate"} <= set(up)
+    assert up == [s for s in registry.ORDER if s in up]
+    # ...and nothing that reads package or only the trained model (review never reads package).
+    assert not {"package", "dist", "review", "report"} & set(up)
+    assert registry.upstream_of("dist") == [*up, "package"]
     assert registry.upstream_of("collect") == []
+
+
+def test_hints_and_paths_come_from_the_registry():
+    """Hints name the step that writes an output; paths are the registry's, for any variant."""
+    from pipeline.runner import StepContext
+
+    assert registry.rerun_hint("evaluate/blessing.json", "v") == "run `fmpipe evaluate --stage v` first"
+    assert registry.rerun_hint("package", "v", then="again") == "run `fmpipe package --stage v` again"
+    assert registry.output("train/model.json", "v").as_posix() == "data/v/train/model.json"
+    assert registry.get("dist").path("v").as_posix() == "data/v/dist"
+    ctx = StepContext(registry.get("package"), "v", "params.yaml", None, Path("unused"))
+    assert ctx.rerun("train/model.safetensors") == "run `fmpipe train --stage v` first"
+    with pytest.raises(KeyError, match="does not declare 'review'"):
+        ctx.rerun("review")  # a hint only for what the step reads
+    assert registry.DATASET_STEPS == tuple(s.name for s in registry.STEPS if s.writes_dataset)
+    with pytest.raises(KeyError, match="unknown step 'hello'"):
+        registry.rerun_hint("hello", "v")
 
 
 def test_confusion_plot_has_actual_on_y_like_the_report_png():

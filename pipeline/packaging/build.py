@@ -30,6 +30,7 @@ from pipeline.packaging.model_card import render_model_card
 from pipeline.packaging.onnx_export import export_onnx, verify_onnx
 from pipeline.packaging.quantize import INT8_MODEL, INT8_REPORT
 from pipeline.reading import loads_json, read_text
+from pipeline.steps import rerun_hint
 
 MAX_CHECK_INPUTS = 256
 
@@ -48,18 +49,18 @@ class Evaluated:
 def check_blessed(evaluate_dir: Path, model_dir: Path, variant: str) -> Evaluated:
     """evaluate's verdict on the weights in ``model_dir``, or one clear refusal."""
     blessing_path, metrics_path = evaluate_dir / "blessing.json", evaluate_dir / "metrics.json"
-    rerun = f"run `fmpipe evaluate --stage {variant}` first"
+    rerun = rerun_hint("evaluate", variant)
     blessing = Blessing.read(blessing_path, rerun)
     if not blessing.blessed:
         failed = ", ".join(blessing.failed()) or "no failed check recorded"
         raise FmpipeError(f"{blessing_path}: model is not blessed (failed: {failed}); "
                           f"refusing to package it, previous package left as it was")
     if not (model_dir / WEIGHTS).exists():
-        raise FmpipeError(f"{model_dir / WEIGHTS}: not found; run `fmpipe train --stage {variant}` first")
+        raise FmpipeError(f"{model_dir / WEIGHTS}: not found; {rerun_hint('train', variant)}")
     weights_sha = sha256_file(model_dir / WEIGHTS)
     if weights_sha != blessing.model.sha256:
         raise FmpipeError(f"{model_dir / WEIGHTS}: differs from the weights evaluate blessed "
-                          f"({blessing_path}); run `fmpipe evaluate --stage {variant}` again")
+                          f"({blessing_path}); {rerun_hint('evaluate', variant, then='again')}")
     metrics = Metrics.read(metrics_path, rerun)
     calibration_path = evaluate_dir / DETAILS / CALIBRATION
     if not calibration_path.is_file():

@@ -16,6 +16,7 @@ import pandas as pd
 from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset
 from pipeline.quality import rules as R
+from pipeline.steps import DATA, at
 
 FINDINGS = "findings.parquet"
 
@@ -36,7 +37,7 @@ def embedder_for(spec, variant: str | None = None):
     if e.kind == "package":
         path = Path(e.path)
         if variant is not None:
-            own = (Path("data") / variant).resolve()
+            own = at(DATA, variant).resolve()
             if path.resolve() == own or own in path.resolve().parents:
                 raise FmpipeError(
                     f"clean.embedder.path {e.path}: is inside data/{variant}/, which clean feeds (a cycle); "

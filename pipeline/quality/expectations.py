@@ -38,6 +38,7 @@ import pandas as pd
 from pipeline.errors import FmpipeError
 from pipeline.manifest import REQUIRED_COLUMNS, Dataset
 from pipeline.reading import short_repr
+from pipeline.steps import output, rerun_hint
 
 REQUIRED_SPLITS = ("train", "test")
 SPLITS_ALL = ("train", "val", "test")
@@ -209,8 +210,8 @@ def init_command(variant: str, force: bool = False) -> dict[str, Any]:
     path = suite_path(variant)
     if path.exists() and not force:
         raise FmpipeError(f"{path}: exists (people curate it); pass --force to overwrite it with a fresh suite")
-    source = Path("data") / variant / "clean"
-    data = init_suite(read_dataset(source), variant)
+    source = output("clean", variant)
+    data = init_suite(read_dataset(source, run=rerun_hint("clean", variant, then="")), variant)
     write_suite(data, path)
     print(f"validate {variant}: wrote {path} ({len(data['expectations'])} expectations from {source} "
           f"and params); review it, then commit it", file=sys.stderr)

@@ -8,6 +8,7 @@ from pipeline.artefacts import ValidationSummary
 from pipeline.errors import FmpipeError
 from pipeline.io import file_digest
 from pipeline.manifest import META, SPLITS
+from pipeline.steps import rerun_hint
 
 RESULTS = "results.json"
 SUMMARY = "summary.json"
@@ -36,7 +37,7 @@ def summarize(variant: str, ds, source: str, outcome) -> ValidationSummary:
 
 def require_passed(path: Path, variant: str) -> ValidationSummary:
     """Refuse to go on unless the variant's last validation exists and succeeded."""
-    rerun = f"run `fmpipe validate --stage {variant}`"
+    rerun = rerun_hint("validate", variant, then="")
     summary = ValidationSummary.read(path, hint=f"the data of {variant!r} has not been validated ({rerun})")
     validated = summary.dataset.get("dataset_json_sha256")
     current = Path(summary.dataset.get("source", "")) / META

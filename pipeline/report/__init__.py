@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import FmpipeError
+from pipeline.steps import rerun_hint
 
 INDEX = "index.html"
 PLOTS = "plots"
@@ -46,7 +47,7 @@ def build_report(variant: str, data_root: str | Path = "data") -> Path:
     started = time.perf_counter()
     root = Path(data_root) / variant
     if not root.is_dir():
-        raise FmpipeError(f"{root}: no such folder; run `fmpipe collect --stage {variant}` (or `dvc repro`) first")
+        raise FmpipeError(f"{root}: no such folder; {rerun_hint('collect', variant)} (or `dvc repro`)")
     out = root / "report"
     # One rename at the end: a failed build leaves the previous report as it was.
     with atomic_dir(out) as tmp:

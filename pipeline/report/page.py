@@ -31,6 +31,7 @@ from pipeline.report.readers import (
     read_table,
     read_tsv_series,
 )
+from pipeline.steps import rerun_hint
 
 MAX_ROWS = 20  # rows of a findings/queue/mistakes table shown with thumbnails
 esc = html.escape
@@ -173,7 +174,7 @@ def section_data(ctx: Context) -> str:
                                  figures.counts_png({s: {str(c): int(counts.loc[c, s]) for c in counts.index} for s in splits}),
                                  "Rows per split and class"))
     else:
-        parts.append(missing("row counts", "no annotate/ or clean/ manifest.parquet; run fmpipe clean"))
+        parts.append(missing("row counts", "no annotate/ or clean/ manifest.parquet; " + rerun_hint("clean", ctx.variant, then="")))
 
     parts.append("<h3>Clean</h3>")
     rep = read_artefact(DatasetReport, ctx.step("clean") / "report.json")
@@ -219,7 +220,7 @@ def validation_table(ctx: Context) -> str:
     summary = read_artefact(ValidationSummary, vdir / "summary.json")
     results = read_json(vdir / "results.json")  # GX's own format
     if summary is None and results is None:
-        return missing("validation", "no validate/summary.json; run fmpipe validate")
+        return missing("validation", "no validate/summary.json; " + rerun_hint("validate", ctx.variant, then=""))
     out = []
     if summary is not None:
         ok = summary.success
@@ -303,7 +304,7 @@ def section_labels(ctx: Context) -> str:
     parts = []
     report = read_artefact(DatasetReport, ctx.step("annotate") / "report.json")
     if report is None:
-        parts.append(missing("annotation report", "no annotate/report.json; run fmpipe annotate"))
+        parts.append(missing("annotation report", "no annotate/report.json; " + rerun_hint("annotate", ctx.variant, then="")))
     else:
         rep = report.model_extra or {}  # annotate's own keys
         parts.append(f"<p>Decisions from {esc(str(rep.get('annotations_dir', '?')))}: "
@@ -363,7 +364,7 @@ def section_training(ctx: Context) -> str:
     tdir = ctx.step("train")
     summary = read_json(tdir / "train_summary.json")
     if summary is None:
-        parts.append(missing("training summary", "no train/train_summary.json; run fmpipe train"))
+        parts.append(missing("training summary", "no train/train_summary.json; " + rerun_hint("train", ctx.variant, then="")))
     else:
         keys = ["model", "epochs", "global_step", "train_rows", "val_rows", "batch_size", "device", "accelerator",
                 "precision", "world_size", "wall_time_s", "train_time_s", "throughput_samples_per_s", "resumed_from"]
@@ -430,7 +431,7 @@ def section_evaluation(ctx: Context) -> str:
     metrics = read_artefact(Metrics, edir / "metrics.json")
     blessing = read_artefact(Blessing, edir / "blessing.json")
     if metrics is None:
-        parts.append(missing("metrics", "no evaluate/metrics.json; run fmpipe evaluate"))
+        parts.append(missing("metrics", "no evaluate/metrics.json; " + rerun_hint("evaluate", ctx.variant, then="")))
     else:
         parts.append(kv(metrics.model_dump(exclude_none=True, exclude={"binary"})))
         if metrics.binary is not None:
@@ -510,7 +511,7 @@ def section_package(ctx: Context) -> str:
     if card.is_file():
         parts.append(f'<p>Model card: <a href="{esc(ctx.link(card))}">package/MODEL_CARD.md</a></p>')
     if lineage is None:
-        parts.append(missing("package", "no package/lineage.json; run fmpipe package (it needs a blessed model)"))
+        parts.append(missing("package", "no package/lineage.json; " + rerun_hint("package", ctx.variant, then="(it needs a blessed model)")))
         return "".join(parts)
     if lineage.files:
         parts.append(table(["file", "bytes", "sha256"],

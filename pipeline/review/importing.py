@@ -17,7 +17,8 @@ from pipeline.config import DEFAULT_PARAMS, load_variant
 from pipeline.errors import FmpipeError
 from pipeline.io import atomic_write_bytes
 from pipeline.manifest import read_dataset, read_report
-from pipeline.paths import annotations_dir, step_dir
+from pipeline.paths import annotations_dir
+from pipeline.steps import output, rerun_hint
 from pipeline.reading import decode_text, not_a_file
 from pipeline.review.decisions import ReadStats, parse_decisions_csv, parse_label_studio_export, resolve
 
@@ -36,8 +37,8 @@ def import_decisions(file: str | os.PathLike, variant: str, *, name: Optional[st
     if Path(target_name).suffix.lower() != suffix or "/" in target_name or target_name.startswith("."):
         raise FmpipeError(f"--name {target_name!r}: must be a plain file name ending in {suffix}")
 
-    clean_dir = step_dir(variant, "clean")
-    ds = read_dataset(clean_dir, mmap=True)  # names the step to run when it is missing
+    clean_dir = output("clean", variant)
+    ds = read_dataset(clean_dir, mmap=True, run=rerun_hint("clean", variant, then=""))
     removed = {r.id: r.reason for r in read_report(clean_dir).removed}
     raw = src.read_bytes()
     text = decode_text(raw, src, "a Label Studio JSON export or an id,label,note CSV")
