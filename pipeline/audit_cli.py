@@ -10,21 +10,17 @@ from typing import Optional
 
 import typer
 
+from pipeline.boundary import Group, doing
+from pipeline.steps import DATASET_STEPS, listed
+
 audit_app = typer.Typer(
+    cls=Group,
     help="Which data made a model, what changed between two data versions, every version of a "
     "variant's data across git history. `fmpipe audit --stage NAME` lists the versions.",
     invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-DATA_STEPS = ("collect", "clean", "annotate")
-
-
-def _fail(what: str, exc: Exception) -> None:
-    typer.echo(f"{what}: error: {exc}", err=True)
-    raise typer.Exit(1)
-
 
 def _one_format(as_json: bool, as_md: bool, what: str) -> None:
     if as_json and as_md:
@@ -61,14 +57,10 @@ def history(
         typer.echo("\nfmpipe audit: error: give --stage NAME (or a subcommand: diff, model)", err=True)
         raise typer.Exit(2)
     _one_format(as_json, as_md, "fmpipe audit")
-    from pipeline.errors import FmpipeError
+    doing(f"fmpipe audit --stage {stage}")
+    from pipeline.audit import history as build, history_markdown, history_text
 
-    try:
-        from pipeline.audit import history as build, history_markdown, history_text
-
-        result = build(stage, ".", rev)
-    except FmpipeError as exc:
-        _fail(f"fmpipe audit --stage {stage}", exc)
+    result = build(stage, ".", rev)
     _emit(result, as_json, lambda r: history_text(r, wide), history_markdown, as_md)
 
 
@@ -76,23 +68,19 @@ def diff_command(
     rev_a: str = typer.Argument(..., help="Old version: a git revision (HEAD~1, a tag, a commit)."),
     rev_b: str = typer.Argument("workspace", help="New version: a git revision, or 'workspace'."),
     stage: str = typer.Option(..., "--stage", "-s", help="Pipeline variant from params.yaml."),
-    step: str = typer.Option("annotate", "--step", help="Which dataset to compare: collect, clean or annotate."),
+    step: str = typer.Option("annotate", "--step", help=f"Which dataset to compare: {listed(DATASET_STEPS)}."),
     as_json: bool = typer.Option(False, "--json", help="Print every difference as JSON."),
     as_md: bool = typer.Option(False, "--md", help="Print the differences as Markdown."),
 ) -> None:
     """Row-level differences of a variant's dataset between two versions, read through DVC."""
-    if step not in DATA_STEPS:
-        typer.echo(f"fmpipe audit diff: error: --step must be collect, clean or annotate, not {step!r}", err=True)
+    if step not in DATASET_STEPS:
+        typer.echo(f"fmpipe audit diff: error: --step must be {listed(DATASET_STEPS)}, not {step!r}", err=True)
         raise typer.Exit(2)
     _one_format(as_json, as_md, "fmpipe audit diff")
-    from pipeline.errors import FmpipeError
+    doing("fmpipe audit diff")  # also as `fmpipe diff`, the same command
+    from pipeline.audit import diff_markdown, diff_versions, summary_lines
 
-    try:
-        from pipeline.audit import diff_markdown, diff_versions, summary_lines
-
-        result = diff_versions(stage, step, rev_a, rev_b)
-    except FmpipeError as exc:
-        _fail("fmpipe audit diff", exc)
+    result = diff_versions(stage, step, rev_a, rev_b)
     _emit(result, as_json, lambda r: "\n".join(summary_lines(r)), diff_markdown, as_md)
 
 
@@ -108,12 +96,7 @@ def model(
     as_json: bool = typer.Option(False, "--json", help="Print the provenance as JSON."),
 ) -> None:
     """Which data version, params and code made a package; with the repo, its commit and data diff."""
-    from pipeline.errors import FmpipeError
+    from pipeline.audit import audit_model, model_lines
 
-    try:
-        from pipeline.audit import audit_model, model_lines
-
-        result = audit_model(package, None if no_repo else ".", against)
-    except FmpipeError as exc:
-        _fail("fmpipe audit model", exc)
+    result = audit_model(package, None if no_repo else ".", against)
     _emit(result, as_json, lambda r: "\n".join(model_lines(r)))

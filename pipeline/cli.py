@@ -6,14 +6,14 @@ lightning or great_expectations) when it runs, so ``fmpipe --help`` stays instan
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import typer
 
+from pipeline.boundary import Group, doing
 from pipeline.steps import ORDER, STEPS
 
 
@@ -47,7 +47,7 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-class _LifecycleOrder(typer.core.TyperGroup):
+class _LifecycleOrder(Group):
     """Typer lists sub-apps after commands; list the registered steps first, in lifecycle order
     (``review`` is a sub-app), then everything else."""
 
@@ -58,9 +58,8 @@ class _LifecycleOrder(typer.core.TyperGroup):
 
 app = typer.Typer(
     cls=_LifecycleOrder,
-    help="Reproducible classifier lifecycle: collect -> clean -> validate -> annotate -> "
-    "train -> evaluate -> package -> dist -> review (people's decisions feed annotate). Run one step of one variant with `fmpipe STEP --stage NAME`, "
-    "or the whole DAG with `dvc repro`.",
+    help=f"Reproducible classifier lifecycle: {' -> '.join(ORDER)} (people's decisions from review feed "
+    "annotate). Run one step of one variant with `fmpipe STEP --stage NAME`, or the whole DAG with `dvc repro`.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -78,29 +77,6 @@ def _main(
     """Options before any command (--version); the help text above is the app's."""
 
 
-@contextlib.contextmanager
-def _reported(what: str) -> Iterator[None]:
-    """Bad input (FmpipeError) becomes one line on stderr and exit code 1; Ctrl+C exit 130."""
-    from pipeline.errors import FmpipeError
-    from pipeline.io import is_environment_error
-
-    try:
-        yield
-    except FmpipeError as exc:
-        typer.echo(f"{what}: error: {exc}", err=True)
-        raise typer.Exit(1)
-    except OSError as exc:
-        # A full disk or a permission refused outside an output write (those are FmpipeErrors
-        # already): still one line naming the file, not a traceback. Other OSErrors are bugs.
-        if not is_environment_error(exc):
-            raise
-        typer.echo(f"{what}: error: {exc.filename or '?'}: {exc.strerror}", err=True)
-        raise typer.Exit(1)
-    except KeyboardInterrupt:
-        typer.echo(f"{what}: interrupted; previous outputs left as they were", err=True)
-        raise typer.Exit(130)
-
-
 def _dvc_hint(variant: str, steps: list[str]) -> None:
     """After steps run by hand in a DVC project (not by `dvc repro`): data/.gitignore keeps their
     outputs out of git, but dvc.lock still describes the previous ones until DVC records these."""
@@ -116,17 +92,17 @@ def _run_step(step: str, variant: str, params: str, hint: bool = True, **flags: 
     from pipeline.runner import run_step
 
     shown = variant if len(variant) <= 64 else f"{variant[:40]}..."  # a 300-character name: not twice in full
-    with _reported(f"fmpipe {step} --stage {shown}"):
-        if step == "validate" and flags.pop("init", False):
-            # Writes a source file people curate, not a step output: no runner, no outputs.
-            from pipeline.config import load_variant
-            from pipeline.quality.expectations import init_command
+    doing(f"fmpipe {step} --stage {shown}")  # `fmpipe run`: the step that failed
+    if step == "validate" and flags.pop("init", False):
+        # Writes a source file people curate, not a step output: no runner, no outputs.
+        from pipeline.config import load_variant
+        from pipeline.quality.expectations import init_command
 
-            load_variant(variant, params)  # an unknown variant is a clear error first
-            init_command(variant, force=flags.get("force", False))
-            return
-        flags.pop("force", None)
-        run_step(step, variant, params, **flags)
+        load_variant(variant, params)  # an unknown variant is a clear error first
+        init_command(variant, force=flags.get("force", False))
+        return
+    flags.pop("force", None)
+    run_step(step, variant, params, **flags)
     if hint:
         _dvc_hint(variant, [step])
 
@@ -151,6 +127,7 @@ def _step_command(step) -> Callable:
 
 
 review_app = typer.Typer(
+    cls=Group,
     help="The trained model ranks suspect labels, near-duplicates and outliers into a queue for "
     "people (data/<variant>/review/); `fmpipe review import` brings their Label Studio export back.",
     invoke_without_command=True,
@@ -182,9 +159,8 @@ def review_import(
     """Check a Label Studio export against the variant's data, then copy it into annotations/<variant>/."""
     from pipeline.review.importing import import_decisions
 
-    with _reported(f"fmpipe review import --stage {stage}"):
-        message = import_decisions(file, stage, name=name)
-    typer.echo(message)
+    doing(f"fmpipe review import --stage {stage}")
+    typer.echo(import_decisions(file, stage, name=name))
 
 
 # Registered in lifecycle order, which is the order `fmpipe --help` lists them. review has a
@@ -233,8 +209,7 @@ def resources(
     """What each step's last run used (time, CPU, memory, data moved), per step and in total."""
     from pipeline.resource_table import collect, render
 
-    with _reported("fmpipe resources"):
-        tables = collect(None if (all_variants or stage is None) else stage)
+    tables = collect(None if (all_variants or stage is None) else stage)
     typer.echo(render(tables, as_json=as_json, wide=wide))
 
 
@@ -247,7 +222,7 @@ app.command(name="diff", help="Row-level differences of a variant's dataset betw
 app.add_typer(audit_app, name="audit")
 
 
-variant_app = typer.Typer(help="Add a variant for your own data (an image folder or a CSV).", no_args_is_help=True)
+variant_app = typer.Typer(cls=Group, help="Add a variant for your own data (an image folder or a CSV).", no_args_is_help=True)
 app.add_typer(variant_app, name="variant")
 
 
@@ -266,10 +241,9 @@ def variant_add(
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     from pipeline.variants import add_variant
 
-    with _reported(f"fmpipe variant add {name}"):
-        message = add_variant(name, source, enable=enable, params_path=params,
-                              label_column=label_column, description=description)
-    typer.echo(message)
+    doing(f"fmpipe variant add {name}")
+    typer.echo(add_variant(name, source, enable=enable, params_path=params,
+                           label_column=label_column, description=description))
 
 
 @app.command()
@@ -288,8 +262,7 @@ def compare(
     _one_format(as_json, as_md, "fmpipe compare")
     from pipeline.compare import compare as build, markdown, text_lines
 
-    with _reported("fmpipe compare"):
-        result = build(a, b, ".", stage)
+    result = build(a, b, ".", stage)
     _emit(result, as_json, lambda r: "\n".join(text_lines(r)), markdown, as_md)
 
 
@@ -299,8 +272,7 @@ def stages(params: str = ParamsOpt) -> None:
     that is not in the repository (a download or a local copy)."""
     from pipeline.config import load_params
 
-    with _reported("fmpipe stages"):
-        p = load_params(params)
+    p = load_params(params)
     from pipeline.sources import data_needed
 
     for name, spec in p.variants.items():
@@ -322,10 +294,9 @@ def plots(
     """`dvc plots show` whose page works offline: Vega's JavaScript inlined, not loaded from a CDN."""
     from pipeline.report import offline_plots
 
-    with _reported("fmpipe plots"):
-        if install:
-            path = offline_plots.install()
-            typer.echo(f"fmpipe plots: wrote {path}; `dvc plots show` now renders offline in this checkout")
-            return
-        page = offline_plots.show(targets or [], out=out)
+    if install:
+        path = offline_plots.install()
+        typer.echo(f"fmpipe plots: wrote {path}; `dvc plots show` now renders offline in this checkout")
+        return
+    page = offline_plots.show(targets or [], out=out)
     typer.echo(f"fmpipe plots: {page}")

@@ -22,11 +22,6 @@ LogMaxOpt = typer.Option(1024.0, "--log-max-mb", min=0.001,
 PackageArg = typer.Argument(..., help="A package directory (data/<variant>/package) or its .tar.gz archive.")
 
 
-def _fail(what: str, exc: Exception) -> None:
-    typer.echo(f"{what}: error: {exc}", err=True)
-    raise typer.Exit(1)
-
-
 def predict(
     package: str = PackageArg,
     inputs: List[str] = typer.Argument(..., help="Image files, folders of images, or CSV files of feature rows."),
@@ -41,25 +36,21 @@ def predict(
     import json
 
     from pipeline.inference import runtime
-    from pipeline.errors import FmpipeError
     from pipeline.serving import prediction_records
 
-    try:
-        pkg = runtime.open_package(package)
-        names, x = runtime.load_inputs(inputs, pkg.spec)
-        chosen, _ = runtime.choose_precision(pkg, precision)
-        predictor = runtime.Predictor(pkg, threads=threads or None, precision=chosen)
-        if log_dir is None:
-            probs = predictor.predict_proba(x)
-        else:
-            from pipeline.monitoring import log
+    pkg = runtime.open_package(package)
+    names, x = runtime.load_inputs(inputs, pkg.spec)
+    chosen, _ = runtime.choose_precision(pkg, precision)
+    predictor = runtime.Predictor(pkg, threads=threads or None, precision=chosen)
+    if log_dir is None:
+        probs = predictor.predict_proba(x)
+    else:
+        from pipeline.monitoring import log
 
-            request_log = log.RequestLog(log_dir, pkg, chosen, max_bytes=int(log_max_mb * (1 << 20)))
-            probs, logits = predictor.scores(x)
-            request_log.write(log.cli_inputs(names, x, pkg.spec), probs, logits, "cli")
-            request_log.close()
-    except FmpipeError as exc:
-        _fail("fmpipe predict", exc)
+        request_log = log.RequestLog(log_dir, pkg, chosen, max_bytes=int(log_max_mb * (1 << 20)))
+        probs, logits = predictor.scores(x)
+        request_log.write(log.cli_inputs(names, x, pkg.spec), probs, logits, "cli")
+        request_log.close()
     records = prediction_records(names, probs, pkg.classes, top_k)
     if as_json:
         typer.echo(json.dumps(records, indent=2))
@@ -76,13 +67,9 @@ def prediction_line(record: dict) -> str:
 
 def verify(package: str = PackageArg) -> None:
     """Re-hash every packaged file against lineage.json and check the ONNX model reproduces its recorded outputs."""
-    from pipeline.errors import FmpipeError
     from pipeline.packaging.verify import verify_package
 
-    try:
-        r = verify_package(package)
-    except FmpipeError as exc:
-        _fail("fmpipe verify", exc)
+    r = verify_package(package)
     typer.echo(f"fmpipe verify: {r['package']}: OK: {r['files']} files match lineage.json; model.onnx reproduces "
                f"{r['checks']} recorded check outputs (max |diff| {r['max_abs_diff']:.3g}, allowed {r['atol']:g})"
                + (f"; {r['int8']['file']} reproduces its own (max |diff| {r['int8']['max_abs_diff']:.3g}, "
@@ -119,20 +106,18 @@ def serve(
                     max_pixels=int(max_image_mpix * 1e6), concurrency=concurrency,
                     max_connections=max_connections, max_buffered=int(max_buffered_mb * (1 << 20)),
                     timeout=timeout, keep_alive=keep_alive)
-    try:
-        pkg = runtime.open_package(package)
-        chosen, why = runtime.choose_precision(pkg, precision)
-        request_log = None
-        if log_dir is not None:
-            from pipeline.monitoring.log import RequestLog
+    pkg = runtime.open_package(package)
+    chosen, why = runtime.choose_precision(pkg, precision)
+    request_log = None
+    if log_dir is not None:
+        from pipeline.monitoring.log import RequestLog
 
-            request_log = RequestLog(log_dir, pkg, chosen, max_bytes=int(log_max_mb * (1 << 20)))
+        request_log = RequestLog(log_dir, pkg, chosen, max_bytes=int(log_max_mb * (1 << 20)))
+    try:
         server = make_server(pkg, host, port, threads=threads, limits=limits, verbose=verbose, precision=chosen,
                              request_log=request_log)
-    except FmpipeError as exc:
-        _fail("fmpipe serve", exc)
-    except OSError as exc:
-        _fail("fmpipe serve", f"cannot listen on {host}:{port} ({exc.strerror or exc})")
+    except OSError as exc:  # the address: in use, not ours, not an address
+        raise FmpipeError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     import signal
 
     def _stop(signum, frame):  # SIGTERM (docker stop, kubernetes) stops like Ctrl+C

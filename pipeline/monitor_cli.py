@@ -15,7 +15,7 @@ def monitor(
     permutations: int = typer.Option(500, "--permutations", min=50, help="Permutations of the MMD test's p-value."),
 ) -> None:
     """Drift check: logged inputs vs the variant's held-out data. Exit 0: no drift; 1: drift (or bad input)."""
-    from pipeline.cli import _reported
+    from pipeline.boundary import doing
     from pipeline.monitoring.run import PAGE, monitor as run
 
     splits = [s.strip() for s in reference.split(",") if s.strip()]
@@ -23,8 +23,8 @@ def monitor(
     if bad or not splits:
         typer.echo(f"fmpipe monitor: error: --reference {reference!r}: expected splits among val, test, train", err=True)
         raise typer.Exit(1)
-    with _reported(f"fmpipe monitor --stage {stage}"):
-        report, where = run(stage, log, splits=splits, alpha=alpha, out_dir=out, n_perm=permutations)
+    doing(f"fmpipe monitor --stage {stage}")
+    report, where = run(stage, log, splits=splits, alpha=alpha, out_dir=out, n_perm=permutations)
     typer.echo(f"fmpipe monitor --stage {stage}: {report.reason} (report: {where / PAGE})", err=report.drift)
     if report.drift:
         raise typer.Exit(1)
