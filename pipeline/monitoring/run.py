@@ -20,7 +20,7 @@ def monitor(variant: str, log_path: str | Path, *, splits: Sequence[str] = ("val
     from pipeline.artefacts import MonitorReport
     from pipeline.io import atomic_write_text
     from pipeline.monitoring import drift, log, page
-    from pipeline.paths import DATA_ROOT, step_dir
+    from pipeline.steps import DATA, at, output
 
     if not 0 < alpha < 1:
         raise FmpipeError(f"--alpha {alpha}: expected a probability between 0 and 1, e.g. 0.01")
@@ -30,7 +30,7 @@ def monitor(variant: str, log_path: str | Path, *, splits: Sequence[str] = ("val
         name, n = others.most_common(1)[0]
         raise FmpipeError(f"{log_path}: {n} record(s) scored by a package of variant {name!r}, not {variant!r}; "
                           "monitor a log against the variant that served it")
-    pkg_dir = step_dir(variant, "package")
+    pkg_dir = output("package", variant)
     if not pkg_dir.is_dir():
         raise FmpipeError(f"{pkg_dir}: not found; the variant {variant!r} has no package yet "
                           f"(`dvc repro` or `fmpipe run --stage {variant}`)")
@@ -40,13 +40,13 @@ def monitor(variant: str, log_path: str | Path, *, splits: Sequence[str] = ("val
     if precision == "int8" and runtime.int8_file(pkg) is None:
         precision = "fp32"
     predictor = runtime.Predictor(pkg, precision=precision if precision in ("fp32", "int8") else "fp32")
-    reference = drift.reference_sample(step_dir(variant, "annotate"), predictor, splits, seed=seed)
+    reference = drift.reference_sample(output("annotate", variant), predictor, splits, seed=seed)
     current, rescored = drift.current_sample(entries, predictor, log.package_id(pkg))
     body, _ = drift.compare(reference, current, kind=pkg.kind, classes=pkg.classes, alpha=alpha,
                             n_perm=n_perm, seed=seed)
     report = MonitorReport(variant=variant, package=log.package_id(pkg), log=str(log_path),
                            reference_splits=list(splits), rescored=rescored, **body)
-    out = Path(out_dir) if out_dir is not None else DATA_ROOT / variant / "monitor"  # git-ignored (data/*/*)
+    out = Path(out_dir) if out_dir is not None else at(DATA, variant) / "monitor"  # git-ignored (data/*/*)
     out.mkdir(parents=True, exist_ok=True)
     report.write(out / REPORT)
     index = {cid: i for i, cid in enumerate(current.ids)}
