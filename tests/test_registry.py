@@ -79,7 +79,8 @@ def disagreements(dvc_yaml: str) -> list[str]:
 
 
 def test_dvc_yaml_agrees_with_the_registry():
-    assert disagreements((REPO / "dvc.yaml").read_text()) == []
+    problems = disagreements((REPO / "dvc.yaml").read_text())
+    assert not problems, "dvc.yaml and pipeline/steps.py disagree:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("edit", [
@@ -97,15 +98,15 @@ def test_the_check_fails_when_dvc_yaml_changes_alone(edit):
 
 def test_a_new_step_fails_the_check_with_its_dvc_yaml_entry(monkeypatch):
     text = (REPO / "dvc.yaml").read_text()
-    hello = registry.Step(name="hello", help="", module="stages.hello", reads=("annotate",),
-                          code=("stages/hello.py",), params=("hello",))
-    monkeypatch.setattr(registry, "STEPS", (*registry.STEPS, hello))
-    monkeypatch.setattr(registry, "ORDER", (*registry.ORDER, "hello"))
-    problem = next(p for p in disagreements(text) if p.startswith("hello: not in dvc.yaml"))
+    new = registry.Step(name="example_step", help="", module="stages.example_step", reads=("annotate",),
+                        code=("stages/example_step.py",), params=("example_step",))
+    monkeypatch.setattr(registry, "STEPS", (*registry.STEPS, new))
+    monkeypatch.setattr(registry, "ORDER", (*registry.ORDER, "example_step"))
+    problem = next(p for p in disagreements(text) if p.startswith("example_step: not in dvc.yaml"))
     entry = problem.split("\n", 1)[1]
     # Pasted into dvc.yaml, the entry satisfies the check.
     assert disagreements(text + entry.split("stages:\n", 1)[1]) == []
-    assert "cmd: fmpipe hello --stage ${item}" in entry and "- data/${item}/annotate" in entry
+    assert "cmd: fmpipe example_step --stage ${item}" in entry and "- data/${item}/annotate" in entry
 
 
 def test_the_check_fails_when_the_registry_changes_alone(monkeypatch):
@@ -151,8 +152,8 @@ def test_hints_and_paths_come_from_the_registry():
     with pytest.raises(KeyError, match="does not declare 'review'"):
         ctx.rerun("review")  # a hint only for what the step reads
     assert registry.DATASET_STEPS == tuple(s.name for s in registry.STEPS if s.writes_dataset)
-    with pytest.raises(KeyError, match="unknown step 'hello'"):
-        registry.rerun_hint("hello", "v")
+    with pytest.raises(KeyError, match="unknown step 'no_such_step'"):
+        registry.rerun_hint("no_such_step", "v")
 
 
 def test_confusion_plot_has_actual_on_y_like_the_report_png():
