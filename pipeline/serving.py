@@ -56,8 +56,9 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from pipeline.inference import runtime, tta
 from pipeline.errors import FmpipeError
+from pipeline.inference import runtime, tta
+from pipeline.reading import decode_text, loads_json
 
 V2_DTYPES = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -67,7 +68,6 @@ V2_DTYPES = {
 OUTPUTS = ("probabilities", "logits")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DRAIN_LIMIT = 256 << 20  # oversized bodies up to this are read and dropped before the 413
-MAX_JSON_DEPTH = 64  # a V2 request nests 3 levels plus the data's own dimensions
 
 
 class HTTPError(Exception):
@@ -87,18 +87,6 @@ class Limits:
     max_buffered: int = 256 << 20
     timeout: float = 10.0
     keep_alive: float = 15.0
-
-
-def _json_depth_ok(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether no bracket nests deeper than ``limit`` (checked before parsing: Python's JSON
-    parser recurses, and a 200,000-deep body would exhaust the stack). Brackets inside
-    strings count too; they only make the check stricter."""
-    depth = 0
-    for m in re.finditer(rb"[\[\]{}]", raw):
-        depth += 1 if m.group() in (b"[", b"{") else -1
-        if depth > limit:
-            return False
-    return True
 
 
 def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
@@ -144,12 +132,10 @@ class ModelService:
             head, binary = body[:header_length], body[header_length:]
         else:
             head, binary = body, b""
-        if not _json_depth_ok(head):
-            raise HTTPError(400, f"request JSON nests deeper than {MAX_JSON_DEPTH} levels")
-        try:
-            request = json.loads(head)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
+        try:  # UTF-8 (RFC 8259); absurd nesting is an error, not a crash (reading.loads_json)
+            request = loads_json(decode_text(head, "request body", "JSON"), "request body")
+        except FmpipeError as exc:
+            raise HTTPError(400, str(exc)) from None
         if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
             raise HTTPError(400, "request must be a JSON object with a non-empty `inputs` list")
         all_binary = bool(_params(request, "request").get("binary_data_output"))
@@ -340,8 +326,10 @@ def _header_timeout_protocol(timeout: float):
     uvicorn closes idle keep-alive connections (``timeout_keep_alive``) but waits forever for
     the headers of a request that has begun (any byte cancels its idle timer), so a client
     trickling header bytes would hold its connection open forever. This closes a connection
-    whose request headers are not complete ``timeout`` seconds after it opened or after its
-    last response.
+    whose request headers are not complete ``timeout`` seconds after it opened, or after the
+    first byte of a later request on it. Between requests only ``keep_alive`` applies (a
+    deadline restarted at each response would cut every idle keep-alive connection at
+    ``timeout``, however long ``keep_alive`` is).
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -370,10 +358,16 @@ def _header_timeout_protocol(timeout: float):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._arm_header_deadline()
 
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is None and self.conn.their_state is h11.IDLE:
+                self._arm_header_deadline()  # the first byte of a request after a response
+            super().data_received(data)
+
         def on_response_complete(self) -> None:
+            if self._header_timer is not None:  # idle now: uvicorn's keep-alive timer governs
+                self._header_timer.cancel()
+                self._header_timer = None
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm_header_deadline()
 
         def connection_lost(self, exc) -> None:
             if self._header_timer is not None:
@@ -384,32 +378,29 @@ def _header_timeout_protocol(timeout: float):
     return Protocol
 
 
-def build_app(service: ModelService, limits: Limits):
-    """The Starlette application: V2 routes and /predict over ``service``."""
-    import anyio
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect, Request
+def _json_response(status: int, obj: Any, close: bool = False):
     from starlette.responses import Response
-    from starlette.routing import Route
 
-    state: dict[str, Any] = {"buffered": 0}  # touched only on the event loop's thread
+    headers = {"Connection": "close"} if close else None
+    return Response(json.dumps(obj).encode(), status_code=status, media_type="application/json", headers=headers)
 
-    def json_response(status: int, obj: Any, close: bool = False) -> Response:
-        headers = {"Connection": "close"} if close else None
-        return Response(json.dumps(obj).encode(), status_code=status, media_type="application/json", headers=headers)
 
-    async def next_chunk(stream, request: Request, got: int, declared: Optional[int]) -> Optional[bytes]:
-        try:
-            return await asyncio.wait_for(stream.__anext__(), limits.timeout)
-        except StopAsyncIteration:
-            return None
-        except asyncio.TimeoutError:
-            of = f" of the {declared} its Content-Length declares" if declared is not None else ""
-            raise HTTPError(400, f"request body incomplete: {got} bytes{of} arrived, then nothing for "
-                                 f"{limits.timeout:g} s", close=True) from None
+class Endpoints:
+    """The HTTP side of a ``ModelService``: request bodies read under ``limits``, and the routes.
 
-    async def read_body(request: Request) -> bytes:
+    Its state (the body bytes held, the compute limiter) is touched only on the event loop's
+    thread; the model's work runs in worker threads (``compute``).
+    """
+
+    def __init__(self, service: ModelService, limits: Limits) -> None:
+        self.service = service
+        self.limits = limits
+        self.buffered = 0  # request body bytes held now, all requests together
+        self.limiter = None  # anyio's CapacityLimiter, made on the running loop
+
+    # -------------------------------------------------- request bodies
+    async def read_body(self, request) -> bytes:
+        limits = self.limits
         length = request.headers.get("content-length")  # h11 has already refused a malformed one
         declared = int(length) if length is not None else None
         stream = request.stream()
@@ -417,122 +408,152 @@ def build_app(service: ModelService, limits: Limits):
         if declared is not None and declared > limits.max_body:
             refusal = HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limits.max_body}",
                                 close=declared > DRAIN_LIMIT)
-        elif declared is not None and state["buffered"] + declared > limits.max_buffered:
-            refusal = busy()
+        elif declared is not None and self.buffered + declared > limits.max_buffered:
+            refusal = self.busy()
         if refusal is not None:
             if declared <= DRAIN_LIMIT:
                 # Read and drop it, so the client finishes sending and reads the answer instead
                 # of a reset connection; beyond DRAIN_LIMIT just answer and hang up.
                 got = 0
-                while (chunk := await next_chunk(stream, request, got, declared)) is not None:
+                while (chunk := await self.next_chunk(stream, got, declared)) is not None:
                     got += len(chunk)
             raise refusal
         buf = bytearray()
-        reserve(request, declared or 0)
-        while (chunk := await next_chunk(stream, request, len(buf), declared)) is not None:
+        self.reserve(request, declared or 0)
+        while (chunk := await self.next_chunk(stream, len(buf), declared)) is not None:
             buf += chunk
             if len(buf) > limits.max_body:  # a chunked body declares no length
                 raise HTTPError(413, f"request body exceeds the limit of {limits.max_body} bytes", close=True)
             if len(buf) > request.state.reserved:
-                reserve(request, len(buf) - request.state.reserved)
+                self.reserve(request, len(buf) - request.state.reserved)
         return bytes(buf)
 
-    def busy() -> HTTPError:
-        return HTTPError(503, f"server busy: {state['buffered']} bytes of request bodies are held, the limit is "
-                              f"{limits.max_buffered} (--max-buffered-mb); retry shortly")
+    async def next_chunk(self, stream, got: int, declared: Optional[int]) -> Optional[bytes]:
+        try:
+            return await asyncio.wait_for(stream.__anext__(), self.limits.timeout)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            of = f" of the {declared} its Content-Length declares" if declared is not None else ""
+            raise HTTPError(400, f"request body incomplete: {got} bytes{of} arrived, then nothing for "
+                                 f"{self.limits.timeout:g} s", close=True) from None
 
-    def reserve(request: Request, n: int) -> None:
+    def busy(self) -> HTTPError:
+        return HTTPError(503, f"server busy: {self.buffered} bytes of request bodies are held, the limit is "
+                              f"{self.limits.max_buffered} (--max-buffered-mb); retry shortly")
+
+    def reserve(self, request, n: int) -> None:
         """Count ``n`` more body bytes against ``max_buffered`` (released when the request ends)."""
-        if state["buffered"] + n > limits.max_buffered:
-            exc = busy()
+        if self.buffered + n > self.limits.max_buffered:
+            exc = self.busy()
             exc.close = True  # a chunked body mid-way: the stream cannot be resumed
             raise exc
-        state["buffered"] += n
+        self.buffered += n
         request.state.reserved += n
 
-    async def compute(fn, *args):
-        if "limiter" not in state:  # anyio's limiter needs the running loop
-            state["limiter"] = anyio.CapacityLimiter(limits.concurrency)
-        return await anyio.to_thread.run_sync(fn, *args, limiter=state["limiter"])
+    async def compute(self, fn, *args):
+        import anyio
 
-    def check_model(request: Request) -> None:
-        name, version = request.path_params["name"], request.path_params.get("version")
-        if name != service.name:
-            raise HTTPError(404, f"model {name!r} not found; this server serves {service.name!r}")
-        if version not in (None, "1"):
-            raise HTTPError(404, f"model {name!r} has no version {version!r} (only 1)")
+        if self.limiter is None:  # anyio's limiter needs the running loop
+            self.limiter = anyio.CapacityLimiter(self.limits.concurrency)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    def endpoint(handler):
-        async def run(request: Request) -> Response:
+    def endpoint(self, handler):
+        """``handler`` with the request's bookkeeping: an HTTPError as its JSON answer, and the
+        body bytes it held released whatever happens."""
+        from starlette.requests import ClientDisconnect
+        from starlette.responses import Response
+
+        async def run(request):
             request.state.reserved = 0
             try:
                 return await handler(request)
             except HTTPError as exc:
-                return json_response(exc.status, {"error": str(exc)}, close=exc.close)
+                return _json_response(exc.status, {"error": str(exc)}, close=exc.close)
             except ClientDisconnect:  # nobody to answer
                 return Response(status_code=400)
             finally:
-                state["buffered"] -= request.state.reserved
+                self.buffered -= request.state.reserved
         return run
 
-    async def live(request: Request) -> Response:
-        return json_response(200, {"live": True})
+    # -------------------------------------------------- routes
+    def check_model(self, request) -> None:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        if name != self.service.name:
+            raise HTTPError(404, f"model {name!r} not found; this server serves {self.service.name!r}")
+        if version not in (None, "1"):
+            raise HTTPError(404, f"model {name!r} has no version {version!r} (only 1)")
 
-    async def ready(request: Request) -> Response:
-        return json_response(200, {"ready": True})
+    async def live(self, request):
+        return _json_response(200, {"live": True})
 
-    async def server_metadata(request: Request) -> Response:
-        return json_response(200, {"name": "fmpipe", "version": "1", "extensions": ["binary_tensor_data"]})
+    async def ready(self, request):
+        return _json_response(200, {"ready": True})
 
-    async def model_metadata(request: Request) -> Response:
-        check_model(request)
-        return json_response(200, service.metadata())
+    async def server_metadata(self, request):
+        return _json_response(200, {"name": "fmpipe", "version": "1", "extensions": ["binary_tensor_data"]})
 
-    async def model_ready(request: Request) -> Response:
-        check_model(request)
-        return json_response(200, {"name": service.name, "ready": True})
+    async def model_metadata(self, request):
+        self.check_model(request)
+        return _json_response(200, self.service.metadata())
 
-    async def infer(request: Request) -> Response:
-        check_model(request)
+    async def model_ready(self, request):
+        self.check_model(request)
+        return _json_response(200, {"name": self.service.name, "ready": True})
+
+    async def infer(self, request):
+        from starlette.responses import Response
+
+        self.check_model(request)
         header = request.headers.get(HEADER_LENGTH)
         try:
             hlen = int(header) if header is not None else None
         except ValueError:
             raise HTTPError(400, f"bad {HEADER_LENGTH} {header!r}") from None
-        body = await read_body(request)
-        out, headers = await compute(service.infer, body, hlen)
+        body = await self.read_body(request)
+        out, headers = await self.compute(self.service.infer, body, hlen)
         return Response(out, headers=headers)
 
-    async def predict(request: Request) -> Response:
+    async def predict(self, request):
         q = parse_qs(request.url.query)
         try:
             k = int(q.get("top_k", ["3"])[0])
         except ValueError:
             raise HTTPError(400, "top_k must be an integer") from None
-        body = await read_body(request)
-        result = await compute(service.predict_upload, body, request.headers.get("content-type", ""), k)
-        return json_response(200, result)
+        body = await self.read_body(request)
+        result = await self.compute(self.service.predict_upload, body, request.headers.get("content-type", ""), k)
+        return _json_response(200, result)
 
-    async def not_found(request: Request, exc: HTTPException) -> Response:
-        if exc.status_code == 405:
-            return json_response(405, {"error": f"{request.method} not allowed on {request.url.path}"})
-        return json_response(exc.status_code, {"error": f"no endpoint {request.method} {request.url.path}"})
 
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        # A bug, not bad input: a JSON 500 (uvicorn logs the traceback) and the server keeps serving.
-        text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))
-        return json_response(500, {"error": f"internal error: {type(exc).__name__}: {text}"})
+async def _not_found(request, exc):
+    if exc.status_code == 405:
+        return _json_response(405, {"error": f"{request.method} not allowed on {request.url.path}"})
+    return _json_response(exc.status_code, {"error": f"no endpoint {request.method} {request.url.path}"})
 
-    routes = [Route("/v2/health/live", endpoint(live), methods=["GET"]),
-              Route("/v2/health/ready", endpoint(ready), methods=["GET"]),
-              Route("/v2", endpoint(server_metadata), methods=["GET"]),
-              Route("/v2/", endpoint(server_metadata), methods=["GET"])]
+
+async def _internal_error(request, exc: Exception):
+    # A bug, not bad input: a JSON 500 (uvicorn logs the traceback) and the server keeps serving.
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))
+    return _json_response(500, {"error": f"internal error: {type(exc).__name__}: {text}"})
+
+
+def build_app(service: ModelService, limits: Limits):
+    """The Starlette application: V2 routes and /predict over ``service``."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    e = Endpoints(service, limits)
+    routes = [Route("/v2/health/live", e.endpoint(e.live), methods=["GET"]),
+              Route("/v2/health/ready", e.endpoint(e.ready), methods=["GET"]),
+              Route("/v2", e.endpoint(e.server_metadata), methods=["GET"]),
+              Route("/v2/", e.endpoint(e.server_metadata), methods=["GET"])]
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        routes += [Route(prefix, endpoint(model_metadata), methods=["GET"]),
-                   Route(prefix + "/ready", endpoint(model_ready), methods=["GET"]),
-                   Route(prefix + "/infer", endpoint(infer), methods=["POST"])]
-    routes.append(Route("/predict", endpoint(predict), methods=["POST"]))
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal_error})
+        routes += [Route(prefix, e.endpoint(e.model_metadata), methods=["GET"]),
+                   Route(prefix + "/ready", e.endpoint(e.model_ready), methods=["GET"]),
+                   Route(prefix + "/infer", e.endpoint(e.infer), methods=["POST"])]
+    routes.append(Route("/predict", e.endpoint(e.predict), methods=["POST"]))
+    return Starlette(routes=routes, exception_handlers={HTTPException: _not_found, Exception: _internal_error})
 
 
 class Server:

@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from helpers import FMPIPE, fmpipe, subprocess_env
+from pipeline.errors import FmpipeError
 from pipeline.inference import runtime, tta
 from pipeline.manifest import read_dataset
 from pipeline.evaluation import calibration
@@ -220,6 +221,11 @@ def test_single_logit_model_maps_to_two_probabilities(tmp_path):
     pkg = runtime.open_package(tmp_path)
     names, x = runtime.load_inputs([tmp_path / "rows.csv"], pkg.spec)
     assert names == ["rows.csv:r1", "rows.csv:r2"] and x.tolist() == [[2, 0], [0, 1]]
+    # Excel's "CSV UTF-8" starts with a byte-order mark: not part of the first column's name.
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfid,b,a\nr1,0,2\n")
+    assert runtime.table_rows(tmp_path / "bom.csv", pkg.spec)[0] == ["bom.csv:r1"]
+    with pytest.raises(FmpipeError, match="latin.csv:2: not UTF-8 text"):
+        runtime.table_rows("latin.csv", pkg.spec, data=b"a,b\n\xe9,1\n")
     probs = runtime.Predictor(pkg, check_digest=False).predict_proba(x)  # no lineage.json here
     z = x @ w / 2.0
     expected_yes = 1 / (1 + np.exp(-z[:, 0]))

@@ -234,7 +234,34 @@ def test_deeply_nested_json_gets_400(image_server):
     _, addr = image_server
     body = b"[" * 200_000 + b"]" * 200_000
     status, raw = _request(addr, "POST", "/v2/models/image/infer", body)
-    assert status == 400 and "nests deeper than" in json.loads(raw)["error"]
+    assert status == 400 and "request body: not read: nested too deeply" in json.loads(raw)["error"]
+    status, raw = _request(addr, "POST", "/v2/models/image/infer", b'{"inputs": [\xff]}')
+    assert status == 400 and "request body:1: not UTF-8 text" in json.loads(raw)["error"], raw
+    assert _request(addr, "GET", "/v2/health/ready")[0] == 200
+
+
+def test_an_idle_keep_alive_connection_lives_past_the_header_timeout(packages):
+    """--timeout bounds the wait for a request's headers, --keep-alive the wait between
+    requests: a connection idle longer than the first but shorter than the second still serves."""
+    proc, addr = _serve(packages["image"], "--timeout", "1", "--keep-alive", "6")
+    try:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/v2/health/live")
+        assert conn.getresponse().read() == b'{"live": true}'
+        sock = conn.sock
+        time.sleep(2.5)  # past --timeout, well within --keep-alive
+        conn.request("GET", "/v2/health/ready")
+        assert conn.getresponse().read() == b'{"ready": true}'
+        assert conn.sock is sock  # the same connection, not a reconnect
+        # A request begun later on it still gets only --timeout for its headers.
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        assert sock.recv(1024) == b""  # closed without an answer
+        assert 0.5 < time.monotonic() - t0 < 5
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_error_text_has_no_memory_address(image_server):
