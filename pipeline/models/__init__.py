@@ -86,11 +86,16 @@ def build(name: str, input_shape: tuple[int, ...], num_classes: int,
 
 
 def save_trained(net: Network, meta: dict[str, Any], out_dir: str | Path) -> None:
-    """Write weights + meta into ``out_dir`` (the caller makes the directory atomic)."""
+    """Write weights + meta into ``out_dir`` (the caller makes the directory atomic).
+
+    The weights as float32 on the CPU in the standard memory layout, whatever precision,
+    device and memory format ``net`` trained in (the network fit trained is saved as it is).
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+             for k, v in net.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS), metadata={"model": meta["model"]["name"]})
     (out_dir / MODEL_META).write_text(json.dumps(meta, indent=2) + "\n")
 

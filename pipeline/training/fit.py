@@ -81,38 +81,17 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     _quiet_dvclive()
     import lightning.pytorch as pl
 
-    from pipeline.models import build, save_trained
-    from pipeline.training.averaging import WeightAveraging
-    from pipeline.training.callbacks import (
-        RngStateCallback,
-        ThroughputTimer,
-        _EpochDVCLiveLogger,
-        atomic_checkpoint_io,
-        checkpoint_callback,
-        no_op_profiler,
-        skip_unused_hooks,
-        throttled_progress_bar,
-    )
+    from pipeline.models import build
+    from pipeline.training.callbacks import ThroughputTimer
     from pipeline.training.data import TensorDataModule
-    from pipeline.training.flops import train_flops
+    from pipeline.training.flops import step_flops_per_sample
     from pipeline.training.module import ClassifierModule
 
     out_dir = Path(out_dir)
     state_dir = Path(state_dir) if state_dir is not None else default_state_dir(out_dir)
-    ckpt_dir = state_dir / "checkpoints"
     train = spec.train
-    fingerprint = run_fingerprint(dataset, spec)
-
     check_accelerator(train.accelerator, variant)
-    resumed_from = None
-    if resume:
-        resumed_from = _check_resumable(state_dir, fingerprint)
-        if _launch_rank() == 0:
-            trim_curves(state_dir / "live", resumed_from["global_step"])
-    elif _launch_rank() == 0:
-        shutil.rmtree(state_dir, ignore_errors=True)
-        state_dir.mkdir(parents=True)
-        atomic_write_json(state_dir / RUN_META, fingerprint)
+    resumed_from = _start_state(state_dir, run_fingerprint(dataset, spec), resume)
 
     # We log per epoch only, so Lightning's step-logging interval does not matter.
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
@@ -122,18 +101,75 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     dm = TensorDataModule(dataset, train.batch_size, augment=train.augment, seed=train.seed,
                           channels_last=train.channels_last, steps_per_call=train.steps_per_call,
                           poisson=train.privacy is not None)
-    has_val = dm.num_val > 0
+    # The one network: trained, then saved as float32 on the CPU (save_trained).
     net = build(spec.model.name, dm.input_shape, len(dm.classes), spec.model.options,
                 mean=dm.mean, std=dm.std, head=spec.model.head)
+    # Counted now, on the plain module (training makes it channels_last, compiled, perhaps on a
+    # GPU); the count leaves its weights, buffers and the random state as they were.
+    flops_per_sample = step_flops_per_sample(net, tuple(dm.input_shape))
     if train.privacy is not None:
         from pipeline.training.privacy import check_network
 
         check_network(net, spec.model.name, variant)
     module = ClassifierModule(net, len(dm.classes), train, head=spec.model.head)
-    recipe_callbacks = [WeightAveraging(train.averaging)] if train.averaging is not None else []
+    logging.getLogger("fmpipe").info(
+        "model %s: %s parameters", spec.model.name, f"{sum(p.numel() for p in net.parameters()):,}")
+    timer = ThroughputTimer()
+    trainer = _trainer(spec, dm, state_dir, resume, timer, callbacks)
+    wall, threads = _run(trainer, module, dm, state_dir / "checkpoints" / LAST_CKPT, resume, train.cpu_threads)
+    if not trainer.is_global_zero:
+        return {}
 
+    summary = _summary(spec, dm, trainer, timer, wall, threads, resumed_from, variant)
+    meta = model_meta(spec, dm, dataset)
+    # The cost of making this model, in figures that do not vary run to run (the model card
+    # carries them; times and memory go to the runner's uncached resource records).
+    samples = int(timer.total_samples)  # the whole run's, across resumptions
+    meta["training"] = {"epochs": int(trainer.current_epoch), "optimizer_steps": int(trainer.global_step),
+                        "samples_seen": samples, "gflop": round(flops_per_sample * samples / 1e9, 3)}
+    summary["samples_seen"] = samples
+    if module.privacy is not None:
+        meta["privacy"] = summary["privacy"] = _privacy_spent(train.privacy, module.privacy, trainer)
+    _write_model(out_dir, state_dir, module.net, meta, summary)
+    return summary
+
+
+def _start_state(state_dir: Path, fingerprint: dict[str, Any], resume: bool) -> Optional[dict[str, int]]:
+    """A fresh run clears ``state_dir`` and records the run's fingerprint; a resumed one checks
+    it and trims the curves to its checkpoint. Returns where the run resumes from (or None)."""
+    if resume:
+        resumed_from = _check_resumable(state_dir, fingerprint)
+        if _launch_rank() == 0:
+            trim_curves(state_dir / "live", resumed_from["global_step"])
+        return resumed_from
+    if _launch_rank() == 0:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        state_dir.mkdir(parents=True)
+        atomic_write_json(state_dir / RUN_META, fingerprint)
+    return None
+
+
+def _trainer(spec: VariantSpec, dm, state_dir: Path, resume: bool, timer, callbacks: Sequence[Any]):
+    """The Lightning Trainer of a run: DVCLive logger, last/best checkpoints, fmpipe's callbacks."""
+    import lightning.pytorch as pl
+
+    from pipeline.training.averaging import WeightAveraging
+    from pipeline.training.callbacks import (
+        RngStateCallback,
+        _EpochDVCLiveLogger,
+        atomic_checkpoint_io,
+        checkpoint_callback,
+        no_op_profiler,
+        skip_unused_hooks,
+        throttled_progress_bar,
+    )
+
+    train = spec.train
+    ckpt_dir = state_dir / "checkpoints"
+    has_val = dm.num_val > 0
+    recipe_callbacks = [WeightAveraging(train.averaging)] if train.averaging is not None else []
     logger = _EpochDVCLiveLogger(dir=str(state_dir / "live"), resume=resume, save_dvc_exp=False,
-                           dvcyaml=False, report=None)
+                                 dvcyaml=False, report=None)
     # Two checkpoint callbacks, because Lightning's save_last only refreshes last.ckpt on an
     # epoch that also saved a top-k checkpoint (a new best val/acc): `last` below is written
     # after every epoch whatever the metric did, `best` keeps the best epoch beside it.
@@ -145,11 +181,8 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
             dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
             monitor="val/acc", mode="max", save_top_k=1, save_last=False, every_n_epochs=1,
         ))
-    timer = ThroughputTimer()
-    logging.getLogger("fmpipe").info(
-        "model %s: %s parameters", spec.model.name, f"{sum(p.numel() for p in net.parameters()):,}")
     calls_per_epoch = max(1, -(-(dm.num_train // train.batch_size) // train.steps_per_call))
-    trainer = pl.Trainer(
+    return pl.Trainer(
         accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
         strategy=train.strategy, precision=train.precision, max_epochs=train.max_epochs,
         max_time=train.max_time, deterministic=train.deterministic, logger=logger,
@@ -161,32 +194,38 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         # Lightning's summary table prints an all-zero FLOPs column; one log line says what matters.
         enable_progress_bar=True, enable_model_summary=False,
     )
+
+
+def _run(trainer, module, dm, last_ckpt: Path, resume: bool, cpu_threads: Optional[int]) -> tuple[float, int]:
+    """``trainer.fit`` (from ``last_ckpt`` when resuming); its wall time and torch's thread count
+    outside it. Ctrl+C: KeyboardInterrupt."""
     threads = torch.get_num_threads()
     if trainer.strategy.root_device.type == "cpu":
         keep_freed_cpu_memory()  # ~11% off a cifar step (pipeline.resources)
-        if train.cpu_threads:
-            torch.set_num_threads(train.cpu_threads)
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
     wall0 = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=dm,
-                    ckpt_path=str(ckpt_dir / LAST_CKPT) if resume else None, weights_only=True)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last_ckpt) if resume else None, weights_only=True)
     except SystemExit:
         # Lightning turns Ctrl+C into sys.exit(1) after its graceful shutdown.
         if not trainer.interrupted:
             raise
     finally:
         torch.set_num_threads(threads)
-    wall = time.perf_counter() - wall0
     if trainer.interrupted:
-        print(f"training interrupted; `--resume` continues from {ckpt_dir / LAST_CKPT} if it exists",
-              file=sys.stderr)
+        print(f"training interrupted; `--resume` continues from {last_ckpt} if it exists", file=sys.stderr)
         raise KeyboardInterrupt
-    if not trainer.is_global_zero:
-        return {}
+    return time.perf_counter() - wall0, threads
 
+
+def _summary(spec: VariantSpec, dm, trainer, timer, wall: float, threads: int, resumed_from,
+             variant: str) -> dict[str, Any]:
+    """``train_summary.json``: what the run did and how fast (timings: never in a hashed output)."""
+    train = spec.train
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
     device = trainer.strategy.root_device
-    summary = {
+    return {
         "variant": variant,
         "model": spec.model.name,
         "epochs": int(trainer.current_epoch),
@@ -210,31 +249,25 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         "val_acc": metrics.get("val/acc"),
     }
 
-    final = build(spec.model.name, dm.input_shape, len(dm.classes), spec.model.options, head=spec.model.head)
-    final.load_state_dict({k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
-                           for k, v in module.net.state_dict().items()})
-    meta = model_meta(spec, dm, dataset)
-    # The cost of making this model, in figures that do not vary run to run (the model card
-    # carries them; times and memory go to the runner's uncached resource records).
-    samples = int(timer.total_samples)  # the whole run's, across resumptions
-    meta["training"] = {"epochs": int(trainer.current_epoch), "optimizer_steps": int(trainer.global_step),
-                        "samples_seen": samples,
-                        "gflop": round(train_flops(spec, dataset, samples) / 1e9, 3)}
-    summary["samples_seen"] = samples
-    if module.privacy is not None:
-        from pipeline.training.privacy import spent
 
-        p = module.privacy
-        # Steps the accountant counts: every drawn batch, an empty (skipped) Poisson one too.
-        drawn = max(int(trainer.global_step), int(trainer.current_epoch) * trainer.train_dataloader.steps_per_epoch)
-        meta["privacy"] = spent(train.privacy, p["noise_multiplier"], p["sample_rate"], drawn, p["delta"])
-        summary["privacy"] = meta["privacy"]
+def _privacy_spent(spec, privacy: dict[str, Any], trainer) -> dict[str, Any]:
+    """The (epsilon, delta) the run spent, for model.json and the summary."""
+    from pipeline.training.privacy import spent
+
+    # Steps the accountant counts: every drawn batch, an empty (skipped) Poisson one too.
+    drawn = max(int(trainer.global_step), int(trainer.current_epoch) * trainer.train_dataloader.steps_per_epoch)
+    return spent(spec, privacy["noise_multiplier"], privacy["sample_rate"], drawn, privacy["delta"])
+
+
+def _write_model(out_dir: Path, state_dir: Path, net, meta: dict[str, Any], summary: dict[str, Any]) -> None:
+    """``out_dir`` in one rename: the weights (float32, CPU), model.json, the curves, the summary."""
+    from pipeline.models import save_trained
+
     with atomic_dir(out_dir) as tmp:
-        save_trained(final, meta, tmp)
+        save_trained(net, meta, tmp)
         if (state_dir / "live").exists():
             shutil.copytree(state_dir / "live", tmp / "live")
         (tmp / SUMMARY).write_text(to_json(summary))
-    return summary
 
 
 def check_accelerator(accelerator: str, variant: str = "") -> None:

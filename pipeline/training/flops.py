@@ -11,31 +11,29 @@ _PROBE_BATCH = 2
 
 
 def step_flops_per_sample(net, input_shape: tuple[int, ...]) -> float:
-    """FLOPs of forward + backward for one sample (measured on a batch of two)."""
+    """FLOPs of forward + backward for one sample (measured on a batch of two).
+
+    ``net`` is left as it was: its weights and buffers (batch-norm statistics move in a
+    training-mode forward), its gradients and torch's random state (the probe batch and any
+    dropout draw from it), so counting before training changes nothing about the training.
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.rand(_PROBE_BATCH, *input_shape) * 255
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
     was_training = net.training
     net.train()
     counter = FlopCounterMode(display=False)
     try:
+        x = torch.rand(_PROBE_BATCH, *input_shape) * 255
         with counter:
             net(x).float().sum().backward()
     finally:
         net.zero_grad(set_to_none=True)
         net.train(was_training)
+        with torch.no_grad():
+            for k, v in net.state_dict().items():
+                v.copy_(state[k])
+        torch.set_rng_state(rng)
     return counter.get_total_flops() / _PROBE_BATCH
-
-
-def train_flops(spec, dataset, samples_seen: int) -> float:
-    """Estimated FLOPs of a whole training run of ``spec.model`` on ``dataset``'s inputs."""
-    from pipeline.models import build
-
-    if dataset.images is not None:
-        h, w, c = dataset.images.shape[1:]
-        shape: tuple[int, ...] = (c, h, w)
-    else:
-        shape = (dataset.features.shape[1],)
-    net = build(spec.model.name, shape, len(dataset.classes), spec.model.options)
-    return step_flops_per_sample(net, shape) * samples_seen
