@@ -139,6 +139,15 @@ def test_upstream_is_transitive_and_in_lifecycle_order():
     assert registry.upstream_of("collect") == []
 
 
+def test_a_missing_input_names_the_command_that_writes_it(project):
+    from helpers import fmpipe
+
+    result = fmpipe("clean", "--stage", "iris")
+    assert (result.returncode, result.stderr.splitlines()) == (1, [
+        "fmpipe clean --stage iris: error: data/iris/collect: not a dataset directory (no dataset.json); "
+        "run `fmpipe collect --stage iris` first"])
+
+
 def test_hints_and_paths_come_from_the_registry():
     """Hints name the step that writes an output; paths are the registry's, for any variant."""
     from pipeline.runner import StepContext
