@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.steps import ANNOTATIONS, at
+
+
 def annotations_dir(variant: str) -> Path:
     """People's decisions for a variant (a dvc.yaml dependency of its annotate stage)."""
-    return Path("annotations") / variant
+    return at(ANNOTATIONS, variant)
 
 
 def legacy_annotations_file(variant: str) -> Path:
     """Where label overrides lived before ``annotations/<variant>/`` (refused, with a hint)."""
-    return Path("annotations") / f"{variant}.csv"
+    return at(f"{ANNOTATIONS}.csv", variant)

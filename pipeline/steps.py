@@ -30,6 +30,10 @@ from typing import Literal
 DATA = "data/{v}"
 RESOURCES_DIR = "data/resources/{v}"
 RUNS_DIR = "data/runs/{v}"
+# What people put in the project per variant, each a step's declared source (dvc.yaml deps):
+SOURCE = "sources/{v}"  # collect's: a link to a local folder/archive/CSV, or a note
+SUITE = "expectations/{v}.json"  # validate's curated GX suite
+ANNOTATIONS = "annotations/{v}"  # annotate's: Label Studio exports and id,label,note CSVs
 
 OutKind = Literal["out", "metric", "plot"]
 
@@ -114,9 +118,9 @@ STEPS: tuple[Step, ...] = (
         writes_dataset=True,
         help="Load the variant's source and split it into train/val/test.",
         module="stages.collect",
-        # The source's content (pipeline/sources/__init__.py: TRACKED): a local folder, archive
+        # The source's content (pipeline/sources/__init__.py: tracked_path): a local folder, archive
         # or CSV is hashed through sources/<v>, so a changed image re-runs collect.
-        sources=("sources/{v}",),
+        sources=(SOURCE,),
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/imaging.py", "pipeline/io.py",
               "pipeline/manifest.py", "pipeline/quality/__init__.py", "pipeline/quality/pii.py",
               "pipeline/reading.py", "pipeline/schema.py", "pipeline/sources", "pipeline/splitting.py",
@@ -141,7 +145,7 @@ STEPS: tuple[Step, ...] = (
              "warnings are recorded.",
         module="stages.validate",
         reads=("clean",),
-        sources=("expectations/{v}.json",),
+        sources=(SUITE,),
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/manifest.py",
               "pipeline/quality/__init__.py", "pipeline/quality/expectations.py", "pipeline/quality/gate.py",
               "pipeline/reading.py", "pipeline/schema.py", "stages/validate.py"),
@@ -159,7 +163,7 @@ STEPS: tuple[Step, ...] = (
         help="Apply people's decisions from annotations/<variant>/ (Label Studio exports, CSV).",
         module="stages.annotate",
         reads=("clean", "validate/summary.json"),
-        sources=("annotations/{v}",),
+        sources=(ANNOTATIONS,),
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/manifest.py",
               "pipeline/paths.py", "pipeline/quality/__init__.py", "pipeline/quality/gate.py",
               "pipeline/reading.py", "pipeline/review/__init__.py", "pipeline/review/decisions.py",

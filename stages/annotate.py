@@ -15,8 +15,8 @@ from pipeline.manifest import make_report, read_report, save_dataset
 from pipeline.paths import legacy_annotations_file
 from pipeline.quality.gate import require_passed
 from pipeline.review.decisions import apply_decisions, read_decisions, resolve
+from pipeline.steps import ANNOTATIONS
 
-ANNOTATIONS = "annotations/{v}"
 
 
 def run(ctx) -> None:

@@ -17,6 +17,7 @@ import sys
 from pipeline.io import to_json
 from pipeline.manifest import check_classifiable
 from pipeline.quality.gate import DATA_DOCS, RESULTS, SUMMARY, summarize
+from pipeline.steps import SUITE
 
 
 def run(ctx) -> None:
@@ -26,7 +27,7 @@ def run(ctx) -> None:
     source = ctx.input("clean")
     ds = ctx.dataset("clean")
     check_classifiable(ds, source)  # one clear line, before GX, for data no classifier can learn
-    path = ctx.source("expectations/{v}.json")
+    path = ctx.source(SUITE)
     table = X.validation_table(ds)
     suite = X.load_suite(path, table)
     parameters = X.suite_parameters(ds, ctx.spec.validate_)

@@ -38,7 +38,7 @@ import pandas as pd
 from pipeline.errors import FmpipeError
 from pipeline.manifest import REQUIRED_COLUMNS, Dataset
 from pipeline.reading import short_repr
-from pipeline.steps import output, rerun_hint
+from pipeline.steps import SUITE, at, output, rerun_hint
 
 REQUIRED_SPLITS = ("train", "test")
 SPLITS_ALL = ("train", "val", "test")
@@ -52,7 +52,6 @@ NUMERIC_DTYPES = [
 SEVERITIES = ("critical", "warning", "info")
 PARTIAL_UNEXPECTED_COUNT = 10
 DOCS_SITE = "fmpipe"
-SUITES_DIR = Path("expectations")
 # --init: how far rows per split and pixel statistics may drift from today's before warning.
 SPLIT_ROWS_TOLERANCE = 0.05
 PIXEL_STAT_TOLERANCE = 5.0
@@ -61,7 +60,7 @@ _COLUMN_KWARGS = ("column", "column_A", "column_B")
 
 
 def suite_path(variant: str) -> Path:
-    return SUITES_DIR / f"{variant}.json"
+    return at(SUITE, variant)
 
 
 def validation_table(ds: Dataset) -> pd.DataFrame:

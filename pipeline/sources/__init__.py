@@ -18,6 +18,7 @@ from pydantic import Field
 from pipeline.errors import FmpipeError
 from pipeline.sources import cifar10, csv, imagefolder, mnist, sklearn_builtin
 from pipeline.sources.base import Collected
+from pipeline.steps import SOURCE, at
 
 _MODULES = {m.Spec.model_fields["kind"].default: m for m in (sklearn_builtin, cifar10, mnist, imagefolder, csv)}
 
@@ -31,12 +32,9 @@ def load(spec) -> Collected:
     return _MODULES[spec.kind].load(spec)
 
 
-# dvc.yaml's dependency of collect: the one path per variant that DVC hashes for its source.
-TRACKED = "sources/{v}"
-
-
 def tracked_path(variant: str) -> Path:
-    return Path(TRACKED.format(v=variant))
+    """dvc.yaml's dependency of collect: the one path per variant that DVC hashes for its source."""
+    return at(SOURCE, variant)
 
 
 def local_path(spec) -> Optional[str]:
@@ -80,4 +78,4 @@ def check_tracked(spec, variant: str) -> None:
         f"{os.path.abspath(os.path.expanduser(path))} {tracked}`) and set path: {tracked}")
 
 
-__all__ = ["Collected", "SourceSpec", "TRACKED", "check_tracked", "data_needed", "load", "local_path", "tracked_path"]
+__all__ = ["Collected", "SourceSpec", "check_tracked", "data_needed", "load", "local_path", "tracked_path"]
