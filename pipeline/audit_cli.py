@@ -58,7 +58,7 @@ def history(
         raise typer.Exit(2)
     _one_format(as_json, as_md, "fmpipe audit")
     doing(f"fmpipe audit --stage {stage}")
-    from pipeline.audit import history as build, history_markdown, history_text
+    from pipeline.audit.history import history as build, history_markdown, history_text
 
     result = build(stage, ".", rev)
     _emit(result, as_json, lambda r: history_text(r, wide), history_markdown, as_md)
@@ -78,7 +78,7 @@ def diff_command(
         raise typer.Exit(2)
     _one_format(as_json, as_md, "fmpipe audit diff")
     doing("fmpipe audit diff")  # also as `fmpipe diff`, the same command
-    from pipeline.audit import diff_markdown, diff_versions, summary_lines
+    from pipeline.audit.diff import diff_markdown, diff_versions, summary_lines
 
     result = diff_versions(stage, step, rev_a, rev_b)
     _emit(result, as_json, lambda r: "\n".join(summary_lines(r)), diff_markdown, as_md)
@@ -96,7 +96,7 @@ def model(
     as_json: bool = typer.Option(False, "--json", help="Print the provenance as JSON."),
 ) -> None:
     """Which data version, params and code made a package; with the repo, its commit and data diff."""
-    from pipeline.audit import audit_model, model_lines
+    from pipeline.audit.model import audit_model, model_lines
 
     result = audit_model(package, None if no_repo else ".", against)
     _emit(result, as_json, lambda r: "\n".join(model_lines(r)))

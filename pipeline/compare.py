@@ -8,11 +8,11 @@ For every variant both sides hold, the comparison names:
 - metrics (``evaluate/metrics.json``) and per-class precision/recall/F1, with the change; a
   per-slice hook (``per_slice``) that stays empty until the pipeline defines slices;
 - data: rows added, removed and relabelled per split, row-level from the annotate manifests
-  (``pipeline.audit.diff_between``, the same diff ``fmpipe audit diff`` prints);
+  (``pipeline.audit.diff.diff_between``, the same diff ``fmpipe audit diff`` prints);
 - the model (weights hash, architecture) and the lineage: which step's code, data, params or
   outputs differ in the ``dvc.lock`` entries (a package carries them in ``lineage.json``).
 
-Revisions are read the way the audit reads them (``pipeline.audit``): ``dvc.lock`` and the
+Revisions are read the way the audit reads them (``pipeline.audit``, the package): ``dvc.lock`` and the
 uncached metrics from git, manifests from DVC's cache or remote by the md5 the lock names;
 nothing in the workspace is touched. A part a side cannot supply (a package has no
 ``per_class.csv``, data not in any cache) is reported as unavailable, not fatal.
@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.audit import (LOCK, WORKSPACE, Git, Store, Version, _lock_stages, diff_between, read_lineage,
-                            variant_entries)
+from pipeline.audit.diff import diff_between
+from pipeline.audit.git import Git
+from pipeline.audit.model import read_lineage
+from pipeline.audit.store import Store
+from pipeline.audit.version import LOCK, WORKSPACE, Version, _lock_stages, variant_entries
 from pipeline.errors import FmpipeError
 from pipeline.steps import ORDER as STEPS
 

@@ -269,12 +269,14 @@ STEPS: tuple[Step, ...] = (
         # when they exist, without depending on them.
         reads=("clean", "validate/summary.json", "annotate", "train/live/metrics.json",
                "evaluate/predictions.parquet", "evaluate/metrics.json", "package", "review"),
-        code=("pipeline/artefacts.py", "pipeline/audit.py", "pipeline/compare.py", "pipeline/config.py",
-              "pipeline/io.py", "pipeline/manifest.py", "pipeline/palette.py",
-              "pipeline/quality/__init__.py", "pipeline/quality/neighbors.py", "pipeline/reading.py",
-              "pipeline/report/__init__.py", "pipeline/report/changes.py", "pipeline/report/figures.py",
-              "pipeline/report/page.py", "pipeline/report/readers.py", "pipeline/review/__init__.py",
-              "pipeline/review/finders.py", "pipeline/schema.py", "stages/report.py"),
+        code=("pipeline/artefacts.py", "pipeline/audit/__init__.py", "pipeline/audit/diff.py",
+              "pipeline/audit/git.py", "pipeline/audit/model.py", "pipeline/audit/store.py",
+              "pipeline/audit/version.py", "pipeline/compare.py", "pipeline/config.py", "pipeline/io.py",
+              "pipeline/manifest.py", "pipeline/palette.py", "pipeline/quality/__init__.py",
+              "pipeline/quality/neighbors.py", "pipeline/reading.py", "pipeline/report/__init__.py",
+              "pipeline/report/changes.py", "pipeline/report/figures.py", "pipeline/report/page.py",
+              "pipeline/report/readers.py", "pipeline/review/__init__.py", "pipeline/review/finders.py",
+              "pipeline/schema.py", "stages/report.py"),
         # The PNGs are deterministic: cached, and image plots for `dvc plots show`. The page
         # (index.html) shows timings that change run to run: written, but not declared, since
         # even an uncached output's hash goes into dvc.lock.

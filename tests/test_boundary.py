@@ -38,10 +38,10 @@ COMMANDS = [
     (["plots"], "pipeline.report.offline_plots.show", "fmpipe plots"),
     (["variant", "add", "n", "--source", "s"], "pipeline.variants.add_variant", "fmpipe variant add n"),
     (["compare", "HEAD"], "pipeline.compare.compare", "fmpipe compare"),
-    (["diff", "HEAD", "--stage", "v"], "pipeline.audit.diff_versions", "fmpipe audit diff"),
-    (["audit", "--stage", "v"], "pipeline.audit.history", "fmpipe audit --stage v"),
-    (["audit", "diff", "HEAD", "--stage", "v"], "pipeline.audit.diff_versions", "fmpipe audit diff"),
-    (["audit", "model", "p"], "pipeline.audit.audit_model", "fmpipe audit model"),
+    (["diff", "HEAD", "--stage", "v"], "pipeline.audit.diff.diff_versions", "fmpipe audit diff"),
+    (["audit", "--stage", "v"], "pipeline.audit.history.history", "fmpipe audit --stage v"),
+    (["audit", "diff", "HEAD", "--stage", "v"], "pipeline.audit.diff.diff_versions", "fmpipe audit diff"),
+    (["audit", "model", "p"], "pipeline.audit.model.audit_model", "fmpipe audit model"),
     (["predict", "p", "x.png"], "pipeline.inference.runtime.open_package", "fmpipe predict"),
     (["verify", "p"], "pipeline.packaging.verify.verify_package", "fmpipe verify"),
     (["serve", "p"], "pipeline.inference.runtime.open_package", "fmpipe serve"),
@@ -176,6 +176,6 @@ def test_a_real_sigint_ends_in_one_line_and_exit_130(argv, target, what, tmp_pat
 
 
 def test_a_real_full_disk_names_the_path(tmp_path):
-    proc = _harness("pipeline.audit.audit_model", "fail", ["audit", "model", "p"], tmp_path)
+    proc = _harness("pipeline.audit.model.audit_model", "fail", ["audit", "model", "p"], tmp_path)
     _, err = proc.communicate(timeout=120)
     assert (proc.returncode, err.splitlines()) == (1, [f"fmpipe audit model: error: {FULL}: {os.strerror(errno.ENOSPC)}"])

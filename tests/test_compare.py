@@ -10,7 +10,7 @@ import subprocess
 
 import pandas as pd
 
-from pipeline.audit import WORKSPACE, Version
+from pipeline.audit.version import WORKSPACE, Version
 from pipeline.compare import State, _per_class_predictions, compare_states, text_lines
 from pipeline.evaluation.summary import last_blessed_lineage
 

@@ -202,8 +202,8 @@ def test_the_import_check_fails_on_a_missing_or_extra_code_dep():
                                "code": tuple(c for c in evaluate.code if c != "pipeline/inference/tta.py")})
     (problem,) = code_drift([dropped])
     assert "pipeline/inference/tta.py" in problem
-    extra = registry.Step(**{**evaluate.__dict__, "code": (*evaluate.code, "pipeline/audit.py")})
-    assert "declares but does not import ['pipeline/audit.py']" in code_drift([extra])[0]
+    extra = registry.Step(**{**evaluate.__dict__, "code": (*evaluate.code, "pipeline/audit/diff.py")})
+    assert "declares but does not import ['pipeline/audit/diff.py']" in code_drift([extra])[0]
 
 
 def test_no_import_runs_back_up_the_layers():

@@ -18,7 +18,9 @@ esc = html.escape
 
 
 def section_changes(ctx) -> str:
-    from pipeline.audit import Git, Store, read_lineage
+    from pipeline.audit.git import Git
+    from pipeline.audit.model import read_lineage
+    from pipeline.audit.store import Store
     from pipeline.compare import compare_sides, fmt_change, fmt_value, package_side, variant_facts
     from pipeline.report.page import missing, table
 
