@@ -274,9 +274,9 @@ STEPS: tuple[Step, ...] = (
               "pipeline/audit/version.py", "pipeline/compare.py", "pipeline/config.py", "pipeline/io.py",
               "pipeline/manifest.py", "pipeline/palette.py", "pipeline/quality/__init__.py",
               "pipeline/quality/neighbors.py", "pipeline/reading.py", "pipeline/report/__init__.py",
-              "pipeline/report/changes.py", "pipeline/report/figures.py", "pipeline/report/page.py",
-              "pipeline/report/readers.py", "pipeline/review/__init__.py", "pipeline/review/finders.py",
-              "pipeline/schema.py", "stages/report.py"),
+              "pipeline/report/changes.py", "pipeline/report/figures.py", "pipeline/report/html.py",
+              "pipeline/report/page.py", "pipeline/report/readers.py", "pipeline/review/__init__.py",
+              "pipeline/review/finders.py", "pipeline/schema.py", "stages/report.py"),
         # The PNGs are deterministic: cached, and image plots for `dvc plots show`. The page
         # (index.html) shows timings that change run to run: written, but not declared, since
         # even an uncached output's hash goes into dvc.lock.

@@ -222,6 +222,14 @@ def test_no_import_runs_back_up_the_layers():
     assert level["pipeline.errors"] == 1 and level["pipeline.filenames"] == 1
 
 
+def test_no_two_modules_import_each_other():
+    """File by file too (inside a package: the report's page and its sections were one loop).
+    A package's own ``__init__``, which importing any of its modules runs, is left aside."""
+    from pipeline.imports import direct_imports, levels, project_modules
+
+    levels({m: {d for d in direct_imports(m) if not m.startswith(d + ".")} for m in project_modules()})
+
+
 def test_the_layer_check_names_a_cycle():
     from pipeline.imports import levels
 

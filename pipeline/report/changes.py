@@ -10,11 +10,9 @@ rows by split (row-level through DVC's cache), model and lineage.
 
 from __future__ import annotations
 
-import html
 from pipeline.artefacts import Lineage
+from pipeline.report.html import esc, missing, table
 from pipeline.report.readers import read_json
-
-esc = html.escape
 
 
 def section_changes(ctx) -> str:
@@ -22,7 +20,6 @@ def section_changes(ctx) -> str:
     from pipeline.audit.model import read_lineage
     from pipeline.audit.store import Store
     from pipeline.compare import compare_sides, fmt_change, fmt_value, package_side, variant_facts
-    from pipeline.report.page import missing, table
 
     record = read_json(ctx.root.parent / "runs" / ctx.variant / "evaluate.json") or {}
     previous = record.get("last_blessed") if isinstance(record, dict) else None

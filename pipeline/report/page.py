@@ -8,7 +8,6 @@ written beside it (``plots/``) for ``dvc plots show``; the page loads nothing fr
 
 from __future__ import annotations
 
-import html
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pipeline import palette
 from pipeline.artefacts import Blessing, Check, DatasetReport, Lineage, Metrics, ValidationSummary
 from pipeline.report import figures
 from pipeline.report.changes import section_changes
+from pipeline.report.html import Raw, esc, kv, missing, table  # noqa: F401  (Raw, kv: used by monitoring's page)
 from pipeline.report.readers import (
     ArtefactError,
     Thumbnails,
@@ -34,7 +34,6 @@ from pipeline.report.readers import (
 from pipeline.steps import rerun_hint
 
 MAX_ROWS = 20  # rows of a findings/queue/mistakes table shown with thumbnails
-esc = html.escape
 
 
 @dataclass
@@ -68,28 +67,6 @@ class Context:
 
 # --- small HTML helpers -----------------------------------------------------------------
 
-def table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
-    """Cells are escaped text, except values wrapped in ``Raw`` (pictures, links)."""
-    head = "".join(f"<th>{esc(str(h))}</th>" for h in headers)
-    thead = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""  # key/value tables need none
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}">{thead}<tbody>{body}</tbody></table>'
-
-
-class Raw(str):
-    """HTML that a table cell shows as it is."""
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, Raw):
-        return str(v)
-    if isinstance(v, (float, np.floating)):
-        return "" if np.isnan(v) else f"{float(v):.4g}"  # no value: an empty cell, not "nan"
-    if v is None or v is getattr(__import__("pandas"), "NA", None):
-        return ""
-    return esc(str(v))
-
-
 def thumb(ctx: Context, example_id: Any) -> Raw:
     uri = ctx.thumbs.uri(example_id) if ctx.thumbs else None
     return Raw(f'<img class="thumb" alt="{esc(str(example_id))}" src="{uri}">' if uri else "")
@@ -102,14 +79,6 @@ def pic(ctx: Context, example_id: Any) -> list[Raw]:
 
 def pic_header(ctx: Context) -> list[str]:
     return ["image"] if ctx.thumbs else []
-
-
-def missing(what: str, hint: str) -> str:
-    return f'<p class="missing">Not available: {esc(what)} ({esc(hint)}).</p>'
-
-
-def kv(d: dict[str, Any]) -> str:
-    return table(["", ""], [[k, v] for k, v in d.items()], cls="kv")
 
 
 def links_to_pages(ctx: Context, step: str) -> str:
