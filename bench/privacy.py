@@ -15,7 +15,7 @@ collect does (clean's few removals skipped: digits loses 4 rows in the pipeline,
 ``model.options.norm=group``: the default digits CNN has BatchNorm, which DP-SGD refuses).
 Each DP run adds ``train.privacy: {target_epsilon: E, max_grad_norm: --clip}``; its noise is
 chosen for the run's length. Test accuracy is the plain network's (no TTA or temperature);
-the membership audit is evaluate's (``stages.evaluate.membership_audit``: train rows against
+the membership audit is evaluate's (``pipeline.evaluation.evaluate.membership_audit``: train rows against
 val + test rows, loss threshold).
 
 ``pii`` times ``pipeline.quality.pii.scrub`` (mask policy, default entities) on a synthetic

@@ -203,7 +203,7 @@ class PrivacySpent(Record):
 
 
 class MembershipAudit(Record):
-    """The loss-threshold membership-inference attack (pipeline/packaging/membership.py)."""
+    """The loss-threshold membership-inference attack (pipeline/evaluation/membership.py)."""
 
     auc: Optional[float] = None  # None when one side has no rows
     tpr_at_1pct_fpr: Optional[float] = None

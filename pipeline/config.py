@@ -407,7 +407,7 @@ class EvaluateSpec(Strict):
     temperature_scaling: bool = False
     calibration_bins: int = Field(15, ge=2, le=100)  # equal-width bins for ECE and the diagram
     gallery_size: int = Field(24, ge=0, le=500)  # confident mistakes shown (image variants)
-    # Membership inference (pipeline/packaging/membership.py): a loss-threshold attack telling
+    # Membership inference (pipeline/evaluation/membership.py): a loss-threshold attack telling
     # training rows from held-out ones. Its AUC is always reported; the gate refuses a model
     # whose attack AUC is above this (None: no cap).
     max_membership_auc: Optional[float] = Field(None, ge=0.5, le=1)

@@ -207,7 +207,7 @@ STEPS: tuple[Step, ...] = (
             # every score (readers: package, report, audit); committed to git, uncached
             Out("metrics.json", cache=False),
             # The variant's DVC metric: the few figures people compare across runs, keyed by
-            # variant so `dvc exp show` headers stay short (pipeline/packaging/evaluation.py).
+            # variant so `dvc exp show` headers stay short (pipeline/evaluation/metrics.py).
             Out("figures.json", kind="metric", cache=False),
             Out("confusion.csv", kind="plot", cache=False,
                 plot={"template": "confusion", "x": "predicted", "y": "actual"}),
