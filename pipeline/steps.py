@@ -310,9 +310,6 @@ def _depending_on_all_upstream(step: Step) -> Step:
         params += u.params
         reads += [f"{u.name}/{o.path}".rstrip("/") for o in u.outs]
     uniq = lambda items: tuple(dict.fromkeys(items))  # noqa: E731  (order kept, duplicates dropped)
-    dirs = [c for c in code if not c.endswith(".py")]
-    # A file inside a package directory another step lists is already covered by that directory.
-    code = [c for c in code if not any(c.startswith(d + "/") for d in dirs)]
     return replace(step, reads=uniq(reads), code=uniq(code), params=uniq(params), sources=uniq(sources))
 
 
