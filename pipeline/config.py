@@ -26,6 +26,9 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import FmpipeError
+# clean's section is composed from its registered rules' params (one class per rule in
+# pipeline/quality/rules.py declares its keys, defaults and description).
+from pipeline.quality.rules import CleanSpec, EmbedderSpec, Policy  # noqa: F401
 from pipeline.reading import BoundedYamlLoader, load_yaml, path_kind, read_text, short_repr
 from pipeline.schema import Strict
 from pipeline.sources import _MODULES as _SOURCE_MODULES
@@ -64,65 +67,6 @@ class SplitSpec(Strict):
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1")
         return self
-
-
-Policy = Literal["drop", "flag", "off"]
-
-
-class EmbedderSpec(Strict):
-    """What clean embeds images with for near-duplicate search (pipeline/quality/embedders.py).
-
-    ``thumbs``: hand-designed features, no weights. ``package``: an fmpipe trained model or
-    package directory (model.json + model.safetensors) outside this variant's own data/<v>/
-    (e.g. an archived release); declare it as a dep of clean in dvc.yaml. ``layer``: a module
-    name (None: the input of the last Linear layer).
-    """
-
-    kind: Literal["thumbs", "package"] = "thumbs"
-    path: Optional[str] = None
-    layer: Optional[str] = None
-
-    @model_validator(mode="after")
-    def _package_has_path(self) -> "EmbedderSpec":
-        if self.kind == "package" and not self.path:
-            raise ValueError("embedder kind 'package' needs `path` (a directory with model.json)")
-        return self
-
-
-class CleanSpec(Strict):
-    """clean's rules (pipeline/quality/rules.py): a policy each (drop / flag / off) and thresholds."""
-
-    # Deprecated switch kept for old params files: false turns exact_duplicate off.
-    drop_duplicates: bool = True
-    label_range: Policy = "drop"
-    exact_duplicate: Policy = "drop"  # same bytes; conflicting labels: every copy
-    # Near-duplicates across splits: the training-side copy (test > val > train is kept).
-    leakage: Policy = "drop"
-    near_duplicates: Policy = "flag"  # within one split
-    # Cosine distance of embeddings at or below which two images are near-duplicates. 0.015
-    # for the thumbs embedder: on CIFAR-10's test split, pairs up to ~0.01 are nearly all the
-    # same photo, pairs at 0.02-0.03 mostly different photos of a similar scene (README).
-    near_threshold: float = Field(0.015, ge=0, le=2)
-    embedder: EmbedderSpec = Field(default_factory=EmbedderSpec)
-    index_method: Literal["auto", "exact", "faiss-ivf", "faiss-hnsw", "usearch"] = "auto"
-    neighbors_k: int = Field(10, ge=1)  # neighbours looked at per image
-    # Image health (after collect's own checks).
-    blank_images: Policy = "drop"
-    blank_max_std: float = Field(2.0, ge=0)  # pixel std at or below this: blank/constant
-    exposure: Policy = "flag"
-    dark_max_mean: float = Field(8.0, ge=0, le=255)
-    bright_min_mean: float = Field(247.0, ge=0, le=255)
-    image_shape: Policy = "drop"
-    expected_shape: Optional[tuple[int, int, int]] = None  # [H, W, C]; default: the array's
-    # Tables.
-    non_finite: Policy = "drop"
-    out_of_range: Policy = "drop"
-    bounds: dict[str, tuple[Optional[float], Optional[float]]] = Field(default_factory=dict)
-    near_duplicate_rows: Policy = "flag"
-    row_near_threshold: float = Field(0.05, ge=0)  # Euclidean, in standard deviations
-    constant_columns: Policy = "flag"
-    # Contact sheet: at most this many pairs (closest first) and items are drawn.
-    sheet_max_pairs: int = Field(300, ge=0)
 
 
 class ValidateSpec(Strict):

@@ -222,3 +222,96 @@ def test_clean_with_a_package_embedder(leaky, tmp_path, monkeypatch):
     # Exact copies are found by hash whatever the embedder.
     assert "img/010" in set(out.findings.loc[out.findings["rule"] == "exact_duplicate", "id"])
     assert out.facts["near_duplicate_index"][0]["dim"] == 16
+
+
+def _every_problem_image_dataset() -> Dataset:
+    """Small image set with one case of each image rule's problem."""
+    photos = list(_photos(12, seed=7))
+    photos[1] = np.full_like(photos[0], 128)  # blank
+    photos[2] = np.random.default_rng(2).integers(0, 13, photos[0].shape).astype(np.uint8)  # dark
+    photos[7] = photos[0].copy()  # exact copy (test) of train 0
+    photos[8] = _jpeg(photos[3], 70)  # near copy (test) of train 3: a leak
+    photos[5] = _jpeg(photos[4], 70)  # near copy within train
+    ds = _image_dataset(np.stack(photos), ["train"] * 6 + ["test"] * 6)
+    ds.manifest.loc[11, "label"] = 5  # out of range
+    ds.manifest.loc[9, "height"] = 31  # recorded shape disagrees
+    return ds
+
+
+def test_every_registered_rule_runs_and_is_reported():
+    """Registration is the one list of rules: each registered rule runs on the kinds it
+    applies to, finds its planted problem, and is in the report (and the findings)."""
+    from pipeline.quality.rules import REGISTRY
+
+    a = np.linspace(-3, 3, 20).round(3)
+    b = np.linspace(-5, 5, 20)[::-1].round(3)
+    a[3], b[3] = a[2] + 1e-4, b[2]  # near-duplicate rows
+    a[5] = np.nan
+    b[6] = 99.0
+    table = _table({"a": a, "b": b, "c": [1.0] * 20}, [k % 2 for k in range(20)], ["train"] * 15 + ["test"] * 5)
+    table.manifest.loc[7, "label"] = 5
+    seen: dict[str, int] = {}
+    for ds in (_every_problem_image_dataset(), table):
+        out = clean_dataset(ds, CleanSpec(bounds={"b": (-10, 10)} if ds.kind == "tabular" else {}))
+        applicable = [name for name, rule in REGISTRY.items() if ds.kind in rule.kinds]
+        assert list(out.facts["rules"]) == applicable  # every one, in registration order
+        report = make_report("clean", "t", len(ds), out.dataset, removed=out.removed, **out.facts)
+        check_report(report)
+        for name in applicable:
+            assert report["rules"][name]["policy"] in ("drop", "flag")
+            seen[name] = seen.get(name, 0) + out.facts["findings_by_rule"].get(name, 0)
+    assert set(seen) == set(REGISTRY), "a registered rule applies to no dataset kind"
+    assert all(seen.values()), f"rules that found nothing on their planted problem: {seen}"
+    for name, rule in REGISTRY.items():
+        assert rule.description(), f"rule {name} has no description (its docstring)"
+        assert name in CleanSpec.model_fields  # its policy key is in params' clean section
+
+
+def test_rule_registration_refuses_a_rule_without_its_policy_or_with_a_taken_key():
+    from pipeline.quality import rules as R
+    from pipeline.schema import Strict
+
+    class NoPolicy(R.Rule):
+        name = "no_policy"
+
+        class Params(Strict):
+            threshold: float = 1.0
+
+    with pytest.raises(TypeError, match="policy field named 'no_policy'"):
+        R.register(NoPolicy)
+
+    class Clash(R.Rule):
+        name = "clash"
+
+        class Params(Strict):
+            clash: R.Policy = "flag"
+            blank_max_std: float = 3.0  # blank_images's
+
+    with pytest.raises(TypeError, match="'blank_max_std' is also rule 'blank_images'"):
+        R.register(Clash)
+    assert "no_policy" not in R.REGISTRY and "clash" not in R.REGISTRY
+
+
+def test_clean_section_validated_per_rule(tmp_path):
+    """The clean section is the rules' params: an unknown key and a rule's own check are one
+    line each, naming the key path."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pipeline.config import load_params
+
+    base = yaml.safe_load(open("params.yaml"))
+    for clean, expected in (({"near_treshold": 0.01}, "variants.digits.clean.near_treshold: unknown key (expected one of: label_range,"),
+                            ({"dark_max_mean": 200, "bright_min_mean": 100},
+                             "variants.digits.clean: Value error, rule exposure: dark_max_mean (200.0) must be below bright_min_mean (100.0)")):
+        base["variants"]["digits"]["clean"] = clean
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(base))
+        with pytest.raises(FmpipeError) as err:
+            load_params(path)
+        assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+    r = subprocess.run([sys.executable, "-m", "pipeline", "clean", "--stage", "digits", "--params", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "rule exposure" in r.stderr, r.stderr

@@ -1,9 +1,16 @@
 """clean's rules: small registered classes, one interface, pure functions of a Dataset.
 
-A rule has a ``name``, reads its params from :class:`pipeline.config.CleanSpec` (its policy
-``drop`` / ``flag`` / ``off`` and its thresholds) and ``find(dataset, ctx) -> findings``: a
-DataFrame with one row per flagged item or pair (:data:`FINDING_COLUMNS`). ``id`` is the row
-the action applies to; for pairs ``other_id`` is its partner, which stays.
+A rule is one class and nothing else: its ``name``, its description (the docstring), the
+dataset kinds it applies to, its params (a nested ``Params`` model: the rule's policy,
+``drop`` / ``flag`` / ``off``, under the rule's own name, and its thresholds) and
+``find(dataset, ctx) -> findings``: a DataFrame with one row per flagged item or pair
+(:data:`FINDING_COLUMNS`). ``id`` is the row the action applies to; for pairs ``other_id`` is
+its partner, which stays.
+
+``@register`` is the one place a rule is listed: the order of registration (the order of the
+classes in this file) is the order the rules run in, and the params schema's ``clean``
+section (:data:`CleanSpec`) is composed from the registered rules' ``Params``, so a rule's
+keys are validated with it (an unknown key is an error naming it) and cannot drift from it.
 
 :func:`apply_rules` runs the rules in order, each on what the previous ones kept, so ids in
 findings are always rows that existed when the rule looked, and a row is removed at most
@@ -13,17 +20,29 @@ once (its ``reason`` is the rule that dropped it). Embeddings are computed once 
 Which copy goes: across splits the evaluation side stays (test before val before train), so
 a train/test leak costs a training row and the test set is untouched; within a split the
 copy with the smaller id stays.
+
+numpy and pandas are imported inside the functions that use them: the params schema
+(pipeline/config.py) imports this module for the rules' params, and loading params must stay
+cheap (``fmpipe --help``, the CLI's checks).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 
-import numpy as np
-import pandas as pd
+from pydantic import Field, ValidationError, create_model, model_validator
 
-from pipeline.manifest import Dataset
+from pipeline.schema import Strict
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.manifest import Dataset
+
+Policy = Literal["drop", "flag", "off"]
 
 SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}
 FINDING_COLUMNS = ["rule", "id", "split", "label", "other_id", "other_split", "other_label",
@@ -37,6 +56,8 @@ def empty_findings() -> pd.DataFrame:
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
     frame = pd.DataFrame(rows, columns=FINDING_COLUMNS)
     for col in ("rule", "id", "split", "other_id", "other_split", "action", "detail"):
         frame[col] = frame[col].astype("string")
@@ -58,58 +79,138 @@ class Context:
 
     def vectors(self, ds: Dataset) -> np.ndarray:
         """Embeddings of ``ds``'s rows (by id; each image embedded once per run)."""
+        import numpy as np
+
         ids = ds.manifest["id"].astype(str).to_numpy()
         missing = [k for k, i in enumerate(ids) if i not in self._vectors]
         if missing:
             if ds.images is not None:
                 new = self.embedder.embed(np.asarray(ds.images[np.asarray(missing)]))
             else:
-                new = _table_vectors(ds.features.iloc[missing])
+                new = ds.features.iloc[missing].to_numpy(dtype=np.float64)
             for k, vec in zip(missing, new):
                 self._vectors[ids[k]] = vec
         return np.stack([self._vectors[i] for i in ids]) if len(ids) else np.zeros((0, 1), np.float32)
 
 
-def _table_vectors(features: pd.DataFrame) -> np.ndarray:
-    return features.to_numpy(dtype=np.float64)
-
-
 class Rule:
+    """The base of every rule. ``Params`` holds the rule's keys in params' ``clean`` section:
+    at least its policy, a field named like the rule."""
+
     name: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]] = ("image", "tabular")
+    Params: ClassVar[type[Strict]]
+    # The params clean's report lists for the rule besides its policy (None: every key of
+    # ``Params`` that no other rule shares).
+    reported: ClassVar[Optional[tuple[str, ...]]] = None
+
+    @classmethod
+    def description(cls) -> str:
+        return " ".join((cls.__doc__ or "").split())
 
     def policy(self, spec) -> str:
         return getattr(spec, self.name)
 
     def params(self, spec) -> dict[str, Any]:
-        return {"policy": self.policy(spec)}
+        keys = self.reported if self.reported is not None else _own_keys(type(self))
+        return {"policy": self.policy(spec), **{k: _plain(getattr(spec, k)) for k in keys}}
 
     def find(self, ds: Dataset, ctx: Context) -> pd.DataFrame:
         raise NotImplementedError
 
 
+def _plain(value: Any) -> Any:
+    return dict(value) if isinstance(value, dict) else value
+
+
+# Every registered rule, in the order they run.
 REGISTRY: dict[str, type[Rule]] = {}
 
 
 def register(cls: type[Rule]) -> type[Rule]:
+    """List a rule: it runs after the rules registered before it, and its ``Params`` join the
+    ``clean`` section. Refused at import: a rule without its policy key, or a key that two
+    rules declare separately (a key shared on purpose comes from one common base model)."""
+    if cls.name in REGISTRY:
+        raise TypeError(f"clean rule {cls.name!r} registered twice")
+    fields = cls.Params.model_fields
+    if cls.name not in fields:
+        raise TypeError(f"clean rule {cls.name!r}: its Params need a policy field named {cls.name!r}")
+    for key in fields:
+        for other in REGISTRY.values():
+            if key in other.Params.model_fields and _declared_by(other.Params, key) is not _declared_by(cls.Params, key):
+                raise TypeError(f"clean rule {cls.name!r}: param {key!r} is also rule {other.name!r}'s "
+                                f"(share it through one base model, or rename it)")
     REGISTRY[cls.name] = cls
     return cls
 
 
-def _item(rule: str, m: pd.DataFrame, row: int, action: str, detail: str, score: float = np.nan) -> dict:
+def _declared_by(model: type, key: str) -> type:
+    """The class in ``model``'s bases whose own annotations declare ``key``."""
+    return next(c for c in model.__mro__ if key in c.__dict__.get("__annotations__", {}))
+
+
+def _own_keys(cls: type[Rule]) -> list[str]:
+    """``cls``'s params besides its policy that no other registered rule declares too."""
+    shared = {k for other in REGISTRY.values() if other is not cls for k in other.Params.model_fields}
+    return [k for k in cls.Params.model_fields if k != cls.name and k not in shared]
+
+
+def _item(rule: str, m: pd.DataFrame, row: int, action: str, detail: str, score: float = float("nan")) -> dict:
     return {"rule": rule, "id": m.at[row, "id"], "split": m.at[row, "split"], "label": int(m.at[row, "label"]),
-            "other_id": None, "other_split": None, "other_label": None, "distance": np.nan,
+            "other_id": None, "other_split": None, "other_label": None, "distance": float("nan"),
             "score": float(score), "action": action, "detail": detail}
 
 
 def _pair(rule: str, m: pd.DataFrame, row: int, other: int, action: str, distance: float, detail: str = "") -> dict:
     return {"rule": rule, "id": m.at[row, "id"], "split": m.at[row, "split"], "label": int(m.at[row, "label"]),
             "other_id": m.at[other, "id"], "other_split": m.at[other, "split"],
-            "other_label": int(m.at[other, "label"]), "distance": float(distance), "score": np.nan,
+            "other_label": int(m.at[other, "label"]), "distance": float(distance), "score": float("nan"),
             "action": action, "detail": detail}
 
 
-# ---------------------------------------------------------------- every dataset
+# ---------------------------------------------------------------- shared params
+
+class EmbedderSpec(Strict):
+    """What clean embeds images with for near-duplicate search (pipeline/quality/embedders.py).
+
+    ``thumbs``: hand-designed features, no weights. ``package``: an fmpipe trained model or
+    package directory (model.json + model.safetensors) outside this variant's own data/<v>/
+    (e.g. an archived release); declare it as a dep of clean in dvc.yaml. ``layer``: a module
+    name (None: the input of the last Linear layer).
+    """
+
+    kind: Literal["thumbs", "package"] = "thumbs"
+    path: Optional[str] = None
+    layer: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _package_has_path(self) -> "EmbedderSpec":
+        if self.kind == "package" and not self.path:
+            raise ValueError("embedder kind 'package' needs `path` (a directory with model.json)")
+        return self
+
+
+class NearSearch(Strict):
+    """The near-duplicate search the image rules ``leakage`` and ``near_duplicates`` share
+    (one embedding and one threshold, so both see the same pairs)."""
+
+    # Cosine distance of embeddings at or below which two images are near-duplicates. 0.015
+    # for the thumbs embedder: on CIFAR-10's test split, pairs up to ~0.01 are nearly all the
+    # same photo, pairs at 0.02-0.03 mostly different photos of a similar scene (README).
+    near_threshold: float = Field(0.015, ge=0, le=2)
+    embedder: EmbedderSpec = Field(default_factory=EmbedderSpec)
+    index_method: Literal["auto", "exact", "faiss-ivf", "faiss-hnsw", "usearch"] = "auto"
+    neighbors_k: int = Field(10, ge=1)  # neighbours looked at per image
+
+
+class RowSearch(Strict):
+    """Near-identical table rows (``near_duplicate_rows``; across splits they are leaks)."""
+
+    row_near_threshold: float = Field(0.05, ge=0)  # Euclidean, in standard deviations
+
+
+# ---------------------------------------------------------------- unusable rows first
 
 @register
 class LabelRange(Rule):
@@ -117,7 +218,12 @@ class LabelRange(Rule):
 
     name = "label_range"
 
+    class Params(Strict):
+        label_range: Policy = "drop"
+
     def find(self, ds, ctx):
+        import numpy as np
+
         m = ds.manifest
         bad = np.flatnonzero(((m["label"] < 0) | (m["label"] >= len(ds.classes))).to_numpy())
         return _frame([_item(self.name, m, int(r), self.policy(ctx.spec),
@@ -125,11 +231,152 @@ class LabelRange(Rule):
 
 
 @register
+class NonFinite(Rule):
+    """Table rows with NaN or infinite feature values."""
+
+    name = "non_finite"
+    kinds = ("tabular",)
+
+    class Params(Strict):
+        non_finite: Policy = "drop"
+
+    def find(self, ds, ctx):
+        import numpy as np
+
+        m = ds.manifest
+        values = ds.features.to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values)
+        cols = np.asarray(ds.features.columns)
+        return _frame([_item(self.name, m, int(r), self.policy(ctx.spec),
+                             "NaN/inf in " + ", ".join(map(str, cols[bad[r]])), float(bad[r].sum()))
+                       for r in np.flatnonzero(bad.any(axis=1))])
+
+
+@register
+class OutOfRange(Rule):
+    """Feature values outside the bounds given in params (``bounds: {column: [low, high]}``)."""
+
+    name = "out_of_range"
+    kinds = ("tabular",)
+
+    class Params(Strict):
+        out_of_range: Policy = "drop"
+        bounds: dict[str, tuple[Optional[float], Optional[float]]] = Field(default_factory=dict)
+
+    def find(self, ds, ctx):
+        import numpy as np
+
+        from pipeline.errors import FmpipeError
+
+        m = ds.manifest
+        rows = []
+        hits: dict[int, list[str]] = {}
+        for column, (low, high) in ctx.spec.bounds.items():
+            if column not in ds.features.columns:
+                raise FmpipeError(f"clean.bounds names column {column!r}, which the data does not have "
+                                  f"(columns: {', '.join(map(str, ds.features.columns))})")
+            v = ds.features[column].to_numpy(dtype=np.float64)
+            low = -np.inf if low is None else low
+            high = np.inf if high is None else high
+            for r in np.flatnonzero((v < low) | (v > high)):
+                hits.setdefault(int(r), []).append(f"{column}={v[r]:g} outside [{low}, {high}]")
+        for r in sorted(hits):
+            rows.append(_item(self.name, m, r, self.policy(ctx.spec), "; ".join(hits[r]), len(hits[r])))
+        return _frame(rows)
+
+
+@register
+class ImageShape(Rule):
+    """Rows whose recorded height/width/channels differ from the expected image shape
+    (params ``expected_shape`` [H, W, C], default: the dataset's own array shape)."""
+
+    name = "image_shape"
+    kinds = ("image",)
+    reported = ()
+
+    class Params(Strict):
+        image_shape: Policy = "drop"
+        expected_shape: Optional[tuple[int, int, int]] = None  # [H, W, C]; default: the array's
+
+    def find(self, ds, ctx):
+        import numpy as np
+
+        m = ds.manifest
+        expected = tuple(ctx.spec.expected_shape or ds.images.shape[1:])
+        got = m[["height", "width", "channels"]].to_numpy()
+        bad = np.flatnonzero((got != np.asarray(expected)).any(axis=1))
+        return _frame([_item(self.name, m, int(r), self.policy(ctx.spec),
+                             f"shape {tuple(int(v) for v in got[r])} != expected {expected}") for r in bad])
+
+
+@register
+class BlankImage(Rule):
+    """Blank or constant images: (almost) no variation in pixel values."""
+
+    name = "blank_images"
+    kinds = ("image",)
+
+    class Params(Strict):
+        blank_images: Policy = "drop"
+        blank_max_std: float = Field(2.0, ge=0)  # pixel std at or below this: blank/constant
+
+    def find(self, ds, ctx):
+        import numpy as np
+
+        m = ds.manifest
+        std = m["std"].to_numpy(dtype=float)
+        bad = np.flatnonzero(std <= ctx.spec.blank_max_std)
+        return _frame([_item(self.name, m, int(r), self.policy(ctx.spec),
+                             f"pixel std {std[r]:.2f} <= {ctx.spec.blank_max_std}", std[r]) for r in bad])
+
+
+@register
+class Exposure(Rule):
+    """Extreme under/over-exposure: the mean pixel value near black or near white."""
+
+    name = "exposure"
+    kinds = ("image",)
+
+    class Params(Strict):
+        exposure: Policy = "flag"
+        dark_max_mean: float = Field(8.0, ge=0, le=255)
+        bright_min_mean: float = Field(247.0, ge=0, le=255)
+
+        @model_validator(mode="after")
+        def _dark_below_bright(self):
+            if self.dark_max_mean >= self.bright_min_mean:
+                raise ValueError(f"dark_max_mean ({self.dark_max_mean}) must be below "
+                                 f"bright_min_mean ({self.bright_min_mean})")
+            return self
+
+    def find(self, ds, ctx):
+        import numpy as np
+
+        m = ds.manifest
+        mean = m["mean"].to_numpy(dtype=float)
+        s = ctx.spec
+        rows = []
+        for r in np.flatnonzero(mean <= s.dark_max_mean):
+            rows.append(_item(self.name, m, int(r), self.policy(s), f"under-exposed: mean {mean[r]:.1f} <= {s.dark_max_mean}", mean[r]))
+        for r in np.flatnonzero(mean >= s.bright_min_mean):
+            rows.append(_item(self.name, m, int(r), self.policy(s), f"over-exposed: mean {mean[r]:.1f} >= {s.bright_min_mean}", mean[r]))
+        return _frame(rows)
+
+
+# ---------------------------------------------------------------- then exact copies
+
+@register
 class ExactDuplicate(Rule):
     """Identical payload bytes (sha256). Same label: the most protected copy stays. Different
     labels: every copy is acted on (nobody knows which label is right)."""
 
     name = "exact_duplicate"
+    reported = ()
+
+    class Params(Strict):
+        # Deprecated switch kept for old params files: false turns exact_duplicate off.
+        drop_duplicates: bool = True
+        exact_duplicate: Policy = "drop"  # same bytes; conflicting labels: every copy
 
     def policy(self, spec):
         # The old switch `drop_duplicates: false` still means "do not remove them".
@@ -152,6 +399,8 @@ class ExactDuplicate(Rule):
         return _frame(rows)
 
 
+# ---------------------------------------------------------------- then near copies
+
 def _near(ds: Dataset, ctx: Context, rows_a: np.ndarray, rows_b: np.ndarray | None, threshold: float) -> pd.DataFrame:
     """near_pairs between row subsets of ``ds`` (indices into the manifest), recorded in ctx."""
     from pipeline.quality.neighbors import describe, near_pairs
@@ -169,8 +418,39 @@ def _near(ds: Dataset, ctx: Context, rows_a: np.ndarray, rows_b: np.ndarray | No
     return pairs
 
 
-def _image_or_table_threshold(ds: Dataset, spec) -> float:
-    return spec.near_threshold if ds.kind == "image" else spec.row_near_threshold
+@register
+class Leakage(Rule):
+    """Near-duplicates across splits: the copy in the less protected split is acted on (the
+    training copy of a train/test pair), the evaluation copy stays."""
+
+    name = "leakage"
+    kinds = ("image",)  # tables: near_duplicate_rows, which acts on its leaks by this policy
+
+    class Params(NearSearch):
+        leakage: Policy = "drop"
+
+    def find(self, ds, ctx):
+        import numpy as np
+
+        m = ds.manifest
+        action = self.policy(ctx.spec)
+        split = m["split"].to_numpy()
+        sha = m["sha256"].to_numpy()
+        rows = []
+        # Queries are the protected split; the base is every less protected one.
+        for protected, exposed in (("test", ("val", "train")), ("val", ("train",))):
+            q = np.flatnonzero(split == protected)
+            b = np.flatnonzero(np.isin(split, exposed))
+            if len(q) == 0 or len(b) == 0:
+                continue
+            pairs = _near(ds, ctx, q, b, ctx.spec.near_threshold)
+            for i, j, d in pairs.itertuples(index=False):
+                if sha[i] == sha[j]:
+                    continue  # exact_duplicate's
+                rows.append(_pair(self.name, m, j, i, action, d, f"{split[j]} copy of a {protected} row"))
+        frame = _frame(rows)
+        # One finding per (acted-on row, kept row); a row close to several keeps them all listed.
+        return frame.drop_duplicates(["id", "other_id"]).reset_index(drop=True)
 
 
 @register
@@ -181,10 +461,14 @@ class NearDuplicate(Rule):
     name = "near_duplicates"
     kinds = ("image",)  # tables: near_duplicate_rows
 
+    class Params(NearSearch):
+        near_duplicates: Policy = "flag"  # within one split
+
     def find(self, ds, ctx):
+        import numpy as np
+
         m = ds.manifest
         action = self.policy(ctx.spec)
-        threshold = _image_or_table_threshold(ds, ctx.spec)
         sha = m["sha256"].to_numpy()
         ids = m["id"].astype(str).to_numpy()
         rows = []
@@ -192,149 +476,12 @@ class NearDuplicate(Rule):
             members = np.flatnonzero(m["split"].to_numpy() == split)
             if len(members) < 2:
                 continue
-            pairs = _near(ds, ctx, members, None, threshold)
+            pairs = _near(ds, ctx, members, None, ctx.spec.near_threshold)
             for i, j, d in pairs.itertuples(index=False):
                 if sha[i] == sha[j]:
                     continue
                 first, second = (i, j) if ids[i] < ids[j] else (j, i)
                 rows.append(_pair(self.name, m, second, first, action, d, f"within {split}"))
-        return _frame(rows)
-
-
-@register
-class Leakage(Rule):
-    """Near-duplicates across splits: the copy in the less protected split is acted on (the
-    training copy of a train/test pair), the evaluation copy stays."""
-
-    name = "leakage"
-    kinds = ("image",)  # tables: near_duplicate_rows
-
-    def find(self, ds, ctx):
-        m = ds.manifest
-        action = self.policy(ctx.spec)
-        threshold = _image_or_table_threshold(ds, ctx.spec)
-        split = m["split"].to_numpy()
-        sha = m["sha256"].to_numpy()
-        rows = []
-        # Queries are the protected split; the base is every less protected one.
-        for protected, exposed in (("test", ("val", "train")), ("val", ("train",))):
-            q = np.flatnonzero(split == protected)
-            b = np.flatnonzero(np.isin(split, exposed))
-            if len(q) == 0 or len(b) == 0:
-                continue
-            pairs = _near(ds, ctx, q, b, threshold)
-            for i, j, d in pairs.itertuples(index=False):
-                if sha[i] == sha[j]:
-                    continue  # exact_duplicate's
-                rows.append(_pair(self.name, m, j, i, action, d, f"{split[j]} copy of a {protected} row"))
-        frame = _frame(rows)
-        # One finding per (acted-on row, kept row); a row close to several keeps them all listed.
-        return frame.drop_duplicates(["id", "other_id"]).reset_index(drop=True)
-
-
-# ---------------------------------------------------------------- images
-
-@register
-class BlankImage(Rule):
-    """Blank or constant images: (almost) no variation in pixel values."""
-
-    name = "blank_images"
-    kinds = ("image",)
-
-    def params(self, spec):
-        return {"policy": spec.blank_images, "blank_max_std": spec.blank_max_std}
-
-    def find(self, ds, ctx):
-        m = ds.manifest
-        std = m["std"].to_numpy(dtype=float)
-        bad = np.flatnonzero(std <= ctx.spec.blank_max_std)
-        return _frame([_item(self.name, m, int(r), self.policy(ctx.spec),
-                             f"pixel std {std[r]:.2f} <= {ctx.spec.blank_max_std}", std[r]) for r in bad])
-
-
-@register
-class Exposure(Rule):
-    """Extreme under/over-exposure: the mean pixel value near black or near white."""
-
-    name = "exposure"
-    kinds = ("image",)
-
-    def params(self, spec):
-        return {"policy": spec.exposure, "dark_max_mean": spec.dark_max_mean, "bright_min_mean": spec.bright_min_mean}
-
-    def find(self, ds, ctx):
-        m = ds.manifest
-        mean = m["mean"].to_numpy(dtype=float)
-        s = ctx.spec
-        rows = []
-        for r in np.flatnonzero(mean <= s.dark_max_mean):
-            rows.append(_item(self.name, m, int(r), self.policy(s), f"under-exposed: mean {mean[r]:.1f} <= {s.dark_max_mean}", mean[r]))
-        for r in np.flatnonzero(mean >= s.bright_min_mean):
-            rows.append(_item(self.name, m, int(r), self.policy(s), f"over-exposed: mean {mean[r]:.1f} >= {s.bright_min_mean}", mean[r]))
-        return _frame(rows)
-
-
-@register
-class ImageShape(Rule):
-    """Rows whose recorded height/width/channels differ from the expected image shape
-    (params ``image_shape`` [H, W, C], default: the dataset's own array shape)."""
-
-    name = "image_shape"
-    kinds = ("image",)
-
-    def find(self, ds, ctx):
-        m = ds.manifest
-        expected = tuple(ctx.spec.expected_shape or ds.images.shape[1:])
-        got = m[["height", "width", "channels"]].to_numpy()
-        bad = np.flatnonzero((got != np.asarray(expected)).any(axis=1))
-        return _frame([_item(self.name, m, int(r), self.policy(ctx.spec),
-                             f"shape {tuple(int(v) for v in got[r])} != expected {expected}") for r in bad])
-
-
-# ---------------------------------------------------------------- tables
-
-@register
-class NonFinite(Rule):
-    name = "non_finite"
-    kinds = ("tabular",)
-
-    def find(self, ds, ctx):
-        m = ds.manifest
-        values = ds.features.to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values)
-        cols = np.asarray(ds.features.columns)
-        return _frame([_item(self.name, m, int(r), self.policy(ctx.spec),
-                             "NaN/inf in " + ", ".join(map(str, cols[bad[r]])), float(bad[r].sum()))
-                       for r in np.flatnonzero(bad.any(axis=1))])
-
-
-@register
-class OutOfRange(Rule):
-    """Feature values outside the bounds given in params (``bounds: {column: [low, high]}``)."""
-
-    name = "out_of_range"
-    kinds = ("tabular",)
-
-    def params(self, spec):
-        return {"policy": spec.out_of_range, "bounds": dict(spec.bounds)}
-
-    def find(self, ds, ctx):
-        from pipeline.errors import FmpipeError
-
-        m = ds.manifest
-        rows = []
-        hits: dict[int, list[str]] = {}
-        for column, (low, high) in ctx.spec.bounds.items():
-            if column not in ds.features.columns:
-                raise FmpipeError(f"clean.bounds names column {column!r}, which the data does not have "
-                                  f"(columns: {', '.join(map(str, ds.features.columns))})")
-            v = ds.features[column].to_numpy(dtype=np.float64)
-            low = -np.inf if low is None else low
-            high = np.inf if high is None else high
-            for r in np.flatnonzero((v < low) | (v > high)):
-                hits.setdefault(int(r), []).append(f"{column}={v[r]:g} outside [{low}, {high}]")
-        for r in sorted(hits):
-            rows.append(_item(self.name, m, r, self.policy(ctx.spec), "; ".join(hits[r]), len(hits[r])))
         return _frame(rows)
 
 
@@ -347,10 +494,11 @@ class NearDuplicateRows(Rule):
     name = "near_duplicate_rows"
     kinds = ("tabular",)
 
-    def params(self, spec):
-        return {"policy": spec.near_duplicate_rows, "row_near_threshold": spec.row_near_threshold}
+    class Params(RowSearch):
+        near_duplicate_rows: Policy = "flag"
 
     def find(self, ds, ctx):
+        import numpy as np
         from sklearn.neighbors import NearestNeighbors
 
         m = ds.manifest
@@ -386,6 +534,8 @@ class NearDuplicateRows(Rule):
         return _frame(rows)
 
 
+# ---------------------------------------------------------------- columns last
+
 @register
 class ConstantColumns(Rule):
     """Feature columns with one value in every row: they carry nothing. ``drop`` removes the
@@ -394,19 +544,50 @@ class ConstantColumns(Rule):
     name = "constant_columns"
     kinds = ("tabular",)
 
+    class Params(Strict):
+        constant_columns: Policy = "flag"
+
     def find(self, ds, ctx):
         rows = []
         for column in ds.features.columns:
             if ds.features[column].nunique(dropna=False) <= 1 and len(ds.features) > 1:
                 rows.append({"rule": self.name, "id": str(column), "split": None, "label": None,
-                             "other_id": None, "other_split": None, "other_label": None, "distance": np.nan,
-                             "score": np.nan, "action": self.policy(ctx.spec), "detail": "constant column"})
+                             "other_id": None, "other_split": None, "other_label": None, "distance": float("nan"),
+                             "score": float("nan"), "action": self.policy(ctx.spec), "detail": "constant column"})
         return _frame(rows)
 
 
-# Order matters: unusable rows go first, then exact copies, then near copies.
-ORDER = ["label_range", "non_finite", "out_of_range", "image_shape", "blank_images", "exposure",
-         "exact_duplicate", "leakage", "near_duplicates", "near_duplicate_rows", "constant_columns"]
+# ---------------------------------------------------------------- the clean section
+
+class _CleanBase(Strict):
+    """clean's params (pipeline/quality/rules.py): the registered rules' ``Params``, in the
+    order the rules run, then clean's own settings."""
+
+    @model_validator(mode="after")
+    def _each_rule_checks_its_params(self):
+        # Each rule's own checks across its keys (e.g. exposure: dark below bright); the
+        # checks of single keys (ranges, types) came with the fields.
+        for rule in REGISTRY.values():
+            if rule.Params.__pydantic_decorators__.model_validators:
+                try:
+                    rule.Params.model_validate({k: getattr(self, k) for k in rule.Params.model_fields})
+                except ValidationError as exc:
+                    raise ValueError(f"rule {rule.name}: " + "; ".join(
+                        e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+        return self
+
+
+def _compose_clean_spec() -> type[Strict]:
+    fields: dict[str, Any] = {}
+    for rule in REGISTRY.values():
+        for key, info in rule.Params.model_fields.items():
+            fields.setdefault(key, (info.annotation, copy.copy(info)))
+    # Contact sheet: at most this many pairs (closest first) and items are drawn.
+    fields["sheet_max_pairs"] = (int, Field(300, ge=0))
+    return create_model("CleanSpec", __base__=_CleanBase, __module__=__name__, **fields)
+
+
+CleanSpec = _compose_clean_spec()
 
 
 @dataclass
@@ -419,13 +600,17 @@ class Outcome:
 
 
 def apply_rules(ds: Dataset, spec, embedder=None) -> Outcome:
-    """Run every rule that applies to ``ds``'s kind, in :data:`ORDER`, applying policies."""
+    """Run every registered rule that applies to ``ds``'s kind, in order, applying policies."""
+    import pandas as pd
+
+    from pipeline.manifest import Dataset
+
     ctx = Context(spec=spec, embedder=embedder)
     all_findings = []
     removed: list[dict[str, Any]] = []
     summary: dict[str, dict[str, Any]] = {}
-    for name in ORDER:
-        rule = REGISTRY[name]()
+    for name, cls in REGISTRY.items():
+        rule = cls()
         if ds.kind not in rule.kinds:
             continue
         params = rule.params(spec)
