@@ -440,6 +440,37 @@ class Params(Strict):
     variants: dict[str, VariantSpec]
 
 
+def prune_defaults(raw: Any, value: Any, where: str = "") -> list[str]:
+    """Remove from ``raw`` (a params mapping as written, changed in place: a ruamel map keeps
+    its comments) every key whose value is the schema's default; returns their key paths.
+
+    ``value`` is ``raw`` validated (e.g. a :class:`VariantSpec`), so a key is compared as the
+    pipeline reads it. Kept: required keys (a variant's step sections, which dvc.yaml tracks
+    and DVC needs present, even when empty), ``kind`` (it picks the model of a section), and
+    a key the schema knows only under an older name (renamed by a validator). A section that
+    differs is pruned inside; lists and free-form mappings (``model.options``) are kept whole.
+    """
+    from pydantic import BaseModel
+
+    if not (isinstance(raw, dict) and isinstance(value, BaseModel)):
+        return []
+    fields = type(value).model_fields
+    names = {**{n: n for n in fields}, **{f.alias: n for n, f in fields.items() if f.alias}}
+    removed: list[str] = []
+    for key in list(raw):
+        name = names.get(key)
+        if name is None:
+            continue
+        info, got = fields[name], getattr(value, name)
+        path = f"{where}.{key}" if where else str(key)
+        if key != "kind" and not info.is_required() and got == info.get_default(call_default_factory=True):
+            del raw[key]
+            removed.append(path)
+        else:
+            removed += prune_defaults(raw[key], got, path)
+    return removed
+
+
 def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
     path = Path(path)
     if path_kind(path) == "not found":

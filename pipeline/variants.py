@@ -209,7 +209,7 @@ def _scratch_project(params_text: str, name: str, source: Path) -> Iterator[Path
 def add_variant(name: str, source: str, enable: bool = False, params_path: str = "params.yaml",
                 label_column: str = "label", description: Optional[str] = None) -> str:
     """Write the variant's params section, suite, decisions file and source link; the next command."""
-    from pipeline.config import check_variant_name, load_params
+    from pipeline.config import check_variant_name, load_params, prune_defaults
     from pipeline.manifest import read_dataset
     from pipeline.paths import annotations_dir
     from pipeline.quality.expectations import init_suite, suite_path, write_suite
@@ -248,9 +248,14 @@ def add_variant(name: str, source: str, enable: bool = False, params_path: str =
         run_step("clean", name)
         ds = read_dataset(root / output("clean", name))
         section = _fitted(section, ds.manifest, ds.classes)
+        (root / "params.yaml").write_text(params_with(text, name, section, enable))
+        # The schema's own checks, before anything is written; then the fitted values that
+        # happen to be the schema's defaults (a batch size of 64, ...) are left out: the
+        # section states differences only, like every other in params.yaml.
+        prune_defaults(section, load_params(root / "params.yaml").variants[name])
         new_text = params_with(text, name, section, enable)
         (root / "params.yaml").write_text(new_text)
-        load_params(root / "params.yaml")  # the schema's own checks, before anything is written
+        load_params(root / "params.yaml")
         suite = init_suite(ds, name)
         suite.setdefault("meta", {}).setdefault("fmpipe", {})["created_by"] = (
             f"fmpipe variant add {name} --source {source}")

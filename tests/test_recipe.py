@@ -17,6 +17,7 @@ from torch import nn
 from helpers import annotated
 
 from pipeline.config import (
+    VariantSpec,
     AugmentSpec,
     AveragingSpec,
     OptimizerSpec,
@@ -209,6 +210,32 @@ def test_recipe_schema_errors_name_the_key(tmp_path, update, message):
     with pytest.raises(FmpipeError) as exc:
         load_params(write_params(tmp_path, update))
     assert message in str(exc.value), str(exc.value)
+
+
+def test_params_yaml_states_only_differences():
+    """Each variant states what differs from the schema's defaults (the review and package
+    sections are no longer 7 copies of the defaults); pruning a section restating defaults
+    leaves what the pipeline reads unchanged."""
+    from pipeline.config import prune_defaults
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = load_params(REPO / "params.yaml")
+    restated = [key for name, section in raw["variants"].items()
+                for key in prune_defaults(section, params.variants[name], f"variants.{name}")]
+    assert restated == [], f"params.yaml restates schema defaults: {restated}"
+    # Every step's section stays (dvc.yaml tracks each; DVC needs it present), empty or not.
+    assert all(set(section) >= {"split", "clean", "validate", "train", "evaluate", "package", "review"}
+               for section in raw["variants"].values())
+    full = {**raw["variants"]["iris"], "split": {"seed": 0, "val_fraction": 0.1, "test_fraction": 0.3},
+            "review": {"queue_size": 300, "scoring": "linear_head", "folds": 5, "finders": ["label_issues", "outliers"]},
+            "package": {"onnx_opset": 17, "int8": {"calibration": "minmax"}}}
+    spec = VariantSpec.model_validate(full)
+    removed = prune_defaults(full, spec, "iris")
+    assert sorted(removed) == sorted(["iris.split.seed", "iris.split.val_fraction", "iris.review.queue_size",
+                                      "iris.review.scoring", "iris.review.folds", "iris.package.onnx_opset",
+                                      "iris.package.int8.calibration"])
+    assert full["package"] == {"int8": {}} and full["review"] == {"finders": ["label_issues", "outliers"]}
+    assert VariantSpec.model_validate(full) == spec == params.variants["iris"]
 
 
 def test_old_params_keep_working():
