@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
 
 from pipeline.errors import FmpipeError
 # clean's section is composed from its registered rules' params (one class per rule in
 # pipeline/quality/rules.py declares its keys, defaults and description).
 from pipeline.quality.rules import CleanSpec, EmbedderSpec, Policy  # noqa: F401
 from pipeline.reading import BoundedYamlLoader, load_yaml, path_kind, read_text, short_repr
+# review's section likewise: each registered finder declares its params beside it.
+from pipeline.review.finders import REGISTRY as _FINDERS
 from pipeline.schema import Strict
 from pipeline.sources import _MODULES as _SOURCE_MODULES
 from pipeline.sources import SourceSpec
@@ -378,7 +380,7 @@ class PackageSpec(Strict):
     int8: Optional[Int8Spec] = None  # None: float32 only
 
 
-class ReviewSpec(Strict):
+class _ReviewScoring(Strict):
     """The review queue (pipeline/review/): which rows the trained model finds suspect."""
 
     queue_size: int = Field(300, ge=1)
@@ -392,29 +394,22 @@ class ReviewSpec(Strict):
     # labels in the lowest 80 of 1258 train rows (C=1: 86%).
     head_c: float = Field(0.01, gt=0)
     full_model_epochs: Optional[int] = Field(None, ge=1)  # full_model: epochs per fold (default train.max_epochs)
-    finders: list[Literal["label_issues", "near_duplicates", "outliers"]] = Field(
-        default_factory=lambda: ["label_issues", "near_duplicates", "outliers"])
-    # cleanlab: the confident-learning pruning rule, and the label quality score that ranks.
-    filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
-                       "predicted_neq_given", "low_normalized_margin", "low_self_confidence"] = "prune_by_noise_rate"
-    rank_by: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = "self_confidence"
-    # Besides cleanlab's flags, queue the lowest-quality rows up to this share of each scoring
-    # group (0: cleanlab's flags only). Needed on train rows, where memorised embeddings make
-    # confident learning flag too little (see pipeline/review/finders.py).
-    low_quality_fraction: float = Field(0.1, ge=0, le=1)
-    # Near-duplicates: the vectors compared ("thumbs": the hand-designed image features of
-    # pipeline/quality/embedders.py; "penultimate"; or a layer name of the network, spatially
-    # average-pooled; several are concatenated, each L2-normalised), and the cosine distance
-    # under which two rows are a pair.
-    # Default from bench/review_duplicates.py on digits: thumbs alone beat every network layer
-    # and every thumbs+layer mix (mean recall 0.74 at 1% false pairs, threshold 0.009).
-    duplicate_features: list[str] = Field(default_factory=lambda: ["thumbs"], min_length=1)
-    duplicate_threshold: float = Field(0.01, ge=0, le=2)
-    neighbors: int = Field(10, ge=1)  # at most this many near copies per row
-    outlier_fraction: float = Field(0.005, ge=0, lt=1)  # share of rows flagged as outliers
+    # The finders run, in this order (pipeline/review/finders.py registers them).
+    finders: list[Literal[tuple(_FINDERS)]] = Field(default_factory=lambda: list(_FINDERS))  # type: ignore[valid-type]
+
+
+class _ReviewQueue(Strict):
     skip_decided: bool = True  # leave out rows people already decided (label_source: annotation)
     contact_sheet_rows: int = Field(100, ge=0)
     batch_size: int = Field(512, ge=1)  # inference batch for embeddings and probabilities
+
+
+# The review section: scoring, then each registered finder's params (declared beside the
+# finder), then the queue's settings.
+ReviewSpec = create_model(
+    "ReviewSpec", __base__=Strict, __doc__=_ReviewScoring.__doc__, __module__=__name__,
+    **{key: (info.annotation, info) for model in (_ReviewScoring, *(f.Params for f in _FINDERS.values()), _ReviewQueue)
+       for key, info in model.model_fields.items()})
 
 
 class VariantSpec(Strict):

@@ -19,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
 
 # Not followed further: the params schema imports every source module only to build the
-# `source` section's type, and clean's rules (pipeline/quality/rules.py) only to compose the
-# `clean` section from their params; a source shapes collect's output alone and a rule
-# clean's, and collect and clean import those modules themselves.
+# `source` section's type, and clean's rules (pipeline/quality/rules.py) and review's finders
+# (pipeline/review/finders.py) only to compose the `clean` and `review` sections from their
+# params; a source shapes collect's output alone, a rule clean's, a finder review's, and
+# collect, clean and review import those modules themselves.
 LEAVES = frozenset({"pipeline.config"})
 
 # Imported by steps but never shaping an output, so not a code dep (a change to one of them

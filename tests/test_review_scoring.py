@@ -87,6 +87,32 @@ def test_near_duplicates_queue_the_less_protected_copy_and_suggest_drop():
     assert (found["suggested"] == DROP_INDEX).all()
 
 
+def test_every_registered_finder_runs_with_its_params_and_is_a_queue_group():
+    """Registration is the one list of finders: each runs with the params it declares (read
+    from the review section, which is composed of them) and its rows form a queue group with
+    the score meaning it registered."""
+    from pipeline.config import ReviewSpec
+    from pipeline.review.finders import FINDERS, REGISTRY, SCORE_MEANING, finder_options
+
+    spec = ReviewSpec(outlier_fraction=0.05, low_quality_fraction=0.05, duplicate_threshold=0.01)
+    assert spec.finders == list(REGISTRY)  # the default: every registered finder, in order
+    x, _, y, flipped = blobs(flip=0.05)
+    x[7] = x[3] + 1e-4  # a near copy
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=len(y))
+    frame, _ = label_issues(y, probs, rank_by="self_confidence")
+    inputs = ReviewInputs(manifest_for(y), probs, frame, penultimate=x, duplicate_vectors=x)
+    findings = {}
+    for name, finder in REGISTRY.items():
+        options = finder_options(spec, name)
+        assert set(options) == set(finder.Params.model_fields) and set(options) <= set(ReviewSpec.model_fields)
+        findings[name] = FINDERS[name](inputs, options)
+        assert len(findings[name]), f"finder {name} found nothing"
+        assert SCORE_MEANING[name] == finder.score and finder.score
+    queue = build_queue(findings, size=60)
+    assert list(dict.fromkeys(queue["group"])) == list(REGISTRY)
+
+
 def test_outliers_flag_the_row_far_from_every_class():
     x, _, y, _ = blobs(flip=0.0)
     x = np.vstack([x, np.full((1, 8), 50.0) * np.array([1, -1] * 4)])

@@ -23,31 +23,86 @@ list them) so that no finder hides another, merges a row found twice into one en
 reasons, leaves out rows people already decided, and stops at the queue size. It is then shown
 grouped by the finder that queued each row (``group``), each group ranked by its own score:
 the three scores measure different things and are not compared with each other.
+
+Each finder is registered once, with ``@finder(name, score=..., params=...)``: its name (what
+``review.finders`` lists; the default is every registered finder, in registration order), what
+its score means (shown on the queue's pages) and its params model, whose keys join params'
+``review`` section (pipeline/config.py composes it), so a finder's keys are declared beside it.
+numpy and pandas are imported inside the functions: the params schema imports this module.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
-import numpy as np
-import pandas as pd
+from pydantic import Field
+
+from pipeline.schema import Strict
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 DROP_INDEX = -1
 # A near pair across splits. Not called a "leak": that word is clean's (pairs closer than its
 # own threshold, dropped or counted in ``leaked_rows_remaining``); review casts a wider net.
 ACROSS_SPLITS = "cross_split_duplicate"
-# What each finder's score means (the queue is shown grouped by finder, each group ranked by
-# its own score, because the three scores measure different things).
-SCORE_MEANING = {
-    "label_issues": "suspicion percentile of the given label within its scoring group "
-                    "(1 = the lowest label quality among rows scored the same way)",
-    "near_duplicates": "1 - cosine distance to the nearest copy (1 = identical)",
-    "outliers": "percentile of the distance to the nearest class centre (1 = the farthest row)",
-}
 FINDING_COLUMNS = ("row", "reason", "score", "suggested", "suggested_prob", "given_prob",
                    "related_row", "distance")
 _SPLIT_PROTECTION = {"test": 0, "val": 1, "train": 2}
+
+
+@dataclass(frozen=True)
+class Finder:
+    name: str
+    score: str  # what the finder's score means (the queue is ranked by it within its group)
+    Params: type[Strict]  # the finder's keys in params' review section
+    find: Callable[["ReviewInputs", dict[str, Any]], "pd.DataFrame"]
+
+
+# Every registered finder, in registration order (the default order of review.finders).
+REGISTRY: dict[str, Finder] = {}
+
+
+def finder(name: str, *, score: str, params: type[Strict]):
+    """Register the decorated ``find(inputs, options)`` as finder ``name``; ``options`` holds
+    its params' values. A key another finder declares too is refused at import."""
+    def register(find):
+        for other in REGISTRY.values():
+            taken = set(other.Params.model_fields) & set(params.model_fields)
+            if taken:
+                raise TypeError(f"review finder {name!r}: params {sorted(taken)} are also finder {other.name!r}'s")
+        REGISTRY[name] = Finder(name, " ".join(score.split()), params, find)
+        return find
+    return register
+
+
+class LabelIssuesParams(Strict):
+    # cleanlab: the confident-learning pruning rule, and the label quality score that ranks.
+    filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                       "predicted_neq_given", "low_normalized_margin", "low_self_confidence"] = "prune_by_noise_rate"
+    rank_by: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = "self_confidence"
+    # Besides cleanlab's flags, queue the lowest-quality rows up to this share of each scoring
+    # group (0: cleanlab's flags only). Needed on train rows, where memorised embeddings make
+    # confident learning flag too little (see find_label_issues).
+    low_quality_fraction: float = Field(0.1, ge=0, le=1)
+
+
+class NearDuplicatesParams(Strict):
+    # The vectors compared ("thumbs": the hand-designed image features of
+    # pipeline/quality/embedders.py; "penultimate"; or a layer name of the network, spatially
+    # average-pooled; several are concatenated, each L2-normalised), and the cosine distance
+    # under which two rows are a pair.
+    # Default from bench/review_duplicates.py on digits: thumbs alone beat every network layer
+    # and every thumbs+layer mix (mean recall 0.74 at 1% false pairs, threshold 0.009).
+    duplicate_features: list[str] = Field(default_factory=lambda: ["thumbs"], min_length=1)
+    duplicate_threshold: float = Field(0.01, ge=0, le=2)
+    neighbors: int = Field(10, ge=1)  # at most this many near copies per row
+
+
+class OutliersParams(Strict):
+    outlier_fraction: float = Field(0.005, ge=0, lt=1)  # share of rows flagged as outliers
 
 
 @dataclass
@@ -64,10 +119,15 @@ class ReviewInputs:
 
 
 def _empty() -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame({c: pd.Series(dtype="float64" if c in ("score", "suggested_prob", "given_prob", "distance")
                                       else ("string" if c == "reason" else "int64")) for c in FINDING_COLUMNS})
 
 
+@finder("label_issues", params=LabelIssuesParams,
+        score="suspicion percentile of the given label within its scoring group "
+              "(1 = the lowest label quality among rows scored the same way)")
 def find_label_issues(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataFrame:
     """Rows cleanlab flags (``label_issue``) and the other rows of the least trustworthy
     ``low_label_quality`` fraction of their scoring group, ordered by one score: the row's
@@ -79,6 +139,9 @@ def find_label_issues(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataF
     flipped labels: 0 of 50 flagged), while the *ranking* by label quality still puts 96% of
     them in the lowest 80. The queue size is the reviewers' budget; it is filled in that order.
     """
+    import numpy as np
+    import pandas as pd
+
     iss = inputs.issues
     n = len(iss)
     if n == 0:
@@ -126,6 +189,8 @@ def other_class(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     This is every finder's suggestion: for a suspect label it is the question to put to a
     person (for a memorised train row the argmax would often be the given label itself, and
     "suggesting" the label a row already has asks nothing)."""
+    import numpy as np
+
     p = np.array(probs, dtype=np.float64, copy=True)
     n = len(p)
     labels = np.asarray(labels).astype(np.int64)
@@ -135,7 +200,12 @@ def other_class(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     return alternative, np.asarray(probs, dtype=np.float64)[np.arange(n), alternative] if n else np.empty(0)
 
 
+@finder("near_duplicates", params=NearDuplicatesParams,
+        score="1 - cosine distance to the nearest copy (1 = identical)")
 def find_near_duplicates(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataFrame:
+    import numpy as np
+    import pandas as pd
+
     from pipeline.quality.neighbors import describe, near_pairs
 
     vecs = inputs.duplicate_vectors
@@ -177,7 +247,12 @@ def find_near_duplicates(inputs: ReviewInputs, options: dict[str, Any]) -> pd.Da
     return _rank(out)
 
 
+@finder("outliers", params=OutliersParams,
+        score="percentile of the distance to the nearest class centre (1 = the farthest row)")
 def find_outliers(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataFrame:
+    import numpy as np
+    import pandas as pd
+
     emb = inputs.penultimate
     fraction = float(options.get("outlier_fraction", 0.0))
     if emb is None or len(emb) == 0 or fraction <= 0:
@@ -205,6 +280,8 @@ def find_outliers(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataFrame
 
 def centroid_distance(emb: np.ndarray, labels: np.ndarray, split: np.ndarray) -> np.ndarray:
     """Cosine distance of each row to the nearest class mean of the (normalised) train rows."""
+    import numpy as np
+
     x = np.asarray(emb, dtype=np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     train = split == "train"
@@ -217,14 +294,19 @@ def centroid_distance(emb: np.ndarray, labels: np.ndarray, split: np.ndarray) ->
 
 
 def _rank(frame: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
     return frame.sort_values(["score", "row"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
-FINDERS: dict[str, Callable[[ReviewInputs, dict[str, Any]], pd.DataFrame]] = {
-    "label_issues": find_label_issues,
-    "near_duplicates": find_near_duplicates,
-    "outliers": find_outliers,
-}
+# Views of the registry for the code that needs one part.
+FINDERS: dict[str, Callable[[ReviewInputs, dict[str, Any]], pd.DataFrame]] = {n: f.find for n, f in REGISTRY.items()}
+SCORE_MEANING = {n: f.score for n, f in REGISTRY.items()}
+
+
+def finder_options(review_spec, name: str) -> dict[str, Any]:
+    """Finder ``name``'s params, read from params' review section."""
+    return {key: getattr(review_spec, key) for key in REGISTRY[name].Params.model_fields}
 
 
 def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optional[np.ndarray] = None) -> pd.DataFrame:
@@ -235,6 +317,9 @@ def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optiona
     ``skip_rows``: rows left out (people already decided them). The result is grouped by the
     finder that queued each row (``group``), most suspect first within each group.
     """
+    import numpy as np
+    import pandas as pd
+
     skip = set() if skip_rows is None else {int(r) for r in np.asarray(skip_rows)}
     lists = [f[~f["row"].isin(skip)].reset_index(drop=True) for f in findings.values()]
     names = list(findings)

@@ -31,7 +31,7 @@ from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset
 from pipeline.inference.tta import effective_tta, softmax, tta_description
 from pipeline.review import export
-from pipeline.review.finders import ACROSS_SPLITS, FINDERS, SCORE_MEANING, ReviewInputs, build_queue
+from pipeline.review.finders import ACROSS_SPLITS, FINDERS, SCORE_MEANING, ReviewInputs, build_queue, finder_options
 from pipeline.review.scoring import cross_validated_head_probs, fold_assignment, label_issues
 
 QUEUE_PARQUET = "queue.parquet"
@@ -219,9 +219,7 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
                           groups=np.where(split == "train", "train", "model").astype(object))
     if "near_duplicates" in rs.finders:
         inputs.duplicate_vectors = duplicate_vectors(ds, rs.duplicate_features, layers, notes)
-    options = {"duplicate_threshold": rs.duplicate_threshold, "neighbors": rs.neighbors,
-               "outlier_fraction": rs.outlier_fraction, "low_quality_fraction": rs.low_quality_fraction}
-    findings = {name: FINDERS[name](inputs, options) for name in rs.finders}
+    findings = {name: FINDERS[name](inputs, finder_options(rs, name)) for name in rs.finders}
 
     decided = np.zeros(len(m), dtype=bool)
     if rs.skip_decided and "label_source" in m.columns:
