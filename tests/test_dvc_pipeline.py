@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -241,9 +242,10 @@ def test_experiments_fit_a_200_column_terminal(repro_copy):
     column anywhere. Runs last: `dvc exp run` leaves the last experiment in the workspace.
 
     Not a tty, DVC prints the table at its full width, as it hands it to its pager (`less -S`),
-    whose first screen is the first 200 columns. (`--no-pager` squeezes every column into the
-    terminal instead: with every params.yaml leaf and code dependency a column, nothing fits
-    that way; `--only-changed` or `--drop` is DVC's answer there.)"""
+    whose first screen is the first 200 columns. `--no-pager` squeezes every column into the
+    terminal instead (260: every params.yaml leaf and code dependency), so the README gives the
+    command for that case (what changed, hash columns dropped, each variant's accuracy and macro
+    F1 kept), and this test runs it as the README writes it."""
     reproduced = repro_copy
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "baseline for experiments", check=False)
@@ -263,3 +265,19 @@ def test_experiments_fit_a_200_column_terminal(repro_copy):
         assert len(accuracies) >= 4, row  # accuracy and macro F1 of both variants, readable
     csv_header = sh(reproduced, "dvc", "exp", "show", "--csv").stdout.splitlines()[0]
     assert "wall_s" not in csv_header and "data/resources" not in csv_header
+    # The README's command for a terminal without a pager, as written there: every line fits
+    # 200 columns, both variants' accuracy and macro F1 and the changed param are readable.
+    line = next(line for line in (REPO / "README.md").read_text().splitlines()
+                if line.startswith("dvc exp show --no-pager"))
+    command = shlex.split(line.split("   #")[0])
+    table = sh(reproduced, *command, env={"COLUMNS": "200"}).stdout.splitlines()
+    assert table and max(len(line) for line in table) <= 200, "\n".join(table)
+    header = next(line for line in table if "Experiment" in line)
+    columns = header.split()
+    assert columns[2:] == ["digits.accuracy", "digits.macro_f1", "iris.accuracy", "iris.macro_f1",
+                           "variants.iris.evaluate.min_accuracy"], header
+    for name, bar in (("bar-90", "0.9"), ("bar-91", "0.91")):
+        row = next(line for line in table if f"[{name}]" in line)
+        numbers = [w for w in row.split() if w.replace(".", "", 1).isdigit()]
+        assert "…" not in row and numbers[-1] == bar, row
+        assert len(numbers) == 5 and all(0 < float(w) <= 1 for w in numbers[:4]), row  # the four scores
