@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_variant  # noqa: E402
 from pipeline.io import sha256_file  # noqa: E402
 from pipeline.manifest import read_dataset  # noqa: E402
-from pipeline.review import export, finders, review as review_mod  # noqa: E402
+from pipeline.quality import finders  # noqa: E402
+from pipeline.review import export, review as review_mod  # noqa: E402
 
 PHASES: dict[str, list[float]] = {}
 

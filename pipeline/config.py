@@ -31,7 +31,7 @@ from pipeline.errors import FmpipeError
 from pipeline.quality.rules import CleanSpec, EmbedderSpec, Policy  # noqa: F401
 from pipeline.reading import BoundedYamlLoader, load_yaml, path_kind, read_text, short_repr
 # review's section likewise: each registered finder declares its params beside it.
-from pipeline.review.finders import REGISTRY as _FINDERS
+from pipeline.quality.finders import REGISTRY as _FINDERS
 from pipeline.schema import Strict
 from pipeline.sources import _MODULES as _SOURCE_MODULES
 from pipeline.sources import SourceSpec
@@ -394,7 +394,7 @@ class _ReviewScoring(Strict):
     # labels in the lowest 80 of 1258 train rows (C=1: 86%).
     head_c: float = Field(0.01, gt=0)
     full_model_epochs: Optional[int] = Field(None, ge=1)  # full_model: epochs per fold (default train.max_epochs)
-    # The finders run, in this order (pipeline/review/finders.py registers them).
+    # The finders run, in this order (pipeline/quality/finders.py registers them).
     finders: list[Literal[tuple(_FINDERS)]] = Field(default_factory=lambda: list(_FINDERS))  # type: ignore[valid-type]
 
 

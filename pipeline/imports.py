@@ -20,7 +20,7 @@ PACKAGES = ("pipeline", "stages")
 
 # Not followed further: the params schema imports every source module only to build the
 # `source` section's type, and clean's rules (pipeline/quality/rules.py) and review's finders
-# (pipeline/review/finders.py) only to compose the `clean` and `review` sections from their
+# (pipeline/quality/finders.py) only to compose the `clean` and `review` sections from their
 # params; a source shapes collect's output alone, a rule clean's, a finder review's, and
 # collect, clean and review import those modules themselves.
 LEAVES = frozenset({"pipeline.config"})

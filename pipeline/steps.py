@@ -254,10 +254,9 @@ STEPS: tuple[Step, ...] = (
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/inference/__init__.py",
               "pipeline/inference/network.py", "pipeline/inference/tta.py", "pipeline/io.py",
               "pipeline/manifest.py", "pipeline/models", "pipeline/palette.py",
-              "pipeline/quality/__init__.py", "pipeline/quality/embedders.py",
+              "pipeline/quality/__init__.py", "pipeline/quality/embedders.py", "pipeline/quality/finders.py",
               "pipeline/quality/neighbors.py", "pipeline/reading.py", "pipeline/review/__init__.py",
-              "pipeline/review/decisions.py", "pipeline/review/export.py", "pipeline/review/finders.py",
-              "pipeline/review/review.py", "pipeline/review/scoring.py", "pipeline/schema.py",
+              "pipeline/review/decisions.py", "pipeline/review/export.py", "pipeline/review/review.py", "pipeline/review/scoring.py", "pipeline/schema.py",
               "pipeline/training", "stages/review.py"),
         params=("review", "train"),
     ),
@@ -273,10 +272,10 @@ STEPS: tuple[Step, ...] = (
               "pipeline/audit/git.py", "pipeline/audit/model.py", "pipeline/audit/store.py",
               "pipeline/audit/version.py", "pipeline/compare.py", "pipeline/config.py", "pipeline/io.py",
               "pipeline/manifest.py", "pipeline/palette.py", "pipeline/quality/__init__.py",
-              "pipeline/quality/neighbors.py", "pipeline/reading.py", "pipeline/report/__init__.py",
-              "pipeline/report/changes.py", "pipeline/report/figures.py", "pipeline/report/html.py",
-              "pipeline/report/page.py", "pipeline/report/readers.py", "pipeline/review/__init__.py",
-              "pipeline/review/finders.py", "pipeline/schema.py", "stages/report.py"),
+              "pipeline/quality/finders.py", "pipeline/quality/neighbors.py", "pipeline/reading.py",
+              "pipeline/report/__init__.py", "pipeline/report/changes.py", "pipeline/report/figures.py",
+              "pipeline/report/html.py", "pipeline/report/page.py", "pipeline/report/readers.py",
+              "pipeline/schema.py", "stages/report.py"),
         # The PNGs are deterministic: cached, and image plots for `dvc plots show`. The page
         # (index.html) shows timings that change run to run: written, but not declared, since
         # even an uncached output's hash goes into dvc.lock.

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import annotated, make_model, run_data_steps
 from pipeline.review.export import contact_sheet, label_config, label_studio_tasks, queue_table
-from pipeline.review.finders import (
+from pipeline.quality.finders import (
     DROP_INDEX,
     ReviewInputs,
     build_queue,
@@ -92,7 +92,7 @@ def test_every_registered_finder_runs_with_its_params_and_is_a_queue_group():
     from the review section, which is composed of them) and its rows form a queue group with
     the score meaning it registered."""
     from pipeline.config import ReviewSpec
-    from pipeline.review.finders import FINDERS, REGISTRY, SCORE_MEANING, finder_options
+    from pipeline.quality.finders import FINDERS, REGISTRY, SCORE_MEANING, finder_options
 
     spec = ReviewSpec(outlier_fraction=0.05, low_quality_fraction=0.05, duplicate_threshold=0.01)
     assert spec.finders == list(REGISTRY)  # the default: every registered finder, in order

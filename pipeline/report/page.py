@@ -300,7 +300,7 @@ def review_queue(ctx: Context, queue) -> str:
     """The queue as the review shows it: one table per group (the finder that queued the rows),
     each ranked by its own score, whose meaning heads the table; given and suggested label in
     the pages' colours; only the columns a person reads (the files have every column)."""
-    from pipeline.review.finders import SCORE_MEANING
+    from pipeline.quality.finders import SCORE_MEANING
 
     if "group" not in queue.columns:  # a queue from before groups: one list
         queue = queue.assign(group="queue")

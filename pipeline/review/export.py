@@ -28,7 +28,7 @@ import pandas as pd
 
 from pipeline import palette
 from pipeline.review.decisions import CHOICES_CONTROL, DROP, NOTE_CONTROL, TASK_ID_KEY
-from pipeline.review.finders import DROP_INDEX, SCORE_MEANING
+from pipeline.quality.finders import DROP_INDEX, SCORE_MEANING
 
 QUEUE_COLUMNS = ("rank", "group", "id", "split", "given_label", "suggested_label", "score", "reason", "scored_by",
                  "given_prob", "suggested_prob", "related_id", "distance")

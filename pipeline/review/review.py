@@ -10,7 +10,7 @@ it runs in memory in tests. What it does, in order:
    evaluate, predict and serve combine them (``pipeline.inference.tta.probabilities``);
 2. out-of-sample probabilities (:mod:`pipeline.review.scoring`): val/test from the network,
    train from the cross-validated head (or per-fold networks with ``scoring: full_model``);
-3. cleanlab per scoring group; the finders (:mod:`pipeline.review.finders`); the queue;
+3. cleanlab per scoring group; the finders (:mod:`pipeline.quality.finders`); the queue;
 4. the queue tables, Label Studio tasks + config, the HTML contact sheet, and a report that
    says which rows were scored how.
 """
@@ -26,12 +26,12 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from pipeline.config import VariantSpec
 from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset
 from pipeline.inference.tta import effective_tta, softmax, tta_description
 from pipeline.review import export
-from pipeline.review.finders import ACROSS_SPLITS, FINDERS, SCORE_MEANING, ReviewInputs, build_queue, finder_options
+from pipeline.config import VariantSpec
+from pipeline.quality.finders import ACROSS_SPLITS, FINDERS, SCORE_MEANING, ReviewInputs, build_queue, finder_options
 from pipeline.review.scoring import cross_validated_head_probs, fold_assignment, label_issues
 
 QUEUE_PARQUET = "queue.parquet"

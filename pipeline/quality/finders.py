@@ -1,5 +1,9 @@
 """The review's finders and the queue they feed: functions of arrays, no I/O.
 
+They live with the other data checks (clean's rules) rather than in pipeline/review/: the
+params schema (pipeline/config.py) composes the review section from their params, and the
+review package sits above the schema (it runs the network, pipeline.inference).
+
 Each finder has one interface: ``find(inputs, options) -> DataFrame`` of findings, one row per
 suspect dataset row, columns :data:`FINDING_COLUMNS`, most suspect first. ``score`` is in
 [0, 1], higher = more suspect; ``suggested`` is a class index or :data:`DROP_INDEX`.
