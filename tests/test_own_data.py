@@ -20,7 +20,7 @@ import yaml
 
 from helpers import REPO, copy_project_files, make_repo, sh
 from pipeline import steps as registry
-from pipeline.config import load_params
+from pipeline.config import load_params, prune_defaults
 from pipeline.errors import FmpipeError
 
 FMPIPE = [sys.executable, "-m", "pipeline"]
@@ -85,6 +85,9 @@ def test_newcomer_flow_under_dvc(tmp_path):
     train_rows = 80 - 8 - 16  # default fractions of 80 images
     assert pets_spec.train.batch_size <= train_rows // 2
     assert pets_spec.validate_.min_rows <= 80 and params.variants["survey"].model.name == "mlp"
+    # Differences only, like the rest of params.yaml: no fitted value restates a schema default.
+    written = yaml.safe_load((repo / "params.yaml").read_text())["variants"]
+    assert [k for n in ("pets", "survey") for k in prune_defaults(written[n], params.variants[n], n)] == []
     assert (repo / "sources/pets").resolve() == pets.resolve()
     # Comments and layout of params.yaml kept: the original text is a prefix of the new one,
     # apart from the `enabled` line.
