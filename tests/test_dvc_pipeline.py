@@ -243,7 +243,7 @@ def test_experiments_fit_a_200_column_terminal(repro_copy):
 
     Not a tty, DVC prints the table at its full width, as it hands it to its pager (`less -S`),
     whose first screen is the first 200 columns. `--no-pager` squeezes every column into the
-    terminal instead (260: every params.yaml leaf and code dependency), so the README gives the
+    terminal instead (some 270: every params.yaml leaf and code dependency), so the README gives the
     command for that case (what changed, hash columns dropped, each variant's accuracy and macro
     F1 kept), and this test runs it as the README writes it."""
     reproduced = repro_copy
