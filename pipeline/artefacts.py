@@ -211,6 +211,18 @@ class MembershipAudit(Record):
     nonmembers: int = Field(ge=0)
 
 
+class SliceFigures(Record):
+    """The few slice figures people compare (the whole table is ``evaluate/slices.csv``)."""
+
+    worst_slice: Optional[str] = None  # e.g. "group=b" (gated slices only: slices.min_rows, no clusters)
+    worst_slice_accuracy: Optional[float] = Field(default=None, ge=0, le=1)
+    worst_slice_rows: Optional[int] = Field(default=None, ge=0)
+    largest_gap: Optional[float] = Field(default=None, ge=0, le=1)  # accuracy, between slices of one column
+    largest_gap_column: Optional[str] = None
+    slices: int = Field(default=0, ge=0)  # slices scored (every column, clusters included)
+    failing_groups: int = Field(default=0, ge=0)  # discovered clusters far below the rest
+
+
 class Metrics(Artefact):
     """``evaluate/metrics.json``: every score of the test split (git-tracked, uncached).
 
@@ -228,6 +240,7 @@ class Metrics(Artefact):
     binary: Optional[BinaryMetrics] = None
     privacy: Optional[PrivacySpent] = None  # a DP-trained model only
     membership: Optional[MembershipAudit] = None
+    slices: Optional[SliceFigures] = None
 
 
 class Check(Record):
@@ -239,6 +252,7 @@ class Check(Record):
     value: float
     passed: bool
     at_most: Optional[bool] = None  # True: the check is value <= threshold (a cap)
+    slice: Optional[str] = None  # slice rules: the slice (or pair) the value belongs to
 
 
 class JudgedModel(Record):
@@ -261,8 +275,8 @@ class Blessing(Artefact):
 
     def failed(self) -> list[str]:
         """``name (value < threshold)`` for each failed check, for error messages."""
-        return [f"{c.name} ({c.value:.4f} {'>' if c.at_most else '<'} {c.threshold:.4f})"
-                for c in self.checks if not c.passed]
+        return [f"{c.name} ({f'{c.slice}: ' if c.slice else ''}{c.value:.4f} {'>' if c.at_most else '<'} "
+                f"{c.threshold:.4f})" for c in self.checks if not c.passed]
 
 
 class FileDigest(Record):

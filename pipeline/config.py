@@ -340,6 +340,32 @@ class TrainSpec(Strict):
         return None
 
 
+class SliceSpec(Strict):
+    """The slices evaluate scores the model on (pipeline/evaluation/slices.py)."""
+
+    # Metadata columns (source.metadata) to slice by; None: every joined column.
+    columns: Optional[list[str]] = None
+    image_bins: int = Field(3, ge=0, le=20)  # quantile bins of brightness and contrast (images); 0: none
+    feature_bins: int = Field(3, ge=0, le=20)  # quantile bins of each feature (tables); 0: none
+    data_quality: bool = True  # rows clean flagged, rows people relabelled
+    min_rows: int = Field(30, ge=1)  # smaller slices are listed, never gated or compared
+    bootstrap: int = Field(1000, ge=0)  # resamples for the 95% intervals (seeded); 0: none
+    seed: int = 0
+    # Discovered groups: k-means with this many clusters on the penultimate features; 0: none.
+    clusters: int = Field(8, ge=0, le=100)
+    # A cluster is reported as failing when its accuracy is at least this far below the rest.
+    cluster_gap: float = Field(0.1, gt=0, le=1)
+
+
+class ChangeSpec(Strict):
+    """Change thresholds against the last blessed model (the current package), TFX-style.
+    package enforces them (the previous package is no input of evaluate: a cycle)."""
+
+    max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1)  # overall accuracy, points (0.01 = 1 point)
+    max_slice_drop: Optional[float] = Field(None, ge=0, le=1)  # any slice's accuracy, points
+    min_rows: int = Field(50, ge=1)  # slices smaller than this (before or after) are not compared
+
+
 class EvaluateSpec(Strict):
     """The blessing gate: package refuses a model that fails it."""
 
@@ -360,6 +386,12 @@ class EvaluateSpec(Strict):
     # Rows per side the attack scores at most (train rows vs val + test rows; seeded sample),
     # 0: no membership audit.
     membership_rows: int = Field(10000, ge=0)
+    slices: SliceSpec = Field(default_factory=SliceSpec)
+    # Slice rules of the blessing (None: not checked): the worst gated slice's accuracy, and the
+    # largest accuracy gap between slices of one column.
+    min_worst_slice_accuracy: Optional[float] = Field(None, ge=0, le=1)
+    max_slice_gap: Optional[float] = Field(None, ge=0, le=1)
+    change: ChangeSpec = Field(default_factory=ChangeSpec)
 
 
 class Int8Spec(Strict):

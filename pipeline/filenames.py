@@ -15,6 +15,10 @@ DETAILS = "details"  # calibration + gallery directory
 CALIBRATION = "calibration.json"
 RELIABILITY_PNG = "reliability.png"
 MISTAKES = "mistakes.html"
+SLICES_CSV = "slices.csv"  # every slice's figures (pipeline.evaluation.slices); also in the package
+SLICES_PNG = "slices.png"  # details/
+DISCOVERED = "discovered.json"  # details/: the discovered groups, their figures and example ids
+ROBUSTNESS_CSV = "robustness.csv"  # accuracy per corruption and severity (pipeline.evaluation.robustness)
 
 # package (data/<v>/package/)
 ONNX_MODEL = "model.onnx"

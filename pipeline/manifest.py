@@ -47,6 +47,7 @@ SPLITS = ("train", "val", "test")
 # Free-text columns a source carries (never model inputs) travel in the manifest under this
 # prefix, after collect's pii rule (pipeline/quality/pii.py); dataset.json lists them.
 TEXT_PREFIX = "text:"
+META_PREFIX = "meta:"  # a column of the variant's metadata table (pipeline/sources/metadata.py)
 REQUIRED_COLUMNS = ("id", "split", "label", "label_name", "sha256")
 # dataset.json keys written by write_dataset itself (never carried over from the input's).
 _OWN_META = ("kind", "classes", "image_shape", "feature_names", "rows", "files")

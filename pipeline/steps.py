@@ -193,7 +193,8 @@ STEPS: tuple[Step, ...] = (
         name="evaluate",
         help="Score the trained model on the test split and decide its blessing.",
         module="stages.evaluate",
-        reads=("train/model.safetensors", "train/model.json", "annotate"),
+        # clean's findings: the rows it flagged are a slice (pipeline/evaluation/slices.py)
+        reads=("train/model.safetensors", "train/model.json", "annotate", "clean/findings.parquet"),
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/evaluation", "pipeline/filenames.py",
               "pipeline/inference/__init__.py", "pipeline/inference/network.py", "pipeline/inference/tta.py",
               "pipeline/io.py", "pipeline/manifest.py", "pipeline/models", "pipeline/palette.py",
@@ -213,6 +214,9 @@ STEPS: tuple[Step, ...] = (
                 plot={"template": "confusion", "x": "predicted", "y": "actual"}),
             Out("per_class.csv", kind="plot", cache=False,
                 plot={"template": "bar_horizontal", "x": "f1", "y": "class"}),
+            # every slice's figures with 95% intervals (pipeline/evaluation/slices.py)
+            Out("slices.csv", kind="plot", cache=False,
+                plot={"template": "bar_horizontal", "x": "accuracy", "y": "name"}),
         ),
     ),
     Step(
@@ -220,7 +224,7 @@ STEPS: tuple[Step, ...] = (
         help="Export the blessed model: safetensors, ONNX (checked), model card, lineage.",
         module="stages.package",
         reads=("train/model.safetensors", "train/model.json", "evaluate/blessing.json",
-               "evaluate/metrics.json", "evaluate/details", "annotate"),
+               "evaluate/metrics.json", "evaluate/slices.csv", "evaluate/details", "annotate"),
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/evaluation/__init__.py",
               "pipeline/evaluation/calibration.py", "pipeline/filenames.py", "pipeline/imaging.py",
               "pipeline/inference", "pipeline/io.py", "pipeline/manifest.py", "pipeline/models",
@@ -267,10 +271,11 @@ STEPS: tuple[Step, ...] = (
         # What the page shows; it also reads optional files (clean's findings, resources)
         # when they exist, without depending on them.
         reads=("clean", "validate/summary.json", "annotate", "train/live/metrics.json",
-               "evaluate/predictions.parquet", "evaluate/metrics.json", "package", "review"),
+               "evaluate/predictions.parquet", "evaluate/metrics.json", "evaluate/slices.csv", "package", "review"),
         code=("pipeline/artefacts.py", "pipeline/audit/__init__.py", "pipeline/audit/diff.py",
               "pipeline/audit/git.py", "pipeline/audit/model.py", "pipeline/audit/store.py",
-              "pipeline/audit/version.py", "pipeline/compare.py", "pipeline/config.py", "pipeline/io.py",
+              "pipeline/audit/version.py", "pipeline/compare.py", "pipeline/config.py",
+              "pipeline/evaluation/__init__.py", "pipeline/evaluation/slices.py", "pipeline/filenames.py", "pipeline/io.py",
               "pipeline/manifest.py", "pipeline/palette.py", "pipeline/quality/__init__.py",
               "pipeline/quality/finders.py", "pipeline/quality/neighbors.py", "pipeline/reading.py",
               "pipeline/report/__init__.py", "pipeline/report/changes.py", "pipeline/report/figures.py",

@@ -1,6 +1,7 @@
 """Step 1a glue: load the variant's source, mask personal data in its text columns, split it.
 
-Text columns (``Collected.text``) go through the ``pii`` rule (``pipeline/quality/pii.py``)
+A metadata table (``source.metadata``, ``pipeline/sources/metadata.py``) is joined by id as
+``meta:<column>`` manifest columns. Text columns (``Collected.text``) go through the ``pii`` rule (``pipeline/quality/pii.py``)
 before anything is written: they travel in the manifest as ``text:<column>`` (listed in
 dataset.json's ``text_columns``), ``pii_findings.parquet`` says where personal data was found
 (ids, columns, entity types, offsets: never a value) and report.json counts it.
@@ -27,6 +28,13 @@ def run(ctx) -> None:
     stats = image_rows(col.images) if col.images is not None else feature_rows(col.features)
     manifest = build_manifest(col.ids, col.labels, col.classes, splits, stats)
     extra, facts, pii_line = {}, {}, ""
+    if spec.source.metadata is not None:
+        from pipeline.sources import metadata
+
+        joined, facts["metadata"] = metadata.join(list(col.ids), spec.source.metadata,
+                                                  f"variants.{ctx.variant}.source.metadata")
+        for name in joined.columns:
+            manifest[name] = joined[name].to_numpy()
     if col.text is not None:
         from pipeline.quality import pii
 
@@ -34,7 +42,7 @@ def run(ctx) -> None:
         for name in scrubbed.text.columns:
             manifest[TEXT_PREFIX + str(name)] = scrubbed.text[name].astype("string").to_numpy()
         extra = {"text_columns": [str(c) for c in scrubbed.text.columns]}
-        facts = {"pii": scrubbed.facts}
+        facts["pii"] = scrubbed.facts
         pii_line = pii.summary(scrubbed.facts)
     ds = Dataset(manifest=manifest, classes=col.classes, images=col.images, features=col.features,
                  extra_meta=extra)

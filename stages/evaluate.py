@@ -7,7 +7,8 @@ the few figures compared across runs, keyed by variant), ``per_class.csv`` (a DV
 ``predictions.parquet`` (with every class probability) and ``blessing.json`` (every threshold
 with its value and verdict, the TTA used, and the sha256 of the weights judged: package
 packages those very bytes). Also ``details/``: ``calibration.json``, ``reliability.png`` and,
-for image variants, ``mistakes.html``. The change against the last blessed model goes to the
+for image variants, ``mistakes.html``; ``slices.csv`` with ``details/slices.png`` and
+``details/discovered.json`` (``pipeline/evaluation/slices.py``). The change against the last blessed model goes to the
 run record ``data/runs/<v>/evaluate.json`` (``baseline``), never into a declared output.
 The logic lives in ``pipeline/evaluation/``.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from pipeline import steps as registry
 from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.slices import flagged_ids
 from pipeline.evaluation.summary import render_table
 from pipeline.filenames import LINEAGE
 from pipeline.models import load_trained
@@ -30,7 +32,8 @@ def run(ctx) -> None:
     ev = evaluate(variant=ctx.variant, spec=ctx.spec, net=net, meta=meta, ds=ctx.dataset("annotate"),
                   model_dir=model_dir, data_dir=ctx.input("annotate"),
                   last_package=registry.output(f"package/{LINEAGE}", ctx.variant),
-                  last_run_record=registry.at(registry.get("evaluate").run_record, ctx.variant))
+                  last_run_record=registry.at(registry.get("evaluate").run_record, ctx.variant),
+                  flagged=flagged_ids(ctx.input("clean/findings.parquet")))
     ev.write(ctx.out)
     ctx.details["last_blessed"] = ev.last_blessed
     ctx.details["baseline"] = ev.compared

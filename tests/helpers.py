@@ -216,9 +216,10 @@ def sample_lineage():
                          rows_by_class={"a": 5, "b": 6}, classes=["a", "b"], metrics=sample_metrics(), blessing=sample_blessing())
 
 
-def make_model(variant: str, epochs: int = 0, lr: float = 0.01, batch_size: int = 64):
+def make_model(variant: str, epochs: int = 0, lr: float = 0.01, batch_size: int = 64, train=None):
     """The variant's network, fitted ``epochs`` passes with Adam on ``data/<v>/annotate``'s train
-    split, saved where the train step would (``data/<v>/train/``), without the train step."""
+    split (or the dataset ``train``), saved where the train step would (``data/<v>/train/``),
+    without the train step."""
     import torch
 
     from pipeline.config import load_variant
@@ -227,7 +228,8 @@ def make_model(variant: str, epochs: int = 0, lr: float = 0.01, batch_size: int 
     from pipeline.inference.network import model_inputs
 
     spec = load_variant(variant)
-    train = read_dataset("data/{}/annotate".format(variant), mmap=False).split("train")
+    if train is None:
+        train = read_dataset("data/{}/annotate".format(variant), mmap=False).split("train")
     x = model_inputs(train)
     y = torch.tensor(train.manifest["label"].to_numpy(), dtype=torch.long)
     dims = (0, 2, 3) if x.ndim == 4 else (0,)

@@ -32,7 +32,7 @@ from pipeline.manifest import read_dataset
 from pipeline.models import build
 from pipeline.inference.network import model_inputs
 
-PACKAGE_FILES = {"model.safetensors", "model.json", "model.onnx", "MODEL_CARD.md", "lineage.json",
+PACKAGE_FILES = {"model.safetensors", "model.json", "model.onnx", "MODEL_CARD.md", "lineage.json", "slices.csv",
                  "preprocess.json", "checks/input.npy", "checks/logits.npy"}
 
 
@@ -56,7 +56,7 @@ def check_evaluation(variant: str) -> dict:
     per_class = pd.read_csv(out / "per_class.csv", dtype={"class": str})
     assert list(per_class["class"]) == list(test.classes)
     # numbers people compare (ECE and the fitted temperature too); per class: the CSV
-    assert set(metrics) == {"accuracy", "macro_f1", "n_test", "ece", "temperature", "membership"}
+    assert set(metrics) == {"accuracy", "macro_f1", "n_test", "ece", "temperature", "membership", "slices"}
     # the membership-inference audit: train rows against val + test rows
     assert 0 <= metrics["membership"]["auc"] <= 1 and metrics["membership"]["nonmembers"] >= metrics["n_test"]
     assert per_class["support"].sum() == metrics["n_test"]

@@ -8,6 +8,8 @@
 - ``membership``: the loss-threshold membership-inference audit;
 - ``gallery``: the most confident mistakes as a self-contained HTML page;
 - ``summary``: the terminal table and the comparison with the last blessed model (run record only).
+- ``slices``: the model per slice (metadata, image/feature bins, data quality, discovered
+  clusters), disparities, the slice rules of the blessing and the change thresholds package applies.
 
 Probabilities come from ``pipeline.inference`` (the path predict and serve share). Heavy
 libraries (torch, torchmetrics) are imported inside the functions that need them.

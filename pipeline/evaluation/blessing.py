@@ -1,4 +1,5 @@
-"""The blessing: the TFX-style gate between evaluate and package (thresholds only)."""
+"""The blessing: the TFX-style gate between evaluate and package (thresholds only; the slice
+rules come from ``pipeline/evaluation/slices.py``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def bless(metrics: Metrics, spec: "EvaluateSpec", model: JudgedModel, tta: str = "", tta_views: int = 1,
-          tta_flip: bool = False) -> Blessing:
+          tta_flip: bool = False, extra: tuple[Check, ...] | list[Check] = ()) -> Blessing:
     """The gate: every threshold of ``EvaluateSpec`` must hold (value >= threshold) for ``model``.
 
     A pure function of this evaluation: the change against the last blessed model is reported
@@ -29,5 +30,6 @@ def bless(metrics: Metrics, spec: "EvaluateSpec", model: JudgedModel, tta: str =
         checks.append(Check(name="max_membership_auc", metric="membership.auc", threshold=float(cap),
                             value=1.0 if auc is None else float(auc),
                             passed=auc is not None and auc <= cap, at_most=True))
+    checks += list(extra)  # the slice rules (pipeline/evaluation/slices.py: slice_checks)
     return Blessing(blessed=all(c.passed for c in checks), checks=checks, tta_flip=tta_flip,
                     tta_views=tta_views, tta=tta, model=model)

@@ -22,8 +22,9 @@ from pipeline.evaluation.blessing import bless
 from pipeline.evaluation.calibration import calibrate, reliability_png
 from pipeline.evaluation.metrics import binary_scores, compare_figures, score
 from pipeline.evaluation.summary import comparison, last_blessed_lineage, read_last_blessed
-from pipeline.filenames import (BLESSING, CALIBRATION, CONFUSION, DETAILS, FIGURES, METRICS, MISTAKES, PER_CLASS,
-                                PREDICTIONS, RELIABILITY_PNG)
+from pipeline.evaluation import slices
+from pipeline.filenames import (BLESSING, CALIBRATION, CONFUSION, DETAILS, DISCOVERED, FIGURES, METRICS, MISTAKES,
+                                PER_CLASS, PREDICTIONS, RELIABILITY_PNG, SLICES_CSV, SLICES_PNG)
 from pipeline.inference.network import check_compatible, model_inputs, predict_logits
 from pipeline.inference.tta import effective_tta, tta_description
 from pipeline.io import sha256_file, to_json
@@ -44,6 +45,7 @@ class Evaluation:
     compared: Optional[dict[str, Any]]  # against the last blessed package (run record only)
     last_blessed: Any  # that package's lineage (run record only)
     gallery: Optional[str]  # mistakes.html (image variants)
+    slices: dict[str, Any]  # pipeline.evaluation.slices.evaluate_slices
 
     def write(self, out: Path) -> None:
         """The declared outputs, into ``out``."""
@@ -62,6 +64,13 @@ class Evaluation:
             cal["bins"], f"{self.variant}: reliability (test, ECE {cal['ece']:.4f}, T {cal['temperature']:.3g})"))
         if self.gallery is not None:
             (details / MISTAKES).write_text(self.gallery)
+        table = self.slices["table"]
+        table.to_csv(out / SLICES_CSV, index=False, float_format="%.6f")
+        if len(table):
+            (details / SLICES_PNG).write_bytes(slices.slices_png(
+                table, f"{self.variant}: accuracy per slice (test, {self.metrics.n_test} rows)"))
+        if self.slices["discovered"] is not None:
+            (details / DISCOVERED).write_text(to_json(self.slices["discovered"]))
 
     def result(self) -> dict[str, Any]:
         return {"metrics": self.metrics.model_dump(exclude_none=True),
@@ -73,11 +82,12 @@ class Evaluation:
 
 
 def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Path, data_dir: Path,
-             last_package: Path, last_run_record: Path) -> Evaluation:
+             last_package: Path, last_run_record: Path, flagged: Optional[set] = None) -> Evaluation:
     """Score ``net`` (loaded from ``model_dir``) on ``ds``'s test split under ``spec.evaluate``.
 
     ``last_package``: the previous package's ``lineage.json`` (the "last blessed model");
-    ``last_run_record``: evaluate's run record, which keeps that lineage between runs.
+    ``last_run_record``: evaluate's run record, which keeps that lineage between runs;
+    ``flagged``: the ids clean flagged (a slice; ``slices.flagged_ids``).
     """
     from pipeline.evaluation.gallery import render_gallery
 
@@ -108,15 +118,23 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
         metrics.privacy = PrivacySpent(epsilon=meta["privacy"]["epsilon"], delta=meta["privacy"]["delta"])
     if ev.membership_rows:
         metrics.membership = membership_audit(net, meta, ds, ev.membership_rows)
+    sliced = slices.evaluate_slices(ev.slices, test.manifest, labels, s["predicted"], len(classes),
+                                    features=test.features, flagged=flagged,
+                                    embed=lambda: slices.penultimate(net, model_inputs(test)))
+    metrics.slices = sliced["figures"]
     views = (tta or {}).get("views") or []
     weights_sha = sha256_file(model_dir / WEIGHTS)
     blessing = bless(metrics, ev, JudgedModel(dir=str(model_dir), sha256=weights_sha, name=meta["model"]["name"]),
-                     tta=tta_description(tta), tta_views=max(1, len(views)), tta_flip=any(v["flip"] for v in views))
+                     tta=tta_description(tta), tta_views=max(1, len(views)), tta_flip=any(v["flip"] for v in views),
+                     extra=slices.slice_checks(sliced["found"], ev))
     # The previous package is the "last blessed model". It is not a DVC dependency of this
     # step (package depends on evaluate; the reverse would be a cycle), so the comparison goes
     # to the runner's run record (data/runs/<v>/evaluate.json), never into a declared output:
     # even an uncached one's hash is in dvc.lock, and this one depends on what ran before.
     compared = comparison(metrics, read_last_blessed(last_package), weights_sha)
+    # The change thresholds package will apply against that same package, said here first.
+    compared["slices"] = slices.change_against(Path(last_package).parent, sliced["table"], metrics.accuracy,
+                                               weights_sha, ev)
     # The whole lineage of that package, for the report's "What changed since the last blessed
     # package" (fmpipe compare's content): same rule, run record only.
     last_blessed = last_blessed_lineage(last_package, last_run_record, weights_sha)
@@ -142,7 +160,7 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
     return Evaluation(variant=variant, metrics=metrics, blessing=blessing, calibration=calibration,
                       predictions=predictions, per_class=per_class,
                       figures=compare_figures(variant, metrics, meta.get("training")),
-                      compared=compared, last_blessed=last_blessed, gallery=gallery)
+                      compared=compared, last_blessed=last_blessed, gallery=gallery, slices=sliced)
 
 
 def membership_audit(net, meta: dict, ds, limit: int) -> MembershipAudit:
@@ -174,8 +192,14 @@ def summary_line(metrics: Metrics, blessing: Blessing, compared: dict | None = N
     mia = metrics.membership
     if mia is not None and mia.auc is not None:
         head += f"; membership attack AUC {mia.auc:.3f}, TPR {mia.tpr_at_1pct_fpr:.3f} at 1% FPR"
-    if blessing.blessed:
+    sliced = slices.summary(metrics.slices)
+    if sliced:
+        head += f"; {sliced}"
+    refusals = [slices.describe_failure(f) for f in ((compared or {}).get("slices") or {}).get("failures", [])]
+    if blessing.blessed and not refusals:
         verdict = "BLESSED"
+    elif blessing.blessed:
+        verdict = "BLESSED, but package will refuse it against the last blessed package: " + "; ".join(refusals)
     else:
         verdict = "NOT BLESSED: " + ", ".join(blessing.failed()) + "; package will refuse it"
     change = ((compared or {}).get("changes") or {}).get("accuracy")

@@ -11,14 +11,16 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
 
 from pipeline.artefacts import Blessing, FileDigest, Int8Report, Lineage, Metrics
 from pipeline.errors import FmpipeError
-from pipeline.filenames import CALIBRATION, DETAILS, LINEAGE, MODEL_CARD, ONNX_MODEL, PER_CLASS, PREPROCESS
+from pipeline.evaluation import slices
+from pipeline.filenames import (CALIBRATION, DETAILS, LINEAGE, MODEL_CARD, ONNX_MODEL, PER_CLASS, PREPROCESS,
+                                SLICES_CSV)
 from pipeline.inference.network import check_compatible, model_inputs
 from pipeline.inference.tta import effective_tta
 from pipeline.io import sha256_file
@@ -32,6 +34,9 @@ from pipeline.packaging.quantize import INT8_MODEL, INT8_REPORT
 from pipeline.reading import loads_json, read_text
 from pipeline.steps import rerun_hint
 
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.config import EvaluateSpec
+
 MAX_CHECK_INPUTS = 256
 
 
@@ -44,6 +49,8 @@ class Evaluated:
     calibration: dict[str, Any]
     per_class: list[dict[str, Any]]
     weights_sha: str
+    slices: pd.DataFrame  # evaluate's slices.csv (pipeline/evaluation/slices.py)
+    slices_path: Path
 
 
 def check_blessed(evaluate_dir: Path, model_dir: Path, variant: str) -> Evaluated:
@@ -68,8 +75,26 @@ def check_blessed(evaluate_dir: Path, model_dir: Path, variant: str) -> Evaluate
     calibration = loads_json(read_text(calibration_path, "evaluate's calibration record"), str(calibration_path))
     per_class = pd.read_csv(evaluate_dir / PER_CLASS, dtype={"class": str},
                             keep_default_na=False).to_dict("records")
+    slices_path = evaluate_dir / SLICES_CSV
+    table = slices.read_table(slices_path)
+    if table is None:
+        raise FmpipeError(f"{slices_path}: not found or not a slice table; {rerun}")
     return Evaluated(blessing=blessing, metrics=metrics, calibration=calibration, per_class=per_class,
-                     weights_sha=weights_sha)
+                     weights_sha=weights_sha, slices=table, slices_path=slices_path)
+
+
+def check_change_thresholds(evaluated: Evaluated, package_dir: Path, spec: "EvaluateSpec") -> None:
+    """Refuse a model that breaks a change threshold (``evaluate.change``) against the last
+    blessed model: the package in ``package_dir`` this run would replace. Only the verdict
+    depends on it, never a byte of the new package."""
+    changed = slices.change_against(package_dir, evaluated.slices, evaluated.metrics.accuracy,
+                                    evaluated.weights_sha, spec)
+    if changed and changed["failures"]:
+        worst = changed["failures"]
+        more = f" (and {len(worst) - 1} more)" if len(worst) > 1 else ""
+        raise FmpipeError(f"{evaluated.slices_path}: the model regressed against the last blessed package "
+                          f"({package_dir}): {slices.describe_failure(worst[0])}{more}; refusing to "
+                          f"package it, previous package left as it was")
 
 
 @dataclass
@@ -87,6 +112,7 @@ def build_package(*, variant: str, spec, net, meta: dict[str, Any], ds, evaluate
 
     ``dvc_lock``: the upstream stages' ``dvc.lock`` entries (``lineage.dvc_lock_entries``).
     """
+    check_change_thresholds(evaluated, final_dir, spec.evaluate)
     test = ds.split("test")
     check_compatible(meta, test, model_dir, data_dir)
     if len(test) == 0:
@@ -110,6 +136,8 @@ def build_package(*, variant: str, spec, net, meta: dict[str, Any], ds, evaluate
 
     shutil.copyfile(model_dir / WEIGHTS, out / WEIGHTS)
     shutil.copyfile(model_dir / MODEL_META, out / MODEL_META)
+    # The slice figures travel with the model: the next package's change thresholds compare with them.
+    shutil.copyfile(evaluated.slices_path, out / SLICES_CSV)
     opset, atol = spec.package.onnx_opset, spec.package.onnx_atol
     onnx_model = export_onnx(net, inputs[:2], opset, metadata={
         "fmpipe.variant": variant,
@@ -143,10 +171,11 @@ def build_package(*, variant: str, spec, net, meta: dict[str, Any], ds, evaluate
         rows_by_split=lineage.data.rows_by_split, feature_names=feature_names,
         annotate_report=read_report(data_dir), metrics=evaluated.metrics,
         per_class=evaluated.per_class, blessing=evaluated.blessing, onnx_check=lineage.onnx, opset=opset,
-        lineage=lineage,
+        lineage=lineage, slices_md=slices.card_section(evaluated.slices, evaluated.metrics.slices, spec.evaluate),
     )
     (out / MODEL_CARD).write_text(card)
-    digests = file_digests(out, [WEIGHTS, MODEL_META, ONNX_MODEL, MODEL_CARD, PREPROCESS, *check_files])
+    digests = file_digests(out, [WEIGHTS, MODEL_META, ONNX_MODEL, MODEL_CARD, PREPROCESS, SLICES_CSV,
+                                 *check_files])
     lineage.files = {name: FileDigest(**d) for name, d in digests.items()}
     lineage.write(out / LINEAGE)
     return packaged

@@ -18,7 +18,7 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
                       feature_names: list[str] | None, annotate_report: DatasetReport,
                       metrics: Metrics, per_class: list[dict[str, Any]],
                       blessing: Blessing, onnx_check: dict[str, Any], opset: int,
-                      lineage: Lineage) -> str:
+                      lineage: Lineage, slices_md: str = "") -> str:
     classes = list(meta["classes"])
     kind = meta["input"]["kind"]
     shape = list(meta["input"]["shape"])
@@ -107,8 +107,11 @@ def render_model_card(*, variant: str, description: str, meta: dict[str, Any], n
     add("| check | threshold | value | passed |")
     add("|---|---:|---:|---|")
     for c in blessing.checks:
-        add(f"| {c.name} | {c.threshold:.4f} | {c.value:.4f} | {'yes' if c.passed else 'no'} |")
+        name = f"{c.name} ({c.slice})" if c.slice else c.name
+        add(f"| {name} | {c.threshold:.4f} | {c.value:.4f} | {'yes' if c.passed else 'no'} |")
     add("")
+    if slices_md:
+        add(slices_md)
 
     add("## Input format and preprocessing\n")
     if kind == "image":

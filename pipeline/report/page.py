@@ -448,9 +448,59 @@ def section_evaluation(ctx: Context) -> str:
             parts.append(f"<p>No mistakes on the {len(preds)} test examples.</p>")
     else:
         parts.append(missing("predictions", "no evaluate/predictions.parquet"))
-    parts.append(pictures_of(ctx, "evaluate", skip=("reliab", "calib")))  # those are under Calibration
+    # reliability: under Calibration; slices: in their own section
+    parts.append(pictures_of(ctx, "evaluate", skip=("reliab", "calib", "slices")))
     parts.append(links_to_pages(ctx, "evaluate"))
     return "".join(parts)
+
+
+def section_slices(ctx: Context) -> str:
+    """The model per slice (evaluate's slices.csv), the rules it was judged by, and the
+    discovered groups far below the rest with their pictures."""
+    from pipeline.evaluation import slices as S
+    from pipeline.filenames import DISCOVERED, SLICES_CSV
+
+    edir = ctx.step("evaluate")
+    t = S.read_table(edir / SLICES_CSV)
+    if t is None:
+        return missing("slices", "no evaluate/slices.csv; run fmpipe evaluate")
+    parts = []
+    metrics = read_artefact(Metrics, edir / "metrics.json")
+    f = metrics.slices if metrics is not None else None
+    if f is not None and f.worst_slice is not None:
+        parts.append(kv({"worst slice": f"{f.worst_slice}: accuracy {f.worst_slice_accuracy:.4f} ({f.worst_slice_rows} rows)",
+                         "largest gap": "" if f.largest_gap is None else f"{f.largest_gap:.4f} ({f.largest_gap_column})",
+                         "slices scored": f.slices, "discovered groups far below the rest": f.failing_groups}))
+    blessing = read_artefact(Blessing, edir / "blessing.json")
+    rules = [c for c in (blessing.checks if blessing else []) if c.slice is not None or "slice" in c.name]
+    if rules:
+        parts.append(table(["rule", "slice", "threshold", "value", "passed"],
+                           [[c.name, c.slice or "", c.threshold, c.value, "yes" if c.passed else "NO"] for c in rules],
+                           cls="checks"))
+    if len(t):
+        parts.append(ctx.picture("slices.png", S.slices_png(t, f"{ctx.variant}: accuracy per slice (test)"),
+                                 "Accuracy per slice with 95% bootstrap intervals (grey: reported, not gated)"))
+        cols = [c for c in ("name", "support", "gated", "accuracy", "accuracy_low", "accuracy_high", "macro_f1",
+                            "tpr", "fpr", "selection_rate") if c in t.columns]
+        ordered = t.sort_values(["gated", "accuracy"], ascending=[False, True], kind="stable")
+        parts.append(table(cols, ordered[cols].values.tolist(), cls="slices"))
+    found = read_json(edir / "details" / DISCOVERED)
+    if isinstance(found, dict):
+        parts.append(f"<h3>Discovered groups</h3><p>{esc(str(found.get('method', '')))}.</p>")
+        failing = found.get("failing") or []
+        if not failing:
+            parts.append(f"<p>No cluster is {found.get('min_gap')} or more below the rest.</p>")
+        for g in failing:
+            pics = "".join(f'<span title="label {e["label"]}, predicted {e["predicted"]}">{thumb(ctx, e["id"])}</span>'
+                           for e in g.get("examples", []))
+            parts.append(f"<p><b>cluster {esc(str(g['slice']))}</b>: accuracy {g['accuracy']:.4f} on {g['support']} rows, "
+                         f"the rest {g['rest_accuracy']:.4f}. Examples (mistakes first): {ids_list(g)}</p>"
+                         + (f"<p>{pics}</p>" if ctx.thumbs else ""))
+    return "".join(parts)
+
+
+def ids_list(group: dict[str, Any]) -> str:
+    return esc(", ".join(str(e["id"]) for e in group.get("examples", [])))
 
 
 def calibration(ctx: Context, preds) -> str:
@@ -520,6 +570,7 @@ SECTIONS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("labels", "Labels", section_labels),
     ("training", "Training", section_training),
     ("evaluation", "Evaluation", section_evaluation),
+    ("slices", "Slices and fairness", section_slices),
     ("package", "Package", section_package),
     ("what-changed", "What changed since the last blessed package", section_changes),
 ]

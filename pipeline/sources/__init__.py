@@ -64,18 +64,26 @@ def data_needed(spec) -> Optional[str]:
 
 
 def check_tracked(spec, variant: str) -> None:
-    """Under ``dvc repro``: refuse a local source DVC does not hash (changes would go unseen)."""
-    path = local_path(spec)
-    if path is None:
-        return
+    """Under ``dvc repro``: refuse a local source or metadata table DVC does not hash (changes
+    would go unseen)."""
     tracked = tracked_path(variant)
-    real, root = os.path.realpath(os.path.expanduser(path)), os.path.realpath(tracked)
-    if real == root or real.startswith(root + os.sep):
-        return
-    raise FmpipeError(
-        f"variants.{variant}.source.path: {path} is not {tracked}, the path dvc.yaml tracks for "
-        f"collect@{variant}, so DVC would not see a change to it; link it (`ln -sfn "
-        f"{os.path.abspath(os.path.expanduser(path))} {tracked}`) and set path: {tracked}")
+    root = os.path.realpath(tracked)
+    meta = getattr(spec, "metadata", None)
+    for key, path in (("source.path", local_path(spec)), ("source.metadata.path", meta and meta.path)):
+        if path is None:
+            continue
+        real = os.path.realpath(os.path.expanduser(path))
+        if real == root or real.startswith(root + os.sep):
+            continue
+        if key == "source.path":
+            raise FmpipeError(
+                f"variants.{variant}.{key}: {path} is not {tracked}, the path dvc.yaml tracks for "
+                f"collect@{variant}, so DVC would not see a change to it; link it (`ln -sfn "
+                f"{os.path.abspath(os.path.expanduser(path))} {tracked}`) and set path: {tracked}")
+        raise FmpipeError(
+            f"variants.{variant}.{key}: {path} is not inside {tracked}/, the path dvc.yaml tracks for "
+            f"collect@{variant}, so DVC would not see a change to it; make {tracked} a folder holding "
+            f"the table (and the source's link or note) and point the path there")
 
 
 __all__ = ["Collected", "SourceSpec", "check_tracked", "data_needed", "load", "local_path", "tracked_path"]

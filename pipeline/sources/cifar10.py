@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
 
 from pipeline.errors import FmpipeError
 from pipeline.reading import path_kind
-from pipeline.schema import Strict
 from pipeline.sources import fetch
 from pipeline.sources.base import Collected
+from pipeline.sources.metadata import WithMetadata
 
 if TYPE_CHECKING:  # annotations only: reading params (pipeline.config) imports every source module
     import numpy as np
@@ -54,7 +54,7 @@ META = ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888")
 SIDE = 32
 
 
-class Spec(Strict):
+class Spec(WithMetadata):
     kind: Literal["cifar10"] = "cifar10"
     # Its own train/test split: params.split.test_fraction does not apply (config checks).
     has_own_test_split: ClassVar[bool] = True

@@ -24,8 +24,8 @@ from pydantic import Field
 from pipeline.errors import FmpipeError
 from pipeline.quality.pii import PiiSpec
 from pipeline.reading import require_file
-from pipeline.schema import Strict
 from pipeline.sources.base import Collected
+from pipeline.sources.metadata import WithMetadata
 
 if TYPE_CHECKING:  # annotations only: reading params (pipeline.config) imports every source module
     import pandas as pd
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # annotations only: reading params (pipeline.config) imports 
 SPLITS = ("train", "val", "test")
 
 
-class Spec(Strict):
+class Spec(WithMetadata):
     kind: Literal["csv"] = "csv"
     path: str
     label_column: str = "label"

@@ -41,15 +41,15 @@ from pydantic import Field
 
 from pipeline.errors import FmpipeError
 from pipeline.reading import require_file
-from pipeline.schema import Strict
 from pipeline.sources import fetch
 from pipeline.sources.base import Collected
+from pipeline.sources.metadata import WithMetadata
 
 SPLITS = ("train", "val", "test")
 _JUNK = ("__MACOSX", "Thumbs.db", "desktop.ini")
 
 
-class Spec(Strict):
+class Spec(WithMetadata):
     kind: Literal["imagefolder"] = "imagefolder"
     path: str  # directory or archive; relative paths are relative to the project root
     channels: Literal[1, 3] = 3  # 1: grayscale ("L"), 3: RGB; every image is converted

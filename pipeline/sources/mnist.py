@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Optional
 
 from pipeline.errors import FmpipeError
-from pipeline.schema import Strict
 from pipeline.sources import fetch
 from pipeline.sources.base import Collected
+from pipeline.sources.metadata import WithMetadata
 
 if TYPE_CHECKING:  # annotations only: reading params (pipeline.config) imports every source module
     import numpy as np
@@ -42,7 +42,7 @@ FILES = {
 UBYTE = 0x08
 
 
-class Spec(Strict):
+class Spec(WithMetadata):
     kind: Literal["mnist"] = "mnist"
     # Its own train/test split: params.split.test_fraction does not apply (config checks).
     has_own_test_split: ClassVar[bool] = True

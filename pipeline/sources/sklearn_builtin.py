@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import Field, model_serializer, model_validator
 
-from pipeline.schema import Strict
 from pipeline.sources.base import Collected
+from pipeline.sources.metadata import WithMetadata
 
 
 # Fields that only make_classification reads: left out of every dump (lineage, model card,
@@ -23,7 +23,7 @@ from pipeline.sources.base import Collected
 GENERATOR_ONLY = ("n_samples", "n_features", "n_informative", "seed")
 
 
-class Spec(Strict):
+class Spec(WithMetadata):
     kind: Literal["sklearn"] = "sklearn"
     dataset: Literal["digits", "iris", "make_classification"]
     # make_classification only:
