@@ -44,7 +44,7 @@ def test_digits_report_renders_offline(digits, tmp_path):
         seen["images"] = page.evaluate(
             "Array.from(document.images).map(i => [i.className, i.naturalWidth, i.naturalHeight])")
         seen["sections"] = page.evaluate("Array.from(document.querySelectorAll('section')).map(s => s.id)")
-        for cls in ("counts", "validation", "per-class", "files", "changes", "resources"):
+        for cls in ("counts", "validation", "per-class", "files", "changes", "resources", "slices"):
             seen[cls] = _rows(page, f"table.{cls} tbody tr")
         seen["change_thumbs"] = _rows(page, "table.changes img.thumb")
         seen["errors"] = _rows(page, ".error")
@@ -60,10 +60,12 @@ def test_digits_report_renders_offline(digits, tmp_path):
     page = open_page(index, tmp_path / "digits_report.png", check)
     assert page.external_requests == []
     assert page.screenshot.stat().st_size > 10_000
-    assert seen["sections"] == ["data", "labels", "training", "evaluation", "package", "what-changed"]
+    assert seen["sections"] == ["data", "labels", "training", "evaluation", "slices", "package", "what-changed"]
     plots = [i for i in seen["images"] if i[0] == "plot"]
-    # rows per class, training curves, per-class F1, confusion matrix, reliability
-    assert len(plots) == 5 and all(w > 0 and h > 0 for _, w, h in plots)
+    # rows per class, training curves, per-class F1, confusion matrix, reliability, accuracy per slice
+    assert len(plots) == 6 and all(w > 0 and h > 0 for _, w, h in plots)
+    metrics = json.loads((digits / "data" / "digits" / "evaluate" / "metrics.json").read_text())
+    assert seen["slices"] == metrics["slices"]["slices"]  # every slice of slices.csv, one row each
     assert seen["counts"] == 10 + 1  # ten classes and the total row
     assert seen["validation"] == summary["expectations"]
     assert seen["per-class"] == 10
@@ -79,7 +81,7 @@ def test_digits_report_renders_offline(digits, tmp_path):
     assert len(seen["given_colours"]) == 1
     # The pictures are written beside the page too, for `dvc plots show`.
     # (reliability.png too, unless evaluate wrote its own reliability picture, which the page inlines)
-    assert {"confusion.png", "per_class.png", "rows_per_class.png", "training_curves.png"} <= {
+    assert {"confusion.png", "per_class.png", "rows_per_class.png", "training_curves.png", "slices.png"} <= {
         p.name for p in (index.parent / "plots").iterdir()}
 
 
