@@ -463,7 +463,7 @@ def section_slices(ctx: Context) -> str:
     edir = ctx.step("evaluate")
     t = S.read_table(edir / SLICES_CSV)
     if t is None:
-        return missing("slices", "no evaluate/slices.csv; run fmpipe evaluate")
+        return missing("slices", "no evaluate/slices.csv; " + rerun_hint("evaluate", ctx.variant, then=""))
     parts = []
     metrics = read_artefact(Metrics, edir / "metrics.json")
     f = metrics.slices if metrics is not None else None
