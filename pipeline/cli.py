@@ -129,7 +129,8 @@ def _step_command(step) -> Callable:
 review_app = typer.Typer(
     cls=Group,
     help="The trained model ranks suspect labels, near-duplicates and outliers into a queue for "
-    "people (data/<variant>/review/); `fmpipe review import` brings their Label Studio export back.",
+    "people (data/<variant>/review/); `fmpipe review pool` queues logged production inputs the same way; "
+    "`fmpipe review import` brings their Label Studio export back.",
     invoke_without_command=True,
     no_args_is_help=False,
 )
@@ -145,7 +146,7 @@ def review(
     if ctx.invoked_subcommand is not None:
         return
     if stage is None:
-        typer.echo("fmpipe review: error: --stage is required (or a subcommand: import)", err=True)
+        typer.echo("fmpipe review: error: --stage is required (or a subcommand: import, pool)", err=True)
         raise typer.Exit(2)
     _run_step("review", stage, params)
 
@@ -161,6 +162,19 @@ def review_import(
 
     doing(f"fmpipe review import --stage {stage}")
     typer.echo(import_decisions(file, stage, name=name))
+
+
+@review_app.command("pool")
+def review_pool(
+    log: str = typer.Argument(..., help="A request log folder (`fmpipe serve --log DIR`)."),
+    stage: str = StageOpt,
+    size: Optional[int] = typer.Option(None, "--size", min=1, help="Label Studio tasks to write (default review.queue_size)."),
+) -> None:
+    """Pool a request log's inputs in annotations/<variant>/pool/ and rank the unlabelled ones for Label Studio."""
+    from pipeline.monitoring.queue import pool_log
+
+    with _reported(f"fmpipe review pool --stage {stage}"):
+        typer.echo(pool_log(stage, log, size=size))
 
 
 # Registered in lifecycle order, which is the order `fmpipe --help` lists them. review has a

@@ -160,14 +160,17 @@ STEPS: tuple[Step, ...] = (
     Step(
         name="annotate",
         writes_dataset=True,
-        help="Apply people's decisions from annotations/<variant>/ (Label Studio exports, CSV).",
+        help="Apply people's decisions from annotations/<variant>/ (Label Studio exports, CSV), "
+             "adding the labelled production inputs of its pool/.",
         module="stages.annotate",
         reads=("clean", "validate/summary.json"),
         sources=(ANNOTATIONS,),
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/manifest.py",
+              "pipeline/monitoring/__init__.py", "pipeline/monitoring/pool.py",
               "pipeline/paths.py", "pipeline/quality/__init__.py", "pipeline/quality/gate.py",
               "pipeline/reading.py", "pipeline/review/__init__.py", "pipeline/review/decisions.py",
               "pipeline/schema.py", "stages/annotate.py"),
+        params=("split",),  # split.pool: where labelled production inputs go
     ),
     Step(
         name="train",

@@ -12,6 +12,7 @@ import sys
 
 from pipeline.errors import FmpipeError
 from pipeline.manifest import make_report, read_report, save_dataset
+from pipeline.monitoring.pool import POOL, add_decided
 from pipeline.paths import legacy_annotations_file
 from pipeline.quality.gate import require_passed
 from pipeline.review.decisions import apply_decisions, read_decisions, resolve
@@ -31,6 +32,8 @@ def run(ctx) -> None:
     ds = ctx.dataset("clean")
     removed_by_clean = {r.id: r.reason for r in read_report(ctx.input("clean")).removed}
     votes, stats = read_decisions(directory, ds.classes)
+    # Labelled production inputs (the pool) join the dataset here, in the split params name.
+    ds, pooled = add_decided(ds, directory / POOL, {v.id for v in votes}, ctx.spec.split.pool)
     manifest, keep, found = apply_decisions(ds.manifest, ds.classes, resolve(votes), removed_by_clean)
     ds.manifest = manifest
     out = ds.take(keep)
@@ -44,11 +47,13 @@ def run(ctx) -> None:
         tasks_without_annotations=stats.tasks_without_annotations,
         decision_rule="one vote per annotator (their latest); majority; a tie goes to the latest vote",
         overrides_applied=found["relabelled"] + found["confirmed"], labels_changed=found["relabelled"],
+        **({"production_rows_added": pooled, "production_split": ctx.spec.split.pool} if pooled else {}),
         **{k: found[k] for k in ("decisions_applied", "relabelled", "confirmed", "dropped", "untouched",
                                  "contested", "superseded_votes", "skipped_removed_by_clean", "changes")},
     )
     save_dataset(out, ctx.out, report)
     ctx.result = report
     ctx.summary = (f"{len(out)} rows; {found['relabelled']} relabelled, {found['confirmed']} confirmed, "
-                   f"{found['dropped']} dropped ({stats.votes} votes in {len(stats.files)} file(s), "
+                   f"{found['dropped']} dropped" + (f", {pooled} from production ({ctx.spec.split.pool})" if pooled else "")
+                   + f" ({stats.votes} votes in {len(stats.files)} file(s), "
                    f"{stats.cancelled_ignored} cancelled ignored)")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import FMPIPE, fmpipe, subprocess_env
+from helpers import FMPIPE, fmpipe, sh, subprocess_env
 from pipeline.errors import FmpipeError
 from pipeline.monitoring import drift, log
 
@@ -190,19 +190,22 @@ class _Served:
         assert resp.status == 200, data
         return json.loads(data)
 
-    def upload(self, images: list[np.ndarray]) -> None:
-        """Two images per multipart/form-data request, as a browser form would send them."""
+    def upload(self, images: list[np.ndarray]) -> list[bytes]:
+        """Two images per multipart/form-data request, as a browser form would send them; the files sent."""
+        sent = []
         for start in range(0, len(images), 2):
             boundary = uuid.uuid4().hex
             parts = []
             for n, img in enumerate(images[start:start + 2]):
                 buf = io.BytesIO()
                 Image.fromarray(img[..., 0], mode="L").save(buf, format="PNG")
+                sent.append(buf.getvalue())
                 parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
                              f'filename="img{start + n}.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
                              + buf.getvalue() + b"\r\n")
             body = b"".join(parts) + f"--{boundary}--\r\n".encode()
             self.post("/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        return sent
 
     def close(self) -> None:
         self.conn.close()
@@ -278,3 +281,131 @@ def test_predict_logs_only_when_asked(digits_run, tmp_path):
     (entry,) = log.read_log(tmp_path / "log")
     assert entry.record["endpoint"] == "cli" and entry.path.read_bytes() == (tmp_path / "one.png").read_bytes()
     assert entry.record["prediction"] in r.stdout and entry.record["package"].startswith("digits-")
+
+
+# ---------------------------------------------------------------- the pool: from production back to data
+
+def test_pool_ranking_and_diversity_in_memory():
+    from pipeline.monitoring import queue
+
+    # Two crowded clusters and one small one: the decay lets the small one in early.
+    priority = np.array([0.9, 0.89, 0.88, 0.87, 0.5, 0.86])
+    cluster = np.array([0, 0, 0, 0, 1, 2])
+    order = queue.diversity_order(priority, cluster, decay=0.5)
+    assert list(order[:4]) == [0, 5, 4, 1] and sorted(order) == list(range(6))
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(100, 3))
+    logits = np.concatenate([rng.normal(size=(20, 3)), rng.normal(size=(10, 3)) + 6])
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    s = queue.scores(probs, logits, ref)
+    assert s["drift"][20:].min() > s["drift"][:20].median()
+    assert ((0 <= s["priority"]) & (s["priority"] <= 1)).all() and s["cluster"].nunique() > 1
+
+
+def _dataset(n=6):
+    import pandas as pd
+
+    from pipeline.manifest import Dataset, build_manifest, image_rows
+
+    images = np.full((n, 8, 8, 1), 7, np.uint8) + np.arange(n, dtype=np.uint8)[:, None, None, None]
+    m = build_manifest([f"d/{i}" for i in range(n)], np.arange(n) % 2, ["a", "b"], ["train"] * n, image_rows(images))
+    m["leaked"] = False
+    return Dataset(m, ["a", "b"], images=images)
+
+
+def test_annotate_adds_only_decided_pool_items_in_the_split_params_name(tmp_path):
+    import pandas as pd
+
+    from pipeline.monitoring import pool
+    from pipeline.review import export
+    from pipeline.review.decisions import read_decisions
+
+    d = tmp_path / "annotations" / "d"
+    (d / pool.POOL / pool.IMAGES).mkdir(parents=True)
+    rows = []
+    for k, value in enumerate((200, 201)):
+        pid = pool.pool_id("d", f"{k:02d}" + "ab" * 31)
+        (d / pool.POOL / pool.image_file(pid)).write_bytes(export.png_bytes(np.full((8, 8, 1), value, np.uint8)))
+        rows.append({"id": pid, "log_id": f"seg/{k}", "input_sha256": f"{k:02d}" + "ab" * 31, "sha256": "x",
+                     "logged_at": "", "package": "d-1", "predicted": "a"})
+    pd.DataFrame(rows).to_csv(d / pool.POOL / pool.TABLE, index=False)
+    (d / "labels.csv").write_text(f"id,label\n{rows[0]['id']},b\nd/1,a\n")
+    votes, stats = read_decisions(d, ["a", "b"])  # the pool/ folder is not a decision file
+    assert len(votes) == 2 and stats.files == [str(d / "labels.csv")]
+    ds, added = pool.add_decided(_dataset(), d / pool.POOL, {v.id for v in votes}, "val")
+    assert added == 1 and len(ds) == 7 and ds.images.shape == (7, 8, 8, 1) and (ds.images[6] == 200).all()
+    new = ds.manifest.iloc[6]
+    assert new["id"] == rows[0]["id"] and new["split"] == "val" and new["label_name"] == "a"  # the model's, until annotate
+    assert new["origin"] == "production" and new["origin_id"] == "seg/0" and new["mean"] == 200
+    assert set(ds.manifest["origin"][:6]) == {"source"} and ds.manifest["origin_id"][:6].isna().all()
+    assert ds.manifest["leaked"].dtype == bool
+    same, none = pool.add_decided(_dataset(), d / pool.POOL, {"d/1"}, "train")
+    assert none == 0 and "origin" not in same.manifest.columns  # nothing decided: the dataset as it was
+    (d / pool.POOL / pool.TABLE).write_text("id,label\n")
+    with pytest.raises(FmpipeError, match="pool.csv: columns log_id"):
+        pool.add_decided(_dataset(), d / pool.POOL, {"x"}, "train")
+
+
+def _accuracy(root: Path, folder: Path) -> float:
+    r = fmpipe("predict", "data/digits/package", str(folder), "--json", "--precision", "fp32", cwd=root, check=True)
+    recs = json.loads(r.stdout)
+    return float(np.mean([Path(x["input"]).stem.split("_")[-1] == x["label"] for x in recs]))
+
+
+def test_production_inputs_go_through_the_pool_into_the_next_dataset(repro_copy, tmp_path):
+    """The loop of #28: serve with a log, pool, rank, label (a simulated annotator's Label Studio
+    export), review import, dvc repro; accuracy on shifted digits rises; audit diff shows provenance."""
+    from ls_export import annotation, dumps, task
+    from pipeline.manifest import read_dataset
+    from pipeline.monitoring.pool import POOL, read_pool
+
+    repo = repro_copy
+    test = read_dataset(repo / "data/digits/annotate").split("test")
+    images, labels = np.asarray(test.images), test.manifest["label_name"].astype(str).tolist()
+    rng = np.random.default_rng(0)
+    # Production: 40 in-distribution digits (test images with a faint jitter: new inputs, not
+    # dataset rows) and 160 inverted / rotated / noisy ones.
+    faint = [np.clip(img.astype(int) + rng.integers(0, 2, img.shape), 0, 255).astype(np.uint8) for img in images[:40]]
+    shifted = [_shifted(img[..., 0], i, rng)[..., None] for i, img in enumerate(images[40:200])]
+    # Held out: other test digits under the same shifts, to score the model before and after.
+    held = tmp_path / "held"
+    held.mkdir()
+    for i, img in enumerate(images[200:]):
+        Image.fromarray(_shifted(img[..., 0], i, rng)).save(held / f"{i}_{labels[200 + i]}.png")
+    before = _accuracy(repo, held)
+
+    served = _Served(repo, tmp_path / "log")
+    try:
+        sent = served.upload(faint + shifted)
+    finally:
+        served.close()
+    from hashlib import sha256
+
+    truth = {sha256(b).hexdigest(): (labels[i], i >= 40) for i, b in enumerate(sent)}
+
+    r = fmpipe("review", "pool", "--stage", "digits", str(tmp_path / "log"), "--size", "100", cwd=repo, check=True)
+    assert "200 input(s) added" in r.stdout, r.stdout
+    table = read_pool(repo / "annotations/digits" / POOL)
+    by_id = {row.id: truth[row.input_sha256] for row in table.itertuples()}
+    tasks = json.loads((repo / "data/digits/pool/label_studio_tasks.json").read_text())
+    assert len(tasks) == 100
+    top = [by_id[t["data"]["fmpipe_id"]][1] for t in tasks[:30]]
+    assert sum(top) >= 27, f"{sum(top)} of the top 30 are shifted"  # 80% of the log is shifted; the queue's top more
+
+    export = tmp_path / "project-1-at-2026-12-03.json"
+    export.write_text(dumps([task(t["data"]["fmpipe_id"], [annotation(by_id[t["data"]["fmpipe_id"]][0], user=7)])
+                             for t in tasks]))
+    r = fmpipe("review", "import", str(export), "--stage", "digits", cwd=repo, check=True)
+    assert "100 production input(s) from the pool get a label" in r.stdout
+    sh(repo, "git", "add", "annotations")
+    sh(repo, "dvc", "repro", timeout=1500)
+    after = _accuracy(repo, held)
+    assert after >= before + 0.05, (before, after)
+
+    diff = json.loads(fmpipe("audit", "diff", "HEAD", "--stage", "digits", "--json", cwd=repo, check=True).stdout)
+    added = diff["added"]
+    assert len(added) == 100 and {a["origin"] for a in added} == {"production"} and {a["split"] for a in added} == {"train"}
+    log_ids = {e.id for e in log.read_log(tmp_path / "log")}
+    assert {a["origin_id"] for a in added} <= log_ids
+    text = fmpipe("audit", "diff", "HEAD", "--stage", "digits", cwd=repo, check=True).stdout
+    assert "from production (log record " in text

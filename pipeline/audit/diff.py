@@ -68,7 +68,8 @@ def diff_manifests(old: pd.DataFrame, new: pd.DataFrame, removed_why: Optional[d
         item = {"id": i, "split": o.at[i, "split"], "label": o.at[i, "label_name"]}
         item.update(why if why else {"reason": "not in the source any more (collect)"})
         removed_rows.append(item)
-    added_rows = [{"id": i, "split": n.at[i, "split"], "label": n.at[i, "label_name"]} for i in sorted(added)]
+    added_rows = [{"id": i, "split": n.at[i, "split"], "label": n.at[i, "label_name"], **_origin(n, i)}
+                  for i in sorted(added)]
 
     per_class: dict[str, dict[str, int]] = {}
 
@@ -102,6 +103,16 @@ def diff_manifests(old: pd.DataFrame, new: pd.DataFrame, removed_why: Optional[d
         "unchanged": int((~(rel | chg | mov)).sum()),
         "per_class": dict(sorted(per_class.items())),
     }
+
+
+def _origin(frame: pd.DataFrame, i: Any) -> dict[str, str]:
+    """Where a row came from, when the manifest says (annotate's ``origin``: ``source`` or
+    ``production`` with ``origin_id``, the request-log record; pipeline/review/pool.py)."""
+    out = {}
+    for col in ("origin", "origin_id"):
+        if col in frame.columns and pd.notna(frame.at[i, col]):
+            out[col] = str(frame.at[i, col])
+    return out
 
 
 def _notes(version: Version) -> dict[str, str]:
@@ -177,5 +188,6 @@ def _fmt(key: str, item: Any) -> str:
         extra = f" (duplicate of {item['dup_of']})" if item.get("dup_of") else ""
         return f"{item['id']} [{item['split']}, {item['label']}]: {item['reason']}{extra}"
     if key == "added":
-        return f"{item['id']} [{item['split']}, {item['label']}]"
+        origin = f" from {item['origin']}" + (f" (log record {item['origin_id']})" if item.get("origin_id") else "")
+        return f"{item['id']} [{item['split']}, {item['label']}]" + (origin if item.get("origin") else "")
     return f"{item['id']}: {item['from']} -> {item['to']}"

@@ -230,6 +230,19 @@ class Entry:
         return str(self.record["id"])
 
 
+def read_variant_log(path: str | os.PathLike, variant: str) -> list[Entry]:
+    """:func:`read_log`, refusing records that a package of another variant scored."""
+    from collections import Counter
+
+    entries = read_log(path)
+    others = Counter(str(e.record.get("variant")) for e in entries if e.record.get("variant") != variant)
+    if others:
+        name, n = others.most_common(1)[0]
+        raise FmpipeError(f"{path}: {n} record(s) scored by a package of variant {name!r}, not {variant!r}; "
+                          "use a log of the variant that served it")
+    return entries
+
+
 def read_log(path: str | os.PathLike) -> list[Entry]:
     """Every whole record of a log directory (or of one segment), oldest segment first.
 

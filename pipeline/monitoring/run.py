@@ -24,12 +24,7 @@ def monitor(variant: str, log_path: str | Path, *, splits: Sequence[str] = ("val
 
     if not 0 < alpha < 1:
         raise FmpipeError(f"--alpha {alpha}: expected a probability between 0 and 1, e.g. 0.01")
-    entries = log.read_log(log_path)
-    others = Counter(str(e.record.get("variant")) for e in entries if e.record.get("variant") != variant)
-    if others:
-        name, n = others.most_common(1)[0]
-        raise FmpipeError(f"{log_path}: {n} record(s) scored by a package of variant {name!r}, not {variant!r}; "
-                          "monitor a log against the variant that served it")
+    entries = log.read_variant_log(log_path, variant)
     pkg_dir = output("package", variant)
     if not pkg_dir.is_dir():
         raise FmpipeError(f"{pkg_dir}: not found; the variant {variant!r} has no package yet "

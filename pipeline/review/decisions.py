@@ -58,6 +58,7 @@ NOTE_CONTROL = "note"
 TASK_ID_KEY = "fmpipe_id"  # key in a Label Studio task's ``data`` naming the dataset row
 CSV_COLUMNS = ("id", "label", "note", "annotator", "annotated_at")
 IGNORED_FILES = (".gitkeep", "README.md", ".gitignore")
+POOL_DIR = "pool"  # production inputs waiting for labels (pipeline/monitoring/pool.py), not decisions
 
 PROVENANCE_COLUMNS = ("label_source", "previous_label", "decision", "annotator", "annotated_at",
                       "decision_file")
@@ -108,7 +109,7 @@ def read_decisions(directory: str | os.PathLike, classes: list[str]) -> tuple[li
     if not directory.is_dir():
         raise FmpipeError(f"{directory}: expected a directory of decision files (Label Studio JSON exports, CSV)")
     for path in sorted(p for p in directory.iterdir()):
-        if path.name in IGNORED_FILES or path.name.startswith("."):
+        if path.name in IGNORED_FILES or path.name.startswith(".") or (path.name == POOL_DIR and path.is_dir()):
             continue
         suffix = path.suffix.lower()
         expected = f"Label Studio JSON exports *.json or id,label,note *.csv in {directory}/"

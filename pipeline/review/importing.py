@@ -17,6 +17,7 @@ from pipeline.config import DEFAULT_PARAMS, load_variant
 from pipeline.errors import FmpipeError
 from pipeline.io import atomic_write_bytes
 from pipeline.manifest import read_dataset, read_report
+from pipeline.monitoring.pool import POOL, read_pool
 from pipeline.paths import annotations_dir
 from pipeline.steps import output, rerun_hint
 from pipeline.reading import decode_text, not_a_file
@@ -53,6 +54,9 @@ def import_decisions(file: str | os.PathLike, variant: str, *, name: Optional[st
             f"{stats.tasks_without_annotations} task(s) without annotations); nothing imported"
         )
     known = set(ds.manifest["id"].astype(str))
+    pool = read_pool(annotations_dir(variant) / POOL)  # production inputs waiting for labels
+    pooled = set(pool["id"].astype(str)) if pool is not None else set()
+    known |= pooled
     for v in votes:
         if v.id not in known and v.id not in removed:
             raise FmpipeError(f"{v.where}: id {v.id!r} is not in the cleaned dataset of {variant!r}; nothing imported")
@@ -68,13 +72,16 @@ def import_decisions(file: str | os.PathLike, variant: str, *, name: Optional[st
     relabel = sum(1 for r in resolved.values() if not r.drop and r.id in labels and r.label != labels[r.id])
     confirm = sum(1 for r in resolved.values() if not r.drop and r.id in labels and r.label == labels[r.id])
     drop = sum(1 for r in resolved.values() if r.drop and r.id in labels)
-    gone = sorted(i for i in resolved if i not in labels)
+    gone = sorted(i for i in resolved if i not in labels and i not in pooled)
+    production = sum(1 for r in resolved.values() if r.id in pooled and not r.drop)
     atomic_write_bytes(dest, raw)
     lines = [
         f"imported {src} -> {dest}: {len(votes)} decision(s) on {len(resolved)} item(s) "
         f"(this file alone: {relabel} relabel, {confirm} confirm, {drop} drop; "
         f"{stats.cancelled_ignored} cancelled ignored)",
     ]
+    if production:
+        lines.append(f"{production} production input(s) from the pool get a label: annotate adds them to the dataset")
     if gone:
         lines.append(f"warning: {len(gone)} item(s) were removed by clean and will be ignored: {', '.join(gone[:5])}")
     lines.append(f"next: git add {dest} && dvc repro   (or: fmpipe annotate --stage {variant})")
