@@ -40,11 +40,11 @@ def main() -> None:
     import torch
 
     from pipeline.config import load_variant
-    from pipeline.inference import probabilities
+    from pipeline.inference.network import model_inputs, predict_logits
+    from pipeline.inference.tta import probabilities
     from pipeline.manifest import read_dataset
     from pipeline.models import load_trained
     from pipeline.monitoring import queue
-    from pipeline.packaging.evaluation import model_inputs, predict_logits
     from pipeline.training.fit import fit
 
     print(f"bench/active_learning.py: {args.variant}; load average before {os.getloadavg()}; "

@@ -63,7 +63,7 @@ class SplitSpec(Strict):
     seed: int = 0
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
-    # Where a labelled production input (annotations/<v>/pool/, pipeline/monitoring/pool.py)
+    # Where a labelled production input (annotations/<v>/pool/, pipeline/review/pool.py)
     # goes when annotate adds it: train unless said here; test only when a person writes test.
     pool: Literal["train", "val", "test"] = "train"
 

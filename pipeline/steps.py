@@ -166,10 +166,9 @@ STEPS: tuple[Step, ...] = (
         reads=("clean", "validate/summary.json"),
         sources=(ANNOTATIONS,),
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/io.py", "pipeline/manifest.py",
-              "pipeline/monitoring/__init__.py", "pipeline/monitoring/pool.py",
               "pipeline/paths.py", "pipeline/quality/__init__.py", "pipeline/quality/gate.py",
               "pipeline/reading.py", "pipeline/review/__init__.py", "pipeline/review/decisions.py",
-              "pipeline/schema.py", "stages/annotate.py"),
+              "pipeline/review/pool.py", "pipeline/schema.py", "stages/annotate.py"),
         params=("split",),  # split.pool: where labelled production inputs go
     ),
     Step(

@@ -12,7 +12,7 @@ import sys
 
 from pipeline.errors import FmpipeError
 from pipeline.manifest import make_report, read_report, save_dataset
-from pipeline.monitoring.pool import POOL, add_decided
+from pipeline.review.pool import POOL, add_decided
 from pipeline.paths import legacy_annotations_file
 from pipeline.quality.gate import require_passed
 from pipeline.review.decisions import apply_decisions, read_decisions, resolve

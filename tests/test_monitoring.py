@@ -316,7 +316,7 @@ def _dataset(n=6):
 def test_annotate_adds_only_decided_pool_items_in_the_split_params_name(tmp_path):
     import pandas as pd
 
-    from pipeline.monitoring import pool
+    from pipeline.review import pool
     from pipeline.review import export
     from pipeline.review.decisions import read_decisions
 
@@ -357,7 +357,7 @@ def test_production_inputs_go_through_the_pool_into_the_next_dataset(repro_copy,
     export), review import, dvc repro; accuracy on shifted digits rises; audit diff shows provenance."""
     from ls_export import annotation, dumps, task
     from pipeline.manifest import read_dataset
-    from pipeline.monitoring.pool import POOL, read_pool
+    from pipeline.review.pool import POOL, read_pool
 
     repo = repro_copy
     test = read_dataset(repo / "data/digits/annotate").split("test")

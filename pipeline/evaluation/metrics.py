@@ -43,9 +43,14 @@ def score(probs: "np.ndarray | torch.Tensor", labels: np.ndarray, classes: list[
     def run(metric) -> np.ndarray:
         return metric(preds, target).detach().cpu().numpy()
 
+    def share(metric) -> float:
+        # torchmetrics averages in float32: a perfect macro F1 can come out as 1.0000001,
+        # which the Metrics artefact (a share, <= 1) rightly refuses.
+        return min(1.0, max(0.0, float(run(metric))))
+
     return {
-        "accuracy": float(run(MulticlassAccuracy(num_classes=k, average="micro"))),
-        "macro_f1": float(run(MulticlassF1Score(num_classes=k, average="macro"))),
+        "accuracy": share(MulticlassAccuracy(num_classes=k, average="micro")),
+        "macro_f1": share(MulticlassF1Score(num_classes=k, average="macro")),
         "precision": run(MulticlassPrecision(num_classes=k, average=None)),
         "recall": run(MulticlassRecall(num_classes=k, average=None)),
         "f1": run(MulticlassF1Score(num_classes=k, average=None)),

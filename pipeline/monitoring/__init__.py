@@ -6,10 +6,9 @@
 - ``drift``: ``fmpipe monitor``: logged inputs against the variant's held-out data, two-sample
   tests with one decision and one reason line; a typed report (``artefacts.MonitorReport``).
 - ``page``: the report-page section of a monitor run (most atypical inputs as thumbnails);
-- ``pool``: logged inputs waiting for labels in ``annotations/<V>/pool/``, and how annotate adds
-  the labelled ones to the dataset (with ``origin: production`` and the log record id);
-- ``queue``: ``fmpipe review pool``: pool a log, rank the undecided inputs (uncertainty,
-  drift, diversity) and export the top ones to Label Studio.
+- ``queue``: ``fmpipe review pool``: pool a log (``pipeline.review.pool``: the pool's files,
+  and how annotate adds its labelled inputs to the dataset, a layer below this one), rank the
+  undecided inputs (uncertainty, drift, diversity) and export the top ones to Label Studio.
 
 Like ``pipeline.inference.runtime``, ``log`` imports only numpy: ``serve`` and ``predict`` load it.
 """

@@ -2,7 +2,7 @@
 
 Adding: each logged input once (by the sha256 of what the client sent), decoded by the
 package's rule, left out when its pixels (or feature values) are already a dataset row; the
-pool is ``annotations/<V>/pool/`` (``pipeline.monitoring.pool``), so ``git add`` versions it
+pool is ``annotations/<V>/pool/`` (``pipeline.review.pool``), so ``git add`` versions it
 with the decisions that will label it.
 
 Ranking, over the pooled inputs nobody has decided about yet, scored by V's current package:
@@ -76,11 +76,12 @@ def scores(probs: np.ndarray, logits: np.ndarray, reference_logits: np.ndarray, 
 
 def pool_log(variant: str, log_path: str | Path, *, size: Optional[int] = None, seed: int = 0) -> str:
     """Add the log's new inputs to the pool, rank the undecided ones, write the queue; a summary line."""
-    from pipeline import inference
+    from pipeline.inference import runtime
     from pipeline.config import load_variant
     from pipeline.io import atomic_write_bytes, atomic_write_text
     from pipeline.manifest import feature_rows, image_rows, read_dataset
-    from pipeline.monitoring import drift, log, pool
+    from pipeline.monitoring import drift, log
+    from pipeline.review import pool
     from pipeline.paths import DATA_ROOT, annotations_dir, step_dir
     from pipeline.review import export
     from pipeline.review.decisions import CHOICES_CONTROL, read_decisions
@@ -91,8 +92,8 @@ def pool_log(variant: str, log_path: str | Path, *, size: Optional[int] = None, 
     if not pkg_dir.is_dir():
         raise FmpipeError(f"{pkg_dir}: not found; the variant {variant!r} has no package yet "
                           f"(`dvc repro` or `fmpipe run --stage {variant}`)")
-    pkg = inference.open_package(pkg_dir)
-    predictor = inference.Predictor(pkg)
+    pkg = runtime.open_package(pkg_dir)
+    predictor = runtime.Predictor(pkg)
     ds = read_dataset(step_dir(variant, "annotate"))
     in_dataset = set(ds.manifest["sha256"].astype(str))
     directory = annotations_dir(variant) / pool.POOL

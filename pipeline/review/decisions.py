@@ -58,7 +58,7 @@ NOTE_CONTROL = "note"
 TASK_ID_KEY = "fmpipe_id"  # key in a Label Studio task's ``data`` naming the dataset row
 CSV_COLUMNS = ("id", "label", "note", "annotator", "annotated_at")
 IGNORED_FILES = (".gitkeep", "README.md", ".gitignore")
-POOL_DIR = "pool"  # production inputs waiting for labels (pipeline/monitoring/pool.py), not decisions
+POOL_DIR = "pool"  # production inputs waiting for labels (pipeline/review/pool.py), not decisions
 
 PROVENANCE_COLUMNS = ("label_source", "previous_label", "decision", "annotator", "annotated_at",
                       "decision_file")

@@ -17,10 +17,10 @@ from pipeline.config import DEFAULT_PARAMS, load_variant
 from pipeline.errors import FmpipeError
 from pipeline.io import atomic_write_bytes
 from pipeline.manifest import read_dataset, read_report
-from pipeline.monitoring.pool import POOL, read_pool
 from pipeline.paths import annotations_dir
-from pipeline.steps import output, rerun_hint
 from pipeline.reading import decode_text, not_a_file
+from pipeline.review.pool import POOL, read_pool
+from pipeline.steps import output, rerun_hint
 from pipeline.review.decisions import ReadStats, parse_decisions_csv, parse_label_studio_export, resolve
 
 

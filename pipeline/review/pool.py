@@ -12,7 +12,8 @@ becomes training data only through one of them:
 - ``images/<hex>.png``: image inputs at the model's size, decoded by the package's rule
   (lossless PNG: the pixels the model saw).
 
-Annotate (this module: light imports, it is a code dep of that step) adds a pooled input to
+Here, under review (decisions name its ids; ``review import`` and annotate read it), with light
+imports (a code dep of annotate). Annotate adds a pooled input to
 the dataset only when a decision in ``annotations/<V>/`` names it: its label is the
 decision's (the served prediction stands as the label it had before, ``previous_label``), its
 split is ``split.pool`` in params (``train`` unless a person says otherwise: never silently
