@@ -159,7 +159,8 @@ def compare(reference: Sample, current: Sample, *, kind: str, classes: Sequence[
     if len(current) < MIN_CURRENT:
         raise FmpipeError(f"{len(current)} logged inputs; at least {MIN_CURRENT} are needed for a two-sample test")
     if len(reference) < MIN_CURRENT:
-        raise FmpipeError(f"{len(reference)} reference rows; at least {MIN_CURRENT} are needed")
+        raise FmpipeError(f"{len(reference)} reference rows; at least {MIN_CURRENT} are needed "
+                          "(more held-out splits: --reference val,test)")
     tests: list[dict[str, Any]] = []
     threshold = alpha / (len(reference.stats) + 3)
     # A permutation p-value is at least 1 / (1 + n_perm): enough permutations that it can fall below the threshold.
