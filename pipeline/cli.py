@@ -173,8 +173,8 @@ def review_pool(
     """Pool a request log's inputs in annotations/<variant>/pool/ and rank the unlabelled ones for Label Studio."""
     from pipeline.monitoring.queue import pool_log
 
-    with _reported(f"fmpipe review pool --stage {stage}"):
-        typer.echo(pool_log(stage, log, size=size))
+    doing(f"fmpipe review pool --stage {stage}")
+    typer.echo(pool_log(stage, log, size=size))
 
 
 # Registered in lifecycle order, which is the order `fmpipe --help` lists them. review has a

@@ -82,19 +82,20 @@ def pool_log(variant: str, log_path: str | Path, *, size: Optional[int] = None, 
     from pipeline.manifest import feature_rows, image_rows, read_dataset
     from pipeline.monitoring import drift, log
     from pipeline.review import pool
-    from pipeline.paths import DATA_ROOT, annotations_dir, step_dir
+    from pipeline.paths import annotations_dir
+    from pipeline.steps import DATA, at, output, rerun_hint
     from pipeline.review import export
     from pipeline.review.decisions import CHOICES_CONTROL, read_decisions
 
     spec = load_variant(variant)
     entries = log.read_variant_log(log_path, variant)
-    pkg_dir = step_dir(variant, "package")
+    pkg_dir = output("package", variant)
     if not pkg_dir.is_dir():
-        raise FmpipeError(f"{pkg_dir}: not found; the variant {variant!r} has no package yet "
-                          f"(`dvc repro` or `fmpipe run --stage {variant}`)")
+        raise FmpipeError(f"{pkg_dir}: not found; the variant {variant!r} has no package yet: "
+                          f"{rerun_hint('package', variant)} (or `dvc repro`)")
     pkg = runtime.open_package(pkg_dir)
     predictor = runtime.Predictor(pkg)
-    ds = read_dataset(step_dir(variant, "annotate"))
+    ds = read_dataset(output("annotate", variant))
     in_dataset = set(ds.manifest["sha256"].astype(str))
     directory = annotations_dir(variant) / pool.POOL
     table = pool.read_pool(directory)
@@ -139,7 +140,7 @@ def pool_log(variant: str, log_path: str | Path, *, size: Optional[int] = None, 
     votes, _ = read_decisions(annotations_dir(variant), list(pkg.classes))
     decided = {v.id for v in votes}
     todo = table[~table["id"].isin(decided)].reset_index(drop=True)
-    out = DATA_ROOT / variant / "pool"  # git-ignored (data/*/*): a working queue, not data
+    out = at(DATA, variant) / "pool"  # git-ignored (data/*/*): a working queue, not data
     line = (f"pool {directory}: {len(new_rows)} input(s) added ({already} already dataset rows, "
             f"{len(entries) - len(new_rows) - already} repeated or pooled before); {len(table)} pooled, "
             f"{len(todo)} undecided")
@@ -152,7 +153,7 @@ def pool_log(variant: str, log_path: str | Path, *, size: Optional[int] = None, 
         payload = None
         x = todo[features].to_numpy(np.float32)
     probs, logits = predictor.scores(x)
-    reference = drift.reference_sample(step_dir(variant, "annotate"), predictor, ["val"], seed=seed)
+    reference = drift.reference_sample(output("annotate", variant), predictor, ["val"], seed=seed)
     s = scores(probs, logits, reference.embedding, seed=seed)
     order = diversity_order(s["priority"].to_numpy(), s["cluster"].to_numpy())
     classes = list(pkg.classes)
