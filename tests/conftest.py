@@ -19,6 +19,25 @@ from helpers import copy_project_files, copy_tree, fmpipe, make_repo, sh
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 
+# The session fixtures below that run a whole real pipeline (minutes each).
+SHARED_RUNS = ("repro_digits_iris", "digits_run")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The suite runs on every core (pytest-xdist, ``--dist loadgroup``): a worker builds a
+    session or module fixture for itself, so the tests that share an expensive one are put on
+    one worker (an ``xdist_group``) and it is built once; every other test goes wherever a
+    worker is free. Runs before xdist reads the groups."""
+    for item in items:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        group = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
+        if group is None and any(d[-1].scope == "module" for d in defs.values() if d):
+            group = item.module.__name__
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     """A scratch copy of the project's params/annotations/expectations, as the working directory.

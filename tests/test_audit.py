@@ -10,7 +10,8 @@ accuracy gate) goes through the whole pipeline three times:
 
 The tests assert the exact history and row-level diffs, `fmpipe audit model` on each version's
 package (directory and archive), a local-directory DVC remote (push, cache deleted, reading
-through the remote, pull), and the one-line errors. About 2-3 minutes on 2 shared cores.
+through the remote, pull), and the one-line errors. Each version is reproduced up to dist
+(what the audit reads).
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ def versions(tmp_path_factory):
     sh(repo, "dvc", "remote", "add", "-d", "store", str(root / "remote"))
 
     def version(name: str) -> str:
-        sh(repo, "dvc", "repro")
+        # Up to dist: what the audit reads (dvc.lock, packages); review and report would add
+        # two steps per version and nothing audited.
+        sh(repo, "dvc", "repro", "dist@tab")
         rev = commit(repo, name)
         sh(repo, "dvc", "push")
         shutil.copytree(repo / "data/tab/package", packages / name)
@@ -115,8 +118,8 @@ def versions(tmp_path_factory):
     set_source(repo, "sources/tab/tab_v2.csv")
     revs["v2"] = version("v2")
 
-    # A commit that changed only code (the report step's): dvc.lock changes, the data does not.
-    with open(repo / "stages" / "report.py", "a") as fh:
+    # A commit that changed only code (the dist step's): dvc.lock changes, the data does not.
+    with open(repo / "stages" / "dist.py", "a") as fh:
         fh.write("\n# a code-only change\n")
     revs["code"] = version("code only")
 
@@ -255,7 +258,7 @@ def test_local_remote_push_pull_and_missing_data(versions):
     shutil.rmtree(repo / "data" / "tab" / "annotate")
     sh(repo, "dvc", "pull")
     assert (repo / "data/tab/annotate/manifest.parquet").exists()
-    assert "up to date" in sh(repo, "dvc", "status").stdout
+    assert "up to date" in sh(repo, "dvc", "status", "--with-deps", "dist@tab").stdout
 
     # Data of v1 in neither cache nor remote: one line that says how to fetch it.
     sh(repo, "dvc", "remote", "remove", "store")

@@ -130,22 +130,6 @@ def test_metrics_and_plots_commands_work(repro_copy):
     assert "accuracy" in exp
 
 
-def test_relabel_is_traced_by_diff_between_versions(repro_copy):
-    """Auditing: a new annotation re-runs the downstream steps, and `fmpipe diff` names it."""
-    reproduced = repro_copy
-    sh(reproduced, "git", "add", "-A")
-    sh(reproduced, "git", "commit", "-qm", "baseline", check=False)
-    with open(reproduced / "annotations/iris/labels.csv", "a") as fh:
-        fh.write("iris/000,versicolor,review\n")
-    out = sh(reproduced, "dvc", "repro", "package@iris").stdout
-    assert "annotate@iris" in out and "collect@iris" not in out.replace("Stage 'collect@iris' didn't change", "")
-    diff = json.loads(sh(reproduced, "fmpipe", "diff", "HEAD", "--stage", "iris", "--json").stdout)
-    assert diff["relabelled"] == [{"id": "iris/000", "from": "setosa", "to": "versicolor",
-                                   "source": "annotation", "annotator": "csv:labels.csv",
-                                   "note": "review"}]
-    assert diff["added"] == [] and diff["removed"] == []
-
-
 def test_forced_repro_leaves_git_status_clean(repro_copy):
     """Per-run records (timings, report pages, GX docs) are git-ignored and every tracked output
     is deterministic: after committing, a forced re-run leaves nothing for git. Every iris step
@@ -162,9 +146,9 @@ def test_forced_repro_leaves_git_status_clean(repro_copy):
 
 
 def test_compare_names_relabel_drop_and_params_change(repro_copy, tmp_path):
-    """Two commits apart by a relabel, a dropped row and a params change: `fmpipe compare`
-    names all three (terminal, --json, --md), and the report shows the same since the last
-    blessed package."""
+    """Two commits apart by a relabel, a dropped row and a params change: `dvc repro` re-runs
+    from annotate, `fmpipe diff` names the rows, `fmpipe compare` names all three (terminal,
+    --json, --md), and the report shows the same since the last blessed package."""
     reproduced = repro_copy
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "before", check=False)
@@ -176,7 +160,14 @@ def test_compare_names_relabel_drop_and_params_change(repro_copy, tmp_path):
     before_epochs = params["variants"]["iris"]["train"]["max_epochs"]
     params["variants"]["iris"]["train"]["max_epochs"] = before_epochs - 20
     (reproduced / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(reproduced, "dvc", "repro")
+    out = sh(reproduced, "dvc", "repro").stdout
+    assert "Running stage 'annotate@iris'" in out and "Running stage 'collect@iris'" not in out, out
+    # Auditing: `fmpipe diff` against the last commit names the relabel and the drop.
+    diff = json.loads(sh(reproduced, "fmpipe", "diff", "HEAD", "--stage", "iris", "--json").stdout)
+    assert diff["relabelled"] == [{"id": "iris/002", "from": "setosa", "to": "virginica",
+                                   "source": "annotation", "annotator": "csv:labels.csv",
+                                   "note": "review"}], diff["relabelled"]
+    assert diff["added"] == [] and [r["id"] for r in diff["removed"]] == ["iris/001"], diff["removed"]
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "relabel, drop, fewer epochs")
 
