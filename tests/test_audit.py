@@ -256,7 +256,7 @@ def test_local_remote_push_pull_and_missing_data(versions):
     assert [r["id"] for r in d["added"]] == ["r060", "r061", "r062", "r063"]
     assert not (repo / ".dvc" / "cache" / "files").exists() or not any((repo / ".dvc/cache/files").rglob("*.dir"))
     shutil.rmtree(repo / "data" / "tab" / "annotate")
-    sh(repo, "dvc", "pull")
+    sh(repo, "dvc", "pull", "annotate@tab")
     assert (repo / "data/tab/annotate/manifest.parquet").exists()
     assert "up to date" in sh(repo, "dvc", "status", "--with-deps", "dist@tab").stdout
 
