@@ -223,6 +223,16 @@ class SliceFigures(Record):
     failing_groups: int = Field(default=0, ge=0)  # discovered clusters far below the rest
 
 
+class RobustnessFigures(Record):
+    """Accuracy under corruptions in a few numbers (per corruption and severity: robustness.csv)."""
+
+    rows: int = Field(ge=0)  # test rows scored, each under every corruption
+    clean_accuracy: float = Field(ge=0, le=1)  # those rows uncorrupted, plain view (no TTA)
+    mean_accuracy: Optional[float] = Field(default=None, ge=0, le=1)  # over corruptions and severities
+    worst_corruption: Optional[str] = None
+    worst_corruption_accuracy: Optional[float] = Field(default=None, ge=0, le=1)
+
+
 class Metrics(Artefact):
     """``evaluate/metrics.json``: every score of the test split (git-tracked, uncached).
 
@@ -241,6 +251,7 @@ class Metrics(Artefact):
     privacy: Optional[PrivacySpent] = None  # a DP-trained model only
     membership: Optional[MembershipAudit] = None
     slices: Optional[SliceFigures] = None
+    robustness: Optional[RobustnessFigures] = None
 
 
 class Check(Record):

@@ -369,6 +369,18 @@ class ChangeSpec(Strict):
     min_rows: int = Field(50, ge=1)  # slices smaller than this (before or after) are not compared
 
 
+class RobustnessSpec(Strict):
+    """Accuracy under seeded corruptions of the test rows (pipeline/evaluation/robustness.py)."""
+
+    # Image variants use the image ones, tables the table ones.
+    corruptions: list[Literal["gaussian_noise", "blur", "jpeg", "brightness", "contrast", "pixelate",
+                              "feature_noise", "missing_values"]] = Field(
+        default_factory=lambda: ["gaussian_noise", "blur", "jpeg", "brightness", "contrast", "pixelate",
+                                 "feature_noise", "missing_values"])
+    rows: int = Field(1000, ge=1)  # test rows scored (a seeded sample), each at 3 severities per corruption
+    seed: int = 0
+
+
 class EvaluateSpec(Strict):
     """The blessing gate: package refuses a model that fails it."""
 
@@ -395,6 +407,9 @@ class EvaluateSpec(Strict):
     min_worst_slice_accuracy: Optional[float] = Field(None, ge=0, le=1)
     max_slice_gap: Optional[float] = Field(None, ge=0, le=1)
     change: ChangeSpec = Field(default_factory=ChangeSpec)
+    # Corruptions scored (None: none), and the least mean accuracy over them the blessing accepts.
+    robustness: Optional[RobustnessSpec] = Field(default_factory=RobustnessSpec)
+    min_corruption_accuracy: Optional[float] = Field(None, ge=0, le=1)
 
 
 class Int8Spec(Strict):

@@ -19,6 +19,7 @@ SLICES_CSV = "slices.csv"  # every slice's figures (pipeline.evaluation.slices);
 SLICES_PNG = "slices.png"  # details/
 DISCOVERED = "discovered.json"  # details/: the discovered groups, their figures and example ids
 ROBUSTNESS_CSV = "robustness.csv"  # accuracy per corruption and severity (pipeline.evaluation.robustness)
+ROBUSTNESS_PNG = "robustness.png"  # details/
 
 # package (data/<v>/package/)
 ONNX_MODEL = "model.onnx"

@@ -219,6 +219,9 @@ STEPS: tuple[Step, ...] = (
             # every slice's figures with 95% intervals (pipeline/evaluation/slices.py)
             Out("slices.csv", kind="plot", cache=False,
                 plot={"template": "bar_horizontal", "x": "accuracy", "y": "name"}),
+            # accuracy per corruption and severity (pipeline/evaluation/robustness.py)
+            Out("robustness.csv", kind="plot", cache=False,
+                plot={"template": "linear", "x": "severity", "y": "accuracy"}),
         ),
     ),
     Step(
@@ -273,11 +276,13 @@ STEPS: tuple[Step, ...] = (
         # What the page shows; it also reads optional files (clean's findings, resources)
         # when they exist, without depending on them.
         reads=("clean", "validate/summary.json", "annotate", "train/live/metrics.json",
-               "evaluate/predictions.parquet", "evaluate/metrics.json", "evaluate/slices.csv", "package", "review"),
+               "evaluate/predictions.parquet", "evaluate/metrics.json", "evaluate/slices.csv",
+               "evaluate/robustness.csv", "package", "review"),
         code=("pipeline/artefacts.py", "pipeline/audit/__init__.py", "pipeline/audit/diff.py",
               "pipeline/audit/git.py", "pipeline/audit/model.py", "pipeline/audit/store.py",
               "pipeline/audit/version.py", "pipeline/compare.py", "pipeline/config.py",
-              "pipeline/evaluation/__init__.py", "pipeline/evaluation/slices.py", "pipeline/filenames.py", "pipeline/io.py",
+              "pipeline/evaluation/__init__.py", "pipeline/evaluation/robustness.py", "pipeline/evaluation/slices.py",
+              "pipeline/filenames.py", "pipeline/io.py",
               "pipeline/manifest.py", "pipeline/palette.py", "pipeline/quality/__init__.py",
               "pipeline/quality/finders.py", "pipeline/quality/neighbors.py", "pipeline/reading.py",
               "pipeline/report/__init__.py", "pipeline/report/changes.py", "pipeline/report/figures.py",

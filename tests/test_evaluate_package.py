@@ -56,7 +56,13 @@ def check_evaluation(variant: str) -> dict:
     per_class = pd.read_csv(out / "per_class.csv", dtype={"class": str})
     assert list(per_class["class"]) == list(test.classes)
     # numbers people compare (ECE and the fitted temperature too); per class: the CSV
-    assert set(metrics) == {"accuracy", "macro_f1", "n_test", "ece", "temperature", "membership", "slices"}
+    assert set(metrics) == {"accuracy", "macro_f1", "n_test", "ece", "temperature", "membership", "slices",
+                            "robustness"}
+    # Robustness: every corruption of the data's kind at three severities, and their mean.
+    rob = pd.read_csv(out / "robustness.csv")
+    kinds = 6 if test.images is not None else 2
+    assert len(rob) == 3 * kinds and sorted(set(rob["severity"])) == [1, 2, 3]
+    assert metrics["robustness"]["mean_accuracy"] == pytest.approx(rob["accuracy"].mean(), abs=1e-6)
     # the membership-inference audit: train rows against val + test rows
     assert 0 <= metrics["membership"]["auc"] <= 1 and metrics["membership"]["nonmembers"] >= metrics["n_test"]
     assert per_class["support"].sum() == metrics["n_test"]

@@ -44,7 +44,7 @@ def test_digits_report_renders_offline(digits, tmp_path):
         seen["images"] = page.evaluate(
             "Array.from(document.images).map(i => [i.className, i.naturalWidth, i.naturalHeight])")
         seen["sections"] = page.evaluate("Array.from(document.querySelectorAll('section')).map(s => s.id)")
-        for cls in ("counts", "validation", "per-class", "files", "changes", "resources", "slices"):
+        for cls in ("counts", "validation", "per-class", "files", "changes", "resources", "slices", "robustness"):
             seen[cls] = _rows(page, f"table.{cls} tbody tr")
         seen["change_thumbs"] = _rows(page, "table.changes img.thumb")
         seen["errors"] = _rows(page, ".error")
@@ -62,10 +62,12 @@ def test_digits_report_renders_offline(digits, tmp_path):
     assert page.screenshot.stat().st_size > 10_000
     assert seen["sections"] == ["data", "labels", "training", "evaluation", "slices", "package", "what-changed"]
     plots = [i for i in seen["images"] if i[0] == "plot"]
-    # rows per class, training curves, per-class F1, confusion matrix, reliability, accuracy per slice
-    assert len(plots) == 6 and all(w > 0 and h > 0 for _, w, h in plots)
+    # rows per class, training curves, per-class F1, confusion matrix, reliability, accuracy per
+    # slice, accuracy under corruptions
+    assert len(plots) == 7 and all(w > 0 and h > 0 for _, w, h in plots)
     metrics = json.loads((digits / "data" / "digits" / "evaluate" / "metrics.json").read_text())
     assert seen["slices"] == metrics["slices"]["slices"]  # every slice of slices.csv, one row each
+    assert seen["robustness"] == 6  # one row per image corruption
     assert seen["counts"] == 10 + 1  # ten classes and the total row
     assert seen["validation"] == summary["expectations"]
     assert seen["per-class"] == 10
@@ -81,7 +83,8 @@ def test_digits_report_renders_offline(digits, tmp_path):
     assert len(seen["given_colours"]) == 1
     # The pictures are written beside the page too, for `dvc plots show`.
     # (reliability.png too, unless evaluate wrote its own reliability picture, which the page inlines)
-    assert {"confusion.png", "per_class.png", "rows_per_class.png", "training_curves.png", "slices.png"} <= {
+    assert {"confusion.png", "per_class.png", "rows_per_class.png", "training_curves.png", "slices.png",
+            "robustness.png"} <= {
         p.name for p in (index.parent / "plots").iterdir()}
 
 

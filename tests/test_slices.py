@@ -235,3 +235,42 @@ def test_slice_gate_under_dvc_repro_is_one_line_and_keeps_the_package(repro_copy
     assert "up to date" in sh(repo, "dvc", "status", "collect@iris").stdout
     groups.assign(group="c").to_csv(repo / "sources/iris/metadata.csv", index=False)
     assert "collect@iris" in sh(repo, "dvc", "status", "collect@iris").stdout
+
+
+def test_corruptions_are_seeded_graded_and_gated(project):
+    """Every corruption keeps the data's shape and type, is the same on every run, and hurts a
+    fixed classifier more at each severity; the mean feeds the blessing's optional minimum."""
+    from pipeline.evaluation import robustness as R
+
+    annotated("digits")
+    from pipeline.manifest import read_dataset
+
+    ds = read_dataset("data/digits/annotate", mmap=False)
+    train, test = ds.split("train"), ds.split("test")
+    flat = lambda d: d.images.reshape(len(d), -1).astype(np.float32)  # noqa: E731
+    means = np.stack([flat(train)[train.manifest["label"].to_numpy() == c].mean(0) for c in range(10)])
+
+    def nearest_mean(d):  # a real, fixed classifier of raw pixels: no training noise in the test
+        return ((flat(d)[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+
+    spec = load_variant("digits").evaluate.robustness.model_copy(update={"rows": 200})
+    found = R.evaluate_robustness(spec, test, None, nearest_mean)
+    again = R.evaluate_robustness(spec, test, None, nearest_mean)
+    pd.testing.assert_frame_equal(found["table"], again["table"])
+    t = found["table"]
+    assert set(t["corruption"]) == set(R.IMAGE_CORRUPTIONS) and found["rows"] == 200
+    for name in ("contrast", "pixelate", "brightness"):
+        acc = t[t["corruption"] == name].sort_values("severity")["accuracy"].to_numpy()
+        assert acc[0] >= acc[1] >= acc[2] and acc[2] < found["clean"], (name, acc)
+    rng = np.random.default_rng(0)
+    for name in R.IMAGE_CORRUPTIONS:
+        x = R.corrupt_images(test.images[:5], name, 3, rng)
+        assert x.dtype == np.uint8 and x.shape == test.images[:5].shape and not np.array_equal(x, test.images[:5])
+    feats = np.arange(40, dtype=np.float32).reshape(10, 4)
+    lost = R.corrupt_table(feats, "missing_values", 3, np.random.default_rng(0), np.full(4, -1.0), np.ones(4))
+    assert 0 < (lost == -1).mean() < 1  # some cells replaced by the train mean
+
+    spec_ev = load_variant("digits").evaluate.model_copy(update={"min_corruption_accuracy": 0.99})
+    (check,) = R.check(found, spec_ev)
+    assert not check.passed and check.value == pytest.approx(found["mean"])
+    assert R.check(found, load_variant("digits").evaluate) == []

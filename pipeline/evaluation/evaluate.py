@@ -24,7 +24,8 @@ from pipeline.evaluation.metrics import binary_scores, compare_figures, score
 from pipeline.evaluation.summary import comparison, last_blessed_lineage, read_last_blessed
 from pipeline.evaluation import slices
 from pipeline.filenames import (BLESSING, CALIBRATION, CONFUSION, DETAILS, DISCOVERED, FIGURES, METRICS, MISTAKES,
-                                PER_CLASS, PREDICTIONS, RELIABILITY_PNG, SLICES_CSV, SLICES_PNG)
+                                PER_CLASS, PREDICTIONS, RELIABILITY_PNG, ROBUSTNESS_CSV, ROBUSTNESS_PNG, SLICES_CSV,
+                                SLICES_PNG)
 from pipeline.inference.network import check_compatible, model_inputs, predict_logits
 from pipeline.inference.tta import effective_tta, tta_description
 from pipeline.io import sha256_file, to_json
@@ -46,6 +47,7 @@ class Evaluation:
     last_blessed: Any  # that package's lineage (run record only)
     gallery: Optional[str]  # mistakes.html (image variants)
     slices: dict[str, Any]  # pipeline.evaluation.slices.evaluate_slices
+    robustness: Optional[dict[str, Any]] = None  # pipeline.evaluation.robustness.evaluate_robustness
 
     def write(self, out: Path) -> None:
         """The declared outputs, into ``out``."""
@@ -71,6 +73,14 @@ class Evaluation:
                 table, f"{self.variant}: accuracy per slice (test, {self.metrics.n_test} rows)"))
         if self.slices["discovered"] is not None:
             (details / DISCOVERED).write_text(to_json(self.slices["discovered"]))
+        if self.robustness is not None:
+            from pipeline.evaluation import robustness
+
+            rob = self.robustness["table"]
+            rob.to_csv(out / ROBUSTNESS_CSV, index=False, float_format="%.6f")
+            if len(rob):
+                (details / ROBUSTNESS_PNG).write_bytes(robustness.robustness_png(
+                    rob, f"{self.variant}: accuracy under corruptions ({self.robustness['rows']} test rows)"))
 
     def result(self) -> dict[str, Any]:
         return {"metrics": self.metrics.model_dump(exclude_none=True),
@@ -122,11 +132,19 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
                                     features=test.features, flagged=flagged,
                                     embed=lambda: slices.penultimate(net, model_inputs(test)))
     metrics.slices = sliced["figures"]
+    rob = None
+    if ev.robustness is not None:
+        from pipeline.evaluation import robustness
+
+        rob = robustness.evaluate_robustness(
+            ev.robustness, test, ds.split("train") if test.features is not None else None,
+            lambda part: predict_logits(net, model_inputs(part)).argmax(axis=1))
+        metrics.robustness = robustness.figures(rob)
     views = (tta or {}).get("views") or []
     weights_sha = sha256_file(model_dir / WEIGHTS)
     blessing = bless(metrics, ev, JudgedModel(dir=str(model_dir), sha256=weights_sha, name=meta["model"]["name"]),
                      tta=tta_description(tta), tta_views=max(1, len(views)), tta_flip=any(v["flip"] for v in views),
-                     extra=slices.slice_checks(sliced["found"], ev))
+                     extra=[*slices.slice_checks(sliced["found"], ev), *_robustness_checks(rob, ev)])
     # The previous package is the "last blessed model". It is not a DVC dependency of this
     # step (package depends on evaluate; the reverse would be a cycle), so the comparison goes
     # to the runner's run record (data/runs/<v>/evaluate.json), never into a declared output:
@@ -160,7 +178,13 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
     return Evaluation(variant=variant, metrics=metrics, blessing=blessing, calibration=calibration,
                       predictions=predictions, per_class=per_class,
                       figures=compare_figures(variant, metrics, meta.get("training")),
-                      compared=compared, last_blessed=last_blessed, gallery=gallery, slices=sliced)
+                      compared=compared, last_blessed=last_blessed, gallery=gallery, slices=sliced, robustness=rob)
+
+
+def _robustness_checks(found: Optional[dict[str, Any]], ev) -> list:
+    from pipeline.evaluation import robustness
+
+    return robustness.check(found, ev) if ev.min_corruption_accuracy is not None else []
 
 
 def membership_audit(net, meta: dict, ds, limit: int) -> MembershipAudit:
@@ -195,6 +219,10 @@ def summary_line(metrics: Metrics, blessing: Blessing, compared: dict | None = N
     sliced = slices.summary(metrics.slices)
     if sliced:
         head += f"; {sliced}"
+    rob = metrics.robustness
+    if rob is not None and rob.mean_accuracy is not None:
+        head += (f"; under corruptions {rob.mean_accuracy:.4f} mean (clean {rob.clean_accuracy:.4f}, "
+                 f"worst {rob.worst_corruption} {rob.worst_corruption_accuracy:.4f})")
     refusals = [slices.describe_failure(f) for f in ((compared or {}).get("slices") or {}).get("failures", [])]
     if blessing.blessed and not refusals:
         verdict = "BLESSED"

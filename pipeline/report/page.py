@@ -449,16 +449,17 @@ def section_evaluation(ctx: Context) -> str:
     else:
         parts.append(missing("predictions", "no evaluate/predictions.parquet"))
     # reliability: under Calibration; slices: in their own section
-    parts.append(pictures_of(ctx, "evaluate", skip=("reliab", "calib", "slices")))
+    parts.append(pictures_of(ctx, "evaluate", skip=("reliab", "calib", "slices", "robustness")))
     parts.append(links_to_pages(ctx, "evaluate"))
     return "".join(parts)
 
 
 def section_slices(ctx: Context) -> str:
-    """The model per slice (evaluate's slices.csv), the rules it was judged by, and the
-    discovered groups far below the rest with their pictures."""
+    """The model per slice (evaluate's slices.csv), the rules it was judged by, its accuracy
+    under corruptions (robustness.csv), and the discovered groups far below the rest with their
+    pictures."""
     from pipeline.evaluation import slices as S
-    from pipeline.filenames import DISCOVERED, SLICES_CSV
+    from pipeline.filenames import DISCOVERED, ROBUSTNESS_CSV, SLICES_CSV
 
     edir = ctx.step("evaluate")
     t = S.read_table(edir / SLICES_CSV)
@@ -484,6 +485,22 @@ def section_slices(ctx: Context) -> str:
                             "tpr", "fpr", "selection_rate") if c in t.columns]
         ordered = t.sort_values(["gated", "accuracy"], ascending=[False, True], kind="stable")
         parts.append(table(cols, ordered[cols].values.tolist(), cls="slices"))
+    rob = read_table(edir / ROBUSTNESS_CSV)
+    if rob is not None and len(rob) and {"corruption", "severity", "accuracy"} <= set(rob.columns):
+        from pipeline.evaluation import robustness as R
+
+        parts.append("<h3>Robustness: accuracy under corruptions</h3>")
+        if metrics is not None and metrics.robustness is not None:
+            r = metrics.robustness
+            parts.append(f"<p>{r.rows} test rows, plain view: clean {r.clean_accuracy:.4f}, mean under corruptions "
+                         f"{r.mean_accuracy:.4f}, worst {esc(str(r.worst_corruption))} "
+                         f"{r.worst_corruption_accuracy:.4f}.</p>")
+        parts.append(ctx.picture("robustness.png", R.robustness_png(rob, f"{ctx.variant}: accuracy under corruptions"),
+                                 "Accuracy per corruption and severity (seeded, generated from the test rows)"))
+        wide = rob.pivot(index="corruption", columns="severity", values="accuracy")
+        wide["mean"] = wide.mean(axis=1)
+        parts.append(table(["corruption", *[f"severity {c}" for c in wide.columns[:-1]], "mean"],
+                           [[i, *row] for i, row in zip(wide.index, wide.values.tolist())], cls="robustness"))
     found = read_json(edir / "details" / DISCOVERED)
     if isinstance(found, dict):
         parts.append(f"<h3>Discovered groups</h3><p>{esc(str(found.get('method', '')))}.</p>")
@@ -570,7 +587,7 @@ SECTIONS: list[tuple[str, str, Callable[[Context], str]]] = [
     ("labels", "Labels", section_labels),
     ("training", "Training", section_training),
     ("evaluation", "Evaluation", section_evaluation),
-    ("slices", "Slices and fairness", section_slices),
+    ("slices", "Slices, fairness and robustness", section_slices),
     ("package", "Package", section_package),
     ("what-changed", "What changed since the last blessed package", section_changes),
 ]
