@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.audit.diff import diff_between
+from pipeline.reading import load_yaml
 from pipeline.audit.git import Git
 from pipeline.audit.model import read_lineage
 from pipeline.audit.store import Store
@@ -147,17 +148,19 @@ def _state(variant: str, version: Version, params: Optional[dict], metrics: Opti
 
 
 def _revision_side(label: str, commit: str, kind: str, git: Git, store: Store, stage: Optional[str]) -> Side:
-    import yaml
-
     stages = _lock_stages(git.show(commit, LOCK))
     if stages is None:
         raise FmpipeError(f"{label}: no {LOCK} at that revision ({commit[:12]}); nothing had been run "
                           f"through `dvc repro` and committed there")
     raw_params = git.show(commit, "params.yaml")
-    all_params = ((yaml.safe_load(raw_params) or {}).get("variants") or {}) if raw_params else {}
+    # Bounded like every params.yaml fmpipe reads (an alias bomb at some old revision is refused).
+    params = (load_yaml(raw_params.decode() if isinstance(raw_params, bytes) else raw_params,
+                        f"params.yaml at {label}") or {}) if raw_params else {}
+    params = params if isinstance(params, dict) else {}
+    all_params = params.get("variants") or {}
     variants = sorted({name.split("@", 1)[1] for name in stages if "@" in name})
     if raw_params:  # dvc.lock keeps the entries of variants no longer enabled: not compared
-        enabled = (yaml.safe_load(raw_params) or {}).get("enabled")
+        enabled = params.get("enabled")
         variants = [v for v in variants if not isinstance(enabled, list) or v in enabled]
     if stage is not None:
         variants = [v for v in variants if v == stage]
@@ -174,10 +177,8 @@ def _revision_side(label: str, commit: str, kind: str, git: Git, store: Store, s
 
 
 def _workspace_side(root: Path, git: Git, store: Store, stage: Optional[str]) -> Side:
-    import yaml
-
     stages = _lock_stages((root / LOCK).read_bytes()) if (root / LOCK).exists() else {}
-    params = yaml.safe_load((root / "params.yaml").read_text()) if (root / "params.yaml").exists() else {}
+    params = (load_yaml((root / "params.yaml").read_text(), "params.yaml") or {}) if (root / "params.yaml").exists() else {}
     variants = sorted({name.split("@", 1)[1] for name in stages if "@" in name})
     if isinstance((params or {}).get("enabled"), list):
         variants = [v for v in variants if v in params["enabled"]]
