@@ -143,16 +143,12 @@ class BatchStream:
         n = len(self.y)
         if self.train:
             epoch = int(self.epoch())
-            # The permutation is drawn on the CPU (cheap, identical on every device type);
-            # the augmentation generator lives on the data's device.
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
             n_batches = (n // self.batch_size) // world
             starts = [(b * world + rank) * self.batch_size for b in range(n_batches)]
             aug_gen = None
             if self.augment is not None:
                 aug_gen = torch.Generator(device=self.x.device)
                 aug_gen.manual_seed((self.seed * 1_000_003 + epoch) * 4099 + rank + 1)
-            order = order.to(self.x.device)
             flips = self._alternate_flips(n, epoch)
             if self.poisson_rate is not None:
                 coins = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7 + 3)
@@ -161,6 +157,10 @@ class BatchStream:
                     idx = idx.to(self.x.device)
                     yield self._prepare(self.x[idx], aug_gen, None if flips is None else flips[idx]), self.y[idx]
                 return
+            # The permutation is drawn on the CPU (cheap, identical on every device type);
+            # the augmentation generator lives on the data's device.
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            order = order.to(self.x.device)
             for s in starts:
                 idx = order[s:s + self.batch_size]
                 yield self._prepare(self.x[idx], aug_gen, None if flips is None else flips[idx]), self.y[idx]

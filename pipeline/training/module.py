@@ -210,7 +210,7 @@ class ClassifierModule(pl.LightningModule):
 
         spec = self.spec.privacy
         n_train = self.trainer.datamodule.num_train
-        rate = self.spec.batch_size / n_train
+        rate = self.trainer.datamodule.poisson_rate  # the rate the batches are drawn at (data.py)
         delta = resolve_delta(spec, n_train)
         sigma = noise_multiplier(spec, rate, self.total_steps, delta)
         self.privacy = {"noise_multiplier": sigma, "sample_rate": rate, "delta": delta}
