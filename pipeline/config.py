@@ -381,6 +381,15 @@ class RobustnessSpec(Strict):
     seed: int = 0
 
 
+class ExplainSpec(Strict):
+    """Explanations evaluate draws (pipeline/evaluation/explain.py)."""
+
+    mistakes: int = Field(8, ge=1, le=64)  # images: the most confident mistakes explained
+    steps: int = Field(32, ge=2, le=512)  # Integrated Gradients: points on the path from a black image
+    repeats: int = Field(5, ge=1, le=100)  # tables: shuffles per feature (permutation importance)
+    seed: int = 0
+
+
 class EvaluateSpec(Strict):
     """The blessing gate: package refuses a model that fails it."""
 
@@ -410,6 +419,7 @@ class EvaluateSpec(Strict):
     # Corruptions scored (None: none), and the least mean accuracy over them the blessing accepts.
     robustness: Optional[RobustnessSpec] = Field(default_factory=RobustnessSpec)
     min_corruption_accuracy: Optional[float] = Field(None, ge=0, le=1)
+    explain: Optional[ExplainSpec] = Field(default_factory=ExplainSpec)  # None: no explanations
 
 
 class Int8Spec(Strict):

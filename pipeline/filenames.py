@@ -20,6 +20,8 @@ SLICES_PNG = "slices.png"  # details/
 DISCOVERED = "discovered.json"  # details/: the discovered groups, their figures and example ids
 ROBUSTNESS_CSV = "robustness.csv"  # accuracy per corruption and severity (pipeline.evaluation.robustness)
 ROBUSTNESS_PNG = "robustness.png"  # details/
+EXPLANATIONS_PNG = "explanations.png"  # details/: attributions of the most confident mistakes (images)
+IMPORTANCE_CSV = "importance.csv"  # details/: permutation importance per feature (tables)
 
 # package (data/<v>/package/)
 ONNX_MODEL = "model.onnx"

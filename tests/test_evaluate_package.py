@@ -63,6 +63,12 @@ def check_evaluation(variant: str) -> dict:
     kinds = 6 if test.images is not None else 2
     assert len(rob) == 3 * kinds and sorted(set(rob["severity"])) == [1, 2, 3]
     assert metrics["robustness"]["mean_accuracy"] == pytest.approx(rob["accuracy"].mean(), abs=1e-6)
+    # Explanations: attributions of the confident mistakes (images), permutation importance (tables).
+    if test.images is not None:
+        assert (out / "details/explanations.png").exists() == bool((preds["label"] != preds["predicted"]).any())
+    else:
+        importance = pd.read_csv(out / "details/importance.csv")
+        assert sorted(importance["feature"]) == sorted(test.features.columns)
     # the membership-inference audit: train rows against val + test rows
     assert 0 <= metrics["membership"]["auc"] <= 1 and metrics["membership"]["nonmembers"] >= metrics["n_test"]
     assert per_class["support"].sum() == metrics["n_test"]

@@ -23,7 +23,8 @@ from pipeline.evaluation.calibration import calibrate, reliability_png
 from pipeline.evaluation.metrics import binary_scores, compare_figures, score
 from pipeline.evaluation.summary import comparison, last_blessed_lineage, read_last_blessed
 from pipeline.evaluation import slices
-from pipeline.filenames import (BLESSING, CALIBRATION, CONFUSION, DETAILS, DISCOVERED, FIGURES, METRICS, MISTAKES,
+from pipeline.filenames import (BLESSING, CALIBRATION, CONFUSION, DETAILS, DISCOVERED, EXPLANATIONS_PNG, FIGURES,
+                                IMPORTANCE_CSV, METRICS, MISTAKES,
                                 PER_CLASS, PREDICTIONS, RELIABILITY_PNG, ROBUSTNESS_CSV, ROBUSTNESS_PNG, SLICES_CSV,
                                 SLICES_PNG)
 from pipeline.inference.network import check_compatible, model_inputs, predict_logits
@@ -48,6 +49,7 @@ class Evaluation:
     gallery: Optional[str]  # mistakes.html (image variants)
     slices: dict[str, Any]  # pipeline.evaluation.slices.evaluate_slices
     robustness: Optional[dict[str, Any]] = None  # pipeline.evaluation.robustness.evaluate_robustness
+    explained: Optional[dict[str, Any]] = None  # pipeline.evaluation.explain.explain
 
     def write(self, out: Path) -> None:
         """The declared outputs, into ``out``."""
@@ -73,6 +75,10 @@ class Evaluation:
                 table, f"{self.variant}: accuracy per slice (test, {self.metrics.n_test} rows)"))
         if self.slices["discovered"] is not None:
             (details / DISCOVERED).write_text(to_json(self.slices["discovered"]))
+        if self.explained is not None and self.explained["png"] is not None:
+            (details / EXPLANATIONS_PNG).write_bytes(self.explained["png"])
+        if self.explained is not None and self.explained["importance"] is not None:
+            self.explained["importance"].to_csv(details / IMPORTANCE_CSV, index=False, float_format="%.6f")
         if self.robustness is not None:
             from pipeline.evaluation import robustness
 
@@ -132,6 +138,11 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
                                     features=test.features, flagged=flagged,
                                     embed=lambda: slices.penultimate(net, model_inputs(test)))
     metrics.slices = sliced["figures"]
+    explained = None
+    if ev.explain is not None:
+        from pipeline.evaluation import explain
+
+        explained = explain.explain(ev.explain, net, test, labels, s["predicted"], s["confidence"], classes, variant)
     rob = None
     if ev.robustness is not None:
         from pipeline.evaluation import robustness
@@ -178,7 +189,8 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
     return Evaluation(variant=variant, metrics=metrics, blessing=blessing, calibration=calibration,
                       predictions=predictions, per_class=per_class,
                       figures=compare_figures(variant, metrics, meta.get("training")),
-                      compared=compared, last_blessed=last_blessed, gallery=gallery, slices=sliced, robustness=rob)
+                      compared=compared, last_blessed=last_blessed, gallery=gallery, slices=sliced, robustness=rob,
+                      explained=explained)
 
 
 def _robustness_checks(found: Optional[dict[str, Any]], ev) -> list:

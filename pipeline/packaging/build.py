@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipeline.artefacts import Blessing, FileDigest, Int8Report, Lineage, Metrics
 from pipeline.errors import FmpipeError
-from pipeline.evaluation import robustness, slices
+from pipeline.evaluation import explain, robustness, slices
 from pipeline.filenames import (CALIBRATION, DETAILS, LINEAGE, MODEL_CARD, ONNX_MODEL, PER_CLASS, PREPROCESS,
                                 SLICES_CSV)
 from pipeline.inference.network import check_compatible, model_inputs
@@ -173,7 +173,8 @@ def build_package(*, variant: str, spec, net, meta: dict[str, Any], ds, evaluate
         per_class=evaluated.per_class, blessing=evaluated.blessing, onnx_check=lineage.onnx, opset=opset,
         lineage=lineage,
         slices_md=slices.card_section(evaluated.slices, evaluated.metrics.slices, spec.evaluate)
-        + robustness.card_section(evaluated.metrics.robustness, spec.evaluate),
+        + robustness.card_section(evaluated.metrics.robustness, spec.evaluate)
+        + explain.card_section(evaluated.slices_path.parent / DETAILS),
     )
     (out / MODEL_CARD).write_text(card)
     digests = file_digests(out, [WEIGHTS, MODEL_META, ONNX_MODEL, MODEL_CARD, PREPROCESS, SLICES_CSV,

@@ -459,7 +459,7 @@ def section_slices(ctx: Context) -> str:
     under corruptions (robustness.csv), and the discovered groups far below the rest with their
     pictures."""
     from pipeline.evaluation import slices as S
-    from pipeline.filenames import DISCOVERED, ROBUSTNESS_CSV, SLICES_CSV
+    from pipeline.filenames import DISCOVERED, IMPORTANCE_CSV, ROBUSTNESS_CSV, SLICES_CSV
 
     edir = ctx.step("evaluate")
     t = S.read_table(edir / SLICES_CSV)
@@ -501,6 +501,11 @@ def section_slices(ctx: Context) -> str:
         wide["mean"] = wide.mean(axis=1)
         parts.append(table(["corruption", *[f"severity {c}" for c in wide.columns[:-1]], "mean"],
                            [[i, *row] for i, row in zip(wide.index, wide.values.tolist())], cls="robustness"))
+    importance = read_table(edir / "details" / IMPORTANCE_CSV)
+    if importance is not None and {"feature", "importance"} <= set(importance.columns):
+        parts.append("<h3>Feature importance (permutation, test split)</h3>"
+                     "<p>Accuracy lost when one feature's column is shuffled (scikit-learn, seeded).</p>")
+        parts.append(table(list(importance.columns), importance.values.tolist(), cls="importance"))
     found = read_json(edir / "details" / DISCOVERED)
     if isinstance(found, dict):
         parts.append(f"<h3>Discovered groups</h3><p>{esc(str(found.get('method', '')))}.</p>")
