@@ -173,6 +173,9 @@ def test_collect_joins_the_metadata_table_and_refuses_a_bad_one(project, monkeyp
     spec = load_variant("iris").evaluate.slices
     cols = S.slicing_columns(m.reset_index(), spec)
     assert set(cols["group"].dropna()) == {"a", "b"} and cols["age"].dropna().str.startswith("q").all()
+    with pytest.raises(FmpipeError, match=r"evaluate.slices.columns: no metadata column 'site' .*: age, group\)"):
+        S.evaluate_slices(spec.model_copy(update={"columns": ["site"]}), m.reset_index(), np.zeros(len(m), int),
+                          np.zeros(len(m), int), 3)
 
     pd.DataFrame({"id": ["iris/000", "iris/000"], "group": ["a", "b"]}).to_csv(src / "metadata.csv", index=False)
     with pytest.raises(FmpipeError, match=r"sources/iris/metadata.csv: id 'iris/000' appears more than once"):

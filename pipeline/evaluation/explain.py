@@ -121,7 +121,8 @@ def explain(spec: "ExplainSpec", net, test, labels: np.ndarray, predicted: np.nd
 
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = net.eval()(torch.from_numpy(x)).float().numpy()
+            # A copy: scikit-learn hands read-only arrays, torch wants writable memory.
+            out = net.eval()(torch.from_numpy(np.array(x, dtype=np.float32))).float().numpy()
         return (out[:, 0] > 0).astype(int) if out.shape[1] == 1 else out.argmax(axis=1)
 
     return {"png": None, "importance": permutation_importance(test.features, labels, predict, spec), "rows": []}

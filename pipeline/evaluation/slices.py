@@ -411,6 +411,13 @@ def evaluate_slices(spec: "SliceSpec", manifest: "pd.DataFrame", labels: np.ndar
     from pipeline.artefacts import SliceFigures
 
     manifest = manifest.reset_index(drop=True)
+    unknown = missing_columns(manifest.columns, spec)
+    if unknown:
+        from pipeline.errors import FmpipeError
+
+        have = sorted(str(c)[len(META_PREFIX):] for c in manifest.columns if str(c).startswith(META_PREFIX))
+        raise FmpipeError(f"params.yaml: evaluate.slices.columns: no metadata column {unknown[0]!r} in the dataset "
+                          f"(joined by collect from source.metadata: {', '.join(have) or 'none'})")
     columns = slicing_columns(manifest, spec, features=features, flagged_ids=flagged)
     y, p = np.asarray(labels), np.asarray(predicted)
     correct = y == p
