@@ -1,6 +1,6 @@
 """A guard on the cifar recipe's CPU trajectory (issue #22, item 9).
 
-The README's cifar figures were measured on code whose training trajectory a later change
+The cifar figures (docs/performance.md, docs/training.md) were measured on code whose training trajectory a later change
 moved, and nothing noticed. This test trains the cifar variant's own model and recipe
 (params.yaml: network, param groups, orthogonalized SGD, schedule, augmentation, label
 smoothing, the grouped manual-optimization loop) through the real ``fit`` for a few steps on
@@ -16,7 +16,7 @@ Only the size of the run is shrunk (32 training images of 32x32, batch 32, 4 epo
 step each, past the 3 epochs the stem's bias trains; float32; the
 cifar recipe's bf16 autocast is a property of the CPU, not of the code, and slow on CPUs
 without AVX512-BF16). When this fails after a deliberate change, the cifar figures in
-README.md and bench/README.md no longer describe the code: re-measure them (bench/README.md
+docs/ and bench/README.md no longer describe the code: re-measure them (bench/README.md
 says how), then record the new trajectory with ``FMPIPE_RECORD_TRAJECTORY=1 pytest
 tests/test_cifar_trajectory.py`` and commit both.
 """
@@ -91,7 +91,7 @@ def test_cifar_recipe_trajectory_is_the_recorded_one(tmp_path):
         RECORD.write_text(json.dumps(got, indent=2) + "\n")
         pytest.skip(f"recorded {RECORD.name}; re-measure the cifar figures (bench/README.md) and commit both")
     want = json.loads(RECORD.read_text())
-    hint = ("the cifar recipe's CPU trajectory moved: the cifar figures in README.md and bench/README.md "
+    hint = ("the cifar recipe's CPU trajectory moved: the cifar figures in docs/ and bench/README.md "
             "no longer describe this code; re-measure them and re-record (see this file's docstring)")
     for name, values in want["losses"].items():
         assert got["losses"][name] == pytest.approx(values, rel=1e-4), f"{name}: {hint}"

@@ -234,9 +234,9 @@ def test_experiments_fit_a_200_column_terminal(repro_copy):
 
     Not a tty, DVC prints the table at its full width, as it hands it to its pager (`less -S`),
     whose first screen is the first 200 columns. `--no-pager` squeezes every column into the
-    terminal instead (some 270: every params.yaml leaf and code dependency), so the README gives the
+    terminal instead (some 270: every params.yaml leaf and code dependency), so docs/audit.md gives the
     command for that case (what changed, hash columns dropped, each variant's accuracy and macro
-    F1 kept), and this test runs it as the README writes it."""
+    F1 kept), and this test runs it as that page writes it."""
     reproduced = repro_copy
     sh(reproduced, "git", "add", "-A")
     sh(reproduced, "git", "commit", "-qm", "baseline for experiments", check=False)
@@ -259,9 +259,9 @@ def test_experiments_fit_a_200_column_terminal(repro_copy):
         assert len(accuracies) >= 4, row  # accuracy and macro F1 of both variants, readable
     csv_header = sh(reproduced, "dvc", "exp", "show", "--csv").stdout.splitlines()[0]
     assert "wall_s" not in csv_header and "data/resources" not in csv_header
-    # The README's command for a terminal without a pager, as written there: every line fits
+    # docs/audit.md's command for a terminal without a pager, as written there: every line fits
     # 200 columns, both variants' accuracy and macro F1 and the changed param are readable.
-    line = next(line for line in (REPO / "README.md").read_text().splitlines()
+    line = next(line for line in (REPO / "docs" / "audit.md").read_text().splitlines()
                 if line.startswith("dvc exp show --no-pager"))
     command = shlex.split(line.split("   #")[0])
     table = sh(reproduced, *command, env={"COLUMNS": "200"}).stdout.splitlines()

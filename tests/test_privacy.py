@@ -132,7 +132,7 @@ def test_dp_training_records_epsilon_and_learns(project, tmp_path):
     assert p["epsilon"] == pytest.approx(2.0, rel=0.05)
     assert p["delta"] == pytest.approx(1 / 12000) and p["sampling"] == "poisson"
     assert p["steps"] == 15 * (1200 // 64) and p["noise_multiplier"] > 0.5
-    assert accuracy >= 0.80, accuracy  # stated in README: DP (eps 2) binary-like table >= 0.80
+    assert accuracy >= 0.80, accuracy  # DP (eps 2) on a binary-like table keeps accuracy >= 0.80
 
 
 def test_overfitted_model_leaks_membership_a_dp_model_does_not(project, tmp_path):

@@ -248,16 +248,15 @@ def test_bad_decision_file_stops_annotate_and_keeps_previous_output(iris_clean):
 
 
 def readme_label_studio_example() -> str:
-    """The README's Label Studio export example: the ```json block in "The review loop"."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## The review loop"):]
+    """docs/review.md's Label Studio export example: its first ```json block."""
+    section = (Path(__file__).resolve().parents[1] / "docs" / "review.md").read_text()
     start = section.index("```json\n") + len("```json\n")
     return section[start:section.index("```", start)]
 
 
 def test_readme_label_studio_example_is_what_the_real_import_reads(project, tmp_path):
-    """The export format a newcomer copies from the README goes through `fmpipe review import`
-    and annotate as the README says: one relabel (with its note), one drop, one confirm."""
+    """The export format a newcomer copies from docs/review.md goes through `fmpipe review import`
+    and annotate as that page says: one relabel (with its note), one drop, one confirm."""
     from pipeline.runner import run_step
 
     run_step("collect", "digits")

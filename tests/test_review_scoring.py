@@ -124,7 +124,7 @@ def test_outliers_flag_the_row_far_from_every_class():
     probs[np.arange(len(y)), y] = 0.8  # the model agrees with every given label
     found = find_outliers(ReviewInputs(m, probs, issues, penultimate=x), {"outlier_fraction": 0.01})
     assert found["row"].iloc[0] == len(y) - 1 and len(found) == 4
-    # The suggestion is the most probable *other* class (README), never the label the row has.
+    # The suggestion is the most probable *other* class (docs/review.md), never the label the row has.
     assert (found["suggested"].to_numpy() != y[found["row"].to_numpy()]).all()
     assert np.allclose(found["suggested_prob"], 0.1)
 
@@ -209,7 +209,7 @@ def test_review_step_writes_every_output_deterministically(digits_model):
     for g in groups:
         assert report["queue"]["groups"][g]["score"] in sheet.replace("&quot;", '"')
     assert " nan" not in sheet and "=nan" not in sheet
-    # A suggestion is never the label the row already has (README: the most probable other class).
+    # A suggestion is never the label the row already has (docs/review.md: the most probable other class).
     assert (queue["suggested_label"].astype(str) != queue["given_label"].astype(str)).all()
 
 

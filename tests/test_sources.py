@@ -408,7 +408,7 @@ def test_imagefolder_refuses_hostile_zip_members_and_corrupt_archives(tmp_path):
 
 
 def _add_variant(project: Path, name: str, source: dict, **extra) -> None:
-    # As the README tells users: copy an existing variant's section, then change the source.
+    # A variant written by hand: an existing variant's section with another source.
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["variants"][name] = {**params["variants"]["digits"], "source": source, **extra}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
