@@ -15,7 +15,7 @@ PrecisionOpt = typer.Option(
     "auto", "--precision", help="fp32, int8 (when the package ships one) or auto: INT8 when the package ships it "
                                 "and it runs at least the package's min_speedup faster here, else fp32.")
 LogOpt = typer.Option(None, "--log", help="Append every scored input to this request-log folder (input bytes by "
-                                         "SHA-256, prediction, confidence, embedding; README: Monitoring). "
+                                         "SHA-256, prediction, confidence, embedding; docs/deployment.md). "
                                          "Nothing is logged without it.")
 LogMaxOpt = typer.Option(1024.0, "--log-max-mb", min=0.001,
                          help="The request log's size limit: the oldest segments are deleted beyond it.")
