@@ -18,3 +18,11 @@ def test_relative_links_resolve():
 def test_every_docs_page_is_linked_from_the_readme():
     readme = (REPO / "README.md").read_text()
     assert [p.name for p in sorted((REPO / "docs").glob("*.md")) if f"(docs/{p.name})" not in readme] == []
+
+
+def test_named_code_files_exist():
+    """A module, test or bench script the documentation names exists under that path."""
+    pages = [REPO / "README.md", REPO / "bench" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    named = {m for page in pages
+             for m in re.findall(r"(?<![\w/.])((?:pipeline|stages|tests|bench)/[\w/]+\.(?:py|sh))", page.read_text())}
+    assert named and sorted(m for m in named if not (REPO / m).exists()) == []
