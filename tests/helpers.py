@@ -10,6 +10,7 @@
 - ``copy_tree(src, dest)``: a private copy of a finished project or repo (``.git`` and ``.dvc``
   included) from a session fixture (``tests/conftest.py``).
 - ``edit_params(fn, path)``: change ``params.yaml`` through a function of the parsed dict.
+- ``serving(package, *flags)``: a real ``fmpipe serve`` process on a free port, stopped after.
 - ``annotated(variant)``: ``data/<v>/annotate`` without the validate gate (collect and clean
   really run, once per session for the same params; later calls copy their outputs).
 
@@ -19,12 +20,15 @@ runs this checkout's code whichever checkout the venv was installed from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -61,6 +65,38 @@ def fmpipe(*args: str, cwd: Optional[Path] = None, check: bool = False, env: Opt
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=subprocess_env(env),
                             timeout=timeout)
     return _ran(result, ["fmpipe", *args]) if check else result
+
+
+@dataclass
+class Served:
+    """A running ``fmpipe serve``: its process, address and the line it announced itself with."""
+
+    proc: subprocess.Popen
+    host: str
+    port: int
+    line: str
+
+    @property
+    def url(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@contextlib.contextmanager
+def serving(package: Path | str, *flags: str, cwd: Optional[Path] = None, env: Optional[dict] = None):
+    """``fmpipe serve PACKAGE --port 0 FLAGS`` as a real process, yielded once it listens (its
+    first stderr line names the address) and terminated after. Serving never loads torch: its
+    shared library is not even mapped into the process."""
+    proc = subprocess.Popen([*FMPIPE, "serve", str(package), "--port", "0", *flags], cwd=cwd,
+                            env=subprocess_env(env), stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"http://([\d.]+):(\d+)", line)
+        assert m, line + (proc.stderr.read() if proc.poll() is not None else "")
+        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+        yield Served(proc, m.group(1), int(m.group(2)), line)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def copy_project_files(dest: Path) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from helpers import FMPIPE, fmpipe, subprocess_env
+from helpers import fmpipe, serving, subprocess_env
 from pipeline.errors import FmpipeError
 from pipeline.inference import runtime, tta
 from pipeline.manifest import read_dataset
@@ -284,17 +283,8 @@ def test_verify_catches_a_model_that_no_longer_reproduces_its_checks(digits, tmp
 
 @pytest.fixture(scope="module")
 def server(digits):
-    proc = subprocess.Popen([*FMPIPE, "serve", "data/digits/package", "--port", "0", "--max-body-mb", "1",
-                             "--precision", "fp32"],
-                            cwd=digits, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
-    m = re.search(r"http://([\d.]+):(\d+)", line)
-    assert m, line + (proc.stderr.read() if proc.poll() is not None else "")
-    # Serving needs no torch either: its shared library is not even mapped into the process.
-    assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
-    yield f"{m.group(1)}:{m.group(2)}"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with serving("data/digits/package", "--max-body-mb", "1", "--precision", "fp32", cwd=digits) as served:
+        yield served.url
 
 
 def _request(url: str, method: str, path: str, body: bytes = b"", headers: dict | None = None):

@@ -9,31 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import FMPIPE, annotated, copy_project_files, subprocess_env
+from helpers import annotated, copy_project_files, fmpipe, serving
 from PIL import Image
 
 from pipeline.manifest import read_dataset
 
 STEPS = ("train", "evaluate", "package")
-
-
-def _env() -> dict:
-    return subprocess_env()
-
-
-def fmpipe(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*FMPIPE, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +35,7 @@ def project(digits_run, tmp_path_factory) -> Path:
     finally:
         os.chdir(here)
     for step in STEPS:
-        fmpipe(step, "--stage", "iris", cwd=root)
+        fmpipe(step, "--stage", "iris", cwd=root, check=True)
     test = read_dataset(root / "data/digits/annotate").split("test")
     (root / "images").mkdir()
     for i, img in enumerate(test.images[:20]):
@@ -58,7 +45,7 @@ def project(digits_run, tmp_path_factory) -> Path:
 
 
 def _predict(root: Path, package: str, inputs: str, precision: str) -> list[dict]:
-    r = fmpipe("predict", package, inputs, "--precision", precision, "--json", "-k", "1", cwd=root)
+    r = fmpipe("predict", package, inputs, "--precision", precision, "--json", "-k", "1", cwd=root, check=True)
     return json.loads(r.stdout)
 
 
@@ -106,13 +93,8 @@ def test_predict_with_each_precision(project, variant, inputs):
 def test_serve_with_each_precision_answers_like_predict(project, precision):
     import http.client
 
-    proc = subprocess.Popen([*FMPIPE, "serve", "data/digits/package", "--port", "0", "--precision", precision],
-                            cwd=project, env=_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stderr.readline()
-        m = re.search(r"http://([\d.]+):(\d+)", line)
-        assert m, line
-        assert f"precision {precision}" in line
+    with serving("data/digits/package", "--precision", precision, cwd=project) as served:
+        assert f"precision {precision}" in served.line
         files = sorted((project / "images").iterdir())[:8]
         from pipeline.inference import runtime
 
@@ -120,7 +102,7 @@ def test_serve_with_each_precision_answers_like_predict(project, precision):
         body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                        "data": x.ravel().tolist()}],
                            "outputs": [{"name": "probabilities"}]})
-        conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=30)
+        conn = http.client.HTTPConnection(served.host, served.port, timeout=30)
         conn.request("GET", "/v2/models/digits")
         assert json.loads(conn.getresponse().read())["parameters"]["precision"] == precision
         conn.request("POST", "/v2/models/digits/infer", body=body, headers={"Content-Type": "application/json"})
@@ -130,13 +112,10 @@ def test_serve_with_each_precision_answers_like_predict(project, precision):
         probs = np.array(out["outputs"][0]["data"], dtype=np.float32).reshape(len(files), -1)
         expected = _predict(project, "data/digits/package", " ".join(map(str, files)).split()[0], precision)
         assert expected[0]["top_k"][0]["probability"] == pytest.approx(float(probs[0].max()), abs=1e-6)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_verify_checks_the_int8_file_and_catches_tampering(project, tmp_path):
-    ok = fmpipe("verify", "data/iris/package", cwd=project)
+    ok = fmpipe("verify", "data/iris/package", cwd=project, check=True)
     assert "model.int8.onnx reproduces its own" in ok.stdout
     pkg = tmp_path / "pkg"
     shutil.copytree(project / "data/iris/package", pkg)
@@ -150,7 +129,7 @@ def test_verify_checks_the_int8_file_and_catches_tampering(project, tmp_path):
     # predict and serve refuse the swapped file too; float32 still runs.
     p = fmpipe("predict", str(pkg), str(project / "rows.csv"), "--precision", "int8", cwd=project, check=False)
     assert p.returncode == 1 and "model.int8.onnx" in p.stderr and "sha256" in p.stderr
-    fmpipe("predict", str(pkg), str(project / "rows.csv"), "--precision", "fp32", cwd=project)
+    fmpipe("predict", str(pkg), str(project / "rows.csv"), "--precision", "fp32", cwd=project, check=True)
 
 
 def test_int8_failing_the_gate_is_left_out_and_the_package_says_why(project, tmp_path):
@@ -160,22 +139,22 @@ def test_int8_failing_the_gate_is_left_out_and_the_package_says_why(project, tmp
     # INT8 loses nothing on iris: a negative allowance (INT8 must *gain* 0.1) makes it fail.
     params["variants"]["iris"]["package"]["int8"]["max_accuracy_drop"] = -0.1
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    r = fmpipe("package", "--stage", "iris", cwd=root)
+    r = fmpipe("package", "--stage", "iris", cwd=root, check=True)
     assert "INT8 LEFT OUT" in r.stderr and "max_accuracy_drop -0.1" in r.stderr
     pkg = root / "data/iris/package"
     report = json.loads((pkg / "int8.json").read_text())
     assert not report["shipped"] and "model_file" not in report and "drop" in report["reason"]
     assert not (pkg / "model.int8.onnx").exists() and not (pkg / "checks/logits.int8.npy").exists()
     assert json.loads((pkg / "preprocess.json").read_text())["int8"] is None
-    fmpipe("verify", str(pkg), cwd=root)
+    fmpipe("verify", str(pkg), cwd=root, check=True)
     bad = fmpipe("predict", str(pkg), str(project / "rows.csv"), "--precision", "int8", cwd=root, check=False)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "no INT8 model" in bad.stderr
-    auto = fmpipe("predict", str(pkg), str(project / "rows.csv"), "--json", cwd=root)
+    auto = fmpipe("predict", str(pkg), str(project / "rows.csv"), "--json", cwd=root, check=True)
     assert len(json.loads(auto.stdout)) == len(read_dataset(root / "data/iris/annotate").split("test"))
 
 
 def test_dist_canary_serves_the_release_and_refuses_a_broken_model_repository(project, tmp_path):
-    r = fmpipe("dist", "--stage", "iris", cwd=project)
+    r = fmpipe("dist", "--stage", "iris", cwd=project, check=True)
     assert "canary: served fp32 and int8 answered as the package predicts" in r.stderr
     dist = project / "data/iris/dist"
     assert (dist / "model_repository/iris-int8/1/model.onnx").is_file()

@@ -7,10 +7,10 @@ sends real HTTP requests, and runs ``fmpipe monitor`` on what was logged.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
-import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import FMPIPE, fmpipe, sh, subprocess_env
+from helpers import FMPIPE, fmpipe, serving, sh, subprocess_env
 from pipeline.errors import FmpipeError
 from pipeline.monitoring import drift, log
 
@@ -173,15 +173,15 @@ def _shifted(img: np.ndarray, i: int, rng) -> np.ndarray:
 
 
 class _Served:
+    """The digits package served with ``--log`` (``helpers.serving``), and one connection to it."""
+
     def __init__(self, root: Path, log_dir: Path):
-        self.proc = subprocess.Popen([*FMPIPE, "serve", "data/digits/package", "--port", "0", "--precision", "fp32",
-                                      "--log", str(log_dir)], cwd=root, env=subprocess_env(),
-                                     stderr=subprocess.PIPE, text=True)
-        line = self.proc.stderr.readline()
-        m = re.search(r"http://([\d.]+):(\d+)", line)
-        assert m and f"logging requests to {log_dir}" in line, line
-        assert "libtorch" not in Path(f"/proc/{self.proc.pid}/maps").read_text()
-        self.conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=30)
+        self._stack = contextlib.ExitStack()
+        served = self._stack.enter_context(serving("data/digits/package", "--precision", "fp32",
+                                                   "--log", str(log_dir), cwd=root))
+        assert f"logging requests to {log_dir}" in served.line, served.line
+        self.conn = http.client.HTTPConnection(served.host, served.port, timeout=30)
+        self._stack.callback(self.conn.close)
 
     def post(self, path: str, body: bytes, headers: dict) -> dict:
         self.conn.request("POST", path, body=body, headers=headers)
@@ -208,9 +208,7 @@ class _Served:
         return sent
 
     def close(self) -> None:
-        self.conn.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        self._stack.close()
 
 
 def test_served_requests_are_logged_and_monitor_flags_shifted_inputs(digits_run, tmp_path):
@@ -303,7 +301,6 @@ def test_pool_ranking_and_diversity_in_memory():
 
 
 def _dataset(n=6):
-    import pandas as pd
 
     from pipeline.manifest import Dataset, build_manifest, image_rows
 

@@ -106,7 +106,7 @@ def test_no_planted_value_anywhere_under_data(project, policy):
     assert not leaks, leaks
     collect = json.loads((project / "data/notes/collect/report.json").read_text())["pii"]
     assert collect["policy"] == policy and collect["values_with_pii"] == 30  # 240 rows / 8
-    findings = pd.read_parquet(project / f"data/notes/collect/pii_findings.parquet")
+    findings = pd.read_parquet(project / "data/notes/collect/pii_findings.parquet")
     assert set(findings.columns) == {"id", "column", "entity", "start", "end", "score"}
     assert {"EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD"} <= set(findings["entity"])
     ds = read_dataset(project / "data/notes/collect")

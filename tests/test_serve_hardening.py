@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import re
 import shutil
 import socket
 import subprocess
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import FMPIPE, subprocess_env
+from helpers import FMPIPE, serving, subprocess_env
 from pipeline.inference import runtime
 from pipeline.io import sha256_file
 from pipeline.packaging import deploy
@@ -71,31 +70,17 @@ def packages(tmp_path_factory) -> dict[str, Path]:
     return {kind: _write_package(root / kind, kind) for kind in ("image", "tabular")}
 
 
-def _serve(package: Path, *flags: str):
-    proc = subprocess.Popen([*FMPIPE, "serve", str(package), "--port", "0", *flags], env=subprocess_env(),
-                            stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
-    m = re.search(r"http://([\d.]+):(\d+)", line)
-    assert m, line + (proc.stderr.read() if proc.poll() is not None else "")
-    assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()  # serve never loads torch
-    return proc, (m.group(1), int(m.group(2)))
-
-
 @pytest.fixture(scope="module")
 def image_server(packages):
-    proc, addr = _serve(packages["image"], "--timeout", str(TIMEOUT), "--keep-alive", str(KEEP_ALIVE),
-                        "--max-image-mpix", "1", "--concurrency", "2", "--max-body-mb", "4")
-    yield proc, addr
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(packages["image"], "--timeout", str(TIMEOUT), "--keep-alive", str(KEEP_ALIVE),
+                 "--max-image-mpix", "1", "--concurrency", "2", "--max-body-mb", "4") as served:
+        yield served.proc, (served.host, served.port)
 
 
 @pytest.fixture(scope="module")
 def table_server(packages):
-    proc, addr = _serve(packages["tabular"])
-    yield addr
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(packages["tabular"]) as served:
+        yield served.host, served.port
 
 
 def _request(addr, method: str, path: str, body: bytes = b"", headers: dict | None = None, timeout: float = 30):
@@ -178,31 +163,30 @@ def test_a_body_shorter_than_its_content_length_gets_400(image_server):
 def test_bodies_held_at_once_are_bounded(packages):
     """--max-buffered-mb bounds the request bodies of all connections together: with two 1 MB
     bodies arriving, a third gets 503 at once; when they end, bodies are accepted again."""
-    proc, addr = _serve(packages["image"], "--max-body-mb", "1", "--max-buffered-mb", "2", "--timeout", "5")
-    mb = 1 << 20
-    slow = []
-    try:
-        for _ in range(2):
-            s = socket.create_connection(addr, timeout=10)
-            s.sendall(b"POST /v2/models/image/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % mb + b" " * 100)
-            slow.append(s)
-        time.sleep(0.5)  # let the server start reading both
-        status, raw = _request(addr, "POST", "/v2/models/image/infer", b" " * mb)
-        assert status == 503 and "server busy" in json.loads(raw)["error"], (status, raw)
-        for s in slow:
-            s.close()
-        deadline = time.monotonic() + 5
-        while True:  # the two disconnects are noticed, their reservations released
+    with serving(packages["image"], "--max-body-mb", "1", "--max-buffered-mb", "2", "--timeout", "5") as served:
+        addr = (served.host, served.port)
+        mb = 1 << 20
+        slow = []
+        try:
+            for _ in range(2):
+                s = socket.create_connection(addr, timeout=10)
+                s.sendall(b"POST /v2/models/image/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % mb + b" " * 100)
+                slow.append(s)
+            time.sleep(0.5)  # let the server start reading both
             status, raw = _request(addr, "POST", "/v2/models/image/infer", b" " * mb)
-            if status != 503 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert status == 400 and "not valid JSON" in json.loads(raw)["error"], (status, raw)
-    finally:
-        for s in slow:
-            s.close()
-        proc.terminate()
-        proc.wait(timeout=30)
+            assert status == 503 and "server busy" in json.loads(raw)["error"], (status, raw)
+            for s in slow:
+                s.close()
+            deadline = time.monotonic() + 5
+            while True:  # the two disconnects are noticed, their reservations released
+                status, raw = _request(addr, "POST", "/v2/models/image/infer", b" " * mb)
+                if status != 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert status == 400 and "not valid JSON" in json.loads(raw)["error"], (status, raw)
+        finally:
+            for s in slow:
+                s.close()
 
 
 # ---------------------------------------------------------------- requests that used to get a 500
@@ -243,8 +227,8 @@ def test_deeply_nested_json_gets_400(image_server):
 def test_an_idle_keep_alive_connection_lives_past_the_header_timeout(packages):
     """--timeout bounds the wait for a request's headers, --keep-alive the wait between
     requests: a connection idle longer than the first but shorter than the second still serves."""
-    proc, addr = _serve(packages["image"], "--timeout", "1", "--keep-alive", "6")
-    try:
+    with serving(packages["image"], "--timeout", "1", "--keep-alive", "6") as served:
+        addr = (served.host, served.port)
         conn = http.client.HTTPConnection(*addr, timeout=10)
         conn.request("GET", "/v2/health/live")
         assert conn.getresponse().read() == b'{"live": true}'
@@ -259,9 +243,6 @@ def test_an_idle_keep_alive_connection_lives_past_the_header_timeout(packages):
         assert sock.recv(1024) == b""  # closed without an answer
         assert 0.5 < time.monotonic() - t0 < 5
         conn.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_error_text_has_no_memory_address(image_server):

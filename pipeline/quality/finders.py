@@ -298,7 +298,6 @@ def centroid_distance(emb: np.ndarray, labels: np.ndarray, split: np.ndarray) ->
 
 
 def _rank(frame: pd.DataFrame) -> pd.DataFrame:
-    import pandas as pd
 
     return frame.sort_values(["score", "row"], ascending=[False, True], kind="stable").reset_index(drop=True)
 

@@ -58,7 +58,6 @@ def section_changes(ctx) -> str:
                              fmt_value(r["recall"]["a"]), fmt_value(r["recall"]["b"]), r["support"]["a"], r["support"]["b"]]
                             for r in changed], cls="changed-classes")
                      if changed else f"<p>No per-class score changed ({len(pc)} classes).</p>")
-    d = c["data"]
     parts.append("<h3>Data</h3>")
     facts = dict(variant_facts(ctx.variant, c))
     parts.append('<ul class="changed-data">' + "".join(f"<li>{esc(line)}</li>" for line in facts["data"]) + "</ul>")
