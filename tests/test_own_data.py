@@ -97,7 +97,8 @@ def test_newcomer_flow_under_dvc(tmp_path):
     # First time, no failure; binary (shipped, not enabled by default) only up to its gate.
     sh(repo, "dvc", "repro", "dist@pets", "report@pets", "dist@survey", "report@survey", "validate@binary")
     assert (repo / "data/pets/package/model.onnx").exists() and (repo / "data/survey/package/model.onnx").exists()
-    small = ("/evaluate/metrics.json", "/evaluate/figures.json", "/evaluate/confusion.csv", "/evaluate/per_class.csv", "/train/live/")
+    small = ("/evaluate/metrics.json", "/evaluate/figures.json", "/evaluate/confusion.csv", "/evaluate/per_class.csv",
+             "/evaluate/slices.csv", "/evaluate/robustness.csv", "/train/live/")
     data = staged_under_data(repo)
     assert data and all(p.startswith("data/resources/") or p.endswith("/.gitignore") or any(s in p for s in small)
                         for p in data), data
