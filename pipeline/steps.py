@@ -195,8 +195,9 @@ STEPS: tuple[Step, ...] = (
         name="evaluate",
         help="Score the trained model on the test split and decide its blessing.",
         module="stages.evaluate",
-        # clean's findings: the rows it flagged are a slice (pipeline/evaluation/slices.py)
-        reads=("train/model.safetensors", "train/model.json", "annotate", "clean/findings.parquet"),
+        # clean's findings.parquet: the rows it flagged are a slice (pipeline/evaluation/slices.py).
+        # The directory, like package's dep on it, so the lineage names only package's deps.
+        reads=("train/model.safetensors", "train/model.json", "annotate", "clean"),
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/evaluation", "pipeline/filenames.py",
               "pipeline/inference/__init__.py", "pipeline/inference/network.py", "pipeline/inference/tta.py",
               "pipeline/io.py", "pipeline/manifest.py", "pipeline/models", "pipeline/palette.py",

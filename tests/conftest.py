@@ -8,6 +8,7 @@ finished real runs; a test that changes one works on a copy (``Run.copy``, ``rep
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,23 +20,41 @@ from helpers import copy_project_files, copy_tree, fmpipe, make_repo, sh
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 
-# The session fixtures below that run a whole real pipeline (minutes each).
-SHARED_RUNS = ("repro_digits_iris", "digits_run")
+# The session fixtures below that run a whole real pipeline (minutes each), by the names tests
+# ask for them.
+SHARED_RUNS = {"repro_digits_iris": ("repro_digits_iris", "repro_copy", "reproduced"),
+               "digits_run": ("digits_run",)}
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """The suite runs on every core (pytest-xdist, ``--dist loadgroup``): a worker builds a
-    session or module fixture for itself, so the tests that share an expensive one are put on
-    one worker (an ``xdist_group``) and it is built once; every other test goes wherever a
-    worker is free. Runs before xdist reads the groups."""
-    for item in items:
-        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        group = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
-        if group is None and any(d[-1].scope == "module" for d in defs.values() if d):
-            group = item.module.__name__
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+def _worker_groups() -> dict[str, str]:
+    """Test file -> the shared run it uses: its tests go to the worker that builds that run."""
+    groups = {}
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        text = path.read_text()
+        for run, names in SHARED_RUNS.items():
+            if any(re.search(rf"def \w+\([^)]*\b{name}\b", text) for name in names):  # a parameter
+                groups[f"tests/{path.name}"] = run
+                break
+    return groups
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """The suite runs on every core (pytest-xdist, ``-n auto``). A worker builds a session or
+    module fixture for itself, so a test file's tests stay on one worker (module fixtures built
+    once), and the files that use one of the shared real runs go together (the run built once);
+    the rest spread over whichever worker is free. (pytest 9 ignores xdist's own ``xdist_group``
+    marks: xdist renames items' node ids, which pytest 9 no longer lets a plugin do.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    groups = _worker_groups()
+
+    class ByFileAndSharedRun(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return groups.get(path, path)
+
+    return ByFileAndSharedRun(config, log)
 
 
 @pytest.fixture

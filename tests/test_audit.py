@@ -258,7 +258,7 @@ def test_local_remote_push_pull_and_missing_data(versions):
     shutil.rmtree(repo / "data" / "tab" / "annotate")
     sh(repo, "dvc", "pull", "annotate@tab")
     assert (repo / "data/tab/annotate/manifest.parquet").exists()
-    assert "up to date" in sh(repo, "dvc", "status", "--with-deps", "dist@tab").stdout
+    assert "up to date" in sh(repo, "dvc", "status", "--with-deps", "annotate@tab").stdout
 
     # Data of v1 in neither cache nor remote: one line that says how to fetch it.
     sh(repo, "dvc", "remote", "remove", "store")

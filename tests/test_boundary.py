@@ -33,6 +33,7 @@ COMMANDS = [
     (["run", "--stage", "v"], "pipeline.runner.run_step", "fmpipe collect --stage v"),
     (["review", "import", "x.json", "--stage", "v"], "pipeline.review.importing.import_decisions",
      "fmpipe review import --stage v"),
+    (["review", "pool", "log", "--stage", "v"], "pipeline.monitoring.queue.pool_log", "fmpipe review pool --stage v"),
     (["resources"], "pipeline.resource_table.collect", "fmpipe resources"),
     (["stages"], "pipeline.config.load_params", "fmpipe stages"),
     (["plots"], "pipeline.report.offline_plots.show", "fmpipe plots"),

@@ -236,4 +236,5 @@ def test_a_big_value_under_an_unknown_key_is_one_short_line(tmp_path):
     lines = str(err.value).splitlines()
     assert any("variants.iris.train.warmup: unknown key" in line for line in lines)
     assert any("variants.iris.description:" in line for line in lines)
-    assert all(len(line) < 400 for line in lines), lines
+    # Short: the value is not repeated (a 40,000-item list), only the keys train accepts are.
+    assert all(len(line) < 500 for line in lines), lines
