@@ -201,6 +201,7 @@ STEPS: tuple[Step, ...] = (
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/evaluation", "pipeline/filenames.py",
               "pipeline/inference/__init__.py", "pipeline/inference/network.py", "pipeline/inference/tta.py",
               "pipeline/io.py", "pipeline/manifest.py", "pipeline/models", "pipeline/palette.py",
+              "pipeline/plotting.py",
               "pipeline/schema.py", "stages/evaluate.py"),
         params=("evaluate", "train"),
         outs=(
@@ -284,7 +285,7 @@ STEPS: tuple[Step, ...] = (
               "pipeline/audit/version.py", "pipeline/compare.py", "pipeline/config.py",
               "pipeline/evaluation/__init__.py", "pipeline/evaluation/robustness.py", "pipeline/evaluation/slices.py",
               "pipeline/filenames.py", "pipeline/io.py",
-              "pipeline/manifest.py", "pipeline/palette.py", "pipeline/quality/__init__.py",
+              "pipeline/manifest.py", "pipeline/palette.py", "pipeline/plotting.py", "pipeline/quality/__init__.py",
               "pipeline/quality/finders.py", "pipeline/quality/neighbors.py", "pipeline/reading.py",
               "pipeline/report/__init__.py", "pipeline/report/changes.py", "pipeline/report/figures.py",
               "pipeline/report/html.py", "pipeline/report/page.py", "pipeline/report/readers.py",

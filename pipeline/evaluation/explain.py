@@ -48,17 +48,13 @@ def integrated_gradients(net: "torch.nn.Module", x: "torch.Tensor", targets: np.
 
 def explanations_png(images: np.ndarray, maps: np.ndarray, captions: list[str], title: str) -> bytes:
     """Each image beside its attribution heat map, two columns of pairs."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipeline.plotting import new_figure, png_bytes
 
     n = len(images)
     cols = 2
     rows = max(1, (n + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(7, 1.9 * rows + 0.4), dpi=100, squeeze=False)
+    fig = new_figure(7, 1.9 * rows + 0.4)
+    axes = fig.subplots(rows, 2 * cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i in range(n):
@@ -72,10 +68,7 @@ def explanations_png(images: np.ndarray, maps: np.ndarray, captions: list[str], 
         axes[r][2 * c + 1].set_title("integrated gradients", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def permutation_importance(features: "pd.DataFrame", labels: np.ndarray, predict: Callable[[np.ndarray], np.ndarray],

@@ -185,14 +185,10 @@ def check(found: dict[str, Any], spec: "EvaluateSpec"):
 
 def robustness_png(table: "pd.DataFrame", title: str) -> bytes:
     """Accuracy per corruption, one line per corruption over severities 0 (clean) .. 3."""
-    import io
+    from pipeline.plotting import new_figure, png_bytes
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = new_figure(6, 3.5)
+    ax = fig.add_subplot()
     for name, part in table.groupby("corruption", sort=False):
         clean = float(part["accuracy"].iloc[0] + part["drop"].iloc[0])
         ax.plot([0, *part["severity"]], [clean, *part["accuracy"]], marker="o", label=str(name))
@@ -203,10 +199,7 @@ def robustness_png(table: "pd.DataFrame", title: str) -> bytes:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def card_section(figures, spec: "EvaluateSpec") -> str:

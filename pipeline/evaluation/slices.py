@@ -333,15 +333,11 @@ def read_table(path) -> "Optional[pd.DataFrame]":
 
 def slices_png(table: "pd.DataFrame", title: str) -> bytes:
     """Accuracy per slice with its 95% interval, one row per slice, grouped by column."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipeline.plotting import new_figure, png_bytes
 
     t = table.reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(7, max(2.0, 0.28 * len(t) + 1)), dpi=100)
+    fig = new_figure(7, max(2.0, 0.28 * len(t) + 1))
+    ax = fig.add_subplot()
     y = np.arange(len(t))[::-1]
     acc = t["accuracy"].to_numpy(float)
     low, high = t["accuracy_low"].to_numpy(float), t["accuracy_high"].to_numpy(float)
@@ -353,10 +349,7 @@ def slices_png(table: "pd.DataFrame", title: str) -> bytes:
     ax.set_xlabel("accuracy (95% bootstrap interval); grey: reported only")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 # ---------------------------------------------------------------- one call from evaluate

@@ -94,6 +94,18 @@ def cli_inputs(names: Sequence[str], x: np.ndarray, spec: dict[str, Any]) -> lis
     return [table_input(n, list(spec["input"]["features"]), row) for n, row in zip(names, x)]
 
 
+def variant_package(variant: str):
+    """The variant's package (``data/<variant>/package``), opened; or one line saying how to make it."""
+    from pipeline.inference import runtime
+    from pipeline.steps import output, rerun_hint
+
+    pkg_dir = output("package", variant)
+    if not pkg_dir.is_dir():
+        raise FmpipeError(f"{pkg_dir}: not found; the variant {variant!r} has no package yet: "
+                          f"{rerun_hint('package', variant)} (or `dvc repro`)")
+    return runtime.open_package(pkg_dir)
+
+
 def package_id(package) -> str:
     """``<variant>-<digest>``: the package archive's name (``pipeline.packaging.deploy``) without
     the suffix, from the digests ``lineage.json`` records."""

@@ -30,7 +30,6 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import FmpipeError
 
 DECAY = 0.8
 CLUSTERS = 8
@@ -83,17 +82,13 @@ def pool_log(variant: str, log_path: str | Path, *, size: Optional[int] = None, 
     from pipeline.monitoring import drift, log
     from pipeline.review import pool
     from pipeline.paths import annotations_dir
-    from pipeline.steps import DATA, at, output, rerun_hint
+    from pipeline.steps import DATA, at, output
     from pipeline.review import export
     from pipeline.review.decisions import CHOICES_CONTROL, read_decisions
 
     spec = load_variant(variant)
     entries = log.read_variant_log(log_path, variant)
-    pkg_dir = output("package", variant)
-    if not pkg_dir.is_dir():
-        raise FmpipeError(f"{pkg_dir}: not found; the variant {variant!r} has no package yet: "
-                          f"{rerun_hint('package', variant)} (or `dvc repro`)")
-    pkg = runtime.open_package(pkg_dir)
+    pkg = log.variant_package(variant)
     predictor = runtime.Predictor(pkg)
     ds = read_dataset(output("annotate", variant))
     in_dataset = set(ds.manifest["sha256"].astype(str))

@@ -20,16 +20,12 @@ def monitor(variant: str, log_path: str | Path, *, splits: Sequence[str] = ("val
     from pipeline.artefacts import MonitorReport
     from pipeline.io import atomic_write_text
     from pipeline.monitoring import drift, log, page
-    from pipeline.steps import DATA, at, output, rerun_hint
+    from pipeline.steps import DATA, at, output
 
     if not 0 < alpha < 1:
         raise FmpipeError(f"--alpha {alpha}: expected a probability between 0 and 1, e.g. 0.01")
     entries = log.read_variant_log(log_path, variant)
-    pkg_dir = output("package", variant)
-    if not pkg_dir.is_dir():
-        raise FmpipeError(f"{pkg_dir}: not found; the variant {variant!r} has no package yet: "
-                          f"{rerun_hint('package', variant)} (or `dvc repro`)")
-    pkg = runtime.open_package(pkg_dir)
+    pkg = log.variant_package(variant)
     # Score the reference as the log's records were scored (an INT8 package's logits differ a little).
     precision = Counter(str(e.record.get("precision", "fp32")) for e in entries).most_common(1)[0][0]
     if precision == "int8" and runtime.int8_file(pkg) is None:

@@ -7,31 +7,11 @@ timestamp or software tag, so the same data and matplotlib version give the same
 
 from __future__ import annotations
 
-import io
 from typing import Sequence
 
 import numpy as np
 
-# Sized for a report column (about 760 px wide at 100 dpi); text stays readable when a
-# browser scales the picture down.
-DPI = 100
-
-
-def _figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    # A bare Figure (not pyplot): no global state, nothing left open between calls.
-    fig = Figure(figsize=(width, height), dpi=DPI)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Software": None})
-    return buf.getvalue()
+from pipeline.plotting import new_figure, png_bytes
 
 
 def confusion_png(matrix: np.ndarray, classes: Sequence[str], title: str = "Confusion matrix (test)") -> bytes:
@@ -39,7 +19,7 @@ def confusion_png(matrix: np.ndarray, classes: Sequence[str], title: str = "Conf
     matrix = np.asarray(matrix)
     n = len(classes)
     side = min(9.0, max(3.5, 0.55 * n + 2))
-    fig = _figure(side + 1, side)
+    fig = new_figure(side + 1, side)
     ax = fig.add_subplot()
     im = ax.imshow(matrix, cmap="Blues", interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -55,14 +35,14 @@ def confusion_png(matrix: np.ndarray, classes: Sequence[str], title: str = "Conf
                 if matrix[i, j]:
                     ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
                             color="white" if matrix[i, j] > top / 2 else "black")
-    return _png(fig)
+    return png_bytes(fig, tight=True)
 
 
 def per_class_png(classes: Sequence[str], values: dict[str, Sequence[float]], title: str = "Per-class F1 (test)") -> bytes:
     """Horizontal bars per class for each metric in ``values`` (e.g. f1, precision, recall)."""
     classes = list(classes)
     names = list(values)
-    fig = _figure(6.5, max(2.2, 0.28 * len(classes) * max(1, len(names)) + 1.0))
+    fig = new_figure(6.5, max(2.2, 0.28 * len(classes) * max(1, len(names)) + 1.0))
     ax = fig.add_subplot()
     height = 0.8 / max(1, len(names))
     y = np.arange(len(classes))
@@ -76,7 +56,7 @@ def per_class_png(classes: Sequence[str], values: dict[str, Sequence[float]], ti
     ax.grid(axis="x", alpha=0.3)
     if len(names) > 1:
         ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return png_bytes(fig, tight=True)
 
 
 def curves_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str = "Training curves") -> bytes:
@@ -91,7 +71,7 @@ def curves_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
     panels = sorted(groups)
     cols = min(2, max(1, len(panels)))
     rows = (len(panels) + cols - 1) // cols
-    fig = _figure(4.2 * cols, 3.0 * rows + 0.4)
+    fig = new_figure(4.2 * cols, 3.0 * rows + 0.4)
     # Constrained layout keeps the figure title clear of the panels' own titles.
     fig.set_layout_engine("constrained")
     for k, panel in enumerate(panels):
@@ -104,7 +84,7 @@ def curves_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontweight="bold")
-    return _png(fig)
+    return png_bytes(fig, tight=True)
 
 
 def reliability_png(confidence: np.ndarray, correct: np.ndarray, bins: int = 10,
@@ -114,7 +94,7 @@ def reliability_png(confidence: np.ndarray, correct: np.ndarray, bins: int = 10,
     correct = np.asarray(correct, dtype=float)
     edges = np.linspace(0, 1, bins + 1)
     idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    fig = _figure(4.5, 4.2)
+    fig = new_figure(4.5, 4.2)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect")
     xs, ys, ns = [], [], []
@@ -128,7 +108,7 @@ def reliability_png(confidence: np.ndarray, correct: np.ndarray, bins: int = 10,
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig, tight=True)
 
 
 def counts_png(table: dict[str, dict[str, int]], title: str = "Rows per split and class") -> bytes:
@@ -139,7 +119,7 @@ def counts_png(table: dict[str, dict[str, int]], title: str = "Rows per split an
         for c in table[s]:
             if c not in classes:
                 classes.append(c)
-    fig = _figure(min(12, max(5, 0.5 * len(classes) + 3)), 3.2)
+    fig = new_figure(min(12, max(5, 0.5 * len(classes) + 3)), 3.2)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(splits))
     x = np.arange(len(classes))
@@ -152,4 +132,4 @@ def counts_png(table: dict[str, dict[str, int]], title: str = "Rows per split an
     # Outside the axes: with balanced classes any corner inside would cover a bar.
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig, tight=True)
