@@ -163,6 +163,27 @@ def test_log_refuses_a_folder_of_other_files_and_names_a_bad_line(tmp_path):
         log.read_log(tmp_path / "log")
 
 
+def test_a_log_altered_after_writing_is_refused_in_one_line(tmp_path):
+    """A deeply nested line, and an input whose bytes no longer match the SHA-256 its record
+    names (edited or swapped after logging), stop monitor and review pool with one line."""
+    rl = log.RequestLog(tmp_path / "log", _fake_package(tmp_path))
+    rl.write([log.image_input("a.png", _png(1))], np.array([[0.9, 0.1]]), np.zeros((1, 2)), "predict")
+    rl.close()
+    (entry,) = log.read_log(tmp_path / "log")
+    assert entry.checked_path() == entry.path
+    entry.path.write_bytes(_png(2))
+    with pytest.raises(FmpipeError, match=r"do not match the SHA-256 in record .*changed after it was written"):
+        entry.checked_path()
+    entry.path.unlink()
+    with pytest.raises(FmpipeError, match=r"not found; the log's record"):
+        entry.checked_path()
+    seg = entry.path.parent.parent
+    with open(seg / log.RECORDS, "a") as fh:
+        fh.write("[" * 200_000 + "\n")
+    with pytest.raises(FmpipeError, match=r"records.jsonl: line 2: not read: nested too deeply"):
+        log.read_log(tmp_path / "log")
+
+
 # ---------------------------------------------------------------- serve --log, then fmpipe monitor
 
 def _shifted(img: np.ndarray, i: int, rng) -> np.ndarray:

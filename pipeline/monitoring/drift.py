@@ -286,13 +286,14 @@ def input_pixels(entry, spec: dict[str, Any]) -> np.ndarray:
     """A logged image input as the model's H x W x C uint8 pixels (the package's decoding rule)."""
     from pipeline.inference import runtime
 
-    if entry.path.suffix == ".npy":
+    path = entry.checked_path()
+    if path.suffix == ".npy":
         try:
-            arr = np.load(entry.path, allow_pickle=False)
+            arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise FmpipeError(f"{entry.path}: not a readable logged tensor ({exc})") from None
         return np.clip(np.rint(arr), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-    return runtime.decode_image(entry.path, spec, str(entry.path)).pixels
+    return runtime.decode_image(path, spec, str(path)).pixels
 
 
 def input_features(entry, features: Sequence[str]) -> list[float]:
@@ -301,7 +302,7 @@ def input_features(entry, features: Sequence[str]) -> list[float]:
     if "features" in entry.record:
         return [float(v) for v in entry.record["features"]]
     try:
-        row = json.loads(entry.path.read_text())
+        row = json.loads(entry.checked_path().read_text())
         return [float(row[f]) for f in features]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FmpipeError(f"{entry.path}: not a logged table row with {', '.join(features)} ({exc})") from None

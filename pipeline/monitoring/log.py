@@ -47,6 +47,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from pipeline.errors import FmpipeError
+from pipeline.reading import nested_too_deeply
 
 RECORDS = "records.jsonl"
 INPUTS = "inputs"
@@ -241,6 +242,23 @@ class Entry:
     def id(self) -> str:
         return str(self.record["id"])
 
+    def checked_path(self) -> Path:
+        """The stored input's path, once its bytes are checked against the SHA-256 its record
+        names: a file edited or swapped after logging must not be scored or pooled as if it
+        were what the model saw."""
+        from pipeline.io import sha256_file
+
+        try:
+            actual = sha256_file(self.path)
+        except FileNotFoundError:
+            raise FmpipeError(f"{self.path}: not found; the log's record {self.id} names it "
+                              "(was the segment's inputs/ folder pruned by hand?)") from None
+        expected = str(self.record["input"].get("sha256", actual))
+        if actual != expected:
+            raise FmpipeError(f"{self.path}: its bytes do not match the SHA-256 in record {self.id} "
+                              f"({expected[:12]}...); the logged input was changed after it was written")
+        return self.path
+
 
 def read_variant_log(path: str | os.PathLike, variant: str) -> list[Entry]:
     """:func:`read_log`, refusing records that a package of another variant scored."""
@@ -253,6 +271,12 @@ def read_variant_log(path: str | os.PathLike, variant: str) -> list[Entry]:
         raise FmpipeError(f"{path}: {n} record(s) scored by a package of variant {name!r}, not {variant!r}; "
                           "use a log of the variant that served it")
     return entries
+
+
+def _is_record(rec: Any) -> bool:
+    return (isinstance(rec, dict) and isinstance(rec.get("id"), str) and isinstance(rec.get("input"), dict)
+            and isinstance(rec["input"].get("file"), str) and isinstance(rec.get("embedding"), list)
+            and isinstance(rec.get("probabilities"), list))
 
 
 def read_log(path: str | os.PathLike) -> list[Entry]:
@@ -279,16 +303,19 @@ def read_log(path: str | os.PathLike) -> list[Entry]:
             continue
         lines = raw.split(b"\n")[:-1]  # the part after the last newline is still being written
         for n, line in enumerate(lines, 1):
+            where = f"{seg / RECORDS}: line {n}"
             try:
                 rec = json.loads(line)
-                assert isinstance(rec, dict) and isinstance(rec["input"]["file"], str) and isinstance(rec["id"], str)
-                assert isinstance(rec["embedding"], list) and isinstance(rec["probabilities"], list)
-            except (ValueError, AssertionError, KeyError, TypeError):
-                raise FmpipeError(f"{seg / RECORDS}: line {n}: not a request-log record (expected JSON with id, "
-                                  "input.file, probabilities and embedding)") from None
+            except RecursionError:
+                raise nested_too_deeply(where) from None
+            except ValueError:
+                rec = None
+            if not _is_record(rec):
+                raise FmpipeError(f"{where}: not a request-log record (expected JSON with id, "
+                                  "input.file, probabilities and embedding)")
             p = (seg / rec["input"]["file"]).resolve()
             if seg.resolve() not in p.parents:
-                raise FmpipeError(f"{seg / RECORDS}: line {n}: input file {rec['input']['file']!r} points outside "
+                raise FmpipeError(f"{where}: input file {rec['input']['file']!r} points outside "
                                   "its segment")
             out.append(Entry(rec, p))
     return out

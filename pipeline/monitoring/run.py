@@ -25,6 +25,9 @@ def monitor(variant: str, log_path: str | Path, *, splits: Sequence[str] = ("val
     if not 0 < alpha < 1:
         raise FmpipeError(f"--alpha {alpha}: expected a probability between 0 and 1, e.g. 0.01")
     entries = log.read_variant_log(log_path, variant)
+    if not entries:
+        raise FmpipeError(f"{log_path}: no whole records in the log yet; nothing to compare "
+                          "(serve or predict with --log first)")
     pkg = log.variant_package(variant)
     # Score the reference as the log's records were scored (an INT8 package's logits differ a little).
     precision = Counter(str(e.record.get("precision", "fp32")) for e in entries).most_common(1)[0][0]
