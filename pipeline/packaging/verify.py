@@ -62,42 +62,47 @@ def verify_package(path: str | os.PathLike) -> dict[str, Any]:
     if pkg is None:
         pkg = runtime.open_package(root)
     predictor = runtime.Predictor(pkg, threads=1, check_digest=False)  # every file was hashed above
-    checks = pkg.spec.get("checks") or {}
-    try:
-        x = np.load(root / checks["input"], allow_pickle=False)
-        expected = np.load(root / checks["logits"], allow_pickle=False)
-        atol = float(checks["atol"])
-    except (KeyError, TypeError):
-        raise FmpipeError(f"{where('preprocess.json')}: no `checks` (input, logits, atol) recorded") from None
-    except (OSError, ValueError) as exc:
-        raise FmpipeError(f"{where(checks.get('input', 'checks'))}: unreadable check arrays ({exc})") from None
-    got = predictor.logits(x)
-    if got.shape != expected.shape:
-        raise FmpipeError(f"{where(pkg.spec.get('model_file', 'model.onnx'))}: output shape {list(got.shape)} "
-                          f"differs from the recorded {list(expected.shape)}")
-    diff = float(np.abs(got - expected).max()) if got.size else 0.0
-    same_argmax = got.shape[1] == 1 or bool((got.argmax(1) == expected.argmax(1)).all())
-    if not diff <= atol or not same_argmax:
-        raise FmpipeError(f"{where(pkg.spec.get('model_file', 'model.onnx'))}: does not reproduce the recorded "
-                          f"check outputs (max |diff| {diff:.3g}, allowed {atol:g}"
-                          f"{', different argmax' if not same_argmax else ''})")
+    model_file = pkg.spec.get("model_file", "model.onnx")
+    x, expected, atol = _check_arrays(root, pkg.spec.get("checks"), ("input", "logits"), where, "checks")
+    diff = _reproduces(predictor.logits(x), expected, atol, where(model_file), "the recorded check outputs")
     result = {"package": str(source), "files": len(files), "checks": int(len(x)), "max_abs_diff": diff,
               "atol": atol, "name": pkg.name}
     int8 = runtime.int8_file(pkg)
     if int8 is not None:
         # The INT8 model against its own recorded outputs (its integer arithmetic is not torch's).
-        try:
-            c8 = pkg.spec["int8"]["checks"]
-            expected8 = np.load(root / c8["logits"], allow_pickle=False)
-            atol8 = float(c8["atol"])
-        except (KeyError, TypeError):
-            raise FmpipeError(f"{where('preprocess.json')}: int8 without `checks` (logits, atol)") from None
-        except (OSError, ValueError) as exc:
-            raise FmpipeError(f"{where(c8.get('logits', 'int8 checks'))}: unreadable check array ({exc})") from None
+        expected8, atol8 = _check_arrays(root, (pkg.spec.get("int8") or {}).get("checks"), ("logits",),
+                                         where, "int8 checks")
         got8 = runtime.Predictor(pkg, threads=1, check_digest=False, precision="int8").logits(x)
-        diff8 = float(np.abs(got8 - expected8).max()) if got8.shape == expected8.shape and got8.size else float("inf")
-        if not diff8 <= atol8 or (got8.shape[1] > 1 and not (got8.argmax(1) == expected8.argmax(1)).all()):
-            raise FmpipeError(f"{where(int8)}: does not reproduce its recorded INT8 check outputs "
-                              f"(max |diff| {diff8:.3g}, allowed {atol8:g})")
+        diff8 = _reproduces(got8, expected8, atol8, where(int8), "its recorded INT8 check outputs")
         result["int8"] = {"file": int8, "max_abs_diff": diff8, "atol": atol8}
     return result
+
+
+def _check_arrays(root: Path, checks, keys: tuple[str, ...], where, what: str):
+    """The recorded check arrays named by ``checks[key]`` for each key, then ``checks["atol"]``."""
+    if not isinstance(checks, dict) or any(k not in checks for k in (*keys, "atol")):
+        raise FmpipeError(f"{where('preprocess.json')}: no `{what}` ({', '.join((*keys, 'atol'))}) recorded")
+    arrays = []
+    for key in keys:
+        try:
+            arrays.append(np.load(root / checks[key], allow_pickle=False))
+        except (OSError, ValueError, TypeError) as exc:
+            raise FmpipeError(f"{where(str(checks[key]))}: unreadable check array ({exc})") from None
+    try:
+        atol = float(checks["atol"])
+    except (TypeError, ValueError):
+        raise FmpipeError(f"{where('preprocess.json')}: `{what}.atol` is {checks['atol']!r}, expected a number") from None
+    return (*arrays, atol)
+
+
+def _reproduces(got: np.ndarray, expected: np.ndarray, atol: float, model: str, what: str) -> float:
+    """Largest |got - expected|, once the outputs are checked to agree within ``atol`` with the
+    same argmax; else one line naming ``model``."""
+    if got.shape != expected.shape:
+        raise FmpipeError(f"{model}: output shape {list(got.shape)} differs from the recorded {list(expected.shape)}")
+    diff = float(np.abs(got - expected).max()) if got.size else 0.0
+    same_argmax = got.ndim < 2 or got.shape[1] == 1 or bool((got.argmax(1) == expected.argmax(1)).all())
+    if not diff <= atol or not same_argmax:
+        raise FmpipeError(f"{model}: does not reproduce {what} (max |diff| {diff:.3g}, allowed {atol:g}"
+                          f"{', different argmax' if not same_argmax else ''})")
+    return diff
