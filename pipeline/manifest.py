@@ -9,13 +9,16 @@ A dataset directory holds:
   ``channels``, ``mean``, ``std``; tables add ``n_missing``. Steps add their own columns
   (``label_source``, ...).
 - the payload, row-aligned with the manifest: ``images.npy`` (N x H x W x C uint8,
-  memory-mappable) or ``features.parquet`` (one float column per feature).
+  memory-mappable), or above one shard's size (1 GiB) ``images/shard-00000.npy ...``
+  (``pipeline/payload.py``: layouts, and the one way to read either), or
+  ``features.parquet`` (one float column per feature).
 - ``dataset.json``: kind (image/tabular), ordered class names, image shape or feature names,
-  and ``rows`` + ``files`` (sha256 of ``manifest.parquet`` and of the payload file): what ties
-  the payload to its manifest. ``read_dataset`` checks both, so a payload edited, truncated or
-  swapped behind the manifest's back stops the reading step with an error naming the file
-  (cost: one sha256 pass over the files; for CIFAR-10's 184 MB ``images.npy`` ~0.1-0.2 s
-  on a quiet 2-core CPU, 0.8 s under heavy load: ``bench/dataset_digest.py``).
+  and ``rows`` + ``files`` (sha256 of ``manifest.parquet`` and of every payload file;
+  sharded payloads also list ``shards``: file and rows of each): what ties the payload to its
+  manifest. ``read_dataset`` checks them all, so a payload edited, truncated or swapped behind
+  the manifest's back stops the reading step with an error naming the file (cost: one sha256
+  pass over the files, in 1 MB reads; for CIFAR-10's 184 MB ``images.npy`` ~0.1-0.2 s on a
+  quiet 2-core CPU, 0.8 s under heavy load: ``bench/dataset_digest.py``).
 - ``report.json``: what the step did; ``rows_in == rows_out + len(removed)`` always holds.
 """
 
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
+from pipeline import payload as P
 from pipeline.errors import FmpipeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from pipeline.io import atomic_dir, file_digest, to_json
 
 MANIFEST = "manifest.parquet"
-IMAGES = "images.npy"
+IMAGES = P.IMAGES
 FEATURES = "features.parquet"
 META = "dataset.json"
 REPORT = "report.json"
@@ -50,7 +54,7 @@ TEXT_PREFIX = "text:"
 META_PREFIX = "meta:"  # a column of the variant's metadata table (pipeline/sources/metadata.py)
 REQUIRED_COLUMNS = ("id", "split", "label", "label_name", "sha256")
 # dataset.json keys written by write_dataset itself (never carried over from the input's).
-_OWN_META = ("kind", "classes", "image_shape", "feature_names", "rows", "files")
+_OWN_META = ("kind", "classes", "image_shape", "feature_names", "rows", "files", "shards")
 
 
 @dataclass
@@ -59,7 +63,9 @@ class Dataset:
 
     manifest: pd.DataFrame
     classes: list[str]
-    images: Optional[np.ndarray] = None
+    # N x H x W x C uint8: an array in memory, the np.memmap of images.npy, or a lazy
+    # pipeline.payload.Images view (shards, or rows taken from a file-backed payload).
+    images: Optional[Any] = None
     features: Optional[pd.DataFrame] = None
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
@@ -79,14 +85,15 @@ class Dataset:
         return len(self.manifest)
 
     def take(self, rows: np.ndarray) -> "Dataset":
-        """Rows by boolean mask or integer index, payload kept aligned."""
+        """Rows by boolean mask or integer index, payload kept aligned. A payload on disk is
+        not read: the images become a lazy view of the rows (``pipeline.payload.take``)."""
         rows = np.asarray(rows)
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
         return replace(
             self,
             manifest=self.manifest.iloc[rows].reset_index(drop=True),
-            images=None if self.images is None else np.asarray(self.images[rows]),
+            images=None if self.images is None else P.take(self.images, rows),
             features=None if self.features is None else self.features.iloc[rows].reset_index(drop=True),
         )
 
@@ -105,33 +112,44 @@ class Dataset:
 
 # ---------------------------------------------------------------- building blocks for sources
 
-def image_rows(images: np.ndarray) -> pd.DataFrame:
-    """Per-image hash and stats columns for an N x H x W x C uint8 array."""
+def image_rows(images: Any, engine: str = "local") -> pd.DataFrame:
+    """Per-image hash and stats columns for N x H x W x C uint8 images (any payload)."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"images must be N x H x W x C uint8, got {images.dtype} {images.shape}")
+    from pipeline.engine import map_ordered
+
     n, h, w, c = images.shape
-    flat = images.reshape(n, -1)
-    mean = np.empty(n, dtype=np.float64)
-    std = np.empty(n, dtype=np.float64)
-    # In row chunks: a float64 temporary of the whole array would be 8x its size (1.5 GB for
-    # CIFAR-10); per-row results are the same as one call over all rows.
-    for start in range(0, n, _STATS_CHUNK):
-        block = flat[start:start + _STATS_CHUNK]
-        mean[start:start + len(block)] = block.mean(axis=1, dtype=np.float64)
-        std[start:start + len(block)] = block.std(axis=1, dtype=np.float64)
+    # Row blocks of 8 MB of pixels: the float64 temporary of the std is 8x a block (64 MB)
+    # whatever the image size (4,096 rows were 1.5 GB at 128 px); results are per row.
+    blocks = P.chunks(images, P.CHUNK_BYTES // 8)
+    return stats_frame(list(map_ordered(row_stats, blocks, engine)), (h, w, c))
+
+
+def row_stats(block: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """sha256, mean and std of every row of one block (a pure function of the block: any
+    engine may run it). numpy's float64 mean/std, as before, so the figures stay bit for bit
+    those of earlier datasets: float32 or integer-sum formulas round differently."""
+    flat = np.ascontiguousarray(block).reshape(len(block), -1)
+    mean = flat.mean(axis=1, dtype=np.float64)
+    std = flat.std(axis=1, dtype=np.float64)
+    return [hashlib.sha256(row.tobytes()).hexdigest() for row in flat], mean, std
+
+
+def stats_frame(parts: list[tuple[list[str], np.ndarray, np.ndarray]], shape: tuple[int, int, int]) -> pd.DataFrame:
+    """The manifest columns of ``image_rows`` from ``row_stats`` of consecutive blocks."""
+    sha = [s for part in parts for s in part[0]]
+    n = len(sha)
+    h, w, c = shape
     return pd.DataFrame(
         {
-            "sha256": [hashlib.sha256(row.tobytes()).hexdigest() for row in flat],
+            "sha256": sha,
             "height": np.full(n, h, dtype=np.int32),
             "width": np.full(n, w, dtype=np.int32),
             "channels": np.full(n, c, dtype=np.int32),
-            "mean": mean,
-            "std": std,
+            "mean": np.concatenate([p[1] for p in parts]) if parts else np.zeros(0),
+            "std": np.concatenate([p[2] for p in parts]) if parts else np.zeros(0),
         }
     )
-
-
-_STATS_CHUNK = 4096
 
 
 def feature_rows(features: pd.DataFrame) -> pd.DataFrame:
@@ -180,15 +198,18 @@ def save_dataset(ds: Dataset, directory: str | os.PathLike, report: dict[str, An
         raise ValueError(f"manifest lacks required columns {missing}")
     check_report(report)
     ds.manifest.to_parquet(tmp / MANIFEST, index=False)
-    if ds.images is not None:
-        payload = IMAGES
-        np.save(tmp / IMAGES, np.ascontiguousarray(ds.images), allow_pickle=False)
-    else:
-        payload = FEATURES
-        ds.features.to_parquet(tmp / FEATURES, index=False)
     meta = ds.meta()
     meta["rows"] = len(ds)
-    meta["files"] = {name: file_digest(tmp / name) for name in (MANIFEST, payload)}
+    if ds.images is not None:
+        # Block by block (never the whole payload in memory); shards above one shard's size.
+        shards = P.write_images(ds.images, tmp)
+        if shards:
+            meta["shards"] = shards
+        payload = P.payload_files(meta)
+    else:
+        payload = [FEATURES]
+        ds.features.to_parquet(tmp / FEATURES, index=False)
+    meta["files"] = {name: file_digest(tmp / name) for name in (MANIFEST, *payload)}
     (tmp / META).write_text(to_json(meta))
     (tmp / REPORT).write_text(to_json(report))
 
@@ -211,8 +232,11 @@ def read_dataset(in_dir: str | os.PathLike, mmap: bool = True, run: str = "") ->
         kind, classes = meta["kind"], list(meta["classes"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise FmpipeError(f"{meta_path}: not a valid dataset description ({_reason(exc)}); {rerun}") from None
-    payload = IMAGES if kind == "image" else FEATURES
-    for name in (MANIFEST, payload):
+    try:
+        payload = P.payload_files(meta)
+    except (KeyError, TypeError) as exc:
+        raise FmpipeError(f"{meta_path}: not a valid dataset description ({_reason(exc)}); {rerun}") from None
+    for name in (MANIFEST, *payload):
         if not (in_dir / name).is_file():
             raise FmpipeError(f"{in_dir / name}: missing from the dataset directory; {rerun}")
     # Older outputs have no digests: nothing to compare, they are read as before.
@@ -227,18 +251,22 @@ def read_dataset(in_dir: str | os.PathLike, mmap: bool = True, run: str = "") ->
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise FmpipeError(f"{in_dir / MANIFEST}: not a readable parquet file ({_reason(exc)}); {rerun}") from None
     images = features = None
+    where = in_dir / (payload[0] if len(payload) == 1 else P.SHARD_DIR)
     try:
-        if kind == "image":
+        if kind == "image" and meta.get("shards"):
+            # Shards are read by row ranges when asked (mmap=False too: it never fits memory).
+            images = P.open_shards(in_dir, meta["shards"], tuple(meta["image_shape"]))
+        elif kind == "image":
             images = np.load(in_dir / IMAGES, mmap_mode="r" if mmap else None, allow_pickle=False)
         else:
             features = pd.read_parquet(in_dir / FEATURES)
     except Exception as exc:
-        raise FmpipeError(f"{in_dir / payload}: not a readable {'.npy array' if kind == 'image' else 'parquet file'} "
+        raise FmpipeError(f"{where}: not a readable {'.npy array' if kind == 'image' else 'parquet file'} "
                           f"({_reason(exc)}); {rerun}") from None
     rows = len(images) if images is not None else len(features)
     expected_rows = meta.get("rows", len(manifest))
     if not (rows == len(manifest) == expected_rows):
-        raise FmpipeError(f"{in_dir / payload}: has {rows} rows, {MANIFEST} has {len(manifest)} and {META} "
+        raise FmpipeError(f"{where}: has {rows} rows, {MANIFEST} has {len(manifest)} and {META} "
                           f"says {expected_rows}; they must agree row for row; {rerun}")
     extra = {k: v for k, v in meta.items() if k not in _OWN_META}
     return Dataset(manifest=manifest, classes=classes, images=images,
@@ -263,9 +291,8 @@ def reseal(in_dir: str | os.PathLike) -> None:
     """
     in_dir = Path(in_dir)
     meta = json.loads((in_dir / META).read_text())
-    payload = IMAGES if meta["kind"] == "image" else FEATURES
     meta["rows"] = len(pd.read_parquet(in_dir / MANIFEST, columns=["id"]))
-    meta["files"] = {name: file_digest(in_dir / name) for name in (MANIFEST, payload)}
+    meta["files"] = {name: file_digest(in_dir / name) for name in (MANIFEST, *P.payload_files(meta))}
     (in_dir / META).write_text(to_json(meta))
 
 

@@ -20,12 +20,16 @@ def run(ctx) -> None:
     spec = ctx.spec
     if "DVC_STAGE" in os.environ:  # set by DVC for a stage's command
         check_tracked(spec.source, ctx.variant)
-    col = load(spec.source)
+    engine = getattr(spec, "engine", None) or "local"
+    col = load(spec.source, out=ctx.out, engine=engine)  # an image folder's pixels go straight to ctx.out
     splits = assign_splits(
         col.ids, col.labels, seed=spec.split.seed, val_fraction=spec.split.val_fraction,
         test_fraction=spec.split.test_fraction, given=col.given_split,
     )
-    stats = image_rows(col.images) if col.images is not None else feature_rows(col.features)
+    if col.stats is not None:
+        stats = col.stats
+    else:
+        stats = image_rows(col.images, engine) if col.images is not None else feature_rows(col.features)
     manifest = build_manifest(col.ids, col.labels, col.classes, splits, stats)
     extra, facts, pii_line = {}, {}, ""
     if spec.source.metadata is not None:

@@ -48,10 +48,10 @@ def embedder_for(spec, variant: str | None = None):
     return make_embedder("thumbs")
 
 
-def clean_dataset(ds: Dataset, spec, embedder=None, variant: str | None = None) -> Cleaned:
+def clean_dataset(ds: Dataset, spec, embedder=None, variant: str | None = None, engine: str = "local") -> Cleaned:
     if ds.kind == "image" and embedder is None and (spec.leakage != "off" or spec.near_duplicates != "off"):
         embedder = embedder_for(spec, variant)
-    outcome = R.apply_rules(ds, spec, embedder)
+    outcome = R.apply_rules(ds, spec, embedder, engine)
     out = outcome.dataset
     leaked = R.leaked_rows(out, outcome.findings)
     out = Dataset(manifest=out.manifest.assign(leaked=leaked), classes=out.classes, images=out.images,

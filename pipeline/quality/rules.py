@@ -74,6 +74,7 @@ class Context:
 
     spec: Any  # CleanSpec
     embedder: Any = None
+    engine: str = "local"  # where embedding chunks run (pipeline.engine)
     _vectors: dict[str, np.ndarray] = field(default_factory=dict)
     index_records: list[dict[str, Any]] = field(default_factory=list)
 
@@ -85,12 +86,25 @@ class Context:
         missing = [k for k, i in enumerate(ids) if i not in self._vectors]
         if missing:
             if ds.images is not None:
-                new = self.embedder.embed(np.asarray(ds.images[np.asarray(missing)]))
+                # Chunk by chunk on the engine (pipeline.engine): never the whole payload in memory.
+                from pipeline import payload as P
+                from pipeline.engine import map_ordered
+
+                rows = np.asarray(missing, dtype=np.int64)
+                step = P.chunk_rows(ds.images)
+                jobs = ((self.embedder, ds.images[rows[a:a + step]]) for a in range(0, len(rows), step))
+                new = (vec for block in map_ordered(embed_chunk, jobs, self.engine) for vec in block)
             else:
                 new = ds.features.iloc[missing].to_numpy(dtype=np.float64)
             for k, vec in zip(missing, new):
                 self._vectors[ids[k]] = vec
         return np.stack([self._vectors[i] for i in ids]) if len(ids) else np.zeros((0, 1), np.float32)
+
+
+def embed_chunk(job: tuple) -> Any:
+    """(embedder, uint8 images) -> float32 vectors: one chunk, pure, for any engine."""
+    embedder, images = job
+    return embedder.embed(images)
 
 
 class Rule:
@@ -599,13 +613,13 @@ class Outcome:
     index: list[dict[str, Any]]
 
 
-def apply_rules(ds: Dataset, spec, embedder=None) -> Outcome:
+def apply_rules(ds: Dataset, spec, embedder=None, engine: str = "local") -> Outcome:
     """Run every registered rule that applies to ``ds``'s kind, in order, applying policies."""
     import pandas as pd
 
     from pipeline.manifest import Dataset
 
-    ctx = Context(spec=spec, embedder=embedder)
+    ctx = Context(spec=spec, embedder=embedder, engine=engine)
     all_findings = []
     removed: list[dict[str, Any]] = []
     summary: dict[str, dict[str, Any]] = {}

@@ -28,7 +28,11 @@ SourceSpec = Annotated[
 ]
 
 
-def load(spec) -> Collected:
+def load(spec, out: Optional[Path] = None, engine: str = "local") -> Collected:
+    """``out``: collect's output directory; a source that decodes images (imagefolder) writes
+    the pixels there as it goes, on ``engine`` (``pipeline.engine``). The others load in memory."""
+    if spec.kind == "imagefolder":
+        return imagefolder.load(spec, out=out, engine=engine)
     return _MODULES[spec.kind].load(spec)
 
 

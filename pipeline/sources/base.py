@@ -27,9 +27,12 @@ class Collected:
     ids: list[str]
     labels: np.ndarray
     classes: list[str]
-    images: Optional[np.ndarray] = None  # N x H x W x C uint8
+    images: Optional[Any] = None  # N x H x W x C uint8: an array, or the payload already written (pipeline/payload.py)
     features: Optional[pd.DataFrame] = None  # one float column per feature
     given_split: Optional[list[str]] = None
     skipped: list[dict[str, str]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     text: Optional[pd.DataFrame] = None  # free-text columns, as strings
+    # Per-row sha256 and pixel stats (``manifest.image_rows``' columns) when the source computed
+    # them while decoding (imagefolder); None: collect computes them from ``images``.
+    stats: Optional[pd.DataFrame] = None

@@ -10,17 +10,22 @@ A single wrapper folder around either layout (``cifar10/train/cat/...``) is look
 an archive and its extracted copy give the same ids. Ids are the path relative to the data root
 (``train/cat/0001.jpg``): stable across dataset versions and readable in reports.
 
-Reading is two passes with bounded memory: pass 1 lists members (names and sizes only), then
-one uint8 N x H x W x C array is allocated and pass 2 decodes each image straight into its row.
-Archives are read as a stream of members (never extracted to disk); for tar that means members
-are read in archive order so a compressed stream is decompressed once more, not once per file.
+Reading is two passes with bounded memory: pass 1 lists members (names and sizes only), pass 2
+reads the files in chunks of bounded bytes and hands each chunk to the engine
+(``pipeline.engine.map_ordered``: decode, resize, sha256 and stats, a pure function of the
+chunk), writing the decoded rows in id order straight into the output's payload
+(``pipeline.payload.PayloadWriter``: ``images.npy``, or shards for large data), so no array
+of all rows is ever in memory. Archives are read as a stream of members (never extracted to
+disk); for tar that means members are read in archive order so a compressed stream is
+decompressed once more, not once per file; when that order is not id order, decoded rows go
+to a scratch file at their row's offset first and are copied out in id order.
 
 Nothing is dropped silently: a file that is not a readable image, sits outside the class
 folders, is a hidden/system file (``.DS_Store``, ``__MACOSX/``) or has the wrong size under
 ``on_size_mismatch: reject`` becomes a ``skipped`` entry with its reason. An empty class folder
 is an error (it almost always means a broken copy, and a class with no rows breaks training).
 
-Speed: decoding is single-threaded. Measured on the full CIFAR-10 JPEG archive (60k 32x32
+Speed: decoding runs on the step's engine (``local``: this process). Measured on the full CIFAR-10 JPEG archive (60k 32x32
 images, 2 cores): listing the .tar.gz ~1.4 s, decoding ~6 s (~10k images/s), the whole collect
 step ~12 s at 0.4 GB peak RSS (bench/collect_cifar.py). A process pool was not added: each
 worker would have to decompress the whole .tar.gz again (gzip cannot seek) and hand pixels
@@ -88,6 +93,9 @@ class _DirReader:
                 files.append((rel / name, Path(cur) / name))
         return files, dirs
 
+    def order(self, items):
+        return items
+
     def read_all(self, items: list[tuple[int, Any]]) -> Iterator[tuple[int, bytes]]:
         for row, path in items:
             with open(path, "rb") as fh:
@@ -122,9 +130,12 @@ class _TarReader:
                 files.append((rel, m))
         return files, dirs
 
-    def read_all(self, items):
+    def order(self, items):
         # Archive order: a compressed tar is one stream, so forward-only reads decompress it once.
-        for row, member in sorted(items, key=lambda it: it[1].offset_data):
+        return sorted(items, key=lambda it: it[1].offset_data)
+
+    def read_all(self, items):
+        for row, member in self.order(items):
             try:
                 yield row, self.tf.extractfile(member).read()
             except (tarfile.TarError, EOFError, OSError) as exc:
@@ -155,8 +166,11 @@ class _ZipReader:
                 files.append((rel, info))
         return files, dirs
 
+    def order(self, items):
+        return sorted(items, key=lambda it: it[1].header_offset)
+
     def read_all(self, items):
-        for row, info in sorted(items, key=lambda it: it[1].header_offset):
+        for row, info in self.order(items):
             try:
                 yield row, self.zf.read(info)
             except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
@@ -243,19 +257,84 @@ def _decode(data: bytes, channels: int, size: Optional[tuple[int, int]], reject:
 
 # ---------------------------------------------------------------- load
 
-def load(spec: Spec) -> Collected:
+def load(spec: Spec, out: Optional[Path] = None, engine: str = "local") -> Collected:
+    """``out``: the dataset directory being written (collect's temporary output): the pixels
+    go there as they are decoded. None: they come back as one array (tests, small data)."""
     path = Path(spec.path).expanduser()
     reader = _open(path)
     try:
-        return _load(spec, path, reader)
+        return _load(spec, path, reader, out, engine)
     finally:
         reader.close()
 
 
-def _load(spec: Spec, path: Path, reader) -> Collected:
+def decode_chunk(job: tuple) -> tuple:
+    """Decode one chunk of files: ``job`` = (rows, raw bytes, channels, size, reject,
+    high_bit_depth). Returns (rows decoded, their pixels, [(row, skip reason)], resized
+    count, ``row_stats`` of the pixels, refused) where refused is (row, PIL mode) of a
+    high-bit-depth image under ``reject`` (the caller stops on it), else None.
+    Pure and module-level: any engine can run it on any worker."""
     import numpy as np
 
     from pipeline.imaging import HighBitDepthRefused
+    from pipeline.manifest import row_stats
+
+    rows, datas, channels, size, reject, high_bit_depth = job
+    good, pixels, skips, n_resized = [], [], [], 0
+    for row, data in zip(rows, datas):
+        try:
+            arr, reason, resized = _decode(data, channels, size, reject, high_bit_depth)
+        except HighBitDepthRefused as exc:
+            return [], None, [], 0, None, (row, str(exc))
+        if arr is None:
+            skips.append((row, reason))
+        else:
+            good.append(row)
+            pixels.append(arr)
+            n_resized += resized
+    block = np.stack(pixels) if pixels else np.zeros((0, size[0], size[1], channels), np.uint8)
+    return good, block, skips, n_resized, row_stats(block), None
+
+
+def _chunks(reader, items, spec, size, raw_budget: int, rows_budget: int):
+    """Jobs for ``decode_chunk``: files in the reader's order, at most ``rows_budget`` rows
+    and about ``raw_budget`` bytes of encoded data each."""
+    rows, datas, raw = [], [], 0
+    for row, data in reader.read_all(items):
+        rows.append(row)
+        datas.append(data)
+        raw += len(data)
+        if len(rows) >= rows_budget or raw >= raw_budget:
+            yield rows, datas, spec.channels, size, spec.on_size_mismatch == "reject", spec.high_bit_depth
+            rows, datas, raw = [], [], 0
+    if rows:
+        yield rows, datas, spec.channels, size, spec.on_size_mismatch == "reject", spec.high_bit_depth
+
+
+class _ArraySink:
+    """The payload as one in-memory array (``load`` without an output directory)."""
+
+    def __init__(self, row_shape):
+        self.row_shape, self.blocks = tuple(row_shape), []
+
+    def append(self, block) -> None:
+        self.blocks.append(block)
+
+    def close(self):
+        import numpy as np
+
+        return np.concatenate(self.blocks) if self.blocks else np.zeros((0, *self.row_shape), np.uint8)
+
+    def abort(self) -> None:
+        self.blocks = []
+
+
+def _load(spec: Spec, path: Path, reader, out: Optional[Path] = None, engine: str = "local") -> Collected:
+    import numpy as np
+
+    from pipeline import payload as P
+    from pipeline.engine import map_ordered
+    from pipeline.manifest import row_stats, stats_frame
 
     raw_files, raw_dirs = reader.entries()
     skipped: list[dict[str, str]] = []
@@ -310,40 +389,62 @@ def _load(spec: Spec, path: Path, reader) -> Collected:
         size, first_size = _first_size(reader, rows, path)
 
     n = len(rows)
-    images = np.empty((n, size[0], size[1], spec.channels), dtype=np.uint8) if n else None
-    ok = np.zeros(n, dtype=bool)
-    n_resized = 0
-    reject = spec.on_size_mismatch == "reject"
-    with fetch.progress(n, f"decode {path.name}", unit="img") as bar:
-        for row, data in reader.read_all([(i, r[3]) for i, r in enumerate(rows)]):
-            try:
-                arr, reason, resized = _decode(data, spec.channels, size, reject, spec.high_bit_depth)
-            except HighBitDepthRefused as exc:
-                raise FmpipeError(
-                    f"{path}: {rows[row][0]}: a high-bit-depth image (PIL mode {exc}) and the source "
-                    "says high_bit_depth: reject (use scale to map its range to 0..255)") from None
-            if arr is None:
-                skipped.append({"id": rows[row][0], "reason": reason})
-            else:
-                images[row] = arr
-                ok[row] = True
-                n_resized += resized
-            bar.update(1)
+    if not n:
+        raise _no_images(path, skipped)
+    row_shape = (size[0], size[1], spec.channels)
+    row_bytes = int(np.prod(row_shape))
+    items = [(i, r[3]) for i, r in enumerate(rows)]
+    # Rows come back in the reader's order: id order for folders, archive order for archives.
+    in_order = [i for i, _ in reader.order(items)] == list(range(n))
+    sink = P.PayloadWriter(out, row_shape) if out is not None else _ArraySink(row_shape)
+    scratch = None
+    if not in_order:
+        import tempfile
 
+        scratch = tempfile.TemporaryFile(dir=out)  # decoded rows at their row's offset
+    ok = np.zeros(n, dtype=bool)
+    parts = []  # row_stats of the rows, block by block in id order
+    n_resized = 0
+    jobs = _chunks(reader, items, spec, size, P.CHUNK_BYTES, P.rows_per(row_bytes, P.CHUNK_BYTES))
+    try:
+        with fetch.progress(n, f"decode {path.name}", unit="img") as bar:
+            for good, block, skips, resized, stats, refused in map_ordered(decode_chunk, jobs, engine):
+                if refused is not None:
+                    raise FmpipeError(
+                        f"{path}: {rows[refused[0]][0]}: a high-bit-depth image (PIL mode {refused[1]}) and the "
+                        "source says high_bit_depth: reject (use scale to map its range to 0..255)")
+                skipped.extend({"id": rows[row][0], "reason": reason} for row, reason in skips)
+                ok[good] = True
+                n_resized += resized
+                if scratch is None:
+                    sink.append(block)
+                    parts.append(stats)
+                else:
+                    for row, pixels in zip(good, block):
+                        os.pwrite(scratch.fileno(), pixels.tobytes(), row * row_bytes)
+                bar.update(len(good) + len(skips))
+            if scratch is not None:  # copy the decoded rows out in id order
+                keep = np.flatnonzero(ok)
+                step = P.rows_per(row_bytes, P.CHUNK_BYTES)
+                for start in range(0, len(keep), step):
+                    block = np.stack([np.frombuffer(os.pread(scratch.fileno(), row_bytes, int(r) * row_bytes),
+                                                    np.uint8).reshape(row_shape) for r in keep[start:start + step]])
+                    sink.append(block)
+                    parts.append(row_stats(block))
+        images = sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if scratch is not None:
+            scratch.close()
+    if out is not None:
+        images = read_written(out, images, row_shape)
     keep = np.flatnonzero(ok)
-    if len(keep) < n:
-        # Compact in place (rows only move down), so no second N x H x W x C copy is made.
-        for j, i in enumerate(keep):
-            if i != j:
-                images[j] = images[i]
-        images = images[: len(keep)]
-        rows = [rows[i] for i in keep]
+    rows = [rows[i] for i in keep]
+    stats = stats_frame(parts, row_shape)
     if not rows:
-        reasons = {}
-        for skip in skipped:
-            reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
-        found = "; ".join(f"{n} x {reason}" for reason, n in sorted(reasons.items())) or "nothing"
-        raise FmpipeError(f"{path}: no readable images; found {len(skipped)} other file(s): {found}")
+        raise _no_images(path, skipped)
     labels = np.array([index[r[2]] for r in rows], dtype=np.int64)
     empty_classes = [c for i, c in enumerate(classes) if not (labels == i).any()]
     if empty_classes:
@@ -367,10 +468,30 @@ def _load(spec: Spec, path: Path, reader) -> Collected:
         labels=labels,
         classes=classes,
         images=images,
+        stats=stats,
         given_split=[r[1] for r in rows] if split_layout else None,
         skipped=skipped,
         info=info,
     )
+
+
+def _no_images(path: Path, skipped: list[dict[str, str]]) -> FmpipeError:
+    reasons: dict[str, int] = {}
+    for skip in skipped:
+        reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
+    found = "; ".join(f"{n} x {reason}" for reason, n in sorted(reasons.items())) or "nothing"
+    return FmpipeError(f"{path}: no readable images; found {len(skipped)} other file(s): {found}")
+
+
+def read_written(out: Path, shards, row_shape):
+    """The payload ``PayloadWriter`` just wrote into ``out``, as ``Dataset.images``."""
+    import numpy as np
+
+    from pipeline import payload as P
+
+    if shards:
+        return P.open_shards(out, shards, tuple(row_shape))
+    return np.load(out / P.IMAGES, mmap_mode="r", allow_pickle=False)
 
 
 def _first_size(reader, rows, path: Path) -> tuple[tuple[int, int], str]:
