@@ -121,7 +121,7 @@ def image_rows(images: Any, engine: str = "local") -> pd.DataFrame:
     n, h, w, c = images.shape
     # Row blocks of 8 MB of pixels: the float64 temporary of the std is 8x a block (64 MB)
     # whatever the image size (4,096 rows were 1.5 GB at 128 px); results are per row.
-    blocks = P.chunks(images, P.CHUNK_BYTES // 8)
+    blocks = P.chunks(images, P.TASK_BYTES)
     return stats_frame(list(map_ordered(row_stats, blocks, engine)), (h, w, c))
 
 

@@ -235,3 +235,27 @@ def test_digits_collected_and_cleaned_outputs_are_unchanged(project):
     for step, (images, manifest) in DIGITS_SHA256.items():
         files = json.loads(Path(f"data/digits/{step}/dataset.json").read_text())["files"]
         assert files == {"manifest.parquet": manifest, "images.npy": images}, step
+
+
+def test_dvc_hardlink_cache_is_safe_with_atomic_outputs(tmp_path):
+    """`dvc config cache.type hardlink` (docs/pipeline.md): the outputs become links to the cache
+    objects, and a step re-run by hand replaces them with new files, never writing into a link,
+    so every cache object still holds the bytes its name (md5) says."""
+    import hashlib as H
+
+    from helpers import fmpipe, make_repo, sh
+
+    repo = make_repo(tmp_path / "repo", ["digits"])
+    sh(repo, "dvc", "config", "--local", "cache.type", "hardlink")
+    sh(repo, "dvc", "repro", "-q", "collect@digits")
+    payload = repo / "data/digits/collect/images.npy"
+    objects = [p for p in (repo / ".dvc/cache").rglob("*") if p.is_file() and not p.name.endswith(".dir")]
+    assert payload.stat().st_nlink == 2
+    assert payload.stat().st_ino in {p.stat().st_ino for p in objects}
+    fmpipe("collect", "--stage", "digits", cwd=repo, check=True)  # replaces the directory by rename
+    assert payload.stat().st_nlink == 1
+    for obj in objects:
+        assert H.md5(obj.read_bytes()).hexdigest() == obj.parent.name + obj.name, obj
+    assert "changed outs" not in sh(repo, "dvc", "status", "collect@digits").stdout  # same bytes again
+    sh(repo, "dvc", "checkout", "-q", "--relink", "collect@digits")
+    assert payload.stat().st_nlink == 2

@@ -405,7 +405,7 @@ def _load(spec: Spec, path: Path, reader, out: Optional[Path] = None, engine: st
     ok = np.zeros(n, dtype=bool)
     parts = []  # row_stats of the rows, block by block in id order
     n_resized = 0
-    jobs = _chunks(reader, items, spec, size, P.CHUNK_BYTES, P.rows_per(row_bytes, P.CHUNK_BYTES))
+    jobs = _chunks(reader, items, spec, size, 2 * P.TASK_BYTES, P.rows_per(row_bytes, P.TASK_BYTES))
     try:
         with fetch.progress(n, f"decode {path.name}", unit="img") as bar:
             for good, block, skips, resized, stats, refused in map_ordered(decode_chunk, jobs, engine):
