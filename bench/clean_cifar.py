@@ -2,6 +2,7 @@
 
     python bench/clean_cifar.py                       # full CIFAR-10, thumbs embedder
     python bench/clean_cifar.py --cores 2             # pin to 2 cores (the target's setting)
+    python bench/clean_cifar.py --cores 2 --embedder thumbs --threshold 0.015   # the old default
     python bench/clean_cifar.py --embedder-package models/cifar-v1   # a packaged cifar model
     python bench/clean_cifar.py --limit 30            # tiny: 30 images per class and split
 
@@ -124,6 +125,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="images per split/class (0: all)")
     ap.add_argument("--cores", type=int, default=0, help="pin clean/validate to this many cores (taskset)")
     ap.add_argument("--embedder-package", default=None, help="a packaged fmpipe model directory (outside data/)")
+    ap.add_argument("--embedder", choices=("thumbs", "crops"), default=None,
+                    help="clean's embedder kind (default: params.yaml's, crops for cifar)")
+    ap.add_argument("--threshold", type=float, default=None, help="clean's near_threshold (default: params.yaml's)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/clean_cifar.json"))
     ap.add_argument("--keep", action="store_true", help="keep the temp project (prints its path)")
     args = ap.parse_args()
@@ -137,6 +141,10 @@ def main() -> None:
         package = str(Path(args.embedder_package).resolve()) if args.embedder_package else None
         if package:
             variant["clean"] = {**(variant.get("clean") or {}), "embedder": {"kind": "package", "path": package}}
+        elif args.embedder:
+            variant["clean"] = {**(variant.get("clean") or {}), "embedder": {"kind": args.embedder}}
+        if args.threshold is not None:
+            variant["clean"] = {**(variant.get("clean") or {}), "near_threshold": args.threshold}
         if args.limit:  # the full-size row bounds cannot hold on a sample
             variant["validate"] = {"min_rows": 1, "min_rows_per_class": 1, "max_class_fraction": 1.0}
         params["enabled"] = ["cifar"]

@@ -315,3 +315,20 @@ def test_clean_section_validated_per_rule(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline", "clean", "--stage", "digits", "--params", str(path)],
                        capture_output=True, text=True)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "rule exposure" in r.stderr, r.stderr
+
+
+def test_crops_embedder_catches_a_recropped_leak_thumbs_lets_through():
+    """clean with ``embedder: crops``: a train photo that is a 70% crop of a test photo (the
+    test image shows more background) is a leak; with plain thumbs at the same threshold it
+    is not. The threshold is the one clean, review and validation share."""
+    photos = _photos(30, seed=5)
+    crop = np.asarray(Image.fromarray(photos[0][5:27, 5:27]).resize((32, 32), Image.BILINEAR))
+    images = np.concatenate([[crop], photos[1:25], photos[25:], [photos[0]]])
+    splits = ["train"] * 25 + ["test"] * 6
+    ds = _image_dataset(images, splits)
+    crops = clean_dataset(ds, CleanSpec(embedder={"kind": "crops"}, near_threshold=0.02))
+    leak = crops.findings[crops.findings["rule"] == "leakage"]
+    assert list(leak["id"]) == [ds.manifest["id"].iat[0]] and list(leak["other_id"]) == [ds.manifest["id"].iat[30]]
+    assert crops.facts["embedder"]["name"] == "crops" and crops.facts["near_duplicate_index"][0]["views"] == 8
+    thumbs = clean_dataset(ds, CleanSpec(near_threshold=0.02))
+    assert (thumbs.findings["rule"] != "leakage").all()

@@ -194,3 +194,49 @@ def test_package_embedder_hooks_a_named_layer(tmp_path):
         penultimate.embed(photos[:, :16, :16])
     with pytest.raises(FmpipeError, match="no model.json"):
         PackageEmbedder(str(tmp_path / "missing")).embed(photos)
+
+
+
+def _border_or_crop(img: np.ndarray) -> dict[str, np.ndarray]:
+    """The re-crops real CIFAR-10 copies show (tests/fixtures/README.md): a quarter of the
+    picture cut away, another aspect ratio, a corner, the picture shrunk into a 2-px frame."""
+    h, w = img.shape[:2]
+    resize = lambda x, size=(w, h): np.asarray(Image.fromarray(x).resize(size, Image.BILINEAR))  # noqa: E731
+    framed = np.full_like(img, 255)
+    framed[2:h - 2, 2:w - 2] = resize(img, (w - 4, h - 4))
+    return {"crop 70%": resize(img[5:27, 5:27]), "aspect": resize(img[:, 4:w - 4]), "frame": framed,
+            "corner crop": resize(img[:26, 6:])}
+
+
+def test_crops_views_find_recrops_that_plain_thumbs_misses():
+    """A copy that is a re-crop of the original (or the original in a frame) is far in plain
+    thumbs (every cell moved) but close to the matching crop view of the wider image:
+    near_pairs_views finds it whichever row is the wider one, at the threshold clean uses,
+    and distinct photos stay apart."""
+    from pipeline.quality.neighbors import near_pairs_views
+
+    photos = _photos(40, seed=3)
+    emb = make_embedder("crops")
+    base = emb.embed(photos)
+    assert np.allclose(base, ThumbsEmbedder().embed(photos))  # a row's vector is thumbs'
+    views = emb.embed_views(photos)
+    assert len(views) == len(emb.views) and all(v.shape == base.shape for v in views)
+    threshold = 0.02  # the cifar variant's near_threshold for crops (params.yaml)
+    assert near_pairs_views(base, views, threshold=threshold).empty
+    n = 10
+    for name in _border_or_crop(photos[0]):
+        copies = np.stack([_border_or_crop(p)[name] for p in photos[:n]])
+        mixed = np.concatenate([copies, photos[:n]])  # row k and row k + n: one photo
+        vecs = emb.embed(mixed)
+        plain = set(zip(*near_pairs(vecs, threshold=threshold)[["i", "j"]].to_numpy().T))
+        found = near_pairs_views(vecs, emb.embed_views(mixed), threshold=threshold)
+        pairs = set(zip(found["i"], found["j"]))
+        truth = {(k, k + n) for k in range(n)}
+        assert pairs <= truth and len(pairs) >= n - 1 and len(plain & truth) < n - 1, (name, pairs, plain)
+    assert describe(found)["views"] == len(emb.views)
+    # Query rows against a base: the views are the query's.
+    across = near_pairs_views(base[:n], [v[:n] for v in views], emb.embed(np.stack(
+        [_border_or_crop(p)["crop 70%"] for p in photos[:n]])), threshold=threshold, k=1)
+    assert list(across["i"]) == list(across["j"]) and len(across) >= n - 1
+    with pytest.raises(FmpipeError, match="unknown views"):
+        make_embedder("crops", views=["zoom99"])

@@ -285,3 +285,27 @@ def test_review_scores_held_out_rows_with_the_models_tta_views(digits_model):
     np.testing.assert_allclose(result.probs[rows], expected, atol=1e-5)
     one_view = softmax(predict_logits(net, x))
     assert np.abs(result.probs[rows] - one_view).max() > 1e-3  # the views were used, not the plain pass
+
+
+def test_near_duplicate_threshold_is_cleans_unless_review_sets_its_own():
+    """One calibrated notion of a near-duplicate: review's finder takes clean's
+    near_threshold by default (the number params calibrate once), its own only when set."""
+    from types import SimpleNamespace
+
+    from pipeline.config import ReviewSpec
+    from pipeline.review.review import duplicate_threshold, near_copy_meaning
+
+    spec = SimpleNamespace(clean=SimpleNamespace(near_threshold=0.02, embedder=SimpleNamespace(kind="crops")))
+    assert ReviewSpec().duplicate_threshold is None
+    assert duplicate_threshold(ReviewSpec(), spec) == 0.02
+    assert "clean's threshold" in near_copy_meaning(ReviewSpec(), spec)
+    assert duplicate_threshold(ReviewSpec(duplicate_threshold=0.05), spec) == 0.05
+    assert "0.05" in near_copy_meaning(ReviewSpec(duplicate_threshold=0.05), spec)
+    # Called without review (no variant at hand), the finder falls back to clean's default.
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(4, 16)).astype(np.float32)
+    vecs[3] = vecs[0] + 1e-3
+    m = manifest_for(np.array([0, 1, 0, 0]), split=["test", "train", "train", "train"])
+    found = find_near_duplicates(ReviewInputs(m, np.zeros((4, 2)), pd.DataFrame({"given_prob": np.full(4, 0.9)}),
+                                              duplicate_vectors=vecs), {"duplicate_threshold": None})
+    assert list(found["row"]) == [3]

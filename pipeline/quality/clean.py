@@ -45,7 +45,7 @@ def embedder_for(spec, variant: str | None = None):
         if not (path / "model.json").exists():
             raise FmpipeError(f"clean.embedder.path {e.path}: no model.json there (expected a trained model or package)")
         return make_embedder("package", path=str(path), layer=e.layer)
-    return make_embedder("thumbs")
+    return make_embedder(e.kind)
 
 
 def clean_dataset(ds: Dataset, spec, embedder=None, variant: str | None = None, engine: str = "local") -> Cleaned:

@@ -25,6 +25,15 @@ distance (:mod:`pipeline.quality.neighbors`), so their scale does not matter.
   the dimension stays that of ``f``. ``bench/embedder_ablation.py`` measures what each part
   buys on constructed edits.
 
+- :class:`CropsEmbedder` (``crops``): ``thumbs`` plus re-cropped views of the query images
+  (two centre zooms, four corner crops, a wider and a taller crop, each resampled back to the
+  working size). A row's plain vector is ``thumbs``'; the near-duplicate search
+  (:func:`pipeline.quality.neighbors.near_pairs_views`) also compares each query view with
+  the base's plain vectors and keeps the closest. Real CIFAR-10 copies are often re-crops, a
+  border added or an aspect ratio changed, which move every cell of a global thumbnail;
+  matching a crop of the wider image against the narrower one undoes that. Measured against
+  pairs judged by eye (tests/fixtures/cifar_near_duplicates.csv, bench/README.md).
+
 - :class:`PackageEmbedder` (``package``): a network made by fmpipe (``model.safetensors`` +
   ``model.json``, e.g. an archived release of a package) with a forward hook on a named layer,
   spatially average-pooled. Review reuses it on the freshly trained model.
@@ -219,6 +228,49 @@ class ThumbsEmbedder:
         return self._sym(t, (4, 4, 2))
 
 
+# ---------------------------------------------------------------- re-cropped views
+
+# Views as (top, bottom, left, right) fractions of the side cut away. The zooms and corners
+# undo a copy that is a crop of the query (or the query with a border or more background);
+# wide/tall undo an aspect-ratio change. Each view costs one more thumbs pass of the queries.
+CROP_VIEWS: dict[str, tuple[float, float, float, float]] = {
+    "zoom85": (0.075, 0.075, 0.075, 0.075), "zoom70": (0.15, 0.15, 0.15, 0.15),
+    "top-left": (0.0, 0.1875, 0.0, 0.1875), "top-right": (0.0, 0.1875, 0.1875, 0.0),
+    "bottom-left": (0.1875, 0.0, 0.0, 0.1875), "bottom-right": (0.1875, 0.0, 0.1875, 0.0),
+    "wide": (0.0, 0.0, 0.09375, 0.09375), "tall": (0.09375, 0.09375, 0.0, 0.0),
+}
+
+
+@dataclass
+class CropsEmbedder(ThumbsEmbedder):
+    """``thumbs`` with re-cropped query views (see the module docstring)."""
+
+    views: tuple[str, ...] = tuple(CROP_VIEWS)
+    name: str = "crops"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [v for v in self.views if v not in CROP_VIEWS]
+        if unknown:
+            raise FmpipeError(f"crops embedder: unknown views {unknown} (expected some of: {', '.join(CROP_VIEWS)})")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "views": list(self.views)}
+
+    def embed_views(self, images: np.ndarray) -> list[np.ndarray]:
+        """One N x D array per view (the plain image not included: that is ``embed``)."""
+        _check_images(images)
+        h, w = images.shape[1:3]
+        out = []
+        for view in self.views:
+            top, bottom, left, right = CROP_VIEWS[view]
+            r0, r1 = int(round(h * top)), h - int(round(h * bottom))
+            c0, c1 = int(round(w * left)), w - int(round(w * right))
+            # The crop is resampled back to the working size inside embed (tent filter).
+            out.append(self.embed(np.ascontiguousarray(images[:, r0:r1, c0:c1])))
+        return out
+
+
 # ---------------------------------------------------------------- a trained network
 
 @dataclass
@@ -345,11 +397,12 @@ class CallableEmbedder:
 
 
 def make_embedder(kind: str = "thumbs", **options: Any) -> Embedder:
-    """The embedder a params section names (``thumbs`` or ``package``)."""
-    if kind == "thumbs":
-        return ThumbsEmbedder(**{k: (tuple(v) if k == "parts" else v) for k, v in options.items()})
+    """The embedder a params section names (``thumbs``, ``crops`` or ``package``)."""
+    if kind in ("thumbs", "crops"):
+        cls = ThumbsEmbedder if kind == "thumbs" else CropsEmbedder
+        return cls(**{k: (tuple(v) if k in ("parts", "views") else v) for k, v in options.items()})
     if kind == "package":
         if not options.get("path"):
             raise FmpipeError("package embedder: `path` (a directory with model.json + model.safetensors) is required")
         return PackageEmbedder(**options)
-    raise FmpipeError(f"unknown embedder {kind!r} (expected thumbs or package)")
+    raise FmpipeError(f"unknown embedder {kind!r} (expected thumbs, crops or package)")

@@ -101,7 +101,11 @@ class NearDuplicatesParams(Strict):
     # Default from bench/review_duplicates.py on digits: thumbs alone beat every network layer
     # and every thumbs+layer mix (mean recall 0.74 at 1% false pairs, threshold 0.009).
     duplicate_features: list[str] = Field(default_factory=lambda: ["thumbs"], min_length=1)
-    duplicate_threshold: float = Field(0.01, ge=0, le=2)
+    # None (the default): clean's ``near_threshold``, the one calibrated notion of a
+    # near-duplicate (clean's leakage rule, this finder and validation's "no leakage left"
+    # share it; its calibration is in bench/README.md). A number: a wider or narrower net
+    # for review only (on the scale of duplicate_features' distances).
+    duplicate_threshold: Optional[float] = Field(None, ge=0, le=2)
     neighbors: int = Field(10, ge=1)  # at most this many near copies per row
 
 
@@ -215,7 +219,12 @@ def find_near_duplicates(inputs: ReviewInputs, options: dict[str, Any]) -> pd.Da
     vecs = inputs.duplicate_vectors
     if vecs is None or len(vecs) < 2:
         return _empty()
-    pairs = near_pairs(vecs, threshold=float(options["duplicate_threshold"]), k=int(options.get("neighbors", 10)),
+    threshold = options.get("duplicate_threshold")
+    if threshold is None:  # review resolves None to the variant's clean.near_threshold
+        from pipeline.quality.rules import NearSearch
+
+        threshold = NearSearch().near_threshold
+    pairs = near_pairs(vecs, threshold=float(threshold), k=int(options.get("neighbors", 10)),
                        method=options.get("method", "auto"))
     inputs.extra["near_pairs"] = {k: v for k, v in describe(pairs).items() if k != "seconds"}
     if pairs.empty:

@@ -103,6 +103,36 @@ def near_pairs(query: np.ndarray, base: np.ndarray | None = None, *, threshold: 
     return frame
 
 
+def near_pairs_views(query: np.ndarray, views: list[np.ndarray], base: np.ndarray | None = None, *,
+                     threshold: float, k: int = 10, method: str = "auto", **options: Any) -> pd.DataFrame:
+    """:func:`near_pairs` where each query row also has other views (e.g. re-crops): a pair's
+    distance is the smallest over the plain query and its views, each against the base's
+    plain vectors. ``base is None``: within ``query`` (a view of row i against plain row j;
+    both directions are searched, so either copy may be the cropped one). Same columns, order
+    and ``describe`` record (with ``views``) as :func:`near_pairs`."""
+    plain = near_pairs(query, base, threshold=threshold, k=k, method=method, **options)
+    frames = [plain]
+    target = query if base is None else base
+    for view in views:
+        if len(view) != len(query):
+            raise FmpipeError(f"near_pairs_views: a view has {len(view)} rows, the query {len(query)}")
+        got = near_pairs(view, target, threshold=threshold, k=k + 1 if base is None else k, method=method, **options)
+        if base is None:
+            got = got[got["i"] != got["j"]]
+            lo, hi = np.minimum(got["i"], got["j"]), np.maximum(got["i"], got["j"])
+            got = pd.DataFrame({"i": lo, "j": hi, "distance": got["distance"]})
+        frames.append(got)
+    merged = pd.concat(frames, ignore_index=True).sort_values(["i", "j", "distance"], kind="stable")
+    merged = merged.drop_duplicates(["i", "j"]).sort_values(["i", "distance", "j"], kind="stable")
+    if base is not None:
+        merged = merged.groupby("i", sort=False).head(k)
+    frame = merged.reset_index(drop=True).astype({"i": np.int64, "j": np.int64, "distance": np.float32})
+    record = describe(plain)
+    record.update(views=len(views), pairs=int(len(frame)))
+    frame.attrs[_RECORD_KEY] = record
+    return frame
+
+
 def describe(pairs: pd.DataFrame) -> dict[str, Any]:
     """The record of the search that made ``pairs``: method, threshold, k, sizes, params.
 

@@ -188,13 +188,15 @@ def _pair(rule: str, m: pd.DataFrame, row: int, other: int, action: str, distanc
 class EmbedderSpec(Strict):
     """What clean embeds images with for near-duplicate search (pipeline/quality/embedders.py).
 
-    ``thumbs``: hand-designed features, no weights. ``package``: an fmpipe trained model or
+    ``thumbs``: hand-designed features, no weights. ``crops``: ``thumbs`` plus re-cropped
+    views of the query images (finds re-crops, borders and aspect changes; ~1.5x the
+    embedding work of thumbs on CIFAR-10, measured in bench/README.md). ``package``: an fmpipe trained model or
     package directory (model.json + model.safetensors) outside this variant's own data/<v>/
     (e.g. an archived release); declare it as a dep of clean in dvc.yaml. ``layer``: a module
     name (None: the input of the last Linear layer).
     """
 
-    kind: Literal["thumbs", "package"] = "thumbs"
+    kind: Literal["thumbs", "crops", "package"] = "thumbs"
     path: Optional[str] = None
     layer: Optional[str] = None
 
@@ -417,13 +419,23 @@ class ExactDuplicate(Rule):
 
 def _near(ds: Dataset, ctx: Context, rows_a: np.ndarray, rows_b: np.ndarray | None, threshold: float) -> pd.DataFrame:
     """near_pairs between row subsets of ``ds`` (indices into the manifest), recorded in ctx."""
+    import numpy as np
+
     from pipeline.quality.neighbors import describe, near_pairs
 
     vectors = ctx.vectors(ds)
     va = vectors[rows_a]
     vb = None if rows_b is None else vectors[rows_b]
     spec = ctx.spec
-    pairs = near_pairs(va, vb, threshold=threshold, k=spec.neighbors_k, method=spec.index_method)
+    embed_views = getattr(ctx.embedder, "embed_views", None)
+    if embed_views is not None and ds.images is not None:
+        # The crops embedder: re-cropped views of the query rows, each searched as well.
+        from pipeline.quality.neighbors import near_pairs_views
+
+        views = embed_views(np.asarray(ds.images[rows_a]))
+        pairs = near_pairs_views(va, views, vb, threshold=threshold, k=spec.neighbors_k, method=spec.index_method)
+    else:
+        pairs = near_pairs(va, vb, threshold=threshold, k=spec.neighbors_k, method=spec.index_method)
     record = describe(pairs)
     record.pop("seconds", None)
     ctx.index_records.append(record)

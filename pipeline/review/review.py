@@ -219,7 +219,10 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
                           groups=np.where(split == "train", "train", "model").astype(object))
     if "near_duplicates" in rs.finders:
         inputs.duplicate_vectors = duplicate_vectors(ds, rs.duplicate_features, layers, notes)
-    findings = {name: FINDERS[name](inputs, finder_options(rs, name)) for name in rs.finders}
+    options = {name: finder_options(rs, name) for name in rs.finders}
+    if "near_duplicates" in options:
+        options["near_duplicates"]["duplicate_threshold"] = duplicate_threshold(rs, spec)
+    findings = {name: FINDERS[name](inputs, options[name]) for name in rs.finders}
 
     decided = np.zeros(len(m), dtype=bool)
     if rs.skip_decided and "label_source" in m.columns:
@@ -266,7 +269,7 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
                      "groups": group_counts, "notes": cleanlab_notes},
         "finders": {name: ({"flagged_by_cleanlab": int((f["reason"] == "label_issue").sum()), "ranked": int(len(f))}
                            if name == "label_issues" else {"found": int(len(f))}) for name, f in findings.items()},
-        "near_duplicates": ({"features": list(rs.duplicate_features), "threshold": rs.duplicate_threshold,
+        "near_duplicates": ({"features": list(rs.duplicate_features), "threshold": duplicate_threshold(rs, spec),
                              "meaning": near_copy_meaning(rs, spec),
                              "index": inputs.extra.get("near_pairs"),
                              "pairs_by_reason": findings["near_duplicates"]["reason"].astype(str).value_counts().sort_index().to_dict()}
@@ -294,13 +297,23 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
                         probs=probs, scored_by=scored_by)
 
 
+def duplicate_threshold(rs, spec: VariantSpec) -> float:
+    """The near-duplicate finder's threshold: its own when params set one, else clean's
+    ``near_threshold`` (one calibrated notion of a near-duplicate for clean and review)."""
+    return float(spec.clean.near_threshold if rs.duplicate_threshold is None else rs.duplicate_threshold)
+
+
 def near_copy_meaning(rs, spec: VariantSpec) -> str:
-    """How review's near copies relate to clean's leaks (two thresholds, said on the page)."""
+    """How review's near copies relate to clean's leaks (said on the page)."""
     clean = spec.clean
+    same = rs.duplicate_threshold is None
     return (f"Leaks are clean's: pairs across splits closer than cosine distance {clean.near_threshold:g} "
-            "(clean's embedding); clean acts on them by its leakage policy and reports the leaked rows left. "
-            f"Review casts a wider net for a person to judge: pairs closer than {rs.duplicate_threshold:g} on "
-            f"{'+'.join(rs.duplicate_features)}. Across splits they are queued as {ACROSS_SPLITS} (the copy in "
+            f"(clean's {clean.embedder.kind} embedding); clean acts on them by its leakage policy and reports "
+            "the leaked rows left. "
+            + ("Review looks for the same near-duplicates (clean's threshold) in what clean kept, on "
+               if same else f"Review casts its own net for a person to judge: pairs closer than "
+               f"{duplicate_threshold(rs, spec):g} on ")
+            + f"{'+'.join(rs.duplicate_features)}. Across splits they are queued as {ACROSS_SPLITS} (the copy in "
             "the less protected split), within a split as near_duplicate; neither is a leak by clean's rule "
             "unless a person decides it is a copy (suggestion: drop).")
 
