@@ -139,6 +139,8 @@ class RunRecord(Artefact):
     git: Optional[dict[str, Any]] = None  # package: the commit the run saw (the one before its own)
     int8_speed: Optional[dict[str, Any]] = None  # package: INT8 vs float32 throughput on this machine
     canary: Optional[dict[str, Any]] = None  # dist: what the served release answered
+    # collect, clean: where their row-parallel work ran (pipeline.engine.describe: ray's nodes, CPUs)
+    engine: Optional[dict[str, Any]] = None
 
 
 class Removal(Record):

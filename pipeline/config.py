@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import FmpipeError
 # clean's section is composed from its registered rules' params (one class per rule in
@@ -472,6 +473,37 @@ ReviewSpec = create_model(
        for key, info in model.model_fields.items()})
 
 
+EngineName = Literal["local", "ray"]  # pipeline/engine.py: ENGINES
+
+
+class EngineSpec(Strict):
+    """Where a variant's data steps run their row-parallel work (``pipeline/engine.py``).
+
+    Written ``engine: ray`` (every step) or per step, ``engine: {default: ray, evaluate: local}``.
+    The engine changes where the work runs, never what it writes (the outputs are
+    byte-identical), so no stage tracks it in dvc.yaml and package's lineage leaves it out:
+    switching engines re-runs nothing.
+    """
+
+    default: EngineName = "local"
+    collect: Optional[EngineName] = None
+    clean: Optional[EngineName] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) or isinstance(data, EngineSpec):
+            return data
+        if data not in typing.get_args(EngineName):
+            raise PydanticCustomError("engine", "expected one of {names}, or a mapping of step to engine",
+                                      {"names": ", ".join(typing.get_args(EngineName))})
+        return {"default": data}
+
+    def of(self, step: str) -> str:
+        """The engine of one step: its own entry, else the variant's default."""
+        return getattr(self, step, None) or self.default
+
+
 class VariantSpec(Strict):
     """One variant. Every step's section is required (its fields have defaults): dvc.yaml
     tracks each section by name, and DVC stops on a tracked section that is absent."""
@@ -486,6 +518,8 @@ class VariantSpec(Strict):
     evaluate: EvaluateSpec
     package: PackageSpec
     review: ReviewSpec
+    # Not a step section: no stage tracks it (see EngineSpec), and no dump records it.
+    engine: EngineSpec = Field(default_factory=EngineSpec, exclude=True)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -4,25 +4,159 @@ A data step that decodes, hashes, embeds or scores many rows cuts the rows into 
 hands a pure function of one chunk to ``map_ordered``; the results come back in chunk order,
 one at a time, so the step can write each to disk before the next arrives (bounded memory).
 
-The ``local`` engine runs the chunks in this process. Other engines (Ray, issue #25) run
-the same function elsewhere; because the function is pure and results come back in order,
-the step's outputs are byte-identical whichever engine ran it, and DVC hashes them the same.
+Engines (params: a variant's ``engine``, ``pipeline/config.py``; docs/cluster.md):
+
+- ``local``: the chunks run in this process, one after the other.
+- ``ray``: each chunk is a Ray task on the cluster ``ray.init()`` finds: the one named by
+  ``RAY_ADDRESS`` (``ray start --head`` on a cluster, KubeRay), else the newest one started
+  with ``ray start`` on this machine, else a local cluster that Ray starts for this step and
+  stops after. At most ``WINDOW_PER_CPU`` chunks per cluster CPU are in flight: the driver
+  submits the next chunk only when it has taken the oldest result, so neither the driver nor
+  the object store ever holds the whole input or output (a chunk's bytes times the window).
+  Why tasks and not Ray Data: ``ray.data.from_items`` needs every chunk in the driver first
+  (the whole payload in memory, the wall issue #25 is about), and a chunk's result is any
+  Python value (arrays, tuples, frames), which Ray Data would force through Arrow columns;
+  bench/README.md ("Ray overhead") has the figures.
+
+Because the function is pure and results come back in order, a step's outputs are
+byte-identical whichever engine ran it, and DVC hashes them the same (tests/test_ray.py).
+Ray is an optional extra (``pip install -e '.[ray]'``) and imported only here, inside the
+function that needs it: ``fmpipe --help`` and the local engine never import it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, TypeVar
+import os
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from pipeline.errors import FmpipeError
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-ENGINES = ("local",)
+ENGINES = ("local", "ray")
+RAY_INSTALL = "pip install -e '.[ray]'"
+# Chunks in flight per CPU of the cluster: 2 keeps every worker busy while the driver takes
+# the previous result, and bounds memory by 2 x CPUs x (chunk + result).
+WINDOW_PER_CPU = 2
 
 
 def map_ordered(fn: Callable[[T], R], chunks: Iterable[T], engine: str = "local") -> Iterator[R]:
-    """``fn`` applied to every chunk, results yielded in the chunks' order."""
+    """``fn`` applied to every chunk, results yielded in the chunks' order.
+
+    ``fn`` must be pure and picklable (a module-level function or a ``functools.partial`` of
+    one) for engines other than ``local``. An :class:`FmpipeError` it raises on a Ray worker
+    surfaces here as the same one line.
+    """
     if engine == "local":
         return map(fn, chunks)
+    if engine == "ray":
+        ray = connect_ray()
+        return _ray_stream(ray, fn, chunks)
     raise FmpipeError(f"engine: unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+
+
+def connect_ray() -> Any:
+    """The ``ray`` module, connected to a cluster (see the module's docstring for which)."""
+    try:
+        import ray
+    except ImportError:
+        raise FmpipeError(f"engine: ray needs Ray, which is not installed here: {RAY_INSTALL} "
+                          "(or set the variant's engine to local)") from None
+    if not ray.is_initialized():
+        # No usage-stats report: fmpipe runs offline, and Ray would print a notice about it.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        address = os.environ.get("RAY_ADDRESS")
+        try:
+            # Without an address Ray reads RAY_ADDRESS itself; only Ray's warnings reach the
+            # step's stderr (its INFO lines would bury fmpipe's one summary line).
+            ray.init(logging_level="warning", configure_logging=True, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"RAY_ADDRESS={address}" if address else "a local Ray cluster"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FmpipeError(f"engine: ray could not connect to {where}: {first}") from None
+    return ray
+
+
+def describe(engine: str) -> dict[str, Any]:
+    """What a step's run record says about its engine (never a hashed output)."""
+    out: dict[str, Any] = {"name": engine}
+    import sys
+
+    ray = sys.modules.get("ray")
+    if engine == "ray" and ray is not None and ray.is_initialized():
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        out.update(address=os.environ.get("RAY_ADDRESS") or "local", nodes=len(nodes),
+                   cpus=int(ray.cluster_resources().get("CPU", 0)))
+    return out
+
+
+def _ray_stream(ray: Any, fn: Callable[[T], R], chunks: Iterable[T]) -> Iterator[R]:
+    task = ray.remote(num_cpus=1)(_run_chunk)
+    window = max(2, WINDOW_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
+    fn_ref = ray.put(fn)  # pickled once, not once per chunk
+    cwd = os.getcwd()
+    pending: deque = deque()
+    try:
+        for chunk in chunks:
+            pending.append(task.remote(fn_ref, chunk, cwd))
+            if len(pending) >= window:
+                yield _result(ray, pending.popleft())
+        while pending:
+            yield _result(ray, pending.popleft())
+    finally:
+        # Stopped early (an error here or downstream): free the cluster, and take each
+        # cancelled or failed result so that Ray does not print it later as an unhandled error.
+        for ref in pending:
+            ray.cancel(ref)
+        for ref in pending:
+            try:
+                ray.get(ref)
+            except Exception:
+                pass
+
+
+def _result(ray: Any, ref: Any) -> Any:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, FmpipeError):
+            cause.__traceback__ = None
+            raise cause from None
+        raise  # anything else in the function is a bug: keep Ray's traceback
+    except ray.exceptions.RayError as exc:  # a worker or node died, an object was lost
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise FmpipeError(f"engine: ray: a task failed outside fmpipe's code "
+                          f"({type(exc).__name__}: {first})") from None
+
+
+def _run_chunk(fn: Callable[[T], R], chunk: T, cwd: str) -> R:
+    """One chunk on a Ray worker, in the driver's working directory: the steps' paths are
+    relative to the project root, and every node must see the project at the same path."""
+    if os.getcwd() != cwd:
+        try:
+            os.chdir(cwd)
+        except OSError:
+            raise FmpipeError(f"{cwd}: the project directory does not exist on Ray node {_node()} "
+                              "(every node must see the project at the same path: docs/cluster.md)") from None
+    try:
+        return fn(chunk)
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        raise FmpipeError(f"{exc.filename}: {exc.strerror or type(exc).__name__} on Ray node {_node()} "
+                          "(every node must read the same files at the same paths: docs/cluster.md)") from None
+
+
+def _node() -> str:
+    import socket
+
+    try:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+    except Exception:  # outside a Ray worker (a test calling this directly)
+        ip = "?"
+    return f"{socket.gethostname()} ({ip})"

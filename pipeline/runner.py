@@ -57,6 +57,12 @@ class StepContext:
     _datasets: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def engine(self) -> str:
+        """Where this step's row-parallel work runs (``pipeline/engine.py``): the variant's
+        ``engine`` for this step."""
+        return self.spec.engine.of(self.step.name)
+
+    @property
     def final_dir(self) -> Path:
         return self.step.path(self.variant)
 
@@ -124,6 +130,10 @@ def _run_locked(step: registry.Step, variant: str, params_path: str, spec: Any, 
             ctx.out = final
     if not ctx.record:
         return ctx.result
+    if name in type(spec.engine).model_fields:  # a step with an engine: say which ran it
+        from pipeline.engine import describe
+
+        ctx.details.setdefault("engine", describe(ctx.engine))
 
     if accounting:
         inputs = [registry.output(r, variant) for r in step.reads]

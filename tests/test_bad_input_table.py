@@ -331,6 +331,8 @@ CASES = [
          single_class_csv),
     Case("accelerator gpu without a gpu", ["train", "--stage", "iris"], "variants.iris.train.accelerator",
          edit_params(lambda p: p["variants"]["iris"]["train"].update(accelerator="gpu"))),
+    Case("unknown engine", ["collect", "--stage", "iris"], "variants.iris.engine: expected one of local, ray",
+         edit_params(lambda p: p["variants"]["iris"].update(engine="spark"))),
     Case("batch_size 0", ["train", "--stage", "iris"], "variants.iris.train.batch_size",
          edit_params(lambda p: p["variants"]["iris"]["train"].update(batch_size=0))),
     Case("duplicate key in params.yaml", ["train", "--stage", "iris"], "duplicate key 'max_epochs' on lines",

@@ -1,0 +1,182 @@
+"""``engine: ray`` (pipeline/engine.py) on a real Ray cluster that this module starts and stops.
+
+The cluster: ``ray start --head --block --num-cpus=2`` (one node, two worker processes at a
+time), token authentication on with a secret made here, in its own session so that the
+teardown stops exactly its processes (``ray stop`` would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import copy_project_files, edit_params, fmpipe, subprocess_env
+from pipeline.errors import FmpipeError
+
+DATA_STEPS = ("collect", "clean", "validate", "annotate")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_members(sid: int) -> list[int]:
+    """Processes of session ``sid``: the head and the workers its raylet started."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after the command: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """The environment a driver needs to reach the cluster (RAY_ADDRESS and its token)."""
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_bin = Path(sys.executable).with_name("ray")
+    log = open(Path(temp) / "head.log", "w")
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+        env=subprocess_env({k: v for k, v in env.items() if k != "RAY_ADDRESS"}),
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the GCS listens: drivers can connect
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert head.poll() is None, (Path(temp) / "head.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the Ray head did not listen within 120 s"
+            time.sleep(0.2)
+        yield env
+    finally:
+        # The head's own processes and the workers (their own process groups, same session).
+        for pid in _session_members(head.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        head.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _digits_folder(root: Path) -> None:
+    """The digits as a PNG folder (<class>/<n>.png): collect then decodes and hashes images."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = (bunch.images * (255 / 16)).round().astype(np.uint8)
+    for r, (img, label) in enumerate(zip(pixels, bunch.target)):
+        path = root / str(label) / f"{r:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+
+
+def _project(dest: Path, engine: str) -> Path:
+    copy_project_files(dest)
+    _digits_folder(dest / "sources/digits")
+
+    def edit(params: dict) -> None:
+        v = params["variants"]["digits"]
+        v["source"] = {"kind": "imagefolder", "path": "sources/digits", "channels": 1}
+        if engine != "local":
+            v["engine"] = engine
+
+    edit_params(edit, dest / "params.yaml")
+    return dest
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """Every file of the data steps' declared outputs (what DVC hashes), by path."""
+    import hashlib
+
+    from pipeline import steps as registry
+
+    files = []
+    for step in DATA_STEPS:
+        for template, _ in registry.get(step).out_paths():
+            out = root / registry.at(template, "digits")
+            files += [out] if out.is_file() else sorted(p for p in out.rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_data_steps_on_ray_write_the_same_bytes_as_local(ray_cluster, tmp_path):
+    runs = {}
+    for engine in ("local", "ray"):
+        root = _project(tmp_path / engine, engine)
+        env = ray_cluster if engine == "ray" else {}
+        for step in DATA_STEPS:
+            result = fmpipe(step, "--stage", "digits", cwd=root, check=True, env=env)
+            assert "Traceback" not in result.stderr, result.stderr
+        runs[engine] = root
+    local, ray_ = _digests(runs["local"]), _digests(runs["ray"])
+    assert len(local) >= 4 * 3 and local == ray_
+    import json
+
+    for step in ("collect", "clean"):  # the work really ran on the cluster
+        record = json.loads((runs["ray"] / f"data/runs/digits/{step}.json").read_text())
+        assert record["engine"]["name"] == "ray" and record["engine"]["cpus"] == 2, record
+        local_record = json.loads((runs["local"] / f"data/runs/digits/{step}.json").read_text())
+        assert local_record["engine"] == {"name": "local"}
+
+
+def test_worker_errors_surface_as_one_line(ray_cluster, monkeypatch):
+    from pipeline.engine import map_ordered
+    from pipeline.quality.embedders import _check_images
+
+    for key, value in ray_cluster.items():  # before Ray is imported: it reads the token mode then
+        monkeypatch.setenv(key, value)
+    import ray
+
+    try:
+        # A bad chunk: the worker's FmpipeError is the local engine's line, word for word.
+        chunks = [np.zeros((2, 4, 4, 1), np.uint8), np.zeros(3, np.float32)]
+        with pytest.raises(FmpipeError) as local:
+            list(map_ordered(_check_images, chunks, "local"))
+        with pytest.raises(FmpipeError) as remote:
+            list(map_ordered(_check_images, chunks, "ray"))
+        assert str(remote.value) == str(local.value) and "\n" not in str(remote.value)
+        # A path the worker cannot read: one line naming it and the node.
+        with pytest.raises(FmpipeError) as missing:
+            list(map_ordered(Path.read_bytes, [Path("shard-00007.npy")], "ray"))
+        line = str(missing.value)
+        assert line.startswith("shard-00007.npy: No such file or directory on Ray node ")
+        assert socket.gethostname() in line and "\n" not in line
+        # Order, and more chunks than the window of tasks in flight.
+        got = list(map_ordered(functools.partial(np.multiply, 3), range(40), "ray"))
+        assert got == [3 * i for i in range(40)]
+    finally:
+        ray.shutdown()
+
+
+def test_ray_not_installed_is_one_line(monkeypatch):
+    from pipeline.engine import map_ordered
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(FmpipeError, match=r"^engine: ray needs Ray, which is not installed here: "
+                                          r"pip install -e '\.\[ray\]'"):
+        map_ordered(abs, [1], "ray")
