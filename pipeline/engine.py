@@ -53,6 +53,7 @@ def map_ordered(fn: Callable[[T], R], chunks: Iterable[T], engine: str = "local"
         return map(fn, chunks)
     if engine == "ray":
         ray = connect_ray()
+        check_nodes(ray)
         return _ray_stream(ray, fn, chunks)
     raise FmpipeError(f"engine: unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
 
@@ -77,6 +78,60 @@ def connect_ray() -> Any:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FmpipeError(f"engine: ray could not connect to {where}: {first}") from None
     return ray
+
+
+_CHECKED: set[str] = set()  # nodes whose code matched this driver's (once per process)
+
+
+def code_digest() -> str:
+    """sha256 of fmpipe's ``pipeline`` package source as this process imports it."""
+    import hashlib
+
+    import pipeline
+
+    root = os.path.dirname(pipeline.__file__)
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def _node_code() -> tuple[str, str]:
+    return _node(), code_digest()
+
+
+def check_nodes(ray: Any) -> None:
+    """Refuse a cluster whose nodes import other fmpipe code than this driver: their chunks
+    would be computed by other functions (other bytes), or fail to unpickle mid-step."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")
+             and n["NodeID"] not in _CHECKED]
+    if not nodes:
+        return
+    probe = ray.remote(num_cpus=0)(_node_code)
+    mine = code_digest()
+    for node in nodes:
+        ref = probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+        try:
+            where, theirs = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            where = node.get("NodeManagerAddress", node["NodeID"])
+            last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise FmpipeError(f"engine: ray: node {where} cannot run fmpipe's code ({last}): install this "
+                              "fmpipe checkout on every node (docs/cluster.md)") from None
+        if theirs != mine:
+            import pipeline
+
+            raise FmpipeError(f"engine: ray: node {where} imports other fmpipe code than this driver "
+                              f"({os.path.dirname(pipeline.__file__)}): install the same checkout on every "
+                              "node, or its chunks would differ (docs/cluster.md)")
+        _CHECKED.add(node["NodeID"])
 
 
 def describe(engine: str) -> dict[str, Any]:

@@ -124,6 +124,8 @@ def _digests(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
+# Eight fmpipe processes (four steps, two engines) and their imports: 84 s on 2 busy cores.
+@pytest.mark.slow
 def test_data_steps_on_ray_write_the_same_bytes_as_local(ray_cluster, tmp_path):
     runs = {}
     for engine in ("local", "ray"):
@@ -152,7 +154,17 @@ def test_worker_errors_surface_as_one_line(ray_cluster, monkeypatch):
         monkeypatch.setenv(key, value)
     import ray
 
+    from pipeline import engine
+
     try:
+        # A node importing other fmpipe code than the driver (as this driver now pretends):
+        # refused before any chunk runs, naming the node.
+        monkeypatch.setattr(engine, "code_digest", lambda: "another checkout")
+        with pytest.raises(FmpipeError, match=r"^engine: ray: node .+ imports other fmpipe code than this driver"):
+            map_ordered(abs, [1], "ray")
+        monkeypatch.undo()
+        for key, value in ray_cluster.items():
+            monkeypatch.setenv(key, value)
         # A bad chunk: the worker's FmpipeError is the local engine's line, word for word.
         chunks = [np.zeros((2, 4, 4, 1), np.uint8), np.zeros(3, np.float32)]
         with pytest.raises(FmpipeError) as local:

@@ -1,0 +1,176 @@
+"""What ``engine: ray`` costs on one machine: the data steps (collect -> clean -> validate ->
+annotate) of a synthetic image folder with engine local and with engine ray, at a few N.
+
+    python bench/ray_overhead.py --n 2000 10000 50000 --size 32
+
+Each run is the real ``fmpipe`` CLI in a scratch project (the checkout's params, a variant
+``synth`` reading ``sources/synth``: 10 classes of distinct textured PNGs). The ray runs
+connect to a local cluster started here once (``ray start --head``, all of this machine's
+CPUs, stopped after), so the figures are the per-step cost of Ray (connecting a driver,
+shipping chunks through the object store, collecting results in order) and not its
+start-up, which is printed on its own. Prints, per N and engine: wall seconds per step and
+in all, the ray/local ratio, each step's peak memory (the runner's record), that the
+outputs are byte-identical, and the load average (timings on a busy machine mean little).
+Run from the repo root with the venv active (``pip install -e '.[ray]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("collect", "clean", "validate", "annotate")
+VARIANT = "synth"
+
+
+def synthetic_folder(root: Path, n: int, size: int, seed: int = 0) -> None:
+    """n distinct PNGs in 10 class folders: a per-class colour gradient, random blobs, noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    for k in range(n):
+        label = k % 10
+        base = np.array([25 * label, 255 - 25 * label, 128], np.float32)
+        img = base + 60 * (rng.uniform(-1, 1, 3) * yy[..., None] + rng.uniform(-1, 1, 3) * xx[..., None])
+        for _ in range(4):
+            cy, cx, r = rng.uniform(0, 1, 3) * (1, 1, 0.2) + (0, 0, 0.05)
+            img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None] * rng.uniform(-100, 100, 3)
+        img += rng.normal(0, 8, (size, size, 3))
+        path = root / f"c{label}" / f"{k:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+
+
+def project(dest: Path, images: Path, n: int, engine: str) -> Path:
+    dest.mkdir(parents=True)
+    shutil.copy(REPO / "params.yaml", dest / "params.yaml")
+    for folder in ("annotations", "expectations"):
+        shutil.copytree(REPO / folder, dest / folder)
+    (dest / "sources").mkdir()
+    (dest / "sources" / VARIANT).symlink_to(images)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    v = dict(params["variants"]["digits"])
+    v.update(description="synthetic image folder (bench/ray_overhead.py)",
+             source={"kind": "imagefolder", "path": f"sources/{VARIANT}"}, clean={},
+             validate={"min_rows": 1, "max_rows": 10 * n, "min_rows_per_class": 1, "max_class_fraction": 0.5})
+    if engine != "local":
+        v["engine"] = engine
+    params["variants"][VARIANT] = v
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def fmpipe(root: Path, env: dict, *args: str) -> float:
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=root, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"fmpipe {' '.join(args)} failed in {root}:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def digests(root: Path) -> str:
+    h = hashlib.sha256()
+    for step in ("collect", "clean", "annotate"):
+        for p in sorted((root / "data" / VARIANT / step).rglob("*")):
+            if p.is_file():
+                h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    for name in ("summary.json", "results.json"):
+        h.update((root / "data" / VARIANT / "validate" / name).read_bytes())
+    return h.hexdigest()
+
+
+def start_cluster(temp: Path) -> tuple[subprocess.Popen, dict, float]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    t0 = time.perf_counter()
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={temp}"],
+                            # the workers import this checkout's code, as the driver does
+                            env={**os.environ, **env, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if head.poll() is not None:
+            sys.exit("ray start --head failed")
+        time.sleep(0.1)
+    return head, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, time.perf_counter() - t0
+
+
+def stop_cluster(head: subprocess.Popen) -> None:
+    """Kill the head's session (its processes and the workers its raylet started), by pid."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == head.pid:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    head.wait(timeout=30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[2000, 10000, 50000])
+    ap.add_argument("--size", type=int, default=32, help="image side in pixels")
+    args = ap.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="rayb", dir="/tmp"))  # short: Ray's socket paths
+    head, ray_env, startup = start_cluster(scratch / "ray")
+    try:
+        print(f"Ray head start-up (ray start --head until it listens): {startup:.1f} s; "
+              f"load average {os.getloadavg()[0]:.2f}")
+        for n in args.n:
+            images = scratch / f"images-{n}"
+            synthetic_folder(images, n, args.size)
+            walls, peaks, sums = {}, {}, {}
+            for engine in ("local", "ray"):
+                root = project(scratch / f"{engine}-{n}", images, n, engine)
+                env = {**os.environ, "PYTHONPATH": str(REPO), "GX_ANALYTICS_ENABLED": "False",
+                       **(ray_env if engine == "ray" else {})}
+                walls[engine] = {}
+                for step in STEPS:
+                    if step == "validate":  # a starting suite from this data, as a person would
+                        fmpipe(root, env, "validate", "--stage", VARIANT, "--init")
+                    walls[engine][step] = fmpipe(root, env, step, "--stage", VARIANT)
+                peaks[engine] = {s: json.loads((root / f"data/resources/{VARIANT}/{s}.json").read_text())
+                                 .get("peak_mb") for s in STEPS}
+                sums[engine] = digests(root)
+            total = {e: sum(w.values()) for e, w in walls.items()}
+            print(f"\nN={n} at {args.size}x{args.size}: outputs byte-identical: {sums['local'] == sums['ray']}; "
+                  f"load average {os.getloadavg()[0]:.2f}")
+            for step in STEPS:
+                lo, ra = walls["local"][step], walls["ray"][step]
+                print(f"  {step:9s} local {lo:7.2f} s  ray {ra:7.2f} s  ratio {ra / lo:5.2f}  "
+                      f"peak MB local {peaks['local'][step]}  ray {peaks['ray'][step]}")
+            print(f"  {'total':9s} local {total['local']:7.2f} s  ray {total['ray']:7.2f} s  "
+                  f"ratio {total['ray'] / total['local']:5.2f}")
+            for engine in ("local", "ray"):
+                shutil.rmtree(scratch / f"{engine}-{n}")
+            shutil.rmtree(images)
+    finally:
+        stop_cluster(head)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
