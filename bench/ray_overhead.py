@@ -12,6 +12,14 @@ start-up, which is printed on its own. Prints, per N and engine: wall seconds pe
 in all, the ray/local ratio, each step's peak memory (the runner's record), that the
 outputs are byte-identical, and the load average (timings on a busy machine mean little).
 Run from the repo root with the venv active (``pip install -e '.[ray]'``).
+
+    python bench/ray_overhead.py --transport tasks --chunks 64     # or: --transport data
+
+The choice of transport behind ``engine: ray``: 16 MB chunks from a generator through Ray
+tasks with a bounded window (``pipeline.engine.map_ordered``) or through Ray Data
+(``from_items`` -> ``map_batches`` -> ``iter_batches`` with ``preserve_order``), on a local
+cluster; prints the driver's peak private (anonymous) and shared-memory (object store pages
+it touched) resident memory, which do not depend on load, and the wall time, which does.
 """
 
 from __future__ import annotations
@@ -128,11 +136,61 @@ def stop_cluster(head: subprocess.Popen) -> None:
     head.wait(timeout=30)
 
 
+def _chunk_result(chunk: np.ndarray) -> tuple[int, np.ndarray]:
+    return int(chunk[0]), chunk[::1024].copy()  # a small result per chunk
+
+
+def transport(kind: str, n_chunks: int, mb: int = 16) -> None:
+    peak = {"RssAnon": 0, "RssShmem": 0}
+
+    def sample() -> None:
+        for line in open("/proc/self/status"):
+            key, value = line.split(":", 1)
+            if key in peak:
+                peak[key] = max(peak[key], int(value.split()[0]) // 1024)
+
+    chunks = (np.full(mb * 2**20, i % 251, np.uint8) for i in range(n_chunks))
+    import ray
+
+    ray.init(logging_level="warning")
+    t0 = time.perf_counter()
+    got = []
+    if kind == "tasks":
+        from pipeline.engine import map_ordered
+
+        for first, _ in map_ordered(_chunk_result, chunks, "ray"):
+            sample()
+            got.append(first)
+    else:
+        import ray.data
+
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        ds = ray.data.from_items([{"c": c} for c in chunks])  # every chunk in the driver first
+        sample()
+
+        def batch(b):
+            out = [_chunk_result(c) for c in b["c"]]
+            return {"i": np.array([o[0] for o in out]), "r": np.stack([o[1] for o in out])}
+
+        for b in ds.map_batches(batch, batch_size=1).iter_batches(batch_size=1):
+            sample()
+            got += [int(x) for x in b["i"]]
+    assert got == [i % 251 for i in range(n_chunks)], "results out of order"
+    print(f"{kind}: {n_chunks} x {mb} MB chunks ({n_chunks * mb / 1024:.1f} GB): driver peak private "
+          f"{peak['RssAnon']} MB, object store pages touched {peak['RssShmem']} MB, "
+          f"{time.perf_counter() - t0:.1f} s; load average {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[2000, 10000, 50000])
     ap.add_argument("--size", type=int, default=32, help="image side in pixels")
+    ap.add_argument("--transport", choices=("tasks", "data"), help="compare transports instead (see above)")
+    ap.add_argument("--chunks", type=int, default=64, help="--transport: 16 MB chunks to stream")
     args = ap.parse_args()
+    if args.transport:
+        transport(args.transport, args.chunks)
+        return
 
     scratch = Path(tempfile.mkdtemp(prefix="rayb", dir="/tmp"))  # short: Ray's socket paths
     head, ray_env, startup = start_cluster(scratch / "ray")

@@ -192,3 +192,21 @@ def test_ray_not_installed_is_one_line(monkeypatch):
     with pytest.raises(FmpipeError, match=r"^engine: ray needs Ray, which is not installed here: "
                                           r"pip install -e '\.\[ray\]'"):
         map_ordered(abs, [1], "ray")
+
+
+def test_cluster_docs_engine_examples_are_valid_params():
+    """docs/cluster.md's params snippet (both spellings) is what the schema accepts."""
+    import re
+
+    import yaml
+
+    from helpers import REPO
+    from pipeline.config import EngineSpec
+
+    text = (REPO / "docs/cluster.md").read_text()
+    block = re.search(r"```yaml\n(variants:.*?)```", text, re.S).group(1)
+    engine = yaml.safe_load(block)["variants"]["cifar"]["engine"]
+    per_step = yaml.safe_load(re.search(r"# engine: (\{.*?\})", block).group(1))
+    assert EngineSpec.model_validate(engine).of("clean") == "ray"
+    spec = EngineSpec.model_validate(per_step)
+    assert (spec.of("collect"), spec.of("clean")) == ("ray", "local")
