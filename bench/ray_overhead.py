@@ -3,8 +3,8 @@ annotate) of a synthetic image folder with engine local and with engine ray, at 
 
     python bench/ray_overhead.py --n 2000 10000 50000 --size 32
 
-Each run is the real ``fmpipe`` CLI in a scratch project (the checkout's params, a variant
-``synth`` reading ``sources/synth``: 10 classes of distinct textured PNGs). The ray runs
+Each run is the real ``fmpipe`` CLI in bench/scale.py's scratch project (one variant, ``scale``,
+reading 10 classes of distinct textured PNGs). The ray runs
 connect to a local cluster started here once (``ray start --head``, all of this machine's
 CPUs, stopped after), so the figures are the per-step cost of Ray (connecting a driver,
 shipping chunks through the object store, collecting results in order) and not its
@@ -42,45 +42,21 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scale  # noqa: E402  (bench/scale.py: the synthetic image folder and its scratch project)
 STEPS = ("collect", "clean", "validate", "annotate")
-VARIANT = "synth"
+VARIANT = "scale"  # bench/scale.py's variant
 
 
-def synthetic_folder(root: Path, n: int, size: int, seed: int = 0) -> None:
-    """n distinct PNGs in 10 class folders: a per-class colour gradient, random blobs, noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    for k in range(n):
-        label = k % 10
-        base = np.array([25 * label, 255 - 25 * label, 128], np.float32)
-        img = base + 60 * (rng.uniform(-1, 1, 3) * yy[..., None] + rng.uniform(-1, 1, 3) * xx[..., None])
-        for _ in range(4):
-            cy, cx, r = rng.uniform(0, 1, 3) * (1, 1, 0.2) + (0, 0, 0.05)
-            img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None] * rng.uniform(-100, 100, 3)
-        img += rng.normal(0, 8, (size, size, 3))
-        path = root / f"c{label}" / f"{k:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
-
-
-def project(dest: Path, images: Path, n: int, engine: str) -> Path:
+def project(dest: Path, images: Path, n: int, size: int, engine: str) -> Path:
+    """bench/scale.py's scratch project (variant ``scale`` reading ``images/``), on ``engine``."""
     dest.mkdir(parents=True)
-    shutil.copy(REPO / "params.yaml", dest / "params.yaml")
-    for folder in ("annotations", "expectations"):
-        shutil.copytree(REPO / folder, dest / folder)
-    (dest / "sources").mkdir()
-    (dest / "sources" / VARIANT).symlink_to(images)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    v = dict(params["variants"]["digits"])
-    v.update(description="synthetic image folder (bench/ray_overhead.py)",
-             source={"kind": "imagefolder", "path": f"sources/{VARIANT}"}, clean={},
-             validate={"min_rows": 1, "max_rows": 10 * n, "min_rows_per_class": 1, "max_class_fraction": 0.5})
+    scale.project(dest, n, size)
+    (dest / "images").symlink_to(images)
     if engine != "local":
-        v["engine"] = engine
-    params["variants"][VARIANT] = v
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        params["variants"][VARIANT]["engine"] = engine
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 
 
@@ -199,10 +175,10 @@ def main() -> None:
               f"load average {os.getloadavg()[0]:.2f}")
         for n in args.n:
             images = scratch / f"images-{n}"
-            synthetic_folder(images, n, args.size)
+            scale.generate(images, n, args.size)
             walls, peaks, sums = {}, {}, {}
             for engine in ("local", "ray"):
-                root = project(scratch / f"{engine}-{n}", images, n, engine)
+                root = project(scratch / f"{engine}-{n}", images, n, args.size, engine)
                 env = {**os.environ, "PYTHONPATH": str(REPO), "GX_ANALYTICS_ENABLED": "False",
                        **(ray_env if engine == "ray" else {})}
                 walls[engine] = {}

@@ -18,7 +18,7 @@ def run(ctx) -> None:
 
     ds = ctx.dataset("collect")
     spec = ctx.spec.clean
-    cleaned = clean_dataset(ds, spec, variant=ctx.variant, engine=getattr(ctx.spec, "engine", None) or "local")
+    cleaned = clean_dataset(ds, spec, variant=ctx.variant, engine=ctx.engine)
     report = make_report("clean", ctx.variant, len(ds), cleaned.dataset, removed=cleaned.removed, **cleaned.facts)
     save_dataset(cleaned.dataset, ctx.out, report)
     cleaned.findings.to_parquet(ctx.out / FINDINGS, index=False)

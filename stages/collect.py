@@ -20,7 +20,7 @@ def run(ctx) -> None:
     spec = ctx.spec
     if "DVC_STAGE" in os.environ:  # set by DVC for a stage's command
         check_tracked(spec.source, ctx.variant)
-    engine = getattr(spec, "engine", None) or "local"
+    engine = ctx.engine  # params: the variant's engine (pipeline/engine.py)
     col = load(spec.source, out=ctx.out, engine=engine)  # an image folder's pixels go straight to ctx.out
     splits = assign_splits(
         col.ids, col.labels, seed=spec.split.seed, val_fraction=spec.split.val_fraction,
