@@ -146,6 +146,41 @@ def test_queue_interleaves_finders_merges_reasons_and_skips_decided_rows():
     assert len(build_queue({"a": frame([1, 2, 3], "x")}, size=2)) == 2
 
 
+def test_queue_budgets_give_each_finder_its_share_and_pass_on_what_it_cannot_fill():
+    """review.<finder>_share: each finder fills its quota from the top of its list first; a
+    finder with a short list leaves its rows to the others; quotas add up to the size."""
+    from pipeline.config import ReviewSpec
+    from pipeline.quality.finders import quotas
+
+    def frame(rows, reason):
+        n = len(rows)
+        return pd.DataFrame({"row": rows, "reason": [reason] * n, "score": np.linspace(1, 0.5, n),
+                             "suggested": [0] * n, "suggested_prob": [0.5] * n, "given_prob": [0.1] * n,
+                             "related_row": [-1] * n, "distance": [np.nan] * n})
+
+    spec = ReviewSpec()
+    defaults = {n: getattr(spec, f"{n}_share") for n in ("label_issues", "near_duplicates", "outliers")}
+    assert quotas(defaults, 300) == {"label_issues": 210, "near_duplicates": 45, "outliers": 45}
+    assert sum(quotas({"a": 1, "b": 1, "c": 1}, 10).values()) == 10 and quotas({"a": 0.0}, 5) == {"a": 0}
+    findings = {"label_issues": frame(list(range(100, 120)), "label_issue"),
+                "near_duplicates": frame(list(range(200, 220)), "near_duplicate"),
+                "outliers": frame([300, 301, 100], "outlier")}
+    q = build_queue(findings, size=10, shares={"label_issues": 0.6, "near_duplicates": 0.2, "outliers": 0.2})
+    got = q.groupby("group").size().to_dict()
+    assert got == {"label_issues": 6, "near_duplicates": 2, "outliers": 2}
+    # Each finder's best rows: the top of every list.
+    assert set(q.loc[q["group"] == "label_issues", "row"]) == set(range(100, 106))
+    assert set(q.loc[q["group"] == "outliers", "row"]) == {300, 301}
+    # A short list (outliers: 2 new rows) passes its unused quota on; size is still met.
+    q = build_queue(findings, size=20, shares={"label_issues": 0.2, "near_duplicates": 0.2, "outliers": 0.6})
+    got = q.groupby("group").size().to_dict()
+    assert len(q) == 20 and got["outliers"] == 2 and got["label_issues"] + got["near_duplicates"] == 18
+    assert q["row"].is_unique
+    # A share of 0: that finder's rows only come in if the others run out.
+    q = build_queue(findings, size=5, shares={"label_issues": 1.0, "near_duplicates": 0.0, "outliers": 0.0})
+    assert set(q["group"]) == {"label_issues"}
+
+
 def test_label_studio_files_and_contact_sheet():
     m = pd.DataFrame({"id": pd.array(["a/1", "a/2"], dtype="string"), "split": pd.array(["train", "test"], dtype="string"),
                       "label": np.array([0, 1])})

@@ -22,8 +22,10 @@ suspect dataset row, columns :data:`FINDING_COLUMNS`, most suspect first. ``scor
   mean of the train embeddings; the top ``outlier_fraction`` of rows are flagged. Cheap
   (N x classes) and needs no second index. Score: the row's percentile of that distance.
 
-The queue takes rows from the finders' lists in turn (one from each, in the order the params
-list them) so that no finder hides another, merges a row found twice into one entry with both
+The queue gives each finder a share of its rows (``<finder>_share`` in params; defaults from
+real CIFAR-10, where label issues held the real errors), each filled from the top of the
+finder's list; rows a finder cannot fill go to the others in turn (one from each, in the order
+the params list them), so that no finder hides another. It merges a row found twice into one entry with both
 reasons, leaves out rows people already decided, and stops at the queue size. It is then shown
 grouped by the finder that queued each row (``group``), each group ranked by its own score:
 the three scores measure different things and are not compared with each other.
@@ -91,6 +93,10 @@ class LabelIssuesParams(Strict):
     # group (0: cleanlab's flags only). Needed on train rows, where memorised embeddings make
     # confident learning flag too little (see find_label_issues).
     low_quality_fraction: float = Field(0.1, ge=0, le=1)
+    # Share of the queue's rows this finder fills first (see build_queue). 0.7: on real
+    # CIFAR-10 (issue #30, the cifar default's 300-row queue) the label-issue rows held the
+    # confirmed label errors while the near-duplicate and outlier thirds held almost none.
+    label_issues_share: float = Field(0.7, ge=0, le=1)
 
 
 class NearDuplicatesParams(Strict):
@@ -107,10 +113,15 @@ class NearDuplicatesParams(Strict):
     # for review only (on the scale of duplicate_features' distances).
     duplicate_threshold: Optional[float] = Field(None, ge=0, le=2)
     neighbors: int = Field(10, ge=1)  # at most this many near copies per row
+    # Share of the queue (build_queue). Small: after clean dropped the leaks' train copies the
+    # near-duplicate rows on CIFAR-10 named almost none of the leaks people found (issue #30).
+    near_duplicates_share: float = Field(0.15, ge=0, le=1)
 
 
 class OutliersParams(Strict):
     outlier_fraction: float = Field(0.005, ge=0, lt=1)  # share of rows flagged as outliers
+    # Share of the queue (build_queue): CIFAR-10's outlier rows were mostly correctly labelled photos.
+    outliers_share: float = Field(0.15, ge=0, le=1)
 
 
 @dataclass
@@ -321,9 +332,26 @@ def finder_options(review_spec, name: str) -> dict[str, Any]:
     return {key: getattr(review_spec, key) for key in REGISTRY[name].Params.model_fields}
 
 
-def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optional[np.ndarray] = None) -> pd.DataFrame:
-    """Interleave the finders' ranked lists into one queue of at most ``size`` rows.
+def quotas(shares: dict[str, float], size: int) -> dict[str, int]:
+    """Rows per finder: ``size`` split by ``shares`` (normalised to sum 1), whole rows by the
+    largest remainder so the quotas add up to ``size`` exactly (all 0 when every share is)."""
+    total = sum(shares.values())
+    if total <= 0:
+        return {name: 0 for name in shares}
+    exact = {name: size * share / total for name, share in shares.items()}
+    out = {name: int(v) for name, v in exact.items()}
+    for name in sorted(exact, key=lambda n: (-(exact[n] - out[n]), list(shares).index(n)))[:size - sum(out.values())]:
+        out[name] += 1
+    return out
 
+
+def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optional[np.ndarray] = None,
+                shares: Optional[dict[str, float]] = None) -> pd.DataFrame:
+    """The finders' ranked lists as one queue of at most ``size`` rows.
+
+    ``shares`` (params' ``<finder>_share``): each finder first fills its quota of the queue
+    (:func:`quotas`) from the top of its list; rows a finder cannot fill (its list is
+    shorter) go to the others, taken in turn. Without ``shares``, every row is taken in turn.
     ``findings`` is ordered (the params' finder order). A row found by several finders takes
     the place of its first finding and lists every reason (``label_issue+outlier``).
     ``skip_rows``: rows left out (people already decided them). The result is grouped by the
@@ -339,20 +367,33 @@ def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optiona
     group_of: list[str] = []
     where: dict[int, int] = {}
     cursors = [0] * len(lists)
+
+    def take(k: int) -> bool:
+        """Queue the next row of list k that is not queued yet; False when the list is spent."""
+        frame = lists[k]
+        while cursors[k] < len(frame):
+            rec = frame.iloc[cursors[k]].to_dict()
+            cursors[k] += 1
+            r = int(rec["row"])
+            if r in where:
+                continue
+            where[r] = len(picked)
+            picked.append(rec)
+            group_of.append(names[k])
+            return True
+        return False
+
+    if shares is not None:
+        quota = quotas({name: float(shares.get(name, 0.0)) for name in names}, size)
+        for k, name in enumerate(names):
+            taken = 0
+            while taken < quota[name] and len(picked) < size and take(k):
+                taken += 1
     while len(picked) < size and any(c < len(f) for c, f in zip(cursors, lists)):
-        for k, frame in enumerate(lists):
+        for k in range(len(lists)):
             if len(picked) >= size:
                 break
-            while cursors[k] < len(frame):
-                rec = frame.iloc[cursors[k]].to_dict()
-                cursors[k] += 1
-                r = int(rec["row"])
-                if r in where:
-                    continue
-                where[r] = len(picked)
-                picked.append(rec)
-                group_of.append(names[k])
-                break
+            take(k)
     if not picked:
         out = _empty()
         out["reasons"] = pd.Series(dtype="string")

@@ -227,7 +227,8 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
     decided = np.zeros(len(m), dtype=bool)
     if rs.skip_decided and "label_source" in m.columns:
         decided = (m["label_source"].astype(str) == "annotation").to_numpy()
-    queue = build_queue(findings, rs.queue_size, skip_rows=np.flatnonzero(decided))
+    shares = {name: float(getattr(rs, f"{name}_share", 0.0)) for name in rs.finders}
+    queue = build_queue(findings, rs.queue_size, skip_rows=np.flatnonzero(decided), shares=shares)
     table = export.queue_table(queue, m, ds.classes, scored_by)
 
     model_version = f"fmpipe review {variant} {model_sha256[:12]}".strip()
@@ -277,8 +278,10 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
         "outliers": ({"method": "cosine distance to the nearest train class mean (penultimate embedding)",
                       "fraction": rs.outlier_fraction} if "outliers" in findings else None),
         "queue": {"size": int(len(table)), "max_size": rs.queue_size,
-                  "order": ("rows taken from the finders' lists in turn (" + ", ".join(rs.finders) + "), then "
-                            "shown grouped by the finder that queued them, each group ranked by its own score"),
+                  "order": ("each finder fills its share of the queue from the top of its list ("
+                            + ", ".join(f"{g} {shares[g]:g}" for g in rs.finders) + "), rows a finder cannot "
+                            "fill go to the others in turn; shown grouped by the finder that queued them, each "
+                            "group ranked by its own score"),
                   "groups": {g: {"rows": int((table["group"] == g).sum()), "score": SCORE_MEANING[g]}
                              for g in rs.finders},
                   "by_reason": dict(sorted(in_queue_reasons.items())),
