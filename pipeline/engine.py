@@ -69,6 +69,8 @@ def connect_ray() -> Any:
         # No usage-stats report: fmpipe runs offline, and Ray would print a notice about it.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         address = os.environ.get("RAY_ADDRESS")
+        if address:
+            _reachable(address)
         try:
             # Without an address Ray reads RAY_ADDRESS itself; only Ray's warnings reach the
             # step's stderr (its INFO lines would bury fmpipe's one summary line).
@@ -145,6 +147,21 @@ def describe(engine: str) -> dict[str, Any]:
         out.update(address=os.environ.get("RAY_ADDRESS") or "local", nodes=len(nodes),
                    cpus=int(ray.cluster_resources().get("CPU", 0)))
     return out
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """One line at once when nothing listens at RAY_ADDRESS: Ray itself retries for minutes,
+    printing a warning every few seconds."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or address == "auto":
+        return  # "auto" or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise FmpipeError(f"engine: ray could not connect to RAY_ADDRESS={address}: "
+                          f"{exc.strerror or exc} (is the Ray head running? docs/cluster.md)") from None
 
 
 def _ray_stream(ray: Any, fn: Callable[[T], R], chunks: Iterable[T]) -> Iterator[R]:

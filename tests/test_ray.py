@@ -210,3 +210,16 @@ def test_cluster_docs_engine_examples_are_valid_params():
     assert EngineSpec.model_validate(engine).of("clean") == "ray"
     spec = EngineSpec.model_validate(per_step)
     assert (spec.of("collect"), spec.of("clean")) == ("ray", "local")
+
+
+def test_nothing_at_ray_address_is_one_line_at_once(monkeypatch):
+    """Ray itself would retry for minutes, printing warnings; fmpipe says it in one line."""
+    from pipeline.engine import map_ordered
+
+    port = _free_port()  # closed again: nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(FmpipeError, match=rf"^engine: ray could not connect to RAY_ADDRESS=127\.0\.0\.1:{port}: "
+                                          r"Connection refused \(is the Ray head running"):
+        map_ordered(abs, [1], "ray")
+    assert time.monotonic() - started < 15
