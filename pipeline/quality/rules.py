@@ -417,8 +417,10 @@ class ExactDuplicate(Rule):
 
 # ---------------------------------------------------------------- then near copies
 
-def _near(ds: Dataset, ctx: Context, rows_a: np.ndarray, rows_b: np.ndarray | None, threshold: float) -> pd.DataFrame:
-    """near_pairs between row subsets of ``ds`` (indices into the manifest), recorded in ctx."""
+def _near(ds: Dataset, ctx: Context, rows_a: np.ndarray, rows_b: np.ndarray | None, threshold: float,
+          views: bool = True) -> pd.DataFrame:
+    """near_pairs between row subsets of ``ds`` (indices into the manifest), recorded in ctx.
+    ``views``: use the embedder's query views if it has them (crops)."""
     import numpy as np
 
     from pipeline.quality.neighbors import describe, near_pairs
@@ -428,7 +430,7 @@ def _near(ds: Dataset, ctx: Context, rows_a: np.ndarray, rows_b: np.ndarray | No
     vb = None if rows_b is None else vectors[rows_b]
     spec = ctx.spec
     embed_views = getattr(ctx.embedder, "embed_views", None)
-    if embed_views is not None and ds.images is not None:
+    if views and embed_views is not None and ds.images is not None:
         # The crops embedder: re-cropped views of the query rows, each searched as well.
         from pipeline import payload as P
         from pipeline.quality.neighbors import near_pairs_views
@@ -505,7 +507,10 @@ class NearDuplicate(Rule):
             members = np.flatnonzero(m["split"].to_numpy() == split)
             if len(members) < 2:
                 continue
-            pairs = _near(ds, ctx, members, None, ctx.spec.near_threshold)
+            # Views (crops) for the evaluation splits only: within train they would cost 8
+            # searches of train x train (CIFAR-10: 2e10 similarities) for pairs that cost a
+            # duplicate training row, not a biased score.
+            pairs = _near(ds, ctx, members, None, ctx.spec.near_threshold, views=split != "train")
             for i, j, d in pairs.itertuples(index=False):
                 if sha[i] == sha[j]:
                     continue
