@@ -119,9 +119,10 @@ def digits_run(tmp_path_factory) -> Run:
 
 @pytest.fixture(scope="session")
 def repro_digits_iris(tmp_path_factory) -> Run:
-    """A fresh git + DVC repo with the project's files and its committed dvc.lock where
-    ``dvc repro --force`` ran every stage of digits and iris (nothing committed after it)."""
-    repo = make_repo(tmp_path_factory.mktemp("dvc-repro") / "repo", ["digits", "iris"])
+    """A fresh git + DVC repo with what a clone of the project has (its files, its committed
+    dvc.lock and the small outputs git keeps) where ``dvc repro --force`` ran every stage of
+    digits and iris (nothing committed after it: ``git status`` shows what the run changed)."""
+    repo = make_repo(tmp_path_factory.mktemp("dvc-repro") / "repo", ["digits", "iris"], outputs=True)
     done = sh(repo, "dvc", "repro", "--force")
     return Run(repo, done.stderr)
 

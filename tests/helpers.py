@@ -6,7 +6,8 @@
 - ``fmpipe(*args, cwd=...)``: ``python -m pipeline`` (the ``fmpipe`` command) in a subprocess;
   returns the result unchecked unless ``check=True``.
 - ``copy_project_files(dest)``: params, annotations and GX suites: what a step needs besides code.
-- ``make_repo(dest, enabled, edit=None)``: a fresh git + DVC repo holding the project's files.
+- ``make_repo(dest, enabled, edit=None, outputs=False)``: a fresh git + DVC repo holding the
+  project's files (``outputs``: also the small outputs git keeps, as a clone has them).
 - ``copy_tree(src, dest)``: a private copy of a finished project or repo (``.git`` and ``.dvc``
   included) from a session fixture (``tests/conftest.py``).
 - ``edit_params(fn, path)``: change ``params.yaml`` through a function of the parsed dict.
@@ -115,13 +116,19 @@ def edit_params(fn: Callable[[dict], None], path: Path | str = "params.yaml") ->
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def make_repo(dest: Path, enabled: list[str], edit: Optional[Callable[[dict], None]] = None) -> Path:
-    """A fresh git + DVC repo holding the project's files (as git would clone them)."""
+def make_repo(dest: Path, enabled: list[str], edit: Optional[Callable[[dict], None]] = None,
+              outputs: bool = False) -> Path:
+    """A fresh git + DVC repo holding the project's files (as git would clone them).
+
+    Without ``outputs``, nothing under data/ but its own files (its .gitignore keeps outputs out
+    of git); with it, also the small outputs git keeps (evaluate's figures, train's live plots)
+    of the ``enabled`` variants, as a real clone has them next to the committed dvc.lock."""
     files = sh(REPO, "git", "ls-files", "--cached", "--others", "--exclude-standard").stdout.split()
+    kept = ("data/.gitignore", "data/README.md")
     for rel in files:
         src = REPO / rel
-        # No outputs, but data/'s own files (its .gitignore keeps outputs out of git).
-        if src.is_file() and (not rel.startswith("data/") or rel in ("data/.gitignore", "data/README.md")):
+        if src.is_file() and (not rel.startswith("data/") or rel in kept
+                              or (outputs and rel.split("/")[1] in enabled)):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
 
