@@ -1,8 +1,9 @@
 """Monitoring (#28): the request log, the drift tests, and ``fmpipe monitor`` on a served package.
 
 The statistics and the log are tested in memory (milliseconds); one end-to-end test serves the
-session's digits package (conftest ``digits_run``: no pipeline of its own) with ``--log``,
-sends real HTTP requests, and runs ``fmpipe monitor`` on what was logged.
+session's digits package (a copy of conftest's ``repro_digits_iris``, which the pool test below
+needs anyway, so this file builds no other pipeline run) with ``--log``, sends real HTTP
+requests, and runs ``fmpipe monitor`` on what was logged.
 """
 
 from __future__ import annotations
@@ -232,11 +233,18 @@ class _Served:
         self._stack.close()
 
 
-def test_served_requests_are_logged_and_monitor_flags_shifted_inputs(digits_run, tmp_path):
+@pytest.fixture(scope="module")
+def digits_repo(repro_digits_iris, tmp_path_factory) -> Path:
+    """The session's reproduced repo (digits packaged with the committed params), copied: the
+    shared one stays as `dvc repro` left it."""
+    return repro_digits_iris.copy(tmp_path_factory.mktemp("monitoring") / "repo")
+
+
+def test_served_requests_are_logged_and_monitor_flags_shifted_inputs(digits_repo, tmp_path):
     from pipeline.artefacts import MonitorReport
     from pipeline.manifest import read_dataset
 
-    root = digits_run.root  # read only: the server and monitor write under tmp_path
+    root = digits_repo  # the server and monitor write under tmp_path
     test = read_dataset(root / "data/digits/annotate").split("test")
     images = np.asarray(test.images)
     rng = np.random.default_rng(0)
@@ -284,8 +292,8 @@ def test_served_requests_are_logged_and_monitor_flags_shifted_inputs(digits_run,
     assert r.returncode == 1 and "nothing: not found" in r.stderr
 
 
-def test_predict_logs_only_when_asked(digits_run, tmp_path):
-    root = digits_run.root
+def test_predict_logs_only_when_asked(digits_repo, tmp_path):
+    root = digits_repo
     from pipeline.manifest import read_dataset
 
     img = np.asarray(read_dataset(root / "data/digits/annotate").split("test").images[0])
