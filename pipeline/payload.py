@@ -74,8 +74,21 @@ def chunk_rows(images: Any, max_bytes: int = CHUNK_BYTES) -> int:
 def chunks(images: Any, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
     """Consecutive row blocks of any payload (ndarray, memmap, :class:`Images`) as arrays."""
     step = chunk_rows(images, max_bytes)
+    images = view(images)
     for start in range(0, len(images), step):
         yield np.asarray(images[start:start + step])
+
+
+def view(images: Any) -> Any:
+    """``images`` to read rows from: the memory map of a whole ``images.npy`` becomes a view
+    reading it with positioned reads. Pages touched through a map stay in the process's
+    resident set (ru_maxrss) until unmapped, so a pass over a 1 GiB file would "use" 1 GiB;
+    reads into a block buffer keep only the block."""
+    files = file_of(images)
+    if files is None:
+        return images
+    shape, dtype, offset = read_header(files[0])
+    return Images(_ShardStore(files, [shape[0]], shape[1:], dtype, [offset]))
 
 
 # ---------------------------------------------------------------- .npy headers
@@ -288,7 +301,8 @@ def take(images: Any, rows) -> Any:
     if isinstance(images, Images):
         return images.take(rows)
     if isinstance(images, np.memmap):
-        return Images(_ArrayStore(images)).take(rows)
+        whole = view(images)
+        return (whole if isinstance(whole, Images) else Images(_ArrayStore(images))).take(rows)
     return np.asarray(images[np.asarray(rows)])
 
 

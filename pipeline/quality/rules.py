@@ -92,7 +92,8 @@ class Context:
 
                 rows = np.asarray(missing, dtype=np.int64)
                 step = P.chunk_rows(ds.images)
-                jobs = ((self.embedder, ds.images[rows[a:a + step]]) for a in range(0, len(rows), step))
+                jobs = ((self.embedder, np.asarray(P.take(ds.images, rows[a:a + step])))
+                        for a in range(0, len(rows), step))
                 new = (vec for block in map_ordered(embed_chunk, jobs, self.engine) for vec in block)
             else:
                 new = ds.features.iloc[missing].to_numpy(dtype=np.float64)
