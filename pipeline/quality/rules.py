@@ -437,7 +437,7 @@ def _near(ds: Dataset, ctx: Context, rows_a: np.ndarray, rows_b: np.ndarray | No
         from pipeline.quality.neighbors import near_pairs_views
 
         step = P.chunk_rows(ds.images)  # the query's pixels chunk by chunk, like Context.vectors
-        chunks = [embed_views(np.asarray(ds.images[rows_a[a:a + step]])) for a in range(0, len(rows_a), step)]
+        chunks = [embed_views(np.asarray(P.take(ds.images, rows_a[a:a + step]))) for a in range(0, len(rows_a), step)]
         views = [np.concatenate([c[v] for c in chunks]) for v in range(len(chunks[0]))] if chunks else []
         pairs = near_pairs_views(va, views, vb, threshold=threshold, k=spec.neighbors_k, method=spec.index_method)
     else:
