@@ -305,6 +305,14 @@ class TrainSpec(Strict):
     steps_per_call: int = Field(1, ge=1, le=1024)
     # Differentially private training (DP-SGD, Opacus); None: ordinary training.
     privacy: Optional[PrivacySpec] = None
+    # Where the image splits live while training (pipeline/training/data.py). In memory (one
+    # uint8 tensor per split on the device: the fast path) while train + val are at most
+    # in_memory_mb; larger ones stream: batches read from the dataset's payload by
+    # loader_workers worker processes. stream: true/false forces one path. Same batches and,
+    # on the CPU, the same weights either way. Tables are always in memory.
+    in_memory_mb: float = Field(1024, ge=0)
+    stream: Optional[bool] = None
+    loader_workers: int = Field(2, ge=0, le=64)
 
     @model_validator(mode="after")
     def _private_training_fits(self) -> "TrainSpec":

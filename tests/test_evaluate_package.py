@@ -294,3 +294,33 @@ def test_batch_inference_runs_images_channels_last_and_leaves_the_net_as_it_was(
     filters = [p for p in net.parameters() if p.ndim == 4]
     assert filters and all(p.is_contiguous() for p in filters)
     assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in filters if p.shape[-1] > 1)
+
+
+def test_batch_inputs_score_like_the_whole_split_converted_at_once(project):
+    """Issue #25: evaluate and review convert the pixels to float32 one batch at a time
+    (``ModelInputs``), never a whole split. The logits of every TTA view and the penultimate
+    features are those of the whole split converted at once, to the bit, with batch sizes
+    that do not divide the split; the same holds for a table."""
+    from pipeline.evaluation.slices import penultimate
+    from pipeline.inference.network import ModelInputs, predict_logits
+
+    annotated("digits")
+    net = make_model("digits", epochs=0)
+    test = read_dataset("data/digits/annotate").split("test")
+    whole, batched = model_inputs(test), ModelInputs(test)
+    assert len(batched) == len(test) and batched.shape == tuple(whole.shape) and batched.ndim == 4
+    assert torch.equal(batched[5:9], whole[5:9]) and batched[5:9].is_contiguous()
+    tta = {"combine": "probs", "views": [{"flip": False, "shift": [0, 0], "weight": 0.5},
+                                         {"flip": True, "shift": [0, 0], "weight": 0.5}]}
+    for a, b in zip(predict_logits(net, batched, tta, batch_size=100), predict_logits(net, whole, tta, batch_size=100)):
+        assert a.tobytes() == b.tobytes()
+    assert penultimate(net, batched, 77).tobytes() == penultimate(net, whole, 77).tobytes()
+    with pytest.raises(TypeError, match="slice"):
+        batched[[1, 2]]
+
+    annotated("iris")
+    table = read_dataset("data/iris/annotate").split("test")
+    iris = make_model("iris", epochs=0)
+    assert ModelInputs(table).shape == tuple(model_inputs(table).shape)
+    assert predict_logits(iris, ModelInputs(table), batch_size=7).tobytes() == \
+        predict_logits(iris, model_inputs(table), batch_size=7).tobytes()

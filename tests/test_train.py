@@ -295,3 +295,80 @@ def test_steps_per_call_changes_the_calls_not_the_weights(project):
     assert runs[5][3] == runs[1][3] and "plots/metrics/val/acc.tsv" in runs[1][3]
     steps = [int(line.split("\t")[0]) for line in runs[5][3]["plots/metrics/train/loss.tsv"].splitlines()[1:]]
     assert steps == [steps_per_epoch - 1, 2 * steps_per_epoch - 1]  # the epoch's last step, 0-based
+
+
+def test_streamed_training_gives_the_in_memory_weights_and_resumes(project):
+    """Issue #25: a split read batch by batch from the payload (train.stream, DataLoader worker
+    processes) trains on the same batches, order and augmentation as the in-memory tensors:
+    for a seed the weights are the same to the bit on the CPU, and so the accuracy; a streamed
+    run interrupted after its first epoch and resumed ends with those weights too."""
+    import lightning.pytorch as pl
+
+    from pipeline.training.fit import fit
+
+    annotated("digits")
+    base = load_variant("digits")
+    # Dropout (the global generator) and augmentation (the stream's generator on the device).
+    train = base.train.model_copy(update={"max_epochs": 2, "augment": AugmentSpec(flip=True, translate=1)})
+    dataset = read_dataset("data/digits/annotate")
+    weights, summaries = {}, {}
+    for name, update in (("memory", {}), ("streamed", {"stream": True, "loader_workers": 1})):
+        spec = base.model_copy(update={"train": train.model_copy(update=update)})
+        summaries[name] = fit(dataset, spec, f"{name}/train", variant="digits")
+        weights[name] = Path(f"{name}/train/{WEIGHTS}").read_bytes()
+    assert summaries["memory"]["streamed"] is False and summaries["streamed"]["streamed"] is True
+    assert weights["streamed"] == weights["memory"]
+    assert summaries["streamed"]["final"] == summaries["memory"]["final"]  # val/acc and the losses
+
+    class StopAtEpoch(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    # Workers read the payload itself: from here on the split may not be in memory at all,
+    # which the automatic choice makes so (2 epochs, train + val of digits > 0 MB).
+    spec = base.model_copy(update={"train": train.model_copy(update={"in_memory_mb": 0, "loader_workers": 0})})
+    with pytest.raises(KeyboardInterrupt):
+        fit(dataset, spec, "resumed/train", callbacks=[StopAtEpoch()], variant="digits")
+    summary = fit(dataset, spec, "resumed/train", resume=True, variant="digits")
+    assert summary["streamed"] is True and summary["resumed_from"]["epoch"] == 1
+    assert Path(f"resumed/train/{WEIGHTS}").read_bytes() == weights["memory"]
+
+
+def test_streamed_batches_are_the_in_memory_batches(tmp_path):
+    """BatchStream over a memory-mapped payload (any worker count) makes the very tensors the
+    in-memory path makes: shuffled and augmented train batches, flip: alternate, DP-SGD's
+    Poisson batches, a DDP rank's share, validation rows in order; and the statistics the
+    network normalises with are the same to the bit."""
+    import pickle
+
+    from pipeline.training.data import (BatchStream, PayloadSplit, _PlannedBatches, normalization_stats, payload_stats,
+                                        row_chunks)
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (103, 6, 5, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", pixels)
+    payload = np.load(tmp_path / "images.npy", mmap_mode="r")
+    rows = np.sort(rng.choice(103, 60, replace=False))  # one split's rows
+    x = torch.from_numpy(np.ascontiguousarray(pixels[rows].transpose(0, 3, 1, 2)))
+    y = torch.arange(60)
+    cases = [dict(train=True, augment=AugmentSpec(flip=True, translate=1)),
+             dict(train=True, augment=AugmentSpec(flip="alternate")), dict(train=True, poisson_rate=0.1),
+             dict(train=True, rank=lambda: (1, 2)), dict(train=False), dict(train=False, rank=lambda: (2, 3))]
+    for kw in cases:
+        memory = list(BatchStream(x, y, 8, seed=3, epoch=lambda: 1, **kw))
+        for workers in (0, 2):
+            streamed = list(BatchStream(PayloadSplit(payload, rows, workers), y, 8, seed=3, epoch=lambda: 1, **kw))
+            assert len(streamed) == len(memory) > 0
+            for (xa, ya), (xb, yb) in zip(memory, streamed):
+                assert torch.equal(xa, xb) and torch.equal(ya, yb) and xb.is_contiguous()
+
+    mean, std = normalization_stats(x.numpy())
+    got = payload_stats(payload, rows)
+    assert torch.equal(got[0], mean) and torch.equal(got[1], std)
+    assert list(row_chunks(10, 30, budget=100)) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert list(row_chunks(2, 1000, budget=100)) == [(0, 1), (1, 2)]  # a row bigger than the budget
+    # Workers started by spawn/forkserver receive the payload as a file to map, not its bytes.
+    planned = pickle.loads(pickle.dumps(_PlannedBatches(payload, [np.array([7, 2])])))
+    assert isinstance(planned.images, np.memmap) and np.array_equal(planned[0].numpy(), pixels[[7, 2]])
+    assert len(pickle.dumps(_PlannedBatches(payload, []))) < 1000

@@ -27,7 +27,7 @@ from pipeline.filenames import (BLESSING, CALIBRATION, CONFUSION, DETAILS, DISCO
                                 IMPORTANCE_CSV, METRICS, MISTAKES,
                                 PER_CLASS, PREDICTIONS, RELIABILITY_PNG, ROBUSTNESS_CSV, ROBUSTNESS_PNG, SLICES_CSV,
                                 SLICES_PNG)
-from pipeline.inference.network import check_compatible, model_inputs, predict_logits
+from pipeline.inference.network import ModelInputs, check_compatible, predict_logits
 from pipeline.inference.tta import effective_tta, tta_description
 from pipeline.io import sha256_file, to_json
 from pipeline.models import WEIGHTS
@@ -112,7 +112,7 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
     ev = spec.evaluate
 
     tta = effective_tta(meta, spec.train)
-    logits = predict_logits(net, model_inputs(test), tta)
+    logits = predict_logits(net, ModelInputs(test), tta)
     classes = list(test.classes)
     labels = test.manifest["label"].to_numpy()
     val_scores = None
@@ -121,7 +121,7 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
         if len(val) == 0:
             raise FmpipeError(f"{data_dir}: the val split is empty; temperature_scaling "
                               f"(params.yaml: variants.{variant}.evaluate) needs it")
-        val_scores = (predict_logits(net, model_inputs(val), tta), val.manifest["label"].to_numpy())
+        val_scores = (predict_logits(net, ModelInputs(val), tta), val.manifest["label"].to_numpy())
     probs_np, calibration = calibrate(logits, labels, val_scores, ev.temperature_scaling,
                                       ev.calibration_bins, tta)
     s = score(probs_np, labels, classes)
@@ -136,7 +136,7 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
         metrics.membership = membership_audit(net, meta, ds, ev.membership_rows)
     sliced = slices.evaluate_slices(ev.slices, test.manifest, labels, s["predicted"], len(classes),
                                     features=test.features, flagged=flagged,
-                                    embed=lambda: slices.penultimate(net, model_inputs(test)))
+                                    embed=lambda: slices.penultimate(net, ModelInputs(test)))
     metrics.slices = sliced["figures"]
     explained = None
     if ev.explain is not None:
@@ -149,7 +149,7 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
 
         rob = robustness.evaluate_robustness(
             ev.robustness, test, ds.split("train") if test.features is not None else None,
-            lambda part: predict_logits(net, model_inputs(part)).argmax(axis=1))
+            lambda part: predict_logits(net, ModelInputs(part)).argmax(axis=1))
         metrics.robustness = robustness.figures(rob)
     views = (tta or {}).get("views") or []
     weights_sha = sha256_file(model_dir / WEIGHTS)
@@ -207,9 +207,10 @@ def membership_audit(net, meta: dict, ds, limit: int) -> MembershipAudit:
     head = meta["model"].get("head", "softmax")
     losses = {}
     for side, splits in (("members", ("train",)), ("nonmembers", ("val", "test"))):
-        part = ds.take(ds.manifest["split"].isin(splits).to_numpy())
-        part = part.take(M.sample_rows(len(part), limit))
-        logits = predict_logits(net, model_inputs(part)) if len(part) else np.zeros((0, 1))
+        # The sample's row numbers first, then one take: only the sampled rows' pixels are read.
+        rows = np.flatnonzero(ds.manifest["split"].isin(splits).to_numpy())
+        part = ds.take(rows[M.sample_rows(len(rows), limit)])
+        logits = predict_logits(net, ModelInputs(part)) if len(part) else np.zeros((0, 1))
         losses[side] = M.per_row_loss(logits, part.manifest["label"].to_numpy(), head)
     result = M.audit(losses["members"], losses["nonmembers"])
     result.pop("attack")

@@ -121,7 +121,7 @@ def evaluate_robustness(spec: "RobustnessSpec", test: "Dataset", train: "Optiona
                         predict: Callable[["Dataset"], np.ndarray]) -> dict[str, Any]:
     """Accuracy under every corruption of ``spec`` that fits the data (image or table) at
     severities 1..3. ``train`` gives a table's feature statistics; ``predict(ds)`` the predicted
-    classes of a dataset's rows (the plain network, through ``model_inputs``). Returns
+    classes of a dataset's rows (the plain network, through ``ModelInputs``). Returns
     ``table`` (corruption, severity, accuracy, drop), ``per_corruption`` (mean over
     severities), ``mean`` (over corruptions), ``clean`` and ``rows``."""
     import pandas as pd

@@ -3,7 +3,11 @@ the membership audit, package's ONNX check inputs).
 
 The network takes raw inputs (normalisation is its first layer, see ``pipeline.models``):
 images as float32 N x C x H x W pixel values 0..255, tables as float32 N x F features in the
-dataset's column order. ``model_inputs`` is the one place that turns a dataset into that;
+dataset's column order. :class:`ModelInputs` is the one place that turns a dataset's rows into
+that, a batch at a time: a whole split as float32 would be 4x its uint8 pixels (the
+permute-then-copy made it 8x), 2 GB for 10,000 images of 128 x 128 (issue #25), so batch
+inference (evaluate, review, the membership audit) holds one batch of floats whatever N is.
+``model_inputs`` is the whole tensor at once, for a few rows (package's check inputs, tests).
 ``predict_logits`` gives the logits of every TTA view (``pipeline.inference.tta``), which
 ``tta.probabilities`` turns into class probabilities exactly as predict and serve do.
 
@@ -25,14 +29,50 @@ if TYPE_CHECKING:  # pragma: no cover
     from pipeline.manifest import Dataset
 
 
-def model_inputs(ds: "Dataset") -> "torch.Tensor":
-    """The dataset's payload as the network's raw input tensor (float32, CPU)."""
-    import torch
+class ModelInputs:
+    """A dataset's rows as the network's raw input, converted one slice at a time.
 
-    if ds.images is not None:
-        # uint8 N x H x W x C -> float32 N x C x H x W, values kept in 0..255.
-        return torch.from_numpy(np.ascontiguousarray(ds.images)).permute(0, 3, 1, 2).float().contiguous()
-    return torch.from_numpy(ds.features.to_numpy(dtype=np.float32, copy=True))
+    ``len``, ``shape``, ``ndim`` as the float32 tensor would have them; ``x[a:b]`` is that
+    tensor's rows a..b (a fresh float32 CPU tensor, C-contiguous N x C x H x W or N x F), the
+    same values and layout as slicing the whole converted tensor, so scores do not depend on
+    whether the split was converted at once or in batches. The pixels are read with the
+    payload's own slicing (``Dataset.images``: a memory map or a sharded view).
+    """
+
+    def __init__(self, ds: "Dataset") -> None:
+        if ds.images is not None:
+            self._rows = ds.images
+            n, h, w, c = ds.images.shape
+            self.shape: tuple[int, ...] = (n, c, h, w)
+        else:
+            # A table is in memory already (a DataFrame); as float32 it is N x F * 4 bytes.
+            self._rows = ds.features.to_numpy(dtype=np.float32, copy=True)
+            self.shape = tuple(self._rows.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> "torch.Tensor":
+        import torch
+
+        if not isinstance(rows, slice):
+            raise TypeError(f"ModelInputs takes a slice of rows, got {type(rows).__name__}")
+        if self.ndim == 2:
+            return torch.from_numpy(self._rows[rows])
+        # uint8 n x H x W x C -> float32 n x C x H x W, values kept in 0..255. np.array: a
+        # memory-mapped payload is read-only, torch wants writable memory.
+        part = np.array(self._rows[rows], dtype=np.uint8)
+        return torch.from_numpy(part).permute(0, 3, 1, 2).float().contiguous()
+
+
+def model_inputs(ds: "Dataset") -> "torch.Tensor":
+    """The dataset's whole payload as the network's raw input tensor (float32, CPU): for a few
+    rows only (4x the pixels' bytes); batch inference takes :class:`ModelInputs`."""
+    return ModelInputs(ds)[:]
 
 
 def check_compatible(meta: dict[str, Any], ds: "Dataset", model_dir: str | Path, data_dir: str | Path) -> None:

@@ -98,12 +98,12 @@ def model_probs(net_or_dir, ds: Dataset, rows: np.ndarray, tta: Optional[dict[st
     the one pass already made them)."""
     if tta is None and logits is not None:
         return softmax(np.asarray(logits[rows], dtype=np.float64))
-    from pipeline.inference.network import model_inputs, predict_logits
+    from pipeline.inference.network import ModelInputs, predict_logits
     from pipeline.inference.tta import probabilities
     from pipeline.models import load_trained
 
     net = load_trained(net_or_dir)[0] if isinstance(net_or_dir, (str, os.PathLike)) else net_or_dir
-    return probabilities(predict_logits(net, model_inputs(ds.take(rows)), tta), 1.0, tta).astype(np.float64)
+    return probabilities(predict_logits(net, ModelInputs(ds.take(rows)), tta), 1.0, tta).astype(np.float64)
 
 
 def review_tta(meta: dict[str, Any], spec: VariantSpec) -> Optional[dict[str, Any]]:

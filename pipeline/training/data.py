@@ -1,4 +1,5 @@
-"""Training data on the device: whole splits as tensors, batches by index, augmentation per batch.
+"""Training data: whole splits as tensors on the device, or streamed from the payload; batches
+by index, augmentation per batch on the device.
 
 The airbench lesson: on small images the per-sample ``Dataset.__getitem__`` + collate path of a
 ``DataLoader`` costs more than the network. Here each split is one tensor that lives on the
@@ -6,12 +7,25 @@ training device (images stay uint8 there, 4x smaller than float), an epoch is on
 permutation, and a batch is one indexing operation followed by batch-wide augmentation. There
 is no per-sample Python and no worker process.
 
+Splits larger than ``train.in_memory_mb`` (or any split, with ``train.stream: true``) are
+*streamed* instead (issue #25): the same permutation and the same index batches, but each
+batch's rows are read from the dataset's payload (``Dataset.images``: a memory map or a sharded
+view, read with a sorted index array) by ``train.loader_workers`` DataLoader worker processes,
+a few batches ahead, into pinned memory on a GPU; the uint8 batch then goes to the device and
+is turned into float and augmented there exactly as the in-memory path does. So for a seed the
+batches, their order and their augmentation are the same whichever path runs (on the CPU the
+weights are bit-identical, tests/test_train.py), and the host holds one split's labels and a
+few batches of pixels, never a split. Tables are always in memory (the features are a
+DataFrame already).
+
 DDP: :class:`BatchStream` asks the trainer for ``global_rank`` / ``world_size`` when an epoch
 starts. Every rank draws the same permutation (same seed, same epoch) and takes every
 ``world_size``-th batch of it, so the ranks see disjoint shards and all of them run the same
-number of steps (the leftover batches of an epoch are dropped, as ``drop_last`` does).
-``batch_size`` is per device, Lightning's convention: the global batch is
-``batch_size * world_size``.
+number of steps (the leftover batches of an epoch are dropped, as ``drop_last`` does); a
+streamed rank reads only its own batches. ``batch_size`` is per device, Lightning's
+convention: the global batch is ``batch_size * world_size``. An epoch's batches depend only on
+the seed, the epoch and the rank, so a run resumed from ``last.ckpt`` (written at the end of
+every epoch) draws the same batches as the uninterrupted run, streamed or not.
 
 The trainer gets the training batches in groups (:class:`StepGroups`): ``steps_per_call``
 batches per ``training_step`` call, which takes one optimizer step per batch. Lightning's loop
@@ -22,7 +36,7 @@ augmentation are those of the ungrouped stream, so the weights do not depend on 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -34,18 +48,40 @@ from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset
 
 EVAL_BATCH = 1024  # validation batch size floor: no gradients, so bigger is just faster
+# Rows are read (and statistics accumulated) in chunks of about this many bytes, whatever the
+# image size: a fixed row count made a 1.5 GiB float64 temporary at 128 x 128 (issue #25).
+CHUNK_BYTES = 64 * 2**20
+
+
+def split_rows(ds: Dataset, split: str) -> np.ndarray:
+    """The payload rows of one split, in increasing order."""
+    return np.flatnonzero(ds.manifest["split"].to_numpy() == split)
+
+
+def row_chunks(n: int, row_bytes: int, budget: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive row chunks of at most ``budget`` bytes (one row at least)."""
+    step = max(1, budget // max(1, row_bytes))
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
 
 
 def split_arrays(ds: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(inputs, labels)`` of one split: images N x C x H x W uint8, tables N x F float32."""
-    part = ds.split(split)
-    labels = part.manifest["label"].to_numpy(dtype=np.int64)
-    if ds.kind == "image":
-        x = np.ascontiguousarray(np.asarray(part.images).transpose(0, 3, 1, 2))
-    else:
-        x = part.features.to_numpy(dtype=np.float32)
-    # Own, writable, C-ordered copies: torch.from_numpy wants writable memory (not an mmap).
-    return np.require(x, requirements=["C", "W", "O"]), np.require(labels, requirements=["C", "W", "O"])
+    """``(inputs, labels)`` of one split: images N x C x H x W uint8, tables N x F float32.
+
+    Own, writable, C-ordered arrays (torch.from_numpy wants writable memory, not an mmap). The
+    images are copied from the payload chunk by chunk straight into their N x C x H x W place,
+    so the split is held once, never twice.
+    """
+    rows = split_rows(ds, split)
+    labels = np.require(ds.manifest["label"].to_numpy(dtype=np.int64)[rows], requirements=["C", "W", "O"])
+    if ds.kind != "image":
+        x = ds.features.iloc[rows].to_numpy(dtype=np.float32)
+        return np.require(x, requirements=["C", "W", "O"]), labels
+    _, h, w, c = ds.images.shape
+    x = np.empty((len(rows), c, h, w), dtype=np.uint8)
+    for a, b in row_chunks(len(rows), h * w * c):
+        x[a:b] = np.asarray(ds.images[rows[a:b]]).transpose(0, 3, 1, 2)
+    return x, labels
 
 
 def input_shape(ds: Dataset) -> tuple[int, ...]:
@@ -56,21 +92,39 @@ def input_shape(ds: Dataset) -> tuple[int, ...]:
     return (ds.features.shape[1],)
 
 
-def normalization_stats(x: np.ndarray, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def normalization_stats(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std per channel (N x C x H x W) or per feature (N x F), as float32 tensors.
 
-    Accumulated in float64 over chunks of rows, so a large uint8 image set is never copied
-    whole into floats.
+    Accumulated in float64 over chunks of rows (about ``CHUNK_BYTES`` of float64, and 4,096
+    rows at most: a table's sums then add up in the order they always did), so a large uint8
+    image set is never copied whole into floats.
     """
     axes = (0, 2, 3) if x.ndim == 4 else (0,)
-    total = np.zeros(x.shape[1], dtype=np.float64)
-    squares = np.zeros(x.shape[1], dtype=np.float64)
+    row_elems = int(np.prod(x.shape[1:]))
+    chunks = (x[a:b] for a, b in row_chunks(len(x), 8 * row_elems, min(CHUNK_BYTES, 8 * row_elems * 4096)))
+    return _stats(chunks, axes, x.shape[1])
+
+
+def payload_stats(images, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`normalization_stats` of the images ``rows`` of an N x H x W x C uint8 payload,
+    read in chunks (the streamed path). The same figures to the bit: the sums of uint8 values
+    and of their squares are whole numbers, exact in float64 in any order (below 2**53: 1.4e11
+    pixels per channel, 2.7M images at 224 x 224)."""
+    _, h, w, c = images.shape
+    chunks = (images[rows[a:b]] for a, b in row_chunks(len(rows), 8 * h * w * c))
+    return _stats(chunks, (0, 1, 2), c)
+
+
+def _stats(chunks: Iterable[np.ndarray], axes: tuple[int, ...], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    total = np.zeros(width, dtype=np.float64)
+    squares = np.zeros(width, dtype=np.float64)
     count = 0
-    for start in range(0, len(x), chunk):
-        values = np.asarray(x[start:start + chunk], dtype=np.float64)
+    for chunk in chunks:
+        values = np.array(chunk, dtype=np.float64)  # a copy: squared in place below
         total += values.sum(axis=axes)
-        squares += (values * values).sum(axis=axes)
-        count += values.size // x.shape[1]
+        np.multiply(values, values, out=values)
+        squares += values.sum(axis=axes)
+        count += values.size // width
     mean = total / max(count, 1)
     std = np.sqrt(np.maximum(squares / max(count, 1) - mean * mean, 0.0))
     return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
@@ -104,21 +158,78 @@ def augment_batch(x: torch.Tensor, aug: AugmentSpec, gen: torch.Generator,
     return x.contiguous()
 
 
-class BatchStream:
-    """An iterable of whole ``(inputs, labels)`` batches over tensors already on the device.
+class PayloadSplit:
+    """One split of an image payload, read batch by batch (the streamed path): ``images`` is
+    ``Dataset.images`` (N x H x W x C uint8, a memory map or a sharded view), ``rows`` the
+    split's payload rows in increasing order. Only ``len``, ``shape`` and reads with a sorted
+    integer index array are asked of ``images``."""
 
-    ``train=True``: a fresh permutation every epoch from ``seed`` and the epoch number, the
-    last incomplete batch dropped, augmentation applied. ``train=False``: rows in order,
-    every row once (each rank takes its own contiguous rows under DDP).
+    def __init__(self, images: Any, rows: np.ndarray, workers: int = 2) -> None:
+        self.images = images
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.workers = workers
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class _PlannedBatches(torch.utils.data.Dataset):
+    """Item ``i``: the uint8 pixels (n x H x W x C) of the ``i``-th planned batch, rows in the
+    plan's order. What a DataLoader worker runs; the plan is fixed before the epoch starts."""
+
+    def __init__(self, images: Any, plan: list[np.ndarray]) -> None:
+        self.images = images
+        self.plan = plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        idx = self.plan[i]
+        order = np.argsort(idx, kind="stable")
+        # One read with a sorted index (the cheap one for a memory map and for shards), then
+        # the rows put back in the permutation's order.
+        got = np.asarray(self.images[idx[order]])
+        out = np.empty_like(got)
+        out[order] = got
+        return torch.from_numpy(out)
+
+    def __getstate__(self) -> dict:
+        # Workers started by spawn/forkserver get this object pickled; a memory map would be
+        # pickled as its whole contents, so it travels as where to map it again.
+        state = dict(self.__dict__)
+        images = self.images
+        if isinstance(images, np.memmap) and getattr(images, "filename", None):
+            state["images"] = ("memmap", images.filename, images.dtype.str, images.shape, images.offset)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        images = state["images"]
+        if isinstance(images, tuple) and images and images[0] == "memmap":
+            _, filename, dtype, shape, offset = images
+            state["images"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", shape=shape, offset=offset)
+        self.__dict__.update(state)
+
+
+class BatchStream:
+    """An iterable of whole ``(inputs, labels)`` batches, made on the labels' device.
+
+    ``x``: a tensor already on the device (the in-memory path), or a :class:`PayloadSplit`
+    whose batches DataLoader workers read ahead (the streamed path); ``y`` the labels on the
+    device. ``train=True``: a fresh permutation every epoch from ``seed`` and the epoch number,
+    the last incomplete batch dropped, augmentation applied. ``train=False``: rows in order,
+    every row once (each rank takes its own contiguous rows under DDP). Both paths make the
+    same index batches and the same floats from them.
     Image batches come out as float32 0..255 (channels_last if asked); tables as they are.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, train: bool,
+    def __init__(self, x: Union[torch.Tensor, PayloadSplit], y: torch.Tensor, batch_size: int, *, train: bool,
                  seed: int = 0, augment: Optional[AugmentSpec] = None, channels_last: bool = False,
                  epoch: Callable[[], int] = lambda: 0,
                  rank: Callable[[], tuple[int, int]] = lambda: (0, 1),
                  poisson_rate: Optional[float] = None) -> None:
         self.x, self.y = x, y
+        self.device = y.device
         # DP-SGD (train.privacy): every row joins every batch on its own seeded coin with this
         # probability (pipeline/training/privacy.py says why); the epoch keeps its step count.
         self.poisson_rate = poisson_rate
@@ -129,6 +240,10 @@ class BatchStream:
         self.channels_last = channels_last
         self.epoch = epoch
         self.rank = rank
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.x, PayloadSplit)
 
     def __len__(self) -> int:
         n = len(self.y)
@@ -141,39 +256,63 @@ class BatchStream:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rank, world = self.rank()
         n = len(self.y)
+        aug_gen = flips = None
         if self.train:
             epoch = int(self.epoch())
-            n_batches = (n // self.batch_size) // world
-            starts = [(b * world + rank) * self.batch_size for b in range(n_batches)]
-            aug_gen = None
             if self.augment is not None:
-                aug_gen = torch.Generator(device=self.x.device)
+                aug_gen = torch.Generator(device=self.device)
                 aug_gen.manual_seed((self.seed * 1_000_003 + epoch) * 4099 + rank + 1)
             flips = self._alternate_flips(n, epoch)
-            if self.poisson_rate is not None:
-                coins = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7 + 3)
-                for _ in starts:
-                    idx = torch.nonzero(torch.rand(n, generator=coins) < self.poisson_rate).flatten()
-                    idx = idx.to(self.x.device)
-                    yield self._prepare(self.x[idx], aug_gen, None if flips is None else flips[idx]), self.y[idx]
-                return
-            # The permutation is drawn on the CPU (cheap, identical on every device type);
-            # the augmentation generator lives on the data's device.
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-            order = order.to(self.x.device)
-            for s in starts:
-                idx = order[s:s + self.batch_size]
-                yield self._prepare(self.x[idx], aug_gen, None if flips is None else flips[idx]), self.y[idx]
+            plan = self._train_plan(n, epoch, rank, world)
         else:
-            rows = torch.arange(rank, n, world, device=self.x.device) if world > 1 else None
-            total = n if rows is None else len(rows)
-            for s in range(0, total, self.batch_size):
-                if rows is None:
-                    xb, yb = self.x[s:s + self.batch_size], self.y[s:s + self.batch_size]
-                else:
-                    idx = rows[s:s + self.batch_size]
-                    xb, yb = self.x[idx], self.y[idx]
-                yield self._prepare(xb, None), yb
+            plan = self._eval_plan(n, rank, world)
+        for idx, xb in zip(plan, self._pixels(plan)):
+            if not isinstance(idx, slice):
+                idx = idx.to(self.device)
+            yield self._prepare(xb, aug_gen, None if flips is None else flips[idx]), self.y[idx]
+
+    def _train_plan(self, n: int, epoch: int, rank: int, world: int) -> list:
+        """This rank's index batches of one epoch (index tensors on the data's device for the
+        in-memory path, on the CPU for the streamed one)."""
+        n_batches = (n // self.batch_size) // world
+        starts = [(b * world + rank) * self.batch_size for b in range(n_batches)]
+        data_device = torch.device("cpu") if self.streamed else self.device
+        if self.poisson_rate is not None:
+            coins = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7 + 3)
+            return [torch.nonzero(torch.rand(n, generator=coins) < self.poisson_rate).flatten().to(data_device)
+                    for _ in starts]
+        # The permutation is drawn on the CPU (cheap, identical on every device type); the
+        # augmentation generator lives on the data's device.
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        order = order.to(data_device)
+        return [order[s:s + self.batch_size] for s in starts]
+
+    def _eval_plan(self, n: int, rank: int, world: int) -> list:
+        if world == 1:
+            return [slice(s, s + self.batch_size) for s in range(0, n, self.batch_size)]
+        rows = torch.arange(rank, n, world, device=torch.device("cpu") if self.streamed else self.device)
+        return [rows[s:s + self.batch_size] for s in range(0, len(rows), self.batch_size)]
+
+    def _pixels(self, plan: list) -> Iterator[torch.Tensor]:
+        """Each planned batch's inputs: indexed on the device, or read from the payload by
+        DataLoader workers (in the plan's order) and moved to the device as uint8."""
+        if not self.streamed:
+            for idx in plan:
+                yield self.x[idx]
+            return
+        src = self.x
+        positions = [np.arange(*idx.indices(len(src))) if isinstance(idx, slice) else idx.numpy() for idx in plan]
+        cuda = self.device.type == "cuda"
+        # A generator of its own: a DataLoader draws its workers' base seed from the global one
+        # otherwise, and dropout (which draws from it) would then differ from the in-memory run.
+        loader = torch.utils.data.DataLoader(
+            _PlannedBatches(src.images, [src.rows[p] for p in positions]), batch_size=None, shuffle=False,
+            num_workers=src.workers, pin_memory=cuda, prefetch_factor=2 if src.workers else None,
+            generator=torch.Generator().manual_seed(0))
+        for batch in loader:
+            # n x H x W x C uint8 -> n x C x H x W on the device: the in-memory tensor's layout,
+            # so .float() and the augmentation below see the very same tensor.
+            yield batch.to(self.device, non_blocking=cuda).permute(0, 3, 1, 2).contiguous()
 
     def _alternate_flips(self, n: int, epoch: int) -> Optional[torch.Tensor]:
         """``flip: alternate``: one seeded coin per image (the same every epoch), inverted on
@@ -181,7 +320,7 @@ class BatchStream:
         if self.augment is None or self.augment.flip != "alternate":
             return None
         base = torch.rand(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + 7919)) < 0.5
-        return (base ^ bool(epoch % 2)).to(self.x.device)
+        return (base ^ bool(epoch % 2)).to(self.device)
 
     def _prepare(self, xb: torch.Tensor, gen: Optional[torch.Generator],
                  flip_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -232,15 +371,18 @@ class StepGroups:
 class TensorDataModule(pl.LightningDataModule):
     """The dataset contract's train/val splits as :class:`BatchStream` s on the training device.
 
-    Construction reads the splits into CPU arrays and measures the normalisation statistics on
-    the train split (``mean``/``std``, needed to build the network before training starts);
-    ``setup`` moves the tensors onto ``trainer.strategy.root_device``. Training batches come
-    in :class:`StepGroups` of ``steps_per_call``; validation batches one at a time.
+    Construction reads the splits (in memory), or only their labels and row numbers (streamed:
+    ``stream`` true, or None and the two image splits larger than ``in_memory_mb``), and
+    measures the normalisation statistics on the train split (``mean``/``std``, needed to
+    build the network before training starts); ``setup`` moves the tensors onto
+    ``trainer.strategy.root_device``. Training batches come in :class:`StepGroups` of
+    ``steps_per_call``; validation batches one at a time.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, augment: Optional[AugmentSpec] = None,
                  seed: int = 0, channels_last: bool = False, steps_per_call: int = 1,
-                 poisson: bool = False) -> None:
+                 poisson: bool = False, stream: Optional[bool] = None, in_memory_mb: float = float("inf"),
+                 loader_workers: int = 2) -> None:
         super().__init__()
         augment = augment or AugmentSpec()
         if dataset.kind != "image" and (augment.flip or augment.translate):
@@ -258,29 +400,41 @@ class TensorDataModule(pl.LightningDataModule):
         self.seed = seed
         self.channels_last = channels_last and dataset.kind == "image"
         self.steps_per_call = steps_per_call
-        self._arrays = {s: split_arrays(dataset, s) for s in ("train", "val")}
-        n_train = len(self._arrays["train"][1])
+        rows = {s: split_rows(dataset, s) for s in ("train", "val")}
+        self.split_mb = (sum(len(r) for r in rows.values()) * int(np.prod(self.input_shape)) / 2**20
+                         if dataset.kind == "image" else 0.0)
+        self.streamed = dataset.kind == "image" and (stream if stream is not None else self.split_mb > in_memory_mb)
+        labels = dataset.manifest["label"].to_numpy(dtype=np.int64)
+        self._labels = {s: np.ascontiguousarray(labels[r]) for s, r in rows.items()}
+        n_train = len(rows["train"])
         if n_train < batch_size:
             raise FmpipeError(
                 f"train.batch_size: {batch_size} is larger than the train split ({n_train} rows); "
                 "every epoch would be empty"
             )
-        self.mean, self.std = normalization_stats(self._arrays["train"][0])
+        if self.streamed:
+            self._arrays: dict[str, Any] = {s: PayloadSplit(dataset.images, r, loader_workers)
+                                            for s, r in rows.items()}
+            self.mean, self.std = payload_stats(dataset.images, rows["train"])
+        else:
+            self._arrays = {s: split_arrays(dataset, s)[0] for s in ("train", "val")}
+            self.mean, self.std = normalization_stats(self._arrays["train"])
         self.poisson_rate = batch_size / n_train if poisson else None
-        self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tensors: dict[str, tuple[Any, torch.Tensor]] = {}
 
     @property
     def num_train(self) -> int:
-        return len(self._arrays["train"][1])
+        return len(self._labels["train"])
 
     @property
     def num_val(self) -> int:
-        return len(self._arrays["val"][1])
+        return len(self._labels["val"])
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        for split, (x, y) in self._arrays.items():
-            self._tensors[split] = (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+        for split, x in self._arrays.items():
+            y = torch.from_numpy(self._labels[split]).to(device)
+            self._tensors[split] = (x if self.streamed else torch.from_numpy(x).to(device), y)
 
     def _rank(self) -> tuple[int, int]:
         if self.trainer is None:

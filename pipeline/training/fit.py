@@ -60,7 +60,7 @@ SUMMARY = "train_summary.json"
 RUN_META = "run.json"
 # Keys that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = {"max_epochs", "max_time", "accelerator", "devices", "num_nodes", "strategy",
-                      "cpu_threads"}
+                      "cpu_threads", "in_memory_mb", "stream", "loader_workers"}
 
 
 def default_state_dir(out_dir: str | os.PathLike) -> Path:
@@ -100,7 +100,8 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     pl.seed_everything(train.seed, workers=True, verbose=False)
     dm = TensorDataModule(dataset, train.batch_size, augment=train.augment, seed=train.seed,
                           channels_last=train.channels_last, steps_per_call=train.steps_per_call,
-                          poisson=train.privacy is not None)
+                          poisson=train.privacy is not None, stream=train.stream,
+                          in_memory_mb=train.in_memory_mb, loader_workers=train.loader_workers)
     # The one network: trained, then saved as float32 on the CPU (save_trained).
     net = build(spec.model.name, dm.input_shape, len(dm.classes), spec.model.options,
                 mean=dm.mean, std=dm.std, head=spec.model.head)
@@ -233,6 +234,7 @@ def _summary(spec: VariantSpec, dm, trainer, timer, wall: float, threads: int, r
         "resumed_from": resumed_from,
         "train_rows": dm.num_train,
         "val_rows": dm.num_val,
+        "streamed": dm.streamed,  # batches read from the payload (train.in_memory_mb / train.stream)
         "batch_size": train.batch_size,
         "steps_per_call": train.steps_per_call,
         "world_size": int(trainer.world_size),
