@@ -6,9 +6,10 @@ dataset contract (the data steps before train are not what this measures), then 
 step in its own ``fmpipe`` process and samples the resident memory of that process and its
 children (DataLoader workers) every 50 ms:
 
-- ``anon``: RssAnon + RssShmem summed over the process tree: the memory the step needs;
-- ``rss``: total resident memory, which also counts the pages of ``images.npy`` mapped and
-  read (file cache the kernel takes back under pressure);
+- ``anon``: Pss_Anon + Pss_Shmem summed over the process tree (proportional: pages a forked
+  worker shares with its parent count once): the memory the step needs;
+- ``rss``: the same for all resident pages (Pss), which also counts the pages of
+  ``images.npy`` mapped and read (file cache the kernel takes back under pressure);
 - ``hwm``: the main process's VmHWM (the kernel's peak RSS, what ``/usr/bin/time`` reports).
 
     python bench/stream_memory.py --n 10000 --size 64 --root /tmp/synth-10k [--set train.in_memory_mb=64]
@@ -115,7 +116,8 @@ def write_params(root: Path, size: int, overrides: list[str]) -> None:
 
 
 def tree_memory(pid: int) -> tuple[int, int]:
-    """(anon + shmem, rss) in bytes over ``pid`` and its descendants."""
+    """(anon + shmem, rss) in bytes over ``pid`` and its descendants, as proportional set sizes:
+    a forked DataLoader worker shares its parent's pages, which plain RSS would count twice."""
     import psutil
 
     anon = rss = 0
@@ -126,13 +128,13 @@ def tree_memory(pid: int) -> tuple[int, int]:
         return 0, 0
     for p in procs:
         try:
-            status = Path(f"/proc/{p.pid}/status").read_text()
+            rollup = Path(f"/proc/{p.pid}/smaps_rollup").read_text()
         except OSError:
             continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        fields = dict(line.split(":", 1) for line in rollup.splitlines()[1:] if ":" in line)
         kb = lambda k: int(fields.get(k, "0 kB").split()[0]) * 1024  # noqa: E731
-        anon += kb("RssAnon") + kb("RssShmem")
-        rss += kb("VmRSS")
+        anon += kb("Pss_Anon") + kb("Pss_Shmem")
+        rss += kb("Pss")
     return anon, rss
 
 
