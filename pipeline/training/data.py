@@ -211,6 +211,15 @@ class _PlannedBatches(torch.utils.data.Dataset):
         self.__dict__.update(state)
 
 
+def _worker_start(workers: int) -> Optional[str]:
+    """Fork where the platform has it: a worker then inherits the payload (a memory map, or a
+    view of one) instead of receiving it pickled, which for an array means its whole contents
+    (Python 3.14 makes forkserver the default on Linux). Elsewhere the platform's default."""
+    import multiprocessing
+
+    return "fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None
+
+
 class BatchStream:
     """An iterable of whole ``(inputs, labels)`` batches, made on the labels' device.
 
@@ -308,7 +317,7 @@ class BatchStream:
         loader = torch.utils.data.DataLoader(
             _PlannedBatches(src.images, [src.rows[p] for p in positions]), batch_size=None, shuffle=False,
             num_workers=src.workers, pin_memory=cuda, prefetch_factor=2 if src.workers else None,
-            generator=torch.Generator().manual_seed(0))
+            generator=torch.Generator().manual_seed(0), multiprocessing_context=_worker_start(src.workers))
         for batch in loader:
             # n x H x W x C uint8 -> n x C x H x W on the device: the in-memory tensor's layout,
             # so .float() and the augmentation below see the very same tensor.
