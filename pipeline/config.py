@@ -308,11 +308,13 @@ class TrainSpec(Strict):
     # Where the image splits live while training (pipeline/training/data.py). In memory (one
     # uint8 tensor per split on the device: the fast path) while train + val are at most
     # in_memory_mb; larger ones stream: batches read from the dataset's payload by
-    # loader_workers worker processes. stream: true/false forces one path. Same batches and,
-    # on the CPU, the same weights either way. Tables are always in memory.
+    # loader_workers worker processes (None: 2 on a GPU, 0 on the CPU, where a forked worker
+    # costs ~1 GB of copied pages and the step, not the read, is the slow part). stream:
+    # true/false forces one path. Same batches and, on the CPU, the same weights either way.
+    # Tables are always in memory.
     in_memory_mb: float = Field(1024, ge=0)
     stream: Optional[bool] = None
-    loader_workers: int = Field(2, ge=0, le=64)
+    loader_workers: Optional[int] = Field(None, ge=0, le=64)
 
     @model_validator(mode="after")
     def _private_training_fits(self) -> "TrainSpec":

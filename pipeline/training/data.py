@@ -164,7 +164,7 @@ class PayloadSplit:
     split's payload rows in increasing order. Only ``len``, ``shape`` and reads with a sorted
     integer index array are asked of ``images``."""
 
-    def __init__(self, images: Any, rows: np.ndarray, workers: int = 2) -> None:
+    def __init__(self, images: Any, rows: np.ndarray, workers: int = 0) -> None:
         self.images = images
         self.rows = np.asarray(rows, dtype=np.int64)
         self.workers = workers
@@ -391,7 +391,7 @@ class TensorDataModule(pl.LightningDataModule):
     def __init__(self, dataset: Dataset, batch_size: int, *, augment: Optional[AugmentSpec] = None,
                  seed: int = 0, channels_last: bool = False, steps_per_call: int = 1,
                  poisson: bool = False, stream: Optional[bool] = None, in_memory_mb: float = float("inf"),
-                 loader_workers: int = 2) -> None:
+                 loader_workers: Optional[int] = None) -> None:
         super().__init__()
         augment = augment or AugmentSpec()
         if dataset.kind != "image" and (augment.flip or augment.translate):
@@ -421,9 +421,9 @@ class TensorDataModule(pl.LightningDataModule):
                 f"train.batch_size: {batch_size} is larger than the train split ({n_train} rows); "
                 "every epoch would be empty"
             )
+        self.loader_workers = loader_workers
         if self.streamed:
-            self._arrays: dict[str, Any] = {s: PayloadSplit(dataset.images, r, loader_workers)
-                                            for s, r in rows.items()}
+            self._arrays: dict[str, Any] = {s: PayloadSplit(dataset.images, r) for s, r in rows.items()}
             self.mean, self.std = payload_stats(dataset.images, rows["train"])
         else:
             self._arrays = {s: split_arrays(dataset, s)[0] for s in ("train", "val")}
@@ -443,6 +443,12 @@ class TensorDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         for split, x in self._arrays.items():
             y = torch.from_numpy(self._labels[split]).to(device)
+            if self.streamed:
+                # Workers pay on a GPU (reading overlaps the device's step); on the CPU each
+                # forked one costs ~1 GB of copied pages (bench/stream_memory.py) for a read
+                # that is a small part of a CPU step.
+                workers = self.loader_workers
+                x.workers = workers if workers is not None else (2 if device.type == "cuda" else 0)
             self._tensors[split] = (x if self.streamed else torch.from_numpy(x).to(device), y)
 
     def _rank(self) -> tuple[int, int]:
