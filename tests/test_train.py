@@ -372,3 +372,21 @@ def test_streamed_batches_are_the_in_memory_batches(tmp_path):
     planned = pickle.loads(pickle.dumps(_PlannedBatches(payload, [np.array([7, 2])])))
     assert isinstance(planned.images, np.memmap) and np.array_equal(planned[0].numpy(), pixels[[7, 2]])
     assert len(pickle.dumps(_PlannedBatches(payload, []))) < 1000
+
+
+def test_a_new_pass_ends_the_streamed_pass_left_open(tmp_path):
+    """Lightning keeps the sanity check's validation iterator (two batches drawn) open through
+    the first epoch; the train stream's start closes it, so its DataLoader workers exit."""
+    from pipeline.training.data import BatchStream, PayloadSplit
+
+    np.save(tmp_path / "images.npy", np.zeros((40, 4, 4, 3), dtype=np.uint8))
+    payload = np.load(tmp_path / "images.npy", mmap_mode="r")
+    val = BatchStream(PayloadSplit(payload, np.arange(20), workers=1), torch.arange(20), 4, train=False)
+    train = BatchStream(PayloadSplit(payload, np.arange(20, 40), workers=1), torch.arange(20), 4, train=True,
+                        on_start=val.close)
+    it = iter(val)
+    next(it)
+    assert val._active is not None
+    assert len(list(train)) == 5 and val._active is None
+    with pytest.raises(StopIteration):
+        next(it)  # the left-open pass is over

@@ -236,8 +236,10 @@ class BatchStream:
                  seed: int = 0, augment: Optional[AugmentSpec] = None, channels_last: bool = False,
                  epoch: Callable[[], int] = lambda: 0,
                  rank: Callable[[], tuple[int, int]] = lambda: (0, 1),
-                 poisson_rate: Optional[float] = None) -> None:
+                 poisson_rate: Optional[float] = None, on_start: Optional[Callable[[], None]] = None) -> None:
         self.x, self.y = x, y
+        self.on_start = on_start  # called as each pass starts (the train stream closes the val one's)
+        self._active: Optional[Iterator] = None
         self.device = y.device
         # DP-SGD (train.privacy): every row joins every batch on its own seeded coin with this
         # probability (pipeline/training/privacy.py says why); the epoch keeps its step count.
@@ -263,6 +265,20 @@ class BatchStream:
         return -(-rows // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.on_start is not None:
+            self.on_start()
+        self._active = self._iterate()
+        return self._active
+
+    def close(self) -> None:
+        """End the pass in progress: a streamed one's DataLoader workers exit. Lightning keeps
+        the sanity check's validation iterator (2 batches drawn) until the next validation;
+        without this its workers would sit idle, holding memory, through the first epoch."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+    def _iterate(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rank, world = self.rank()
         n = len(self.y)
         aug_gen = flips = None
@@ -463,10 +479,15 @@ class TensorDataModule(pl.LightningDataModule):
         x, y = self._tensors["train"]
         return StepGroups(BatchStream(x, y, self.batch_size, train=True, seed=self.seed, augment=self.augment,
                                       channels_last=self.channels_last, epoch=self._epoch, rank=self._rank,
-                                      poisson_rate=self.poisson_rate),
+                                      poisson_rate=self.poisson_rate, on_start=self._close_val),
                           self.steps_per_call)
 
     def val_dataloader(self) -> BatchStream:
         x, y = self._tensors["val"]
-        return BatchStream(x, y, max(self.batch_size, EVAL_BATCH), train=False,
-                           channels_last=self.channels_last, rank=self._rank)
+        self._val = BatchStream(x, y, max(self.batch_size, EVAL_BATCH), train=False,
+                                channels_last=self.channels_last, rank=self._rank)
+        return self._val
+
+    def _close_val(self) -> None:
+        if getattr(self, "_val", None) is not None:
+            self._val.close()
