@@ -157,7 +157,16 @@ app(sys.argv[5:], prog_name="fmpipe")
 def _harness(target: str, how: str, argv: list[str], cwd) -> subprocess.Popen:
     module, attr = target.rsplit(".", 1)
     return subprocess.Popen([sys.executable, "-c", HARNESS, module, attr, how, FULL, *argv], cwd=cwd,
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=subprocess_env())
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=subprocess_env(),
+                            preexec_fn=_as_from_a_terminal)
+
+
+def _as_from_a_terminal() -> None:
+    """SIGINT as a shell gives it: default disposition, not blocked. A test worker's own state
+    (seen in CI: SIGINT ignored after other tests ran in the worker, which a child inherits and
+    Python then leaves ignored) must not decide what Ctrl+C does to fmpipe."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 @pytest.mark.parametrize("argv,target,what", [
