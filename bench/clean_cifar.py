@@ -12,7 +12,7 @@ A temp project gets params.yaml with the repo's ``cifar`` variant reading the JP
 the child's own peak RSS (``os.wait4``). The suite is the repo's ``expectations/cifar.json``
 when it exists, else one written by ``--init`` (not timed). Printed and written to ``--out``:
 
-- wall time and peak RSS of clean and of validate, and their sum (target: < 60 s on 2 cores,
+- wall time and peak RSS of clean and of validate, and their sum (target: < 120 s on 2 cores (issue #30),
   peak < 4 GB);
 - exact duplicates, within-test near-duplicate pairs, test images flagged as leaked, at the
   default threshold (params);
@@ -44,7 +44,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE_CANDIDATES = [REPO.parent / "shared/datasets/cifar10-jpeg.tar.gz",
                       REPO.parent.parent / "shared/datasets/cifar10-jpeg.tar.gz"]
-TARGET_S, TARGET_RSS_GB = 60.0, 4.0
+TARGET_S, TARGET_RSS_GB = 120.0, 4.0  # issue #30: clean + validate, any embedder training included
 THRESHOLDS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06)
 
 
