@@ -3,9 +3,9 @@ excluded), the queue, and the top 50 of the test-split queue for a person to jud
 
 Needs a trained cifar variant, e.g. after
 
-    ln -sfn ../../shared/datasets/cifar10-jpeg.tar.gz sources/cifar   # what dvc.yaml tracks
+    ln -sfn ../../../shared/datasets/cifar10-jpeg.tar.gz sources/cifar/cifar10-jpeg.tar.gz   # inside the folder dvc.yaml tracks
     dvc exp run -S 'enabled=[digits,iris,cifar]' \\
-      -S '++variants.cifar.source={kind:imagefolder,path:sources/cifar}'
+      -S '++variants.cifar.source={kind:imagefolder,path:sources/cifar/cifar10-jpeg.tar.gz}'
 
 then (the review stage may already have run inside that `dvc exp run`; this measures it alone):
 

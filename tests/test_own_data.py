@@ -150,9 +150,84 @@ def test_collect_under_dvc_refuses_an_untracked_local_source(tmp_path):
     from pipeline.sources import check_tracked, imagefolder
 
     spec = imagefolder.Spec(path=str(tmp_path / "elsewhere"))
-    with pytest.raises(FmpipeError, match=r"variants\.pets\.source\.path: .* is not sources/pets.*ln -sfn"):
+    with pytest.raises(FmpipeError, match=r"variants\.pets\.source\.path: .* is not sources/pets or inside it.*ln -sfn"):
         check_tracked(spec, "pets")
     check_tracked(imagefolder.Spec(path="sources/pets"), "pets")
+
+
+def test_a_copy_linked_as_the_note_says_survives_dvc_exp_run(tmp_path):
+    """The documented way to read a local copy of a downloaded dataset, under `dvc exp run`.
+
+    The earlier advice (replace the committed note `sources/cifar` by a link) made DVC's
+    `exp run` restore the note by writing its text through the link: the user's copy of
+    CIFAR-10 became a 289-byte text file. The link now goes inside the note's folder."""
+    import hashlib
+    import os
+    import tarfile
+
+    repo = make_repo(tmp_path / "repo", enabled=["digits"])
+    folder = image_folder(tmp_path / "copy", per_class=12)
+    archive = tmp_path / "outside" / "cifar10-jpeg.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=".")
+    before = hashlib.sha256(archive.read_bytes()).hexdigest()
+
+    note = (repo / "sources/cifar/README.md").read_text()
+    command = next(line.split() for line in note.splitlines() if line.strip().startswith("ln -sfn"))
+    link = repo / command[-1]
+    os.symlink(archive, link)
+    path = command[-1]
+    assert f"path: {path}" in note
+    sh(repo, "dvc", "exp", "run", "-S", "enabled=[cifar]",
+       "-S", f"++variants.cifar.source={{kind:imagefolder,path:{path}}}", "collect@cifar")
+
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == before
+    assert link.is_symlink() and (repo / "sources/cifar/README.md").read_text() == note
+    rows = len(__import__("pandas").read_parquet(repo / "data/cifar/collect/manifest.parquet"))
+    assert rows == 24
+    assert "sources/" not in sh(repo, "git", "status", "--porcelain").stdout
+
+
+def test_no_documented_link_replaces_a_committed_file():
+    """Every `ln -sfn TARGET sources/...` the docs, notes, params and benchmarks give makes a new
+    link (or one inside a note's folder), never a link in place of a file git tracks."""
+    import re
+
+    tracked = set(sh(REPO, "git", "ls-files").stdout.split())
+    places = ["README.md", "params.yaml", *map(str, REPO.glob("docs/*.md")), *map(str, REPO.glob("bench/*.py")),
+              *map(str, REPO.glob("sources/**/README.md"))]
+    links = []
+    for place in places:
+        for match in re.finditer(r'ln -sfn (?:"[^"]*"|\S+) (sources/\S+)', (REPO / place).read_text()):
+            links.append((place, match.group(1)))
+    assert len(links) >= 8, links
+    for place, link in links:
+        assert link.rstrip("/") not in tracked, (place, link)
+        assert not (REPO / link).is_file() or (REPO / link).is_symlink(), (place, link)
+
+
+def test_a_link_inside_a_note_folder_is_hashed_one_to_a_folder_is_refused(tmp_path, monkeypatch):
+    """DVC hashes a link to a file inside a tracked folder, not a link to a folder (its files
+    would change unseen): collect refuses the second in one line."""
+    import os
+
+    from pipeline.sources import check_tracked, imagefolder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sources/cifar").mkdir(parents=True)
+    (tmp_path / "sources/cifar/README.md").write_text("note\n")
+    (tmp_path / "copy.tar.gz").write_bytes(b"x")
+    image_folder(tmp_path / "folder", per_class=1)
+    os.symlink(tmp_path / "copy.tar.gz", tmp_path / "sources/cifar/copy.tar.gz")
+    os.symlink(tmp_path / "folder", tmp_path / "sources/cifar/folder")
+    check_tracked(imagefolder.Spec(path="sources/cifar/copy.tar.gz"), "cifar")
+    with pytest.raises(FmpipeError, match=r"^variants\.cifar\.source\.path: sources/cifar/folder goes through a "
+                                          r"link to a folder .* DVC does not follow"):
+        check_tracked(imagefolder.Spec(path="sources/cifar/folder"), "cifar")
+    # Outside: the hint links into the note's folder, never over the note.
+    with pytest.raises(FmpipeError, match=r"ln -sfn \S+copy\.tar\.gz sources/cifar/copy\.tar\.gz`"):
+        check_tracked(imagefolder.Spec(path=str(tmp_path / "copy.tar.gz")), "cifar")
 
 
 # ---------------------------------------------------------------- without DVC

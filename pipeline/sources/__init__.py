@@ -67,23 +67,49 @@ def data_needed(spec) -> Optional[str]:
     return f"downloads {url} (network), or set source.path to a local copy"
 
 
+def _hashed_by_dvc(path: str, tracked: Path, key: str) -> bool:
+    """Whether DVC's hash of ``tracked`` covers ``path``: the same file or folder (``tracked``
+    may be a link to it), or a file or link inside the ``tracked`` folder, which DVC hashes
+    through the link."""
+    given = os.path.abspath(os.path.expanduser(path))
+    real = os.path.realpath(given)
+    root = os.path.realpath(tracked)
+    if real == root or real.startswith(root + os.sep):
+        return True
+    # The path as written, inside the tracked folder (itself possibly a link). DVC follows a
+    # link to a file there but not a link to a folder: files behind one would go unseen.
+    inside = os.path.abspath(tracked)
+    if not given.startswith(inside + os.sep):
+        return False
+    part = inside
+    for name in os.path.relpath(given, inside).split(os.sep):
+        part = os.path.join(part, name)
+        if os.path.islink(part) and os.path.isdir(part):
+            raise FmpipeError(
+                f"{key}: {path} goes through a link to a folder inside {tracked}/, which DVC does "
+                f"not follow, so a change to its files would go unseen; link an archive of the "
+                f"folder there instead, or make the folder a variant of its own "
+                f"(`fmpipe variant add NAME --source {os.path.realpath(part)}`)")
+    return True
+
+
 def check_tracked(spec, variant: str) -> None:
     """Under ``dvc repro``: refuse a local source or metadata table DVC does not hash (changes
     would go unseen)."""
     tracked = tracked_path(variant)
-    root = os.path.realpath(tracked)
     meta = getattr(spec, "metadata", None)
     for key, path in (("source.path", local_path(spec)), ("source.metadata.path", meta and meta.path)):
-        if path is None:
-            continue
-        real = os.path.realpath(os.path.expanduser(path))
-        if real == root or real.startswith(root + os.sep):
+        if path is None or _hashed_by_dvc(path, tracked, f"variants.{variant}.{key}"):
             continue
         if key == "source.path":
+            where = os.path.abspath(os.path.expanduser(path))
+            # Into the note's folder when there is one: turning a committed note into a link
+            # makes `dvc exp run` write the note through the link (sources/README.md).
+            link = tracked / os.path.basename(where) if tracked.is_dir() else tracked
             raise FmpipeError(
-                f"variants.{variant}.{key}: {path} is not {tracked}, the path dvc.yaml tracks for "
-                f"collect@{variant}, so DVC would not see a change to it; link it (`ln -sfn "
-                f"{os.path.abspath(os.path.expanduser(path))} {tracked}`) and set path: {tracked}")
+                f"variants.{variant}.{key}: {path} is not {tracked} or inside it, the path dvc.yaml "
+                f"tracks for collect@{variant}, so DVC would not see a change to it; link it "
+                f"(`ln -sfn {where} {link}`) and set path: {link}")
         raise FmpipeError(
             f"variants.{variant}.{key}: {path} is not inside {tracked}/, the path dvc.yaml tracks for "
             f"collect@{variant}, so DVC would not see a change to it; make {tracked} a folder holding "
