@@ -472,6 +472,9 @@ class _ReviewScoring(Strict):
 class _ReviewQueue(Strict):
     skip_decided: bool = True  # leave out rows people already decided (label_source: annotation)
     contact_sheet_rows: int = Field(100, ge=0)
+    # Images: the top rows of the queue get an Integrated Gradients map on the contact sheet
+    # (where the network looked for the suggested class; pipeline/evaluation/explain.py).
+    explain_rows: int = Field(8, ge=0, le=64)
     batch_size: int = Field(512, ge=1)  # inference batch for embeddings and probabilities
 
 

@@ -21,6 +21,7 @@ DISCOVERED = "discovered.json"  # details/: the discovered groups, their figures
 ROBUSTNESS_CSV = "robustness.csv"  # accuracy per corruption and severity (pipeline.evaluation.robustness)
 ROBUSTNESS_PNG = "robustness.png"  # details/
 EXPLANATIONS_PNG = "explanations.png"  # details/: attributions of the most confident mistakes (images)
+EXPLANATIONS_WORST_PNG = "explanations_worst_slice.png"  # details/: attributions in the worst slice (images)
 IMPORTANCE_CSV = "importance.csv"  # details/: permutation importance per feature (tables)
 
 # package (data/<v>/package/)

@@ -246,6 +246,10 @@ def test_review_step_writes_every_output_deterministically(digits_model):
     assert " nan" not in sheet and "=nan" not in sheet
     # A suggestion is never the label the row already has (docs/review.md: the most probable other class).
     assert (queue["suggested_label"].astype(str) != queue["given_label"].astype(str)).all()
+    # The 8 best-ranked rows carry where the network looked (Integrated Gradients), and only they.
+    assert report["explained_rows"] == 8 and sheet.count('class="attr"') == 8
+    top = queue.sort_values("rank").head(8)["id"].astype(str)
+    assert all(f'alt="integrated gradients of {i}"' in sheet for i in top)
 
 
 def test_full_model_scoring_retrains_per_fold(project):

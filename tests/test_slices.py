@@ -60,6 +60,22 @@ def test_biased_group_is_named_found_without_its_column_and_refused(project):
     assert b["accuracy_low"] <= b["accuracy"] <= b["accuracy_high"] < a["accuracy_low"]
     assert out["found"]["worst"]["name"] == "group=b"
     assert out["found"]["largest_gap"]["column"] == "group" and out["figures"].worst_slice == "group=b"
+    assert np.array_equal(out["worst_rows"], np.flatnonzero(in_b))
+
+    # Its examples, mistakes first (most confident first), are what evaluate explains beside the
+    # most confident mistakes overall.
+    from pipeline.config import ExplainSpec
+    from pipeline.evaluation import explain
+
+    confidence = np.linspace(0.5, 0.9, len(labels))
+    chosen = explain.worst_slice_examples(labels, predicted, confidence, out["worst_rows"], 8)
+    wrong = [r for r in np.flatnonzero(in_b) if labels[r] != predicted[r]]
+    assert chosen[:min(8, len(wrong))].tolist() == sorted(wrong, key=lambda r: (-confidence[r], r))[:8]
+    assert set(chosen) <= set(np.flatnonzero(in_b))
+    shown = explain.explain(ExplainSpec(steps=4), net, test, labels, predicted, confidence, ["0"] * 10, "digits",
+                            worst=("group=b", out["worst_rows"]))
+    assert shown["worst_png"].startswith(b"\x89PNG") and len(shown["worst_rows"]) == 8
+    assert set(shown["worst_rows"]) <= set(test.manifest["id"].astype(str)[in_b])
 
     # The blessing names it and its figures; one line (package's refusal) carries them.
     checks = S.slice_checks(out["found"], spec)
@@ -82,6 +98,18 @@ def test_biased_group_is_named_found_without_its_column_and_refused(project):
     assert in_b[members].mean() >= 0.9  # the cluster is camera b's images ...
     assert worst["accuracy"] <= b["accuracy"] and worst["gap"] >= spec.slices.cluster_gap  # ... and fails
     assert all(in_b[test.manifest["id"].isin([e["id"] for e in worst["examples"]]).to_numpy()])
+
+
+def test_worst_slice_examples_are_its_mistakes_then_its_near_misses():
+    from pipeline.evaluation.explain import worst_slice_examples
+
+    labels = np.array([0, 1, 1, 0, 1, 0, 1])
+    predicted = np.array([1, 1, 0, 0, 0, 0, 1])  # mistakes at 0, 2, 4
+    confidence = np.array([0.6, 0.9, 0.8, 0.7, 0.8, 0.55, 0.95])
+    rows = np.array([0, 1, 2, 4, 5, 6])  # the slice (row 3 is not in it)
+    # mistakes by confidence (2 and 4 tie at 0.8: by row), then right answers least confident first
+    assert worst_slice_examples(labels, predicted, confidence, rows, 10).tolist() == [2, 4, 0, 5, 1, 6]
+    assert worst_slice_examples(labels, predicted, confidence, rows, 2).tolist() == [2, 4]
 
 
 def test_slice_table_figures_intervals_and_gating():

@@ -23,7 +23,8 @@ from pipeline.evaluation.calibration import calibrate, reliability_png
 from pipeline.evaluation.metrics import binary_scores, compare_figures, score
 from pipeline.evaluation.summary import comparison, last_blessed_lineage, read_last_blessed
 from pipeline.evaluation import slices
-from pipeline.filenames import (BLESSING, CALIBRATION, CONFUSION, DETAILS, DISCOVERED, EXPLANATIONS_PNG, FIGURES,
+from pipeline.filenames import (BLESSING, CALIBRATION, CONFUSION, DETAILS, DISCOVERED, EXPLANATIONS_PNG,
+                                EXPLANATIONS_WORST_PNG, FIGURES,
                                 IMPORTANCE_CSV, METRICS, MISTAKES,
                                 PER_CLASS, PREDICTIONS, RELIABILITY_PNG, ROBUSTNESS_CSV, ROBUSTNESS_PNG, SLICES_CSV,
                                 SLICES_PNG)
@@ -77,6 +78,8 @@ class Evaluation:
             (details / DISCOVERED).write_text(to_json(self.slices["discovered"]))
         if self.explained is not None and self.explained["png"] is not None:
             (details / EXPLANATIONS_PNG).write_bytes(self.explained["png"])
+        if self.explained is not None and self.explained.get("worst_png") is not None:
+            (details / EXPLANATIONS_WORST_PNG).write_bytes(self.explained["worst_png"])
         if self.explained is not None and self.explained["importance"] is not None:
             self.explained["importance"].to_csv(details / IMPORTANCE_CSV, index=False, float_format="%.6f")
         if self.robustness is not None:
@@ -142,7 +145,9 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
     if ev.explain is not None:
         from pipeline.evaluation import explain
 
-        explained = explain.explain(ev.explain, net, test, labels, s["predicted"], s["confidence"], classes, variant)
+        worst = sliced["found"]["worst"]
+        explained = explain.explain(ev.explain, net, test, labels, s["predicted"], s["confidence"], classes, variant,
+                                    worst=None if worst is None else (worst["name"], sliced["worst_rows"]))
     rob = None
     if ev.robustness is not None:
         from pipeline.evaluation import robustness

@@ -3,7 +3,9 @@ features it leans on (tables).
 
 - Images: Captum's Integrated Gradients (black image as the baseline, ``steps`` points on the
   path) for the most confident mistakes on the test split, towards the class the model chose;
-  drawn beside each image as a heat map (``details/explanations.png``).
+  drawn beside each image as a heat map (``details/explanations.png``); the same for examples
+  of the worst slice, its mistakes first (``details/explanations_worst_slice.png``). The review
+  step draws them for the top of its queue (``pipeline/review/review.py``).
 - Tables: scikit-learn's permutation importance on the test split (accuracy lost when one
   feature's column is shuffled, ``repeats`` times, seeded): ``details/importance.csv``.
 
@@ -13,7 +15,7 @@ hashed outputs. Captum and scikit-learn, not hand-written attribution code.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
@@ -42,7 +44,7 @@ def integrated_gradients(net: "torch.nn.Module", x: "torch.Tensor", targets: np.
     ig = IntegratedGradients(net)
     attr = ig.attribute(x.float(), baselines=torch.zeros_like(x, dtype=torch.float32),
                         target=torch.as_tensor(np.asarray(targets, dtype=np.int64)), n_steps=steps,
-                        internal_batch_size=max(1, steps))
+                        internal_batch_size=max(len(x), steps))
     return attr.detach().abs().sum(dim=1).float().numpy()
 
 
@@ -92,25 +94,50 @@ def permutation_importance(features: "pd.DataFrame", labels: np.ndarray, predict
     return table.sort_values(["importance", "feature"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
-def explain(spec: "ExplainSpec", net, test, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
-            classes: list[str], variant: str) -> dict[str, Any]:
-    """What evaluate writes: ``png`` (images) or ``importance`` (tables), and the rows explained."""
-    import torch
+def worst_slice_examples(labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, rows: np.ndarray,
+                         limit: int) -> np.ndarray:
+    """Up to ``limit`` of the worst slice's ``rows``: its mistakes, most confident first, then
+    its least confident right answers (what the slice's failures look like, and its near misses)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    wrong = rows[np.asarray(labels)[rows] != np.asarray(predicted)[rows]]
+    right = rows[np.asarray(labels)[rows] == np.asarray(predicted)[rows]]
+    conf = np.asarray(confidence)
+    wrong = wrong[np.lexsort((wrong, -conf[wrong]))]
+    right = right[np.lexsort((right, conf[right]))]
+    return np.concatenate([wrong, right])[:limit]
 
+
+def _explained_png(net, test, rows: np.ndarray, labels, predicted, confidence, classes, steps: int,
+                   title: str) -> tuple[Optional[bytes], list[str]]:
     from pipeline.inference.network import model_inputs
+
+    if not len(rows):
+        return None, []
+    part = test.take(rows)
+    maps = integrated_gradients(net, model_inputs(part), predicted[rows], steps)
+    ids = part.manifest["id"].astype(str).tolist()
+    captions = [f"{i}: {classes[labels[r]]} -> {classes[predicted[r]]} ({confidence[r]:.2f})" for i, r in zip(ids, rows)]
+    return explanations_png(np.asarray(part.images), maps, captions, title), ids
+
+
+def explain(spec: "ExplainSpec", net, test, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
+            classes: list[str], variant: str, worst: Optional[tuple[str, np.ndarray]] = None) -> dict[str, Any]:
+    """What evaluate writes: ``png`` (images: the most confident mistakes), ``worst_png`` (images:
+    examples of the worst slice, ``worst`` = its name and test rows) or ``importance`` (tables),
+    and the rows explained."""
+    import torch
 
     if test.images is not None:
         rows = confident_mistakes(labels, predicted, confidence, spec.mistakes)
-        if not len(rows):
-            return {"png": None, "importance": None, "rows": []}
-        part = test.take(rows)
-        maps = integrated_gradients(net, model_inputs(part), predicted[rows], spec.steps)
-        ids = part.manifest["id"].astype(str).tolist()
-        captions = [f"{i}: {classes[labels[r]]} -> {classes[predicted[r]]} ({confidence[r]:.2f})"
-                    for i, r in zip(ids, rows)]
-        png = explanations_png(np.asarray(part.images), maps, captions,
-                               f"{variant}: the most confident mistakes and where the model looked")
-        return {"png": png, "importance": None, "rows": ids}
+        png, ids = _explained_png(net, test, rows, labels, predicted, confidence, classes, spec.steps,
+                                  f"{variant}: the most confident mistakes and where the model looked")
+        worst_png, worst_ids = None, []
+        if worst is not None and len(worst[1]):
+            chosen = worst_slice_examples(labels, predicted, confidence, worst[1], spec.mistakes)
+            worst_png, worst_ids = _explained_png(
+                net, test, chosen, labels, predicted, confidence, classes, spec.steps,
+                f"{variant}: the worst slice, {worst[0]} (mistakes first) and where the model looked")
+        return {"png": png, "importance": None, "rows": ids, "worst_png": worst_png, "worst_rows": worst_ids}
 
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -118,7 +145,8 @@ def explain(spec: "ExplainSpec", net, test, labels: np.ndarray, predicted: np.nd
             out = net.eval()(torch.from_numpy(np.array(x, dtype=np.float32))).float().numpy()
         return (out[:, 0] > 0).astype(int) if out.shape[1] == 1 else out.argmax(axis=1)
 
-    return {"png": None, "importance": permutation_importance(test.features, labels, predict, spec), "rows": []}
+    return {"png": None, "importance": permutation_importance(test.features, labels, predict, spec), "rows": [],
+            "worst_png": None, "worst_rows": []}
 
 
 def card_section(details_dir) -> str:
@@ -128,7 +156,7 @@ def card_section(details_dir) -> str:
 
     import pandas as pd
 
-    from pipeline.filenames import EXPLANATIONS_PNG, IMPORTANCE_CSV
+    from pipeline.filenames import EXPLANATIONS_PNG, EXPLANATIONS_WORST_PNG, IMPORTANCE_CSV
 
     details = Path(details_dir)
     if (details / IMPORTANCE_CSV).is_file():
@@ -137,7 +165,11 @@ def card_section(details_dir) -> str:
         return ("### What the model leans on\n\nPermutation importance on the test split (accuracy lost when one "
                 "feature is shuffled; scikit-learn, seeded):\n\n| feature | importance | std |\n|---|---:|---:|\n"
                 f"{rows}\n")
-    if (details / EXPLANATIONS_PNG).is_file():
-        return ("### What the model looked at\n\nIntegrated Gradients (Captum) of the most confident test mistakes "
-                f"are in evaluate's `details/{EXPLANATIONS_PNG}` and the report.\n")
+    shown = [f"of the most confident test mistakes (`details/{EXPLANATIONS_PNG}`)"] \
+        if (details / EXPLANATIONS_PNG).is_file() else []
+    if (details / EXPLANATIONS_WORST_PNG).is_file():
+        shown.append(f"of examples of the worst slice, its mistakes first (`details/{EXPLANATIONS_WORST_PNG}`)")
+    if shown:
+        return ("### What the model looked at\n\nIntegrated Gradients (Captum) " + " and ".join(shown)
+                + " are in evaluate's outputs and the report.\n")
     return ""

@@ -439,8 +439,12 @@ def evaluate_slices(spec: "SliceSpec", manifest: "pd.DataFrame", labels: np.ndar
                                "features of the test rows, L2-normalised and centred per class; c0 is the least "
                                "accurate",
                      "min_gap": spec.cluster_gap, "failing": groups} if clusters is not None else None
+    worst_rows = np.zeros(0, dtype=np.int64)
+    if worst is not None:  # the rows of the worst slice, for evaluate's explanations
+        values = next(columns[c] for c in columns.columns if str(c) == worst["column"]).reset_index(drop=True)
+        worst_rows = np.flatnonzero(values.notna().to_numpy() & (values.astype(str).to_numpy() == worst["slice"]))
     return {"table": table, "found": found, "groups": groups, "figures": figures, "discovered": clusters_info,
-            "clusters": clusters}
+            "clusters": clusters, "worst_rows": worst_rows}
 
 
 def summary(figures) -> str:

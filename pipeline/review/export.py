@@ -170,10 +170,21 @@ h1{font-size:1.3em} h2{font-size:1.1em;margin:1.2em 0 .2em} .meta{color:#555;fon
 .card{border:1px solid #ccc;border-radius:6px;padding:6px;width:230px;font-size:.8em}
 .card img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #eee;object-fit:contain}
 .card .pair img{width:96px}
+.card img.attr{width:72px;height:72px}
 """ + palette.CSS + """
 .id{font-family:monospace;word-break:break-all}
 table.feat{font-family:monospace}
 """
+
+
+def heat_map(attribution: np.ndarray) -> np.ndarray:
+    """An attribution map (H x W, >= 0) as an RGB uint8 picture, scaled to its own peak (inferno)."""
+    from matplotlib import colormaps
+
+    a = np.asarray(attribution, dtype=np.float64)
+    peak = float(a.max()) if a.size else 0.0
+    rgba = colormaps["inferno"](a / peak if peak > 0 else a)
+    return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 
 def _prob_text(rec: dict[str, Any]) -> str:
@@ -184,7 +195,8 @@ def _prob_text(rec: dict[str, Any]) -> str:
 
 def contact_sheet(table: pd.DataFrame, queue: pd.DataFrame, *, title: str, kind: str,
                   images: Optional[np.ndarray], features: Optional[pd.DataFrame], summary: str = "",
-                  limit: Optional[int] = None, notes: Optional[list[str]] = None) -> str:
+                  limit: Optional[int] = None, notes: Optional[list[str]] = None,
+                  attributions: Optional[dict[int, np.ndarray]] = None) -> str:
     """An offline HTML page (images inlined as data: URIs) of the queue's top ``limit`` rows,
     one section per group (the finder that queued the rows), each with what its score means."""
     n = len(table) if limit is None else min(limit, len(table))
@@ -206,6 +218,10 @@ def contact_sheet(table: pd.DataFrame, queue: pd.DataFrame, *, title: str, kind:
             if int(related) >= 0:
                 pics += (f' <img alt="{html.escape(str(rec["related_id"]))}" '
                          f'src="{data_uri(png_bytes(np.asarray(images[int(related)])))}">')
+            if attributions and int(row) in attributions:
+                pics += (f' <img class="attr" alt="integrated gradients of {html.escape(rec["id"])}" '
+                         f'title="where the network looked (Integrated Gradients)" '
+                         f'src="{data_uri(png_bytes(heat_map(attributions[int(row)])))}">')
         else:
             pics = f'<div class="feat">{html.escape(_features_text(features, int(row)))}</div>'
         partner = ""

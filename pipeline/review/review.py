@@ -150,7 +150,7 @@ def duplicate_vectors(ds: Dataset, features: list[str], layers: dict[Optional[st
                 continue
             from pipeline.quality.embedders import ThumbsEmbedder
 
-            vec = ThumbsEmbedder().embed(np.asarray(ds.images))
+            vec = ThumbsEmbedder().embed(ds.images)  # batch by batch: a lazy payload stays on disk
         elif name == "penultimate":
             vec = layers[None]
         else:
@@ -293,9 +293,15 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
     summary = (f"{len(table)} queued of {len(m)} rows; " + ", ".join(f"{k} {v}" for k, v in report["queue"]["by_reason"].items())
                + f". Train rows: {rs.scoring} {rs.folds}-fold; val/test: the model (out-of-sample).")
     notes_on_page = [near_copy_meaning(rs, spec)] if "near_duplicates" in findings else []
+    attributions = queue_attributions(model_dir, ds, table, queue, rs.explain_rows)
+    if attributions:
+        report["explained_rows"] = len(attributions)
+        notes_on_page.append(f"The top {len(attributions)} rows by rank carry a third picture: Integrated Gradients "
+                             "(Captum) of the trained network towards the suggested class (the given one for a drop), "
+                             "brighter where the pixels pushed it there.")
     html = export.contact_sheet(table, queue, title=f"fmpipe review queue: {variant}", kind=ds.kind, images=ds.images,
                                 features=ds.features, summary=summary, limit=rs.contact_sheet_rows,
-                                notes=notes_on_page)
+                                notes=notes_on_page, attributions=attributions)
     return ReviewResult(table=table, queue=queue, report=report, tasks=tasks, config_xml=config_xml, html=html,
                         probs=probs, scored_by=scored_by)
 
@@ -342,6 +348,30 @@ def write_review(result: ReviewResult, out_dir: str | os.PathLike) -> None:
 
     with atomic_dir(out_dir) as tmp:
         write_files(result, tmp)
+
+
+def queue_attributions(model_dir, ds: Dataset, table: pd.DataFrame, queue: pd.DataFrame,
+                       limit: int) -> dict[int, np.ndarray]:
+    """Integrated Gradients maps (dataset row -> H x W) for the queue's ``limit`` best-ranked image
+    rows, towards the suggested class (the given label when the suggestion is to drop a copy),
+    with evaluate's default number of steps (review does not read the evaluate params)."""
+    if ds.kind != "image" or limit <= 0 or not len(table):
+        return {}
+    from pipeline.config import ExplainSpec
+    from pipeline.evaluation.explain import integrated_gradients
+    from pipeline.inference.network import model_inputs
+    from pipeline.models import load_trained
+
+    top = np.argsort(table["rank"].to_numpy(), kind="stable")[:limit]
+    rows = queue["row"].to_numpy()[top].astype(np.int64)
+    names = table["suggested_label"].astype(str).to_numpy()[top]
+    given = ds.manifest["label"].to_numpy()[rows]
+    targets = np.array([ds.classes.index(n) if n in ds.classes else g for n, g in zip(names, given)], dtype=np.int64)
+    order = np.argsort(rows, kind="stable")  # read rows in file order
+    net, _ = load_trained(model_dir)
+    maps = integrated_gradients(net, model_inputs(ds.take(rows[order])), targets[order],
+                                ExplainSpec.model_fields["steps"].default)
+    return {int(r): m for r, m in zip(rows[order], maps)}
 
 
 def subset_for_sheet(result: ReviewResult, split: str, limit: int) -> tuple[pd.DataFrame, pd.DataFrame]:
