@@ -39,7 +39,7 @@ from pipeline.errors import FmpipeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.artefacts import DatasetReport
-from pipeline.io import atomic_dir, file_digest, to_json
+from pipeline.io import atomic_dir, checked_digest, file_digest, to_json
 
 MANIFEST = "manifest.parquet"
 IMAGES = P.IMAGES
@@ -241,7 +241,7 @@ def read_dataset(in_dir: str | os.PathLike, mmap: bool = True, run: str = "") ->
             raise FmpipeError(f"{in_dir / name}: missing from the dataset directory; {rerun}")
     # Older outputs have no digests: nothing to compare, they are read as before.
     for name, expected in (meta.get("files") or {}).items():
-        actual = file_digest(in_dir / name)
+        actual = checked_digest(in_dir / name)
         if actual != expected:
             raise FmpipeError(
                 f"{in_dir / name}: does not match {META} (sha256 {actual[:12]}..., recorded "

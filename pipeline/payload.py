@@ -185,6 +185,47 @@ class _ShardStore:
         return list(self.paths)
 
 
+class _ConcatStore:
+    """Rows of several payloads one after the other (a dataset plus rows appended to it),
+    each read only when its rows are asked for."""
+
+    def __init__(self, parts: Sequence[Any]):
+        self.parts = list(parts)
+        self.row_shape = tuple(self.parts[0].shape[1:])
+        self.dtype = np.dtype(self.parts[0].dtype)
+        for part in self.parts[1:]:
+            if tuple(part.shape[1:]) != self.row_shape or np.dtype(part.dtype) != self.dtype:
+                raise ValueError(f"cannot append rows of {part.dtype} {tuple(part.shape[1:])} to rows of "
+                                 f"{self.dtype} {self.row_shape}")
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
+        self.n = int(self.starts[-1])
+
+    def read_range(self, a: int, b: int) -> np.ndarray:
+        return self.read_sorted(np.arange(a, b, dtype=np.int64))
+
+    def read_sorted(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.row_shape), dtype=self.dtype)
+        bounds = np.searchsorted(rows, self.starts)
+        for i, part in enumerate(self.parts):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if hi > lo:
+                local = rows[lo:hi] - self.starts[i]
+                if local[-1] - local[0] + 1 == len(local):
+                    out[lo:hi] = part[int(local[0]):int(local[-1]) + 1]
+                else:
+                    out[lo:hi] = part[local]
+        return out
+
+    def files(self) -> Optional[list[Path]]:
+        return None
+
+
+def concat(*parts: Any) -> "Images":
+    """The rows of ``parts`` one after the other, as a lazy view: appending a few rows to a
+    large payload reads it block by block when written, never whole into memory."""
+    return Images(_ConcatStore(parts))
+
+
 def file_of(array: Any) -> Optional[list[Path]]:
     """``[images.npy]`` when ``array`` is the whole memory-mapped file (nothing sliced), else None."""
     if not isinstance(array, np.memmap) or getattr(array, "filename", None) is None:

@@ -120,6 +120,75 @@ def test_take_of_a_dataset_on_disk_reads_no_pixels_and_writes_what_was_taken(tmp
     np.testing.assert_array_equal(np.asarray(mm.split("test").images), ds.images[ds.manifest["split"] == "test"])
 
 
+@pytest.mark.parametrize("layout", ["single", "shards"])
+def test_rows_appended_to_a_payload_on_disk_read_and_write_as_one_array(tmp_path, monkeypatch, layout):
+    """annotate appends labelled production rows (review/pool.py) to clean's payload: a lazy
+    concatenation reads like np.concatenate, and is written block by block."""
+    ds = tiny()
+    if layout == "shards":
+        sharded(monkeypatch, 4, ds.images[0].nbytes)
+    base = read_dataset(write(ds, tmp_path / "d")).images
+    extra = tiny(5, seed=1).images
+    both = P.concat(base, extra)
+    expected = np.concatenate([ds.images, extra])
+    assert both.shape == expected.shape and len(both) == 28 and both.files() is None
+    assert np.array_equal(np.asarray(both), expected)
+    for key in (slice(20, 26), slice(None, None, 3), np.array([27, 0, 23, 23, 5]), np.arange(28) % 2 == 0, 24, -1):
+        assert np.array_equal(both[key], expected[key]), key
+    taken = both.take(np.array([26, 2, 22]))
+    assert np.array_equal(np.asarray(taken), expected[[26, 2, 22]])
+    assert np.array_equal(np.concatenate(list(P.chunks(both, max_bytes=3 * ds.images[0].nbytes))), expected)
+    out = tmp_path / "out"
+    out.mkdir()
+    shards = P.write_images(both, out)
+    files = [out / s["file"] for s in shards] or [out / P.IMAGES]
+    assert len(files) == (7 if layout == "shards" else 1)
+    assert np.array_equal(np.concatenate([np.load(f) for f in files]), expected)
+    assert np.array_equal(np.asarray(read_dataset(tmp_path / "d").images), ds.images)  # input unchanged
+    with pytest.raises(ValueError, match="cannot append rows"):
+        P.concat(base, np.zeros((2, 4, 4, 3), np.uint8))
+
+
+def test_a_dataset_read_again_is_not_hashed_again_unless_it_changed(tmp_path, monkeypatch):
+    """read_dataset checks every payload file's sha256; the digest of an unchanged file is
+    remembered (device, inode, size, mtime) in .dvc/tmp, as DVC does, not recomputed per read."""
+    import os
+    import time
+
+    from pipeline import io
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc/tmp").mkdir(parents=True)
+    d = write(tiny(), tmp_path / "d")
+    hashed = []
+    real = io.file_digest
+    monkeypatch.setattr(io, "file_digest", lambda path, *a, **k: hashed.append(Path(path).name) or real(path, *a, **k))
+
+    read_dataset(d)
+    read_dataset(d)
+    assert sorted(hashed) == ["images.npy", "images.npy", "manifest.parquet", "manifest.parquet"]  # too fresh to trust
+    past = time.time() - 60
+    for f in (d / "images.npy", d / "manifest.parquet"):
+        os.utime(f, (past, past))
+    hashed.clear()
+    read_dataset(d)
+    read_dataset(d)
+    assert sorted(hashed) == ["images.npy", "manifest.parquet"]  # once, then remembered
+    assert io.DIGEST_STATE.is_file()
+
+    payload = d / "images.npy"
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 1
+    payload.write_bytes(bytes(data))  # same size, new mtime
+    with pytest.raises(FmpipeError, match=r"images\.npy: does not match dataset\.json"):
+        read_dataset(d)
+    monkeypatch.setenv(io.DIGEST_CACHE_ENV, "0")
+    hashed.clear()
+    with pytest.raises(FmpipeError):
+        read_dataset(d)
+    assert "images.npy" in hashed
+
+
 def test_whole_payload_is_copied_by_the_kernel_not_linked(tmp_path, monkeypatch):
     ds = tiny(n=20)
     sharded(monkeypatch, 8, ds.images[0].nbytes)

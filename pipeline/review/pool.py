@@ -137,6 +137,8 @@ def add_decided(ds, directory: str | Path, decided: set[str], split: str):
             except (TypeError, ValueError):
                 pass
     if ds.images is not None:
-        return replace(ds, manifest=merged, images=np.concatenate([np.asarray(ds.images), payload])), len(new)
+        from pipeline.payload import concat
+
+        return replace(ds, manifest=merged, images=concat(ds.images, payload)), len(new)
     features = pd.concat([ds.features, payload[list(ds.features.columns)]], ignore_index=True)
     return replace(ds, manifest=merged, features=features), len(new)
