@@ -2,6 +2,7 @@
 
     python bench/active_learning.py --variant digits --labels 100
     python bench/active_learning.py --variant cifar --root <project where cifar ran> --labels 1000
+    python bench/active_learning.py --variant cifar --root <project> --labels 1000 --epochs 4   # CPU: ~25 min
 
 The pool is simulated from the training split (issue #28): ``--base-fraction`` of the train rows
 (drawn at random) is what the model trains on first; the rest is an unlabelled pool. Round 0
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--labels", type=int, default=1000, help="pool rows labelled per strategy")
     ap.add_argument("--base-fraction", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="train.max_epochs of the three trainings (default: the variant's); the schedule follows it")
     args = ap.parse_args()
     os.chdir(args.root)
 
@@ -50,6 +53,8 @@ def main() -> None:
     print(f"bench/active_learning.py: {args.variant}; load average before {os.getloadavg()}; "
           f"cpu_count {os.cpu_count()}", flush=True)
     spec = load_variant(args.variant)
+    if args.epochs is not None:
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"max_epochs": args.epochs})})
     ds = read_dataset(f"data/{args.variant}/annotate", mmap=False)
     split = ds.manifest["split"].to_numpy()
     train = np.flatnonzero(split == "train")

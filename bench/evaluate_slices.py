@@ -2,6 +2,7 @@
 
     python bench/evaluate_slices.py --stage cifar            # needs data/cifar/{train,annotate,clean}
     python bench/evaluate_slices.py --stage digits --rounds 1
+    python bench/evaluate_slices.py --stage cifar --rounds 1 --root <project where cifar ran>
 
 Runs ``fmpipe evaluate`` on the variant's trained model in scratch projects whose ``data/<v>/``
 inputs link to this checkout's (nothing of the checkout is written), ``--rounds`` times each:
@@ -35,13 +36,13 @@ OFF = {"slices": {"columns": [], "image_bins": 0, "feature_bins": 0, "data_quali
        "robustness": None}  # null: no corruptions scored
 
 
-def project(root: Path, variant: str, params: dict) -> Path:
+def project(root: Path, variant: str, params: dict, source: Path) -> Path:
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     data = root / "data" / variant
     data.mkdir(parents=True)
     for step in ("train", "annotate", "clean", "package"):
-        src = REPO / "data" / variant / step
+        src = source / "data" / variant / step
         if src.exists():
             (data / step).symlink_to(src)
     return root
@@ -61,9 +62,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", default="digits")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--root", default=str(REPO),
+                    help="project whose params.yaml and data/<stage>/ are used (default: this checkout); "
+                         "the code run is this checkout's")
     args = ap.parse_args()
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    if not (REPO / "data" / args.stage / "train" / "model.json").exists():
+    source = Path(args.root).resolve()
+    params = yaml.safe_load((source / "params.yaml").read_text())
+    if not (source / "data" / args.stage / "train" / "model.json").exists():
         sys.exit(f"no trained model in data/{args.stage}/train: run `fmpipe run --stage {args.stage}` first")
     plain = json.loads(json.dumps(params))
     ev = plain["variants"][args.stage].setdefault("evaluate", {})
@@ -72,7 +77,7 @@ def main() -> None:
     figures = {}
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         for name, p in (("plain", plain), ("full", params)):
-            root = project(Path(tmp) / name, args.stage, p)
+            root = project(Path(tmp) / name, args.stage, p, source)
             runs = [run(root, args.stage) for _ in range(args.rounds)]
             figures[name] = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "cpu_s", "peak_mb")}
             print(f"{name:6s} wall {figures[name]['wall_s']:8.2f} s  cpu {figures[name]['cpu_s']:8.2f} s  "
