@@ -225,9 +225,16 @@ def test_a_link_inside_a_note_folder_is_hashed_one_to_a_folder_is_refused(tmp_pa
     with pytest.raises(FmpipeError, match=r"^variants\.cifar\.source\.path: sources/cifar/folder goes through a "
                                           r"link to a folder .* DVC does not follow"):
         check_tracked(imagefolder.Spec(path="sources/cifar/folder"), "cifar")
-    # Outside: the hint links into the note's folder, never over the note.
+    # Outside: the hint links into the note's folder, never over the note; re-points a
+    # variant's own link (safe); never links into the folder such a link points to.
     with pytest.raises(FmpipeError, match=r"ln -sfn \S+copy\.tar\.gz sources/cifar/copy\.tar\.gz`"):
         check_tracked(imagefolder.Spec(path=str(tmp_path / "copy.tar.gz")), "cifar")
+    os.symlink(tmp_path / "folder", tmp_path / "sources/pets")
+    with pytest.raises(FmpipeError, match=r"ln -sfn \S+copy\.tar\.gz sources/pets`"):
+        check_tracked(imagefolder.Spec(path=str(tmp_path / "copy.tar.gz")), "pets")
+    (tmp_path / "sources/note").write_text("a note\n")
+    with pytest.raises(FmpipeError, match=r"make sources/note a folder .*`ln -sfn \S+ sources/note/copy\.tar\.gz`"):
+        check_tracked(imagefolder.Spec(path=str(tmp_path / "copy.tar.gz")), "note")
 
 
 # ---------------------------------------------------------------- without DVC

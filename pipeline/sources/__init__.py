@@ -103,12 +103,15 @@ def check_tracked(spec, variant: str) -> None:
             continue
         if key == "source.path":
             where = os.path.abspath(os.path.expanduser(path))
-            # Into the note's folder when there is one: turning a committed note into a link
-            # makes `dvc exp run` write the note through the link (sources/README.md).
-            link = tracked / os.path.basename(where) if tracked.is_dir() else tracked
+            # Never a link over a file: `dvc exp run` restores a committed file that became a
+            # link by writing it through the link (sources/README.md). Into a note's folder;
+            # over a link (re-pointing a committed link is safe) or where nothing is yet.
+            link = tracked / os.path.basename(where) if tracked.exists() and not tracked.is_symlink() else tracked
+            first = (f"make {tracked} a folder (its note as {tracked}/README.md), then "
+                     if tracked.is_file() and not tracked.is_symlink() else "")
             raise FmpipeError(
                 f"variants.{variant}.{key}: {path} is not {tracked} or inside it, the path dvc.yaml "
-                f"tracks for collect@{variant}, so DVC would not see a change to it; link it "
+                f"tracks for collect@{variant}, so DVC would not see a change to it; {first}link it "
                 f"(`ln -sfn {where} {link}`) and set path: {link}")
         raise FmpipeError(
             f"variants.{variant}.{key}: {path} is not inside {tracked}/, the path dvc.yaml tracks for "
