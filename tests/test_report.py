@@ -63,8 +63,11 @@ def test_digits_report_renders_offline(digits, tmp_path):
     assert seen["sections"] == ["data", "labels", "training", "evaluation", "slices", "package", "what-changed"]
     plots = [i for i in seen["images"] if i[0] == "plot"]
     # rows per class, training curves, per-class F1, confusion matrix, reliability, accuracy per
-    # slice, accuracy under corruptions, and the mistakes' attributions when there is a mistake
-    explained = (digits / "data" / "digits" / "evaluate" / "details" / "explanations.png").exists()
+    # slice, accuracy under corruptions, and the attributions of the mistakes (when there is a
+    # mistake) and of the worst slice's examples (when a slice is gated)
+    details = digits / "data" / "digits" / "evaluate" / "details"
+    explained = sum((details / name).exists() for name in ("explanations.png", "explanations_worst_slice.png"))
+    assert (details / "explanations_worst_slice.png").exists()
     assert len(plots) == 7 + explained and all(w > 0 and h > 0 for _, w, h in plots)
     metrics = json.loads((digits / "data" / "digits" / "evaluate" / "metrics.json").read_text())
     assert seen["slices"] == metrics["slices"]["slices"]  # every slice of slices.csv, one row each
