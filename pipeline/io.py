@@ -235,18 +235,21 @@ def checked_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     key = str(Path(path).resolve())
     stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, algorithm)
     db = None
-    if os.environ.get(DIGEST_CACHE_ENV, "1") != "0" and DIGEST_STATE.parent.is_dir():
-        try:
-            db = sqlite3.connect(DIGEST_STATE, timeout=10)
-            db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, dev INTEGER, ino INTEGER, "
-                       "size INTEGER, mtime_ns INTEGER, algorithm TEXT, digest TEXT)")
-            row = db.execute("SELECT dev, ino, size, mtime_ns, algorithm, digest FROM digests WHERE path = ?",
-                             (key,)).fetchone()
-            if row is not None and tuple(row[:5]) == stamp:
-                return row[5]
-        except sqlite3.Error:
-            db = None  # a locked or damaged state only costs the hashing
     try:
+        if os.environ.get(DIGEST_CACHE_ENV, "1") != "0" and DIGEST_STATE.parent.is_dir():
+            try:
+                db = sqlite3.connect(DIGEST_STATE, timeout=10)
+                db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, dev INTEGER, ino INTEGER, "
+                           "size INTEGER, mtime_ns INTEGER, algorithm TEXT, digest TEXT)")
+                row = db.execute("SELECT dev, ino, size, mtime_ns, algorithm, digest FROM digests WHERE path = ?",
+                                 (key,)).fetchone()
+                if row is not None and tuple(row[:5]) == stamp:
+                    return row[5]
+            except sqlite3.Error:
+                # A locked or damaged state only costs the hashing.
+                if db is not None:
+                    db.close()
+                db = None
         digest = file_digest(path, algorithm)
         if db is not None and time.time_ns() - st.st_mtime_ns > _RACY_NS:
             try:

@@ -67,6 +67,9 @@ def test_approximate_backends_find_the_planted_pairs(method):
     assert describe(approx)["method"] == method and describe(approx)["params"]
     cross = near_pairs(near, x, threshold=0.01, method=method)
     assert set(zip(cross["i"], cross["j"])) == {(c, int(s)) for c, s in enumerate(src)}
+    # Same vectors, same pairs: a graph built by racing threads would differ between runs.
+    for _ in range(3):
+        assert near_pairs(near, x, threshold=0.01, method=method).equals(cross)
 
 
 def test_auto_switches_to_ann_above_the_size_limit():

@@ -188,6 +188,14 @@ def test_a_dataset_read_again_is_not_hashed_again_unless_it_changed(tmp_path, mo
         read_dataset(d)
     assert "images.npy" in hashed
 
+    # A damaged state file costs only the hashing: the read still checks every file.
+    monkeypatch.delenv(io.DIGEST_CACHE_ENV)
+    io.DIGEST_STATE.write_bytes(b"not a database" * 100)
+    good = write(tiny(), tmp_path / "e")
+    hashed.clear()
+    assert len(read_dataset(good)) == len(tiny())
+    assert sorted(hashed) == ["images.npy", "manifest.parquet"]
+
 
 def test_whole_payload_is_copied_by_the_kernel_not_linked(tmp_path, monkeypatch):
     ds = tiny(n=20)

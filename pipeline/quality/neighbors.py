@@ -223,14 +223,17 @@ def _usearch(q, b, within, k, connectivity: int = 32, expansion_add: int = 80,
         raise FmpipeError("near_pairs: method 'usearch' needs usearch (pip install usearch)") from None
     index = Index(ndim=b.shape[1], metric="ip", dtype="f32", connectivity=connectivity,
                   expansion_add=expansion_add, expansion_search=max(expansion_search, k + 1))
-    index.add(np.arange(len(b), dtype=np.uint64), b)
+    # One thread to build: a graph built by several threads depends on their timing, so the
+    # pairs found (and clean's hashed outputs) would change run to run. Searching a built
+    # graph is read-only, so the search keeps every core.
+    index.add(np.arange(len(b), dtype=np.uint64), b, threads=1)
     matches = index.search(q, k + 1 if within else k)
     keys = np.asarray(matches.keys, dtype=np.int64).reshape(len(q), -1)
     # usearch pads missing neighbours with its default "no key" value.
     keys[(keys < 0) | (keys >= len(b))] = -1
     i, j = _knn_to_pairs(keys, within)
     return i, j, {"connectivity": connectivity, "expansion_add": expansion_add,
-                  "expansion_search": max(expansion_search, k + 1)}
+                  "expansion_search": max(expansion_search, k + 1), "build_threads": 1}
 
 
 def _knn_to_pairs(neighbours: np.ndarray, within: bool) -> tuple[np.ndarray, np.ndarray]:
