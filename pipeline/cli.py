@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import typer
 
 from pipeline.boundary import Group, doing
-from pipeline.steps import ORDER, STEPS
+from pipeline.steps import ORDER, STEPS, STUDENT_STEPS
 
 
 def _flag_type_hidden() -> None:
@@ -184,6 +184,8 @@ for _step in STEPS:
         app.add_typer(review_app, name="review")
     else:
         app.command(name=_step.name, help=_step.help)(_step_command(_step))
+for _step in STUDENT_STEPS:  # `--stage` names a student of params.yaml: distill
+    app.command(name=_step.name, help=_step.help)(_step_command(_step))
 
 # Deployment (predict / verify / serve a package, no torch): their own module, listed after the steps.
 from pipeline.deploy_cli import register as _register_deploy  # noqa: E402
@@ -295,7 +297,9 @@ def stages(params: str = ParamsOpt) -> None:
         need = data_needed(spec.source)
         if need:
             typer.echo(f"{'':12s} needs data: {need}")
-
+    for name, student in p.distill.items():  # `fmpipe distill --stage NAME`; dvc repro runs each
+        typer.echo(f"{name:12s} student   {'of ' + student.teacher:12s} {student.model.name:14s} "
+                   f"{student.description or 'distilled from ' + student.teacher}")
 
 
 @app.command()

@@ -537,9 +537,28 @@ class VariantSpec(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class StudentSpec(Strict):
+    """A distilled student (``params.yaml: distill``): a smaller ``model`` trained on its
+    ``teacher`` variant's data from the teacher's softened class probabilities
+    (``pipeline/training/distill.py``). ``train`` changes keys of the teacher's train section
+    (the student trains with the teacher's recipe unless it says otherwise). The loss is
+    ``weight * T^2 * KL(teacher_T || student_T) + (1 - weight) * cross-entropy`` at
+    ``temperature`` T (Hinton et al., 2015)."""
+
+    teacher: str
+    description: str = ""
+    model: ModelSpec
+    train: dict[str, Any] = Field(default_factory=dict)
+    temperature: float = Field(4.0, gt=0)
+    weight: float = Field(0.9, ge=0, le=1)
+
+
 class Params(Strict):
     enabled: list[str]
     variants: dict[str, VariantSpec]
+    # Students by name; dvc.yaml's `distill` stage runs once per entry (`foreach: ${distill}`),
+    # with the teacher's trained model as a dependency.
+    distill: dict[str, StudentSpec] = Field(default_factory=dict)
 
 
 def prune_defaults(raw: Any, value: Any, where: str = "") -> list[str]:
@@ -606,7 +625,33 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
         if problem:
             key, text = problem
             raise FmpipeError(f"{path}: variants.{name}.{key}: {text}")
+    for name, student in params.distill.items():
+        check_variant_name(name, f"{path}: distill")
+        if name in params.variants:
+            raise FmpipeError(f"{path}: distill.{name}: the name is a variant's too (both would write data/{name}/); "
+                              "give the student its own name")
+        if student.teacher not in params.enabled:
+            where = "is not in enabled" if student.teacher in params.variants else "is no variant"
+            raise FmpipeError(f"{path}: distill.{name}.teacher: {student.teacher!r} {where} "
+                              f"(expected one of the enabled variants: {', '.join(params.enabled)}); "
+                              "dvc repro trains only enabled variants")
+        student_variant(params, name, path)  # its train section is checked now, not mid-run
     return params
+
+
+def student_variant(params: Params, name: str, path: str | os.PathLike = DEFAULT_PARAMS) -> VariantSpec:
+    """The student as a variant: its teacher's sections, with the student's model and its
+    changes to the teacher's train section."""
+    student = params.distill[name]
+    teacher = params.variants[student.teacher]
+    merged = {**teacher.train.model_dump(by_alias=True, exclude_unset=True), **student.train}
+    try:
+        train = TrainSpec.model_validate(merged)
+    except ValidationError as exc:
+        lines = _describe(Path(path), exc).splitlines()
+        raise FmpipeError("\n".join(line.replace(f"{path}: ", f"{path}: distill.{name}.train.", 1) for line in lines)) from None
+    return teacher.model_copy(update={"model": student.model, "train": train,
+                                      "description": student.description or f"{name}: distilled from {student.teacher}"})
 
 
 def _contradiction(spec: "VariantSpec") -> Optional[tuple[str, str]]:
@@ -680,7 +725,20 @@ def load_variant(name: str, path: str | os.PathLike = DEFAULT_PARAMS) -> Variant
         return params.variants[name]
     except KeyError:
         known = ", ".join(sorted(params.variants))
+        if name in params.distill:
+            raise FmpipeError(f"{name!r} is a distilled student in {path} (distill), not a variant: "
+                              f"`fmpipe distill --stage {name}` trains it") from None
         raise FmpipeError(f"unknown variant {name!r} in {path} (known: {known})") from None
+
+
+def load_student(name: str, path: str | os.PathLike = DEFAULT_PARAMS) -> tuple[StudentSpec, VariantSpec]:
+    """A student of ``params.yaml: distill`` and the variant it trains as (``student_variant``)."""
+    check_variant_name(name, "--stage")
+    params = load_params(path)
+    if name not in params.distill:
+        known = ", ".join(sorted(params.distill)) or "none"
+        raise FmpipeError(f"unknown student {name!r} in {path}: distill (students: {known})")
+    return params.distill[name], student_variant(params, name, path)
 
 
 def _describe(path: Path, exc: ValidationError) -> str:

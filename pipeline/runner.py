@@ -54,6 +54,10 @@ class StepContext:
     failure: Optional[str] = None
     # False on a DDP rank other than 0: rank 0 alone records resources and reports.
     record: bool = True
+    # A student step (``step.over == "distill"``): its StudentSpec, and the teacher variant
+    # whose outputs its inputs are.
+    student: Any = None
+    teacher: str = ""
     _datasets: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,16 +70,21 @@ class StepContext:
     def final_dir(self) -> Path:
         return self.step.path(self.variant)
 
+    @property
+    def reads_of(self) -> str:
+        """The variant whose step outputs this step reads: its own, or a student's teacher."""
+        return self.teacher or self.variant
+
     def input(self, ref: str) -> Path:
         """Path of one of the step's declared inputs: ``"annotate"`` or ``"train/model.json"``."""
         if ref not in self.step.reads and ref.split("/", 1)[0] not in self.step.reads:
             raise KeyError(f"step {self.step.name!r} does not declare {ref!r} as an input")
-        return registry.output(ref, self.variant)
+        return registry.output(ref, self.reads_of)
 
     def rerun(self, ref: str, then: str = "first") -> str:
         """The hint for a missing or stale input ``ref``: run the step that writes it."""
         self.input(ref)  # only a declared input
-        return registry.rerun_hint(ref, self.variant, then)
+        return registry.rerun_hint(ref, self.reads_of, then)
 
     def source(self, template: str) -> Path:
         if template not in self.step.sources:
@@ -102,12 +111,19 @@ def run_step(name: str, variant: str, params_path: str = "params.yaml", **flags:
 
     setup_console()
     step = registry.get(name)
-    spec = load_variant(variant, params_path)
+    student = None
+    if step.over == "distill":
+        from pipeline.config import load_student
+
+        student, spec = load_student(variant, params_path)
+    else:
+        spec = load_variant(variant, params_path)
     with variant_lock(variant, name):
-        return _run_locked(step, variant, params_path, spec, flags)
+        return _run_locked(step, variant, params_path, spec, flags, student)
 
 
-def _run_locked(step: registry.Step, variant: str, params_path: str, spec: Any, flags: dict[str, bool]) -> Any:
+def _run_locked(step: registry.Step, variant: str, params_path: str, spec: Any, flags: dict[str, bool],
+                student: Any = None) -> Any:
     import importlib
 
     from pipeline.io import atomic_dir, refuse_symlink
@@ -120,12 +136,13 @@ def _run_locked(step: registry.Step, variant: str, params_path: str, spec: Any, 
     accounting = os.environ.get(ACCOUNTING_ENV, "1") != "0"
 
     with ResourceMeter() as meter:
+        teacher = student.teacher if student is not None else ""
         if step.writes_itself:
-            ctx = StepContext(step, variant, params_path, spec, final, dict(flags))
+            ctx = StepContext(step, variant, params_path, spec, final, dict(flags), student=student, teacher=teacher)
             glue.run(ctx)
         else:
             with atomic_dir(final) as tmp:
-                ctx = StepContext(step, variant, params_path, spec, tmp, dict(flags))
+                ctx = StepContext(step, variant, params_path, spec, tmp, dict(flags), student=student, teacher=teacher)
                 glue.run(ctx)
             ctx.out = final
     if not ctx.record:
@@ -136,7 +153,7 @@ def _run_locked(step: registry.Step, variant: str, params_path: str, spec: Any, 
         ctx.details.setdefault("engine", describe(ctx.engine))
 
     if accounting:
-        inputs = [registry.output(r, variant) for r in step.reads]
+        inputs = [registry.output(r, ctx.reads_of) for r in step.reads]
         inputs += [registry.at(s, variant) for s in step.sources]
         outputs = [registry.at(p, variant) for p, _ in step.out_paths()]
         res = meter.result(inputs, outputs, ctx.figures)

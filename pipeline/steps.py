@@ -80,6 +80,10 @@ class Step:
     # runner then does not hand it a temporary directory.
     writes_itself: bool = False
     writes_dataset: bool = False  # its output follows the dataset contract (pipeline/manifest.py)
+    # What `--stage` names: an enabled variant (params.yaml `enabled`, dvc.yaml `foreach:
+    # ${enabled}`), or a distilled student (`distill`, `foreach: ${distill}`), whose ``reads``
+    # are its teacher variant's outputs.
+    over: Literal["enabled", "distill"] = "enabled"
 
     @property
     def dir(self) -> str:
@@ -328,7 +332,36 @@ def _depending_on_all_upstream(step: Step) -> Step:
 
 
 STEPS = tuple(_depending_on_all_upstream(s) if s.name == "package" else s for s in STEPS)
-BY_NAME: dict[str, Step] = {s.name: s for s in STEPS}
+
+# Steps run per distilled student (params.yaml: distill) rather than per enabled variant: not
+# part of a variant's lifecycle (`fmpipe run`, the audit's step order), after it in dvc.yaml.
+STUDENT_STEPS: tuple[Step, ...] = (
+    Step(
+        name="distill",
+        over="distill",
+        help="Train a distilled student (params.yaml: distill) from its teacher variant's model and data, "
+             "and compare it with the teacher and with the same student trained without one.",
+        module="stages.distill",
+        reads=("train/model.safetensors", "train/model.json", "annotate"),  # the teacher's
+        # distill.<student>, and these sections of the teacher's (the student's recipe and export)
+        params=("train", "package"),
+        code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/engine.py", "pipeline/evaluation/__init__.py",
+              "pipeline/evaluation/calibration.py", "pipeline/evaluation/metrics.py", "pipeline/filenames.py",
+              "pipeline/inference/__init__.py", "pipeline/inference/network.py", "pipeline/inference/tta.py",
+              "pipeline/io.py", "pipeline/manifest.py", "pipeline/models", "pipeline/packaging/__init__.py",
+              "pipeline/packaging/distill.py", "pipeline/packaging/onnx_export.py", "pipeline/payload.py",
+              "pipeline/schema.py", "pipeline/training", "stages/distill.py"),
+        outs=(
+            Out("model.safetensors"),
+            Out("model.json"),
+            Out("model.onnx"),
+            Out("baseline"),  # the same student trained without the teacher
+            Out("comparison.json", cache=False),  # teacher / student / baseline figures (git)
+            Out("figures.json", kind="metric", cache=False),
+        ),
+    ),
+)
+BY_NAME: dict[str, Step] = {s.name: s for s in (*STEPS, *STUDENT_STEPS)}
 ORDER: tuple[str, ...] = tuple(s.name for s in STEPS)
 DATASET_STEPS: tuple[str, ...] = tuple(s.name for s in STEPS if s.writes_dataset)
 
@@ -337,7 +370,7 @@ def get(name: str) -> Step:
     try:
         return BY_NAME[name]
     except KeyError:
-        raise KeyError(f"unknown step {name!r} (steps: {', '.join(ORDER)})") from None
+        raise KeyError(f"unknown step {name!r} (steps: {', '.join(BY_NAME)})") from None
 
 
 def output(ref: str, variant: str) -> Path:

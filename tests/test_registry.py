@@ -24,15 +24,33 @@ def _entries(items) -> dict[str, dict]:
     return out
 
 
+# How dvc.yaml names a step's own variant, and the variant its inputs come from: a student
+# step (foreach over the `distill` mapping) is the entry's key, its inputs its teacher's.
+_NAMES = {"enabled": ("${item}", "${item}"), "distill": ("${key}", "${item.teacher}")}
+
+
 def _expected(step: registry.Step) -> dict[str, dict[str, dict]]:
+    own = _NAMES[step.over][0]
     sections: dict[str, dict[str, dict]] = {"outs": {}, "metrics": {}, "plots": {}}
     for path, out in step.out_paths():
         props = {} if out.cache else {"cache": False}
         if out.persist:
             props["persist"] = True
         props.update(out.plot)
-        sections[{"out": "outs", "metric": "metrics", "plot": "plots"}[out.kind]][path.replace("{v}", "${item}")] = props
+        sections[{"out": "outs", "metric": "metrics", "plot": "plots"}[out.kind]][path.replace("{v}", own)] = props
     return sections
+
+
+def _expected_deps(step: registry.Step) -> set[str]:
+    own, inputs = _NAMES[step.over]
+    reads = {f"{registry.DATA}/{r}".replace("{v}", inputs) for r in step.reads}
+    return {*step.code, *reads, *(s.replace("{v}", own) for s in step.sources)}
+
+
+def _expected_params(step: registry.Step) -> set[str]:
+    own, inputs = _NAMES[step.over]
+    owner = "${key}" if step.over == "distill" else None
+    return {*(f"variants.{inputs}.{p}" for p in step.params), *([f"distill.{owner}"] if owner else [])}
 
 
 def dvc_stages(text: str) -> dict:
@@ -54,22 +72,25 @@ def stage_entry(step: registry.Step) -> str:
 def disagreements(dvc_yaml: str) -> list[str]:
     stages = dvc_stages(dvc_yaml)
     problems = []
-    if list(stages) != list(registry.ORDER):
-        problems.append(f"stage order {list(stages)} != registry {list(registry.ORDER)}")
-    for step in registry.STEPS:
+    # The variants' lifecycle in its order, then the student steps.
+    students = [s.name for s in registry.STUDENT_STEPS]
+    lifecycle = [n for n in stages if n not in students]
+    if lifecycle != list(registry.ORDER) or [n for n in stages if n in students] != students:
+        problems.append(f"stage order {list(stages)} != registry {[*registry.ORDER, *students]}")
+    for step in (*registry.STEPS, *registry.STUDENT_STEPS):
         stage = stages.get(step.name)
         if stage is None:
             problems.append(f"{step.name}: not in dvc.yaml; its entry:\n{stage_entry(step)}")
             continue
-        assert stage["foreach"] == "${enabled}"
+        assert stage["foreach"] == f"${{{step.over}}}"
         do = stage["do"]
-        if do["cmd"] != f"fmpipe {step.name} --stage ${{item}}":
+        if do["cmd"] != f"fmpipe {step.name} --stage {_NAMES[step.over][0]}":
             problems.append(f"{step.name}: cmd {do['cmd']!r}")
-        deps = {d.replace("{v}", "${item}") for d in step.dep_paths()}
+        deps = _expected_deps(step)
         if set(do.get("deps") or []) != deps:
             problems.append(f"{step.name}: deps differ: dvc.yaml only {sorted(set(do.get('deps') or []) - deps)}, "
                             f"registry only {sorted(deps - set(do.get('deps') or []))}")
-        params = {f"variants.${{item}}.{p}" for p in step.params}
+        params = _expected_params(step)
         if set(do.get("params") or []) != params:
             problems.append(f"{step.name}: params {sorted(do.get('params') or [])} != {sorted(params)}")
         for section, expected in _expected(step).items():
@@ -175,7 +196,7 @@ def code_drift(steps=None) -> list[str]:
     """Differences between each step's declared code deps and what its module imports."""
     from pipeline.imports import code_deps, expand
 
-    steps = steps or registry.STEPS
+    steps = steps or (*registry.STEPS, *registry.STUDENT_STEPS)
     by_name = {s.name: s for s in steps}
     problems = []
     for step in steps:

@@ -44,7 +44,7 @@ class ThroughputTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # One call's batches: a group of (inputs, labels) pairs (pipeline.training.data.StepGroups).
-        self.samples += sum(len(labels) for _, labels in batch) * trainer.world_size
+        self.samples += sum(len(b[1]) for b in batch) * trainer.world_size  # (inputs, labels[, teacher])
 
     @property
     def total_samples(self) -> int:

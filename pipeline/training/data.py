@@ -236,8 +236,12 @@ class BatchStream:
                  seed: int = 0, augment: Optional[AugmentSpec] = None, channels_last: bool = False,
                  epoch: Callable[[], int] = lambda: 0,
                  rank: Callable[[], tuple[int, int]] = lambda: (0, 1),
-                 poisson_rate: Optional[float] = None, on_start: Optional[Callable[[], None]] = None) -> None:
+                 poisson_rate: Optional[float] = None, on_start: Optional[Callable[[], None]] = None,
+                 teacher: Optional[torch.Tensor] = None) -> None:
         self.x, self.y = x, y
+        # Distillation (pipeline/training/distill.py): the teacher's logits per row, aligned with
+        # y; a batch is then (inputs, labels, teacher logits), indexed like the labels.
+        self.teacher = teacher
         self.on_start = on_start  # called as each pass starts (the train stream closes the val one's)
         self._active: Optional[Iterator] = None
         self.device = y.device
@@ -294,7 +298,8 @@ class BatchStream:
         for idx, xb in zip(plan, self._pixels(plan)):
             if not isinstance(idx, slice):
                 idx = idx.to(self.device)
-            yield self._prepare(xb, aug_gen, None if flips is None else flips[idx]), self.y[idx]
+            xb = self._prepare(xb, aug_gen, None if flips is None else flips[idx])
+            yield (xb, self.y[idx]) if self.teacher is None else (xb, self.y[idx], self.teacher[idx])
 
     def _train_plan(self, n: int, epoch: int, rank: int, world: int) -> list:
         """This rank's index batches of one epoch (index tensors on the data's device for the
@@ -407,7 +412,7 @@ class TensorDataModule(pl.LightningDataModule):
     def __init__(self, dataset: Dataset, batch_size: int, *, augment: Optional[AugmentSpec] = None,
                  seed: int = 0, channels_last: bool = False, steps_per_call: int = 1,
                  poisson: bool = False, stream: Optional[bool] = None, in_memory_mb: float = float("inf"),
-                 loader_workers: Optional[int] = None) -> None:
+                 loader_workers: Optional[int] = None, teacher_logits: Optional[np.ndarray] = None) -> None:
         super().__init__()
         augment = augment or AugmentSpec()
         if dataset.kind != "image" and (augment.flip or augment.translate):
@@ -446,6 +451,10 @@ class TensorDataModule(pl.LightningDataModule):
             self.mean, self.std = normalization_stats(self._arrays["train"])
         self.poisson_rate = batch_size / n_train if poisson else None
         self._tensors: dict[str, tuple[Any, torch.Tensor]] = {}
+        # Distillation: the teacher's logits for the train rows, in their order (float32, N x K).
+        if teacher_logits is not None and len(teacher_logits) != n_train:
+            raise FmpipeError(f"teacher logits: {len(teacher_logits)} rows for a train split of {n_train}")
+        self._teacher = None if teacher_logits is None else np.ascontiguousarray(teacher_logits, dtype=np.float32)
 
     @property
     def num_train(self) -> int:
@@ -477,9 +486,10 @@ class TensorDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> StepGroups:
         x, y = self._tensors["train"]
+        teacher = None if self._teacher is None else torch.from_numpy(self._teacher).to(y.device)
         return StepGroups(BatchStream(x, y, self.batch_size, train=True, seed=self.seed, augment=self.augment,
                                       channels_last=self.channels_last, epoch=self._epoch, rank=self._rank,
-                                      poisson_rate=self.poisson_rate, on_start=self._close_val),
+                                      poisson_rate=self.poisson_rate, on_start=self._close_val, teacher=teacher),
                           self.steps_per_call)
 
     def val_dataloader(self) -> BatchStream:

@@ -70,7 +70,7 @@ def default_state_dir(out_dir: str | os.PathLike) -> Path:
 
 def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resume: bool = False,
         state_dir: Optional[str | os.PathLike] = None, callbacks: Sequence[Any] = (),
-        variant: str = "") -> dict[str, Any]:
+        variant: str = "", teacher_logits: Any = None, distill: Optional[tuple[float, float]] = None) -> dict[str, Any]:
     """Train ``spec.model`` on ``dataset``'s train split (validating on val) with ``spec.train``.
 
     Writes the trained model into ``out_dir`` (atomically, at the end) and returns the
@@ -91,7 +91,11 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     state_dir = Path(state_dir) if state_dir is not None else default_state_dir(out_dir)
     train = spec.train
     check_accelerator(train.accelerator, variant)
-    resumed_from = _start_state(state_dir, run_fingerprint(dataset, spec), resume)
+    fingerprint = run_fingerprint(dataset, spec)
+    if distill is not None:
+        fingerprint["distill"] = {"temperature": distill[0], "weight": distill[1],
+                                  "teacher_logits_sha256": hashlib.sha256(teacher_logits.tobytes()).hexdigest()}
+    resumed_from = _start_state(state_dir, fingerprint, resume)
 
     # We log per epoch only, so Lightning's step-logging interval does not matter.
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
@@ -101,7 +105,8 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     dm = TensorDataModule(dataset, train.batch_size, augment=train.augment, seed=train.seed,
                           channels_last=train.channels_last, steps_per_call=train.steps_per_call,
                           poisson=train.privacy is not None, stream=train.stream,
-                          in_memory_mb=train.in_memory_mb, loader_workers=train.loader_workers)
+                          in_memory_mb=train.in_memory_mb, loader_workers=train.loader_workers,
+                          teacher_logits=teacher_logits if distill is not None else None)
     # The one network: trained, then saved as float32 on the CPU (save_trained).
     net = build(spec.model.name, dm.input_shape, len(dm.classes), spec.model.options,
                 mean=dm.mean, std=dm.std, head=spec.model.head)
@@ -112,7 +117,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         from pipeline.training.privacy import check_network
 
         check_network(net, spec.model.name, variant)
-    module = ClassifierModule(net, len(dm.classes), train, head=spec.model.head)
+    module = ClassifierModule(net, len(dm.classes), train, head=spec.model.head, distill=distill)
     logging.getLogger("fmpipe").info(
         "model %s: %s parameters", spec.model.name, f"{sum(p.numel() for p in net.parameters()):,}")
     timer = ThroughputTimer()

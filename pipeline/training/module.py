@@ -61,11 +61,17 @@ class ClassifierModule(pl.LightningModule):
     logit per row (the positive class's) and labels are 0/1.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int, train: TrainSpec, head: str = "softmax") -> None:
+    def __init__(self, net: nn.Module, num_classes: int, train: TrainSpec, head: str = "softmax",
+                 distill: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.net = net
         self.spec = train
         self.head = head
+        # (temperature, weight): training batches then carry the teacher's logits
+        # (pipeline/training/distill.py), and the loss mixes in the softened-target term.
+        self.distill = distill
+        if distill is not None and head != "softmax":
+            raise ValueError("distillation needs a softmax head (one logit per class)")
         # Resolved before channels_last/compile, on the plain module tree; raises on a rule
         # that selects nothing.
         self.groups = resolve_param_groups(net, train.param_groups)
@@ -110,12 +116,15 @@ class ClassifierModule(pl.LightningModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
         ls = self.spec.label_smoothing
         if self.head == "sigmoid":
             target = y.to(torch.float32) * (1 - ls) + 0.5 * ls
             return F.binary_cross_entropy_with_logits(logits.float().reshape(-1), target)
-        return F.cross_entropy(logits.float(), y, label_smoothing=ls)
+        hard = F.cross_entropy(logits.float(), y, label_smoothing=ls)
+        if teacher is None or self.distill is None:
+            return hard
+        return distillation_loss(logits, teacher, hard, *self.distill)
 
     def _correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.head == "sigmoid":
@@ -158,11 +167,11 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batches: tuple[tuple[torch.Tensor, torch.Tensor], ...], batch_idx: int) -> None:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        for x, y in batches:
+        for x, y, *teacher in batches:  # distillation: (inputs, labels, teacher logits)
             if len(y) == 0:  # an empty Poisson batch (DP-SGD): no step; the accountant counts it
                 continue
             logits = self(x)
-            loss = self._loss(logits, y)
+            loss = self._loss(logits, y, teacher[0] if teacher else None)
             self._accumulate("train", logits, y, loss)
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
@@ -215,6 +224,18 @@ class ClassifierModule(pl.LightningModule):
         sigma = noise_multiplier(spec, rate, self.total_steps, delta)
         self.privacy = {"noise_multiplier": sigma, "sample_rate": rate, "delta": delta}
         return private_optimizer(optimizer, spec, sigma, self.spec.batch_size)
+
+
+def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, hard: torch.Tensor, temperature: float,
+                      weight: float) -> torch.Tensor:
+    """``weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - weight) * hard``.
+
+    T^2 keeps the soft term's gradients on the scale of the hard one's whatever T is (Hinton
+    et al., 2015); KL is averaged over the batch (``batchmean``: the true KL per row)."""
+    t = float(temperature)
+    soft = F.kl_div(F.log_softmax(logits.float() / t, dim=1), F.log_softmax(teacher.float() / t, dim=1),
+                    reduction="batchmean", log_target=True)
+    return weight * t * t * soft + (1.0 - weight) * hard
 
 
 def _on_device(batch: Any, device: torch.device) -> bool:
