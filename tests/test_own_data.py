@@ -257,12 +257,19 @@ def test_unsafe_variant_names_are_refused_at_load(tmp_path, name):
         assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
-def test_variant_add_refuses_a_taken_or_unsafe_name(tmp_path):
+def test_variant_add_refuses_a_taken_or_unsafe_name_or_a_wrong_split_column(tmp_path):
     root = copy_project_files(tmp_path / "project")
     pets = image_folder(tmp_path / "pets", per_class=3, size=8)
+    table = tmp_path / "table.csv"
+    table.write_text("id,part,label,x\nr1,train,a,1.0\nr2,test,b,2.0\n")
     params = (root / "params.yaml").read_text()
-    for name, expected in (("digits", "variants.digits exists"), ("../pets", "not a valid variant name")):
-        result = subprocess.run([*FMPIPE, "variant", "add", name, "--source", str(pets)], cwd=root,
+    for name, args, expected in (
+            ("digits", ["--source", str(pets)], "variants.digits exists"),
+            ("../pets", ["--source", str(pets)], "not a valid variant name"),
+            # --split-column: a column of the CSV (not the label), and for a CSV only.
+            ("mine", ["--source", str(table), "--split-column", "split"], "no split column 'split'"),
+            ("mine", ["--source", str(pets), "--split-column", "part"], "--split-column is for a CSV")):
+        result = subprocess.run([*FMPIPE, "variant", "add", name, *args], cwd=root,
                                 capture_output=True, text=True)
         assert result.returncode == 1 and expected in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
