@@ -14,7 +14,7 @@ defaults only), then the variant goes through the pipeline three times:
 
 The tests assert the exact history and row-level diffs, `fmpipe audit model` on each version's
 package (directory and archive), a local-directory DVC remote (push, cache deleted, reading
-through the remote, pull), and the one-line errors. Each version is reproduced up to dist
+through the remote, pull), and the one-line errors. Each version is reproduced up to package
 (what the audit reads).
 """
 
@@ -98,9 +98,9 @@ def versions(tmp_path_factory):
     sh(repo, "dvc", "remote", "add", "-d", "store", str(root / "remote"))
 
     def version(name: str) -> str:
-        # Up to dist: what the audit reads (dvc.lock, packages); review and report would add
-        # two steps per version and nothing audited.
-        sh(repo, "dvc", "repro", "dist@tab")
+        # Up to package: what the audit reads (dvc.lock, packages); dist, review and report
+        # would add three steps per version and nothing audited.
+        sh(repo, "dvc", "repro", "package@tab")
         rev = commit(repo, name)
         sh(repo, "dvc", "push")
         shutil.copytree(repo / "data/tab/package", packages / name)
@@ -120,8 +120,8 @@ def versions(tmp_path_factory):
     assert "collect@tab" in changed_stages(repo)
     revs["v2"] = version("v2")
 
-    # A commit that changed only code (the dist step's): dvc.lock changes, the data does not.
-    with open(repo / "stages" / "dist.py", "a") as fh:
+    # A commit that changed only code (the package step's): dvc.lock changes, the data does not.
+    with open(repo / "stages" / "package.py", "a") as fh:
         fh.write("\n# a code-only change\n")
     revs["code"] = version("code only")
 
@@ -258,9 +258,9 @@ def test_local_remote_push_pull_and_missing_data(versions):
     assert [r["id"] for r in d["added"]] == ["r060", "r061", "r062", "r063"]
     assert not (repo / ".dvc" / "cache" / "files").exists() or not any((repo / ".dvc/cache/files").rglob("*.dir"))
     shutil.rmtree(repo / "data" / "tab" / "annotate")
-    sh(repo, "dvc", "pull", "--with-deps", "dist@tab")  # what the versions reproduced
+    sh(repo, "dvc", "pull", "--with-deps", "package@tab")  # what the versions reproduced
     assert (repo / "data/tab/annotate/manifest.parquet").exists()
-    assert "up to date" in sh(repo, "dvc", "status", "--with-deps", "dist@tab").stdout
+    assert "up to date" in sh(repo, "dvc", "status", "--with-deps", "package@tab").stdout
 
     # Data of v1 in neither cache nor remote: one line that says how to fetch it.
     sh(repo, "dvc", "remote", "remove", "store")
