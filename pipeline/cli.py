@@ -249,6 +249,8 @@ def variant_add(
                                "an archive of one, or a CSV file with a label column."),
     enable: bool = typer.Option(False, "--enable", help="Also add it to `enabled`, so `dvc repro` runs it."),
     label_column: str = typer.Option("label", "--label-column", help="CSV: the column holding the class."),
+    split_column: Optional[str] = typer.Option(None, "--split-column", help="CSV: a column giving each row's "
+                                               "split (train, val, test; empty: the collect step decides)."),
     description: Optional[str] = typer.Option(None, "--description", help="One line for reports and `fmpipe stages`."),
     params: str = ParamsOpt,
 ) -> None:
@@ -259,7 +261,7 @@ def variant_add(
 
     doing(f"fmpipe variant add {name}")
     typer.echo(add_variant(name, source, enable=enable, params_path=params,
-                           label_column=label_column, description=description))
+                           label_column=label_column, description=description, split_column=split_column))
 
 
 @app.command()

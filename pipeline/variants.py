@@ -132,8 +132,12 @@ def _first_image(path: Path) -> tuple[int, int, str]:
     raise FmpipeError(f"{path}: no readable image found (expected <class>/<file> or <split>/<class>/<file>)")
 
 
-def _source_section(kind: str, rel: str, path: Path, label_column: str) -> dict[str, Any]:
+def _source_section(kind: str, rel: str, path: Path, label_column: str,
+                    split_column: Optional[str] = None) -> dict[str, Any]:
     if kind == "imagefolder":
+        if split_column:
+            raise FmpipeError(f"{path}: --split-column is for a CSV; an image folder gives its splits as "
+                              "<split>/<class>/<file>")
         h, w, mode = _first_image(path)
         channels = 1 if mode in ("1", "L", "LA", "P;L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F") else 3
         if max(h, w) > IMAGE_SIDE_MAX:
@@ -152,11 +156,16 @@ def _source_section(kind: str, rel: str, path: Path, label_column: str) -> dict[
     if label_column not in columns:
         raise FmpipeError(f"{path}: no label column {label_column!r} (columns: {', '.join(columns)}); "
                           "name it with --label-column")
+    if split_column is not None and (split_column not in columns or split_column == label_column):
+        raise FmpipeError(f"{path}: no split column {split_column!r} besides the label column "
+                          f"(columns: {', '.join(columns)})")
     section = {"kind": "csv", "path": rel}
     if label_column != "label":
         section["label_column"] = label_column
-    if "id" in columns and label_column != "id":
+    if "id" in columns and "id" not in (label_column, split_column):
         section["id_column"] = "id"
+    if split_column is not None:
+        section["split_column"] = split_column
     if path.suffix.lower() == ".tsv":
         section["sep"] = "\t"
     return section
@@ -207,7 +216,8 @@ def _scratch_project(params_text: str, name: str, source: Path) -> Iterator[Path
 
 
 def add_variant(name: str, source: str, enable: bool = False, params_path: str = "params.yaml",
-                label_column: str = "label", description: Optional[str] = None) -> str:
+                label_column: str = "label", description: Optional[str] = None,
+                split_column: Optional[str] = None) -> str:
     """Write the variant's params section, suite, decisions file and source link; the next command."""
     from pipeline.config import check_variant_name, load_params, prune_defaults
     from pipeline.manifest import read_dataset
@@ -235,7 +245,7 @@ def add_variant(name: str, source: str, enable: bool = False, params_path: str =
 
     section: dict[str, Any] = {
         "description": description or f"{'images' if kind == 'imagefolder' else 'table'} from {source}",
-        "source": _source_section(kind, link.as_posix(), src, label_column),
+        "source": _source_section(kind, link.as_posix(), src, label_column, split_column),
         "split": {}, "clean": {}, "validate": {},
         "model": ({"name": "cnn_small", "options": {"width": 32, "dropout": 0.1}} if kind == "imagefolder"
                   else {"name": "mlp", "options": {"hidden": [64]}}),

@@ -1,16 +1,20 @@
 """`fmpipe audit` on a real temp git + DVC repo with three committed data versions.
 
-One tabular variant (``tab``, a CSV source with given ids and splits, 3 training epochs, no
-accuracy gate) goes through the whole pipeline three times:
+One tabular variant (``tab``: a CSV outside the repository with given ids and splits) is
+added as a team adds its own table (issue #21): ``fmpipe variant add tab --source CSV
+--split-column split --enable``; its params are not edited by hand (the schema's defaults:
+no accuracy gate). The fixture checks what that wrote (an ``mlp``, differences from the
+defaults only), then the variant goes through the pipeline three times:
 
 - v1: 60 rows;
-- v2: rows added (r060..r065), of which r064/r065 are exact copies of r001/r002, r010 made a
-  copy of r013 and r030 edited: clean removes r064, r065 and r010 as duplicates;
+- v2: the CSV rewritten in place (``dvc status`` sees collect@tab changed through the link):
+  rows added (r060..r065), of which r064/r065 are exact copies of r001/r002, r010 made a copy
+  of r013 and r030 edited: clean removes r064, r065 and r010 as duplicates;
 - v3: two labels corrected through annotations/tab/labels.csv.
 
 The tests assert the exact history and row-level diffs, `fmpipe audit model` on each version's
 package (directory and archive), a local-directory DVC remote (push, cache deleted, reading
-through the remote, pull), and the one-line errors. Each version is reproduced up to dist
+through the remote, pull), and the one-line errors. Each version is reproduced up to package
 (what the audit reads).
 """
 
@@ -26,15 +30,17 @@ import pytest
 import yaml
 
 from helpers import make_repo, sh
+from pipeline.config import load_params, prune_defaults
 
 CLASSES = ("a", "b", "c")
 
 
-def write_csv(path: Path, rows: list[tuple[str, str, str, list[float]]]) -> None:
+def write_csv(path: Path, rows: list[tuple[str, str, str, list[float]]]) -> Path:
     lines = ["id,split,label,f1,f2,f3,f4"]
     lines += [f"{i},{s},{lab}," + ",".join(f"{v:.3f}" for v in feats) for i, s, lab, feats in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)  # sources/tab/: what dvc.yaml tracks for tab
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def base_rows() -> list[tuple[str, str, str, list[float]]]:
@@ -48,48 +54,43 @@ def base_rows() -> list[tuple[str, str, str, list[float]]]:
     return rows
 
 
-def add_variant(params: dict) -> None:
-    tab = json.loads(json.dumps(params["variants"]["iris"]))
-    tab.update(
-        description="audit test table",
-        source={"kind": "csv", "path": "sources/tab/tab_v1.csv", "label_column": "label", "id_column": "id",
-                "split_column": "split"},
-        validate={"min_rows": 10, "max_rows": 1000, "min_rows_per_class": 3, "max_class_fraction": 0.9},
-        evaluate={"min_accuracy": 0.0, "min_macro_f1": 0.0},
-    )
-    tab["train"]["max_epochs"] = 3
-    params["variants"]["tab"] = tab
-
-
 def commit(repo: Path, message: str) -> str:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", message)
     return sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
 
 
-def set_source(repo: Path, csv_name: str) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["variants"]["tab"]["source"]["path"] = csv_name
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def fmpipe_json(repo: Path, *args: str) -> dict:
     return json.loads(sh(repo, "fmpipe", *args, "--json").stdout)
+
+
+def changed_stages(repo: Path) -> set[str]:
+    """The stages `dvc status` reports as changed."""
+    return set(json.loads(sh(repo, "dvc", "status", "--json").stdout or "{}"))
 
 
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     (root / "repo").mkdir()
-    repo = make_repo(root / "repo", ["tab"], edit=add_variant)
+    repo = make_repo(root / "repo", [])
     rows = base_rows()
-    write_csv(repo / "sources/tab/tab_v1.csv", rows)
-    (repo / "annotations" / "tab").mkdir()
-    (repo / "annotations" / "tab" / "labels.csv").write_text("id,label,note\n")
-    # The variant's curated GX suite, written from its first data as a user would (--init).
-    sh(repo, "fmpipe", "collect", "--stage", "tab")
-    sh(repo, "fmpipe", "clean", "--stage", "tab")
-    sh(repo, "fmpipe", "validate", "--stage", "tab", "--init")
+    table = write_csv(root / "mine" / "tab.csv", rows)  # the team's file, outside the repository
+    # The variant, its curated GX suite (from its first data), decisions file and source link,
+    # by the command a team runs on its own CSV.
+    added = sh(repo, "fmpipe", "variant", "add", "tab", "--source", str(table), "--split-column", "split", "--enable")
+    assert added.stdout.strip().endswith("next: dvc repro"), added.stdout
+    params = load_params(repo / "params.yaml")
+    spec = params.variants["tab"]
+    assert params.enabled == ["tab"] and spec.model.name == "mlp"
+    assert (spec.source.kind, spec.source.path, spec.source.id_column, spec.source.split_column,
+            spec.source.classes) == ("csv", "sources/tab", "id", "split", list(CLASSES))
+    # Differences only, like the rest of params.yaml: no fitted value restates a schema default.
+    written = yaml.safe_load((repo / "params.yaml").read_text())["variants"]["tab"]
+    assert prune_defaults(written, spec, "tab") == []
+    assert (repo / "sources/tab").resolve() == table.resolve()
+    assert (repo / "expectations/tab.json").is_file()
+    assert (repo / "annotations/tab/labels.csv").read_text() == "id,label,note\n"
     packages = root / "packages"
     packages.mkdir()
     # A local-directory DVC remote, committed in .dvc/config; each version is pushed when it is
@@ -97,9 +98,9 @@ def versions(tmp_path_factory):
     sh(repo, "dvc", "remote", "add", "-d", "store", str(root / "remote"))
 
     def version(name: str) -> str:
-        # Up to dist: what the audit reads (dvc.lock, packages); review and report would add
-        # two steps per version and nothing audited.
-        sh(repo, "dvc", "repro", "dist@tab")
+        # Up to package: what the audit reads (dvc.lock, packages); dist, review and report
+        # would add three steps per version and nothing audited.
+        sh(repo, "dvc", "repro", "package@tab")
         rev = commit(repo, name)
         sh(repo, "dvc", "push")
         shutil.copytree(repo / "data/tab/package", packages / name)
@@ -114,12 +115,13 @@ def versions(tmp_path_factory):
     assert rows[10][2] == rows[13][2] and (rows[10][1], rows[13][1]) == ("val", "test")
     edited = {"r010": rows[13][3], "r030": [7.0, 7.0, 7.0, 7.0]}
     v2 = [(i, s, lab, edited.get(i, f)) for i, s, lab, f in rows]
-    write_csv(repo / "sources/tab/tab_v2.csv", v2 + added)
-    set_source(repo, "sources/tab/tab_v2.csv")
+    assert "collect@tab" not in changed_stages(repo)
+    write_csv(table, v2 + added)  # edited in place: DVC hashes the CSV through the link
+    assert "collect@tab" in changed_stages(repo)
     revs["v2"] = version("v2")
 
-    # A commit that changed only code (the dist step's): dvc.lock changes, the data does not.
-    with open(repo / "stages" / "dist.py", "a") as fh:
+    # A commit that changed only code (the package step's): dvc.lock changes, the data does not.
+    with open(repo / "stages" / "package.py", "a") as fh:
         fh.write("\n# a code-only change\n")
     revs["code"] = version("code only")
 
@@ -217,7 +219,7 @@ def test_audit_model_names_the_version(versions, name):
     # The package alone (no repository): its data version is that commit's annotate output.
     alone = fmpipe_json(versions["root"], "audit", "model", str(packages / name), "--no-repo")
     assert alone["data_version"]["annotate"][0]["md5"] == annotate_md5
-    assert alone["params"]["source"]["path"] == ("sources/tab/tab_v1.csv" if name == "v1" else "sources/tab/tab_v2.csv")
+    assert alone["params"]["source"]["path"] == "sources/tab"
     assert alone["code"]["stages/collect.py"] and "commits" not in alone
     # With the repository: the commit that recorded it, and the diff against HEAD's data.
     with_repo = fmpipe_json(repo, "audit", "model", str(packages / name))
@@ -256,9 +258,9 @@ def test_local_remote_push_pull_and_missing_data(versions):
     assert [r["id"] for r in d["added"]] == ["r060", "r061", "r062", "r063"]
     assert not (repo / ".dvc" / "cache" / "files").exists() or not any((repo / ".dvc/cache/files").rglob("*.dir"))
     shutil.rmtree(repo / "data" / "tab" / "annotate")
-    sh(repo, "dvc", "pull", "--with-deps", "dist@tab")  # what the versions reproduced
+    sh(repo, "dvc", "pull", "--with-deps", "package@tab")  # what the versions reproduced
     assert (repo / "data/tab/annotate/manifest.parquet").exists()
-    assert "up to date" in sh(repo, "dvc", "status", "--with-deps", "dist@tab").stdout
+    assert "up to date" in sh(repo, "dvc", "status", "--with-deps", "package@tab").stdout
 
     # Data of v1 in neither cache nor remote: one line that says how to fetch it.
     sh(repo, "dvc", "remote", "remove", "store")

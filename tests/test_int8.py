@@ -1,41 +1,35 @@
 """INT8 packages: quantization, the accuracy gate, predict/serve/verify with each precision.
 
-The session's real digits run (image) and iris (table) packaged in a copy of it (real
-Lightning training, ONNX export, ONNX Runtime static quantization);
-the tests then use those packages through the ``fmpipe`` command, as a service team would.
+The session's real `dvc repro` of digits (image) and iris (table), both packaged with INT8 by
+the repo's params (real Lightning training, ONNX export, ONNX Runtime static quantization),
+copied into a scratch project; the tests then use those packages through the ``fmpipe``
+command, as a service team would.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import annotated, copy_project_files, fmpipe, serving
+from helpers import copy_project_files, fmpipe, serving
 from PIL import Image
 
 from pipeline.manifest import read_dataset
 
-STEPS = ("train", "evaluate", "package")
-
 
 @pytest.fixture(scope="module")
-def project(digits_run, tmp_path_factory) -> Path:
-    """The session's digits run (packaged with INT8 by the repo's params) plus iris packaged,
-    and test inputs as files."""
-    root = digits_run.copy(tmp_path_factory.mktemp("int8") / "project")
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        annotated("iris")  # the session's cached iris data steps
-    finally:
-        os.chdir(here)
-    for step in STEPS:
-        fmpipe(step, "--stage", "iris", cwd=root, check=True)
+def project(repro_digits_iris, tmp_path_factory) -> Path:
+    """The session's reproduced digits and iris (each packaged with INT8 by the repo's params)
+    in a scratch project (no git, no DVC), and test inputs as files."""
+    root = tmp_path_factory.mktemp("int8") / "project"
+    root.mkdir()
+    for rel in ("params.yaml", "annotations", "expectations", "data/digits", "data/iris", "data/runs"):
+        src = repro_digits_iris.root / rel
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / rel)
     test = read_dataset(root / "data/digits/annotate").split("test")
     (root / "images").mkdir()
     for i, img in enumerate(test.images[:20]):
