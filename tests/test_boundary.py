@@ -29,6 +29,7 @@ INTERRUPTED = "interrupted; previous outputs left as they were"
 # its error line.
 COMMANDS = [
     *[([step, "--stage", "v"], "pipeline.runner.run_step", f"fmpipe {step} --stage v") for step in ORDER],
+    (["distill", "--stage", "v"], "pipeline.runner.run_step", "fmpipe distill --stage v"),
     (["validate", "--stage", "v", "--init"], "pipeline.config.load_variant", "fmpipe validate --stage v"),
     (["run", "--stage", "v"], "pipeline.runner.run_step", "fmpipe collect --stage v"),
     (["review", "import", "x.json", "--stage", "v"], "pipeline.review.importing.import_decisions",
