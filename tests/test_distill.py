@@ -104,6 +104,10 @@ def test_dvc_distils_a_student_and_tracks_its_teacher(repro_copy):
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert (got.argmax(1) == want.argmax(1)).all()
     assert (d / "baseline/model.safetensors").is_file() and not (d / "train_summary.json").exists()
+    # git keeps the comparison and the metric (uncached), nothing else of the student's.
+    staged = sh(repo, "git", "status", "--porcelain", "--untracked-files=all", "data/digits-small").stdout.split()
+    assert sorted(p for p in staged if p.startswith("data/")) == [
+        "data/digits-small/distill/comparison.json", "data/digits-small/distill/figures.json"], staged
 
     # DVC tracks the teacher: its recipe changed, the student is stale with it; the student's
     # own settings re-run only the student.

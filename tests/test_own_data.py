@@ -296,7 +296,7 @@ def test_data_gitignore_keeps_every_cached_output_out_of_git(tmp_path):
         return sh(tmp_path, "git", "check-ignore", "-q", "--no-index", rel, check=False).returncode == 0
 
     for variant in ("digits", "a-new_one"):
-        for step in registry.STEPS:
+        for step in (*registry.STEPS, *registry.STUDENT_STEPS):
             for path, out in step.out_paths():
                 rel = path.format(v=variant)
                 inside = f"{rel}/some/file.bin"  # an output directory's content
