@@ -17,23 +17,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def timed(fn, seconds: float, min_runs: int) -> list[float]:
-    fn()  # warm-up
-    out: list[float] = []
-    end = time.perf_counter() + seconds
-    while len(out) < min_runs or time.perf_counter() < end:
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+from int8 import timed  # noqa: E402  (the same timing loop as the INT8 benchmark)
 
 
 def main() -> None:
