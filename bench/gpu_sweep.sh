@@ -4,7 +4,12 @@
 #
 # Beside the checkout: the JPEG CIFAR-10 archive and the rows/splits of a real cifar run
 # (id,split CSV from data/cifar/annotate/manifest.parquet), and wheels (cp312) of the packages
-# the training path imports that the machine lacks (pydantic, dvclive and dvc's import closure).
+# the training path imports that the machine lacks (pydantic, dvclive and dvc's import closure:
+# on the 2026-12 image, annotated-types antlr4-python3-runtime atpublic brotli configobj
+# diskcache dpath dulwich dvc dvc-data dvc-http dvc-objects dvc-render dvc-studio-client dvclive
+# flatten-dict flufl.lock funcy omegaconf orjson platformdirs pydantic pydantic-core pydot
+# pygtrie ruamel.yaml scmrepo sqltrie typing-inspection voluptuous wcwidth zc.lockfile, each at
+# the version this venv has; `pip wheel` builds the ones without a cp312 wheel).
 #   ARCHIVE=.gpu/cifar10-jpeg.tar.gz SPLITS=.gpu/cifar_clean_splits.csv WHEELS=.whl bash bench/gpu_sweep.sh
 # Appends one JSON line per run to ${RESULTS:-results.jsonl} (bench/results/h200_recipe_sweep.jsonl).
 set -u

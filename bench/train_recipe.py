@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--archive", type=Path, default=ARCHIVE)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/fmpipe-cifar10-cache"))
     ap.add_argument("--json", type=Path, default=None, help="append the figures as one JSON line")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="copy each run's train folder (model.safetensors, model.json) under this folder")
     args = ap.parse_args()
 
     from train_cifar import load_cifar
@@ -209,6 +211,11 @@ def run_one(spec, ds: Dataset, counts: dict[str, int], args) -> None:
         summary = fit(ds, spec, Path(tmp) / "train", variant=args.variant)
         wall = time.perf_counter() - t0
         net, meta = load_trained(Path(tmp) / "train")
+        if args.keep:
+            import shutil
+
+            name = f"{args.preset or 'default'}-e{spec.train.max_epochs}-s{spec.train.seed}"
+            shutil.copytree(Path(tmp) / "train", args.keep / name, dirs_exist_ok=True)
     test = ds.split("test")
     x = torch.from_numpy(np.ascontiguousarray(np.asarray(test.images).transpose(0, 3, 1, 2))).float()
     y = test.manifest["label"].to_numpy()
