@@ -10,7 +10,10 @@ boundary and two commands cannot answer the same failure differently:
   exit 1 (outputs are written atomically, so nothing partial is left);
 - Ctrl+C (``KeyboardInterrupt``; ``dvc repro`` sends SIGINT too):
   ``<what>: interrupted; previous outputs left as they were``, exit 130 (128 + SIGINT, what
-  a shell reports for a process the signal ended).
+  a shell reports for a process the signal ended);
+- SIGTERM (``kill``, a CI job's timeout, a scheduler's preemption): the same, as
+  ``<what>: terminated; ...``, exit 143. Python's default for SIGTERM ends the process at
+  once, skipping the ``finally`` blocks that remove a step's temporary output directory.
 
 One line each, never a traceback. Any other exception is a bug in fmpipe and keeps its
 traceback. ``<what>`` is the command as typed (``fmpipe audit model``); a command that knows
@@ -27,6 +30,34 @@ from typing import Any, Iterator
 import typer
 
 INTERRUPTED = 130
+TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl+C (every ``finally`` and ``except BaseException`` runs)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`Terminated` instead of ending the process
+    on the spot. Only where SIGTERM has its default action (a command that installs its own,
+    like ``serve``, keeps it) and only in the main thread (the only one Python lets set it)."""
+    import signal
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 # What the running command is, for its error line. A context variable, not click's context:
 # typer bundles its own click, whose current-context lookup is private.
 _what: ContextVar[str] = ContextVar("fmpipe_what", default="fmpipe")
@@ -56,6 +87,8 @@ def reported() -> Iterator[None]:
         _fail(f"error: {exc.filename or '?'}: {exc.strerror}", 1)
     except KeyboardInterrupt:
         _fail("interrupted; previous outputs left as they were", INTERRUPTED)
+    except Terminated:
+        _fail("terminated; previous outputs left as they were", TERMINATED)
 
 
 def _fail(message: str, code: int) -> None:
@@ -77,7 +110,7 @@ class Group(typer.core.TyperGroup):
         # The outermost group starts afresh (tests invoke the app many times in one process).
         token = _what.set("fmpipe") if ctx.parent is None else None
         try:
-            with reported():
+            with reported(), (_sigterm_unwinds() if token is not None else contextlib.nullcontext()):
                 return super().invoke(ctx)
         finally:
             if token is not None:

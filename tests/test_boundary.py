@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import time
 
 import pytest
 
-from helpers import fmpipe, subprocess_env
+from helpers import REPO, fmpipe, subprocess_env
 from pipeline.errors import FmpipeError
 from pipeline.steps import ORDER
 
@@ -166,8 +167,9 @@ def _as_from_a_terminal() -> None:
     """SIGINT as a shell gives it: default disposition, not blocked. A test worker's own state
     (seen in CI: SIGINT ignored after other tests ran in the worker, which a child inherits and
     Python then leaves ignored) must not decide what Ctrl+C does to fmpipe."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 @pytest.mark.parametrize("argv,target,what", [
@@ -184,6 +186,23 @@ def test_a_real_sigint_ends_in_one_line_and_exit_130(argv, target, what, tmp_pat
     finally:
         proc.kill()
     assert (proc.returncode, err.splitlines()) == (130, [f"{what}: {INTERRUPTED}"])
+
+
+def test_a_real_sigterm_mid_step_removes_the_temporary_output_and_exits_143(tmp_path):
+    """kill (a CI timeout, a scheduler) stops a step like Ctrl+C: before, Python's default
+    SIGTERM ended the process on the spot and left ``data/<v>/.<step>.tmp-*`` behind."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    proc = _harness("pipeline.manifest.save_dataset", "block", ["collect", "--stage", "iris"], tmp_path)
+    try:
+        assert proc.stderr.readline().strip() == "ready"
+        assert list((tmp_path / "data" / "iris").glob(".collect.tmp-*")), "the step had not started"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err.splitlines()) == (
+        143, ["fmpipe collect --stage iris: terminated; previous outputs left as they were"])
+    assert not (tmp_path / "data").exists()  # the temporary output and the parents it made
 
 
 def test_a_real_full_disk_names_the_path(tmp_path):
