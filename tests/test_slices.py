@@ -96,7 +96,9 @@ def test_biased_group_is_named_found_without_its_column_and_refused(project):
     worst = found["groups"][0]
     members = (found["clusters"] == worst["slice"]).to_numpy()
     assert in_b[members].mean() >= 0.9  # the cluster is camera b's images ...
-    assert worst["accuracy"] <= b["accuracy"] and worst["gap"] >= spec.slices.cluster_gap  # ... and fails
+    # ... and fails: far below camera a's images. Not "at most b's accuracy": a cluster holding
+    # part of b can score above b as a whole (it did on an AVX2 CPU, whose weights differ).
+    assert worst["accuracy"] < a["accuracy_low"] and worst["gap"] >= spec.slices.cluster_gap
     assert all(in_b[test.manifest["id"].isin([e["id"] for e in worst["examples"]]).to_numpy()])
 
 
