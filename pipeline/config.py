@@ -540,7 +540,7 @@ class VariantSpec(Strict):
 class StudentSpec(Strict):
     """A distilled student (``params.yaml: distill``): a smaller ``model`` trained on its
     ``teacher`` variant's data from the teacher's softened class probabilities
-    (``pipeline/training/distill.py``). ``train`` changes keys of the teacher's train section
+    (``pipeline/packaging/distill.py``). ``train`` changes keys of the teacher's train section
     (the student trains with the teacher's recipe unless it says otherwise). The loss is
     ``weight * T^2 * KL(teacher_T || student_T) + (1 - weight) * cross-entropy`` at
     ``temperature`` T (Hinton et al., 2015)."""

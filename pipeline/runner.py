@@ -54,10 +54,9 @@ class StepContext:
     failure: Optional[str] = None
     # False on a DDP rank other than 0: rank 0 alone records resources and reports.
     record: bool = True
-    # A student step (``step.over == "distill"``): its StudentSpec, and the teacher variant
-    # whose outputs its inputs are.
+    # A student step (``step.over == "distill"``): its StudentSpec (``teacher`` names the
+    # variant whose outputs its inputs are).
     student: Any = None
-    teacher: str = ""
     _datasets: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,6 +68,11 @@ class StepContext:
     @property
     def final_dir(self) -> Path:
         return self.step.path(self.variant)
+
+    @property
+    def teacher(self) -> str:
+        """A student's teacher variant; "" for a variant's own step."""
+        return self.student.teacher if self.student is not None else ""
 
     @property
     def reads_of(self) -> str:
@@ -136,13 +140,12 @@ def _run_locked(step: registry.Step, variant: str, params_path: str, spec: Any, 
     accounting = os.environ.get(ACCOUNTING_ENV, "1") != "0"
 
     with ResourceMeter() as meter:
-        teacher = student.teacher if student is not None else ""
         if step.writes_itself:
-            ctx = StepContext(step, variant, params_path, spec, final, dict(flags), student=student, teacher=teacher)
+            ctx = StepContext(step, variant, params_path, spec, final, dict(flags), student=student)
             glue.run(ctx)
         else:
             with atomic_dir(final) as tmp:
-                ctx = StepContext(step, variant, params_path, spec, tmp, dict(flags), student=student, teacher=teacher)
+                ctx = StepContext(step, variant, params_path, spec, tmp, dict(flags), student=student)
                 glue.run(ctx)
             ctx.out = final
     if not ctx.record:

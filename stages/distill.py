@@ -17,7 +17,7 @@ from pipeline.packaging.distill import distill, summary_line
 def run(ctx) -> None:
     scratch = ctx.final_dir.parent / f"{ctx.final_dir.name}-state"
     shutil.rmtree(scratch, ignore_errors=True)
-    comparison = distill(name=ctx.variant, student=ctx.student, spec=ctx.spec, teacher_name=ctx.teacher,
+    comparison = distill(name=ctx.variant, student=ctx.student, spec=ctx.spec,
                          teacher_spec=_teacher_spec(ctx), teacher_dir=ctx.input("train/model.json").parent,
                          ds=ctx.dataset("annotate"), out=ctx.out, scratch=scratch)
     ctx.result = comparison

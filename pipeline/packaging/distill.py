@@ -80,10 +80,11 @@ def score(net, meta: dict[str, Any], ds: "Dataset", train_spec) -> dict[str, Any
             "training_gflop": meta.get("training", {}).get("gflop")}
 
 
-def distill(*, name: str, student: "StudentSpec", spec: "VariantSpec", teacher_name: str,
-            teacher_spec: "VariantSpec", teacher_dir: Path, ds: "Dataset", out: Path, scratch: Path) -> dict[str, Any]:
+def distill(*, name: str, student: "StudentSpec", spec: "VariantSpec", teacher_spec: "VariantSpec",
+            teacher_dir: Path, ds: "Dataset", out: Path, scratch: Path) -> dict[str, Any]:
     """Train ``name`` (and its teacher-less baseline) and write the student, the baseline and
     the comparison into ``out``. ``scratch`` holds the trainings' checkpoints (not an output)."""
+    teacher_name = student.teacher
     from pipeline.inference.network import check_compatible, model_inputs
     from pipeline.models import load_trained, save_trained
     from pipeline.packaging.onnx_export import export_onnx, verify_onnx

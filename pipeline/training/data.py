@@ -239,7 +239,7 @@ class BatchStream:
                  poisson_rate: Optional[float] = None, on_start: Optional[Callable[[], None]] = None,
                  teacher: Optional[torch.Tensor] = None) -> None:
         self.x, self.y = x, y
-        # Distillation (pipeline/training/distill.py): the teacher's logits per row, aligned with
+        # Distillation (pipeline/packaging/distill.py): the teacher's logits per row, aligned with
         # y; a batch is then (inputs, labels, teacher logits), indexed like the labels.
         self.teacher = teacher
         self.on_start = on_start  # called as each pass starts (the train stream closes the val one's)

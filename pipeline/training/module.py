@@ -68,7 +68,7 @@ class ClassifierModule(pl.LightningModule):
         self.spec = train
         self.head = head
         # (temperature, weight): training batches then carry the teacher's logits
-        # (pipeline/training/distill.py), and the loss mixes in the softened-target term.
+        # (pipeline/packaging/distill.py), and the loss mixes in the softened-target term.
         self.distill = distill
         if distill is not None and head != "softmax":
             raise ValueError("distillation needs a softmax head (one logit per class)")
