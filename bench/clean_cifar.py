@@ -41,6 +41,8 @@ from pathlib import Path
 
 import yaml
 
+os.environ.setdefault("FMPIPE_WARM", "0")  # a cold process per step, as in the figures of bench/README.md (pipeline/warm.py)
+
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE_CANDIDATES = [REPO.parent / "shared/datasets/cifar10-jpeg.tar.gz",
                       REPO.parent.parent / "shared/datasets/cifar10-jpeg.tar.gz"]

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+os.environ.setdefault("FMPIPE_WARM", "0")  # a cold process per step, as in the figures of bench/README.md (pipeline/warm.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 OFF = {"slices": {"columns": [], "image_bins": 0, "feature_bins": 0, "data_quality": False, "clusters": 0,

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+os.environ.setdefault("FMPIPE_WARM", "0")  # a cold process per step, as in the figures of bench/README.md (pipeline/warm.py)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scale  # noqa: E402  (bench/scale.py: the synthetic image folder and its scratch project)

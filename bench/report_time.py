@@ -10,11 +10,14 @@ every wall time, the median, and the page's size and picture count.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("FMPIPE_WARM", "0")  # a cold process per step, as in the figures of bench/README.md (pipeline/warm.py)
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("FMPIPE_WARM", "0")  # a cold process per step, as in the figures of bench/README.md (pipeline/warm.py)
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("collect", "clean", "validate", "annotate", "train", "evaluate")
 CLASSES = 10

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+os.environ.setdefault("FMPIPE_WARM", "0")  # a cold process per step, as in the figures of bench/README.md (pipeline/warm.py)
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANT = "synth"
 CLASSES = [f"c{i}" for i in range(10)]

@@ -1,5 +1,5 @@
-"""``python -m pipeline`` is the ``fmpipe`` command."""
+"""``python -m pipeline`` is the ``fmpipe`` command (warm when a server is up: pipeline/warm.py)."""
 
-from pipeline.cli import app
+from pipeline.warm import main
 
-app(prog_name="fmpipe")
+main()

@@ -320,3 +320,32 @@ def plots(
         return
     page = offline_plots.show(targets or [], out=out)
     typer.echo(f"fmpipe plots: {page}")
+
+
+warm_app = typer.Typer(cls=Group, help="The warm server that starts `fmpipe` commands in a fraction of a second "
+                       "(pipeline/warm.py; FMPIPE_WARM=0 runs every command cold).", no_args_is_help=True)
+app.add_typer(warm_app, name="warm")
+
+
+@warm_app.command("status")
+def warm_status() -> None:
+    """List this user's warm servers: the code each serves, its memory and how many commands it ran."""
+    import time
+
+    from pipeline.warm import servers
+
+    found = servers()
+    if not found:
+        typer.echo("fmpipe warm: no server running (the next command starts one)")
+    for meta in found:
+        rss = f"{meta['rss_mb']:.0f} MB" if meta.get("rss_mb") else "?"
+        typer.echo(f"pid {meta['pid']:<7} {meta['key']}  {meta['served']:>5} commands  {rss:>8}  "
+                   f"up {time.time() - meta['ready']:.0f} s  code {meta['roots'][0]}")
+
+
+@warm_app.command("stop")
+def warm_stop() -> None:
+    """Stop this user's warm servers (a command they are running finishes first)."""
+    from pipeline.warm import stop_servers
+
+    typer.echo(f"fmpipe warm: stopped {stop_servers()} server(s)")

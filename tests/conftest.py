@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,30 @@ import helpers
 from helpers import copy_project_files, copy_tree, fmpipe, make_repo, sh
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+
+def pytest_configure(config):
+    """The ``fmpipe`` commands tests start (directly, or through ``dvc repro``) go through warm
+    servers (pipeline/warm.py), as a user's do; this run's servers live in a socket folder of
+    its own and are stopped when it ends. xdist workers inherit the folder from the
+    controller's environment (they start after this hook)."""
+    if hasattr(config, "workerinput") or "FMPIPE_WARM_DIR" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="fw-", dir="/tmp")  # short: socket paths stop at 107 bytes
+    os.environ["FMPIPE_WARM_DIR"] = folder
+    config.stash[_WARM_DIR] = folder
+
+
+def pytest_unconfigure(config):
+    folder = config.stash.get(_WARM_DIR, None)
+    if folder is not None:
+        from pipeline.warm import stop_servers
+
+        stop_servers()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_WARM_DIR = pytest.StashKey[str]()
 
 
 # The session fixtures below that run a whole real pipeline (minutes each), by the names tests

@@ -49,6 +49,8 @@ COMMANDS = [
     (["verify", "p"], "pipeline.packaging.verify.verify_package", "fmpipe verify"),
     (["serve", "p"], "pipeline.inference.runtime.open_package", "fmpipe serve"),
     (["monitor", "log", "--stage", "v"], "pipeline.monitoring.run.monitor", "fmpipe monitor --stage v"),
+    (["warm", "status"], "pipeline.warm.servers", "fmpipe warm status"),
+    (["warm", "stop"], "pipeline.warm.stop_servers", "fmpipe warm stop"),
 ]
 
 FAILURES = {
