@@ -1,5 +1,5 @@
 """``python -m pipeline`` is the ``fmpipe`` command (warm when a server is up: pipeline/warm.py)."""
 
-from pipeline.warm import main
+from pipeline.launch import main
 
 main()

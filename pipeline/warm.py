@@ -3,9 +3,10 @@
 A cold ``fmpipe annotate --stage iris`` spends ~1.4 s importing pandas, pydantic, typer and
 fmpipe's own modules before a 0.1 s step, and a train or evaluate step ~7 s more on torch,
 Lightning and Great Expectations. ``dvc repro`` starts one process per stage, so on two cores
-most of a small pipeline's time was start-up. This module is the ``fmpipe`` entry point:
+most of a small pipeline's time was start-up. ``pipeline/launch.py`` (the ``fmpipe`` entry
+point) uses both halves of this module:
 
-- **client** (:func:`main`): stdlib only. It works out which code and settings it would run
+- **client** (:func:`run_warm`): stdlib only. It works out which code and settings it would run
   (:func:`server_key`), connects to the warm server for them over a Unix socket, hands over
   its argv, working directory, environment, umask and its three standard file descriptors,
   forwards Ctrl+C / SIGTERM / SIGHUP to the command, and exits with the command's code. When
@@ -48,6 +49,7 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 SWITCH = "FMPIPE_WARM"
 IDLE_ENV = "FMPIPE_WARM_IDLE"
@@ -76,18 +78,6 @@ _HEADER = struct.Struct("!I")
 # Commands that always start cold: managing the servers, and serving a package, which runs for
 # hours (a warm start buys nothing) and must not carry the training code's libraries.
 COLD_COMMANDS = ("warm", "serve")
-
-
-def main() -> None:
-    """The ``fmpipe`` command: warm when a server is up, cold (and start one) when not."""
-    argv = sys.argv[1:]
-    if enabled() and not (argv and argv[0] in COLD_COMMANDS):
-        code = _run_warm(argv)
-        if code is not None:
-            sys.exit(code)
-    from pipeline.cli import app
-
-    app(prog_name="fmpipe")
 
 
 def enabled() -> bool:
@@ -173,7 +163,7 @@ def _has_nvidia_device() -> bool:
 
 # ------------------------------------------------------------------------------------- client
 
-def _run_warm(argv: list[str]) -> int | None:
+def run_warm(argv: list[str]) -> int | None:
     """The command's exit code from a warm server, or None: run cold (no server yet, or none
     possible); a server is started in the background for the next command."""
     folder = warm_dir()
@@ -191,7 +181,8 @@ def _run_warm(argv: list[str]) -> int | None:
         conn.connect(os.fspath(sock_path))
     except OSError:
         conn.close()
-        _start_server(folder, key, spec)
+        if argv and argv[0] not in ("--help", "-h", "--version"):  # not for a glance at the help
+            _start_server(folder, key, spec)
         return None
     with conn:
         try:
@@ -263,7 +254,7 @@ def _start_server(folder: Path, key: str, spec: dict) -> None:
 
     log = folder / f"{key}.log"
     env = dict(os.environ, FMPIPE_WARM_KEY=key)
-    code = f"import sys; sys.path[:] = {[str(folder)] + spec['path']!r}; from pipeline.warm import serve; serve()"
+    code = f"import sys; sys.path[:] = {[str(folder)] + spec['path']!r}; from pipeline.launch import serve; serve()"
     try:
         with open(log, "ab") as out:
             subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdin=subprocess.DEVNULL,
@@ -285,8 +276,9 @@ class _Request:
         self.fds = fds
 
 
-def serve() -> None:
-    """The server's process (started by :func:`_start_server`): preload, then fork per command."""
+def serve(command: Callable[[list[str]], None]) -> None:
+    """The server's process (started by :func:`_start_server`): preload, then fork per command,
+    each child calling ``command(argv)`` (the typer app, ``pipeline.launch``)."""
     folder = warm_dir()
     key = os.environ.pop("FMPIPE_WARM_KEY", "")
     if folder is None or not key:
@@ -315,7 +307,7 @@ def serve() -> None:
     request = _serve_until_fork(folder, key, spec, lock, started)
     if request is None:
         return
-    code = _run_in_child(request)
+    code = _run_in_child(request, command)
     # Exit as a process does, minus the interpreter's teardown of the server's whole heap
     # (~0.3 s of touching, so copying, every preloaded object): what a program registered
     # to run at exit runs, the std streams are flushed, then the process ends.
@@ -509,7 +501,7 @@ def _read_request(conn: socket.socket) -> _Request | None:
         return None
 
 
-def _run_in_child(request: _Request) -> int:
+def _run_in_child(request: _Request, command: Callable[[list[str]], None]) -> int:
     """Become the caller's command: its process group, cwd, environment, umask, stdio, argv."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -528,10 +520,8 @@ def _run_in_child(request: _Request) -> int:
     os.environ.update(request.env)
     sys.argv = [request.argv0, *request.argv]
     sys.path[0] = request.path0
-    from pipeline.cli import app
-
     try:
-        app(args=request.argv, prog_name="fmpipe")
+        command(request.argv)
     except SystemExit as done:
         code = done.code
         if code is None:

@@ -193,4 +193,4 @@ def test_a_socket_folder_others_can_enter_is_not_used(tmp_path, monkeypatch):
     assert warm.warm_dir() == folder
     folder.chmod(0o777)
     assert warm.warm_dir() is None  # the command then runs cold
-    assert warm._run_warm(["stages"]) is None
+    assert warm.run_warm(["stages"]) is None
