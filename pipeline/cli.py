@@ -339,6 +339,9 @@ def warm_status() -> None:
         typer.echo("fmpipe warm: no server running (the next command starts one)")
     for meta in found:
         rss = f"{meta['rss_mb']:.0f} MB" if meta.get("rss_mb") else "?"
+        if meta.get("ready") is None:
+            typer.echo(f"pid {meta['pid']:<7} {meta['key']}  starting (importing the libraries)  {rss:>8}")
+            continue
         typer.echo(f"pid {meta['pid']:<7} {meta['key']}  {meta['served']:>5} commands  {rss:>8}  "
                    f"up {time.time() - meta['ready']:.0f} s  code {meta['roots'][0]}")
 

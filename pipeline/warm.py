@@ -292,9 +292,17 @@ def serve(command: Callable[[list[str]], None]) -> None:
         return  # another server for this key is up or starting
     started = time.time()
     env = dict(os.environ)  # the caller's: preloading sets defaults of its own
-    _preload()
-    now_key, spec = server_key(env)
+    # Listed (and so stoppable by `fmpipe warm stop`) while it imports; SIGTERM's default
+    # action ends it then.
+    _write_meta(folder, key, {"pid": os.getpid(), "key": key, "started": started, "ready": None, "served": 0})
+    try:
+        _preload()
+        now_key, spec = server_key(env)
+    except BaseException:
+        _meta_path(folder, key).unlink(missing_ok=True)
+        raise
     if now_key != key:  # the code or the installation changed while importing: serve nothing
+        _meta_path(folder, key).unlink(missing_ok=True)
         print(f"fmpipe warm: key changed while preloading ({key} -> {now_key}); exiting", flush=True)
         return
     _stop_stale(folder, spec)
@@ -396,6 +404,9 @@ def _serve_until_fork(folder: Path, key: str, spec: dict, lock, started: float) 
                 selector.unregister(listener)
                 listener.close()
                 sock_path.unlink(missing_ok=True)
+            if listener.fileno() >= 0 and not sock_path.exists():  # its folder was cleared: nobody can reach it
+                stopping.append(True)
+                continue
             if not children and (stopping or time.monotonic() - last > idle_s):
                 return None
             for event, _ in selector.select(timeout=1.0):

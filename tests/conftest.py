@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ def pytest_configure(config):
     folder = tempfile.mkdtemp(prefix="fw-", dir="/tmp")  # short: socket paths stop at 107 bytes
     os.environ["FMPIPE_WARM_DIR"] = folder
     config.stash[_WARM_DIR] = folder
+    # A first (cold) command starts the server the tests' commands share, while tests are
+    # collected, instead of when the first fixture's first step runs.
+    subprocess.Popen([*helpers.FMPIPE, "stages"], cwd=helpers.REPO, env=helpers.subprocess_env(),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def pytest_unconfigure(config):
