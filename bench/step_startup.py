@@ -92,8 +92,10 @@ def run_step(project: Path, step: str, variant: str, env: dict, warm_dir: Path |
 def _wait_for_server(warm_dir: Path, timeout: float = 180) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for meta in warm_dir.glob("*.json"):
-            return json.loads(meta.read_text())
+        for path in warm_dir.glob("*.json"):
+            meta = json.loads(path.read_text())
+            if meta["ready"]:  # listed from its start, ready once it has imported everything
+                return meta
         time.sleep(0.2)
     sys.exit(f"no warm server came up in {timeout:.0f} s; its log: {list(warm_dir.glob('*.log'))}")
 

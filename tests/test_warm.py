@@ -55,9 +55,10 @@ def server(tmp_path_factory):
     done = _fmpipe(first, env, "stages")
     assert done.returncode == 0, done.stderr
     deadline = time.monotonic() + 120
-    while not _metas(folder) and time.monotonic() < deadline:
+    while not any(m["ready"] for m in _metas(folder)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _metas(folder), "no server came up:\n" + "".join(p.read_text() for p in folder.glob("*.log"))
+    assert any(m["ready"] for m in _metas(folder)), \
+        "no server came up:\n" + "".join(p.read_text() for p in folder.glob("*.log"))
     yield {"env": env, "folder": folder}
     for meta in _metas(folder):
         os.kill(meta["pid"], signal.SIGTERM)
