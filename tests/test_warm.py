@@ -100,8 +100,7 @@ def test_a_warm_command_is_the_cold_command(server, tmp_path):
     warm_root, cold_root = copy_project_files(tmp_path / "warm"), copy_project_files(tmp_path / "cold")
     cold_env = {**server["env"], warm.SWITCH: "0"}
     before = _served(server["folder"])
-    runs = [("collect", "--stage", "iris"), ("clean", "--stage", "iris"), ("validate", "--stage", "iris"),
-            ("annotate", "--stage", "iris"),
+    runs = [("collect", "--stage", "iris"), ("clean", "--stage", "iris"),
             ("train", "--stage", "nope"),  # bad input: one line, exit 1
             ("train", "--stage"),  # a usage error: click's exit 2
             ("stages",)]
@@ -112,7 +111,7 @@ def test_a_warm_command_is_the_cold_command(server, tmp_path):
         assert [TIMING.sub("", line) for line in hot.stderr.splitlines()] == \
                [TIMING.sub("", line) for line in cold.stderr.splitlines()], args
     assert _served(server["folder"]) == before + len(runs), "the server did not run the commands"
-    for step in ("collect", "clean", "annotate"):
+    for step in ("collect", "clean"):
         hot, cold = _digests(warm_root / "data/iris" / step), _digests(cold_root / "data/iris" / step)
         assert hot and hot == cold, step
 
