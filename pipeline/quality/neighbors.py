@@ -196,6 +196,9 @@ def _faiss_ivf(q, b, within, k, nlist: int | None = None, nprobe: int = 8,
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
+    # k-means wants >= 39 points per centroid (faiss warns below that): 4 sqrt(N) lists pass
+    # 100,000 / 39 near 400k rows.
+    train_size = max(train_size, 40 * nlist)
     sample = b if len(b) <= train_size else b[np.sort(rng.choice(len(b), train_size, replace=False))]
     index.cp.seed = seed
     index.train(sample)
