@@ -31,7 +31,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import yaml
 
@@ -335,3 +335,14 @@ def cpu_signature() -> dict:
     return {"torch": torch.__version__.split("+")[0],
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "isa": sorted(f for f in _KERNEL_ISA if f in flags)}
+
+
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """Every live process: its pid and the fields of ``/proc/<pid>/stat`` after the command
+    name (state, ppid, pgrp, session, ...)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        yield int(stat.parent.name), fields

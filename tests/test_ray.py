@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import copy_project_files, edit_params, fmpipe, subprocess_env
+from helpers import copy_project_files, edit_params, fmpipe, process_stats, subprocess_env
 from pipeline.errors import FmpipeError
 
 DATA_STEPS = ("collect", "clean", "validate", "annotate")
@@ -36,15 +36,7 @@ def _free_port() -> int:
 
 def _session_members(sid: int) -> list[int]:
     """Processes of session ``sid``: the head and the workers its raylet started."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # after the command: state, ppid, pgrp, session
-            pids.append(int(stat.parent.name))
-    return pids
+    return [pid for pid, fields in process_stats() if int(fields[3]) == sid]  # state, ppid, pgrp, session
 
 
 @pytest.fixture(scope="module")

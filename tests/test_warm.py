@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FMPIPE, REPO, copy_project_files, subprocess_env
+from helpers import FMPIPE, REPO, copy_project_files, process_stats, subprocess_env
 from pipeline import warm
 
 # Loaded by every interpreter on this module's PYTHONPATH, the server included: with
@@ -155,15 +155,8 @@ def test_a_killed_caller_takes_its_warm_command_with_it(server, tmp_path):
 
 
 def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[1]) == pid and fields[0] != "Z":  # ppid; a zombie has already ended
-            kids.append(int(stat.parent.name))
-    return kids
+    """Live children of ``pid`` (a zombie has already ended)."""
+    return [child for child, fields in process_stats() if int(fields[1]) == pid and fields[0] != "Z"]
 
 
 def test_the_key_follows_code_and_import_time_settings(tmp_path, monkeypatch):
