@@ -377,7 +377,7 @@ def _serve_until_fork(folder: Path, key: str, spec: dict, lock, started: float) 
     and the request in each forked child (which then runs it and never comes back here)."""
     import selectors
 
-    idle_s = float(os.environ.get(IDLE_ENV) or DEFAULT_IDLE_S)
+    idle_s = idle_seconds()
     sock_path = folder / f"{key}.sock"
     sock_path.unlink(missing_ok=True)  # left by a server that died: we hold the key's lock
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -464,6 +464,21 @@ def _serve_until_fork(folder: Path, key: str, spec: dict, lock, started: float) 
         if os.getpid() == meta["pid"]:
             sock_path.unlink(missing_ok=True)
             _meta_path(folder, key).unlink(missing_ok=True)
+
+
+def idle_seconds() -> float:
+    """``FMPIPE_WARM_IDLE`` (seconds); the default, with a line in the server's log, when it is
+    not a positive number (a server that will not start would leave every command cold)."""
+    given = os.environ.get(IDLE_ENV)
+    try:
+        value = float(given) if given else DEFAULT_IDLE_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        print(f"fmpipe warm: {IDLE_ENV}={given!r} is not a positive number of seconds; "
+              f"using {DEFAULT_IDLE_S:.0f}", flush=True)
+        return DEFAULT_IDLE_S
+    return value
 
 
 def _reap(children: dict[int, socket.socket]) -> list[int]:

@@ -187,3 +187,13 @@ def test_a_socket_folder_others_can_enter_is_not_used(tmp_path, monkeypatch):
     folder.chmod(0o777)
     assert warm.warm_dir() is None  # the command then runs cold
     assert warm.run_warm(["stages"]) is None
+
+
+@pytest.mark.parametrize("given,seconds", [(None, warm.DEFAULT_IDLE_S), ("90", 90.0), ("abc", warm.DEFAULT_IDLE_S),
+                                           ("-5", warm.DEFAULT_IDLE_S), ("nan", warm.DEFAULT_IDLE_S)])
+def test_a_bad_idle_setting_falls_back_to_the_default(given, seconds, monkeypatch):
+    if given is None:
+        monkeypatch.delenv(warm.IDLE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(warm.IDLE_ENV, given)
+    assert warm.idle_seconds() == seconds
