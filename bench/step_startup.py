@@ -17,7 +17,7 @@ Cold: the start time is read by starting the command through a tiny launcher tha
 clock when ``pipeline.resources.ResourceMeter`` is entered and then runs ``python -m pipeline``
 with ``FMPIPE_WARM=0``. Warm: ``python -m pipeline`` as the ``fmpipe`` command runs it, with a
 server of the bench's own (started, and waited for, before the timed rounds); there the start
-is not observable from outside (``-``), and CPU is the client's plus the forked command's (the
+is not observable from outside (``nan``), and CPU is the client's plus the forked command's (the
 server's reaped children).
 """
 

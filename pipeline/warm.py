@@ -248,13 +248,17 @@ def _signal_group(pid: int, signum: int) -> None:
         pass
 
 
+# The server's command line ends with this; :func:`_is_server` looks for it.
+_SERVE_CODE = "from pipeline.launch import serve; serve()"
+
+
 def _start_server(folder: Path, key: str, spec: dict) -> None:
     """Start the server for this key in its own session, and do not wait for it."""
     import subprocess
 
     log = folder / f"{key}.log"
     env = dict(os.environ, FMPIPE_WARM_KEY=key)
-    code = f"import sys; sys.path[:] = {[str(folder)] + spec['path']!r}; from pipeline.launch import serve; serve()"
+    code = f"import sys; sys.path[:] = {[str(folder)] + spec['path']!r}; {_SERVE_CODE}"
     try:
         with open(log, "ab") as out:
             subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdin=subprocess.DEVNULL,
@@ -364,9 +368,27 @@ def _stop_stale(folder: Path, spec: dict) -> None:
             _signal_server(meta)
 
 
+def _is_server(pid: int) -> bool:
+    """``pid`` is alive and is a warm server: the record of a server that died without removing
+    it (killed -9, a crash) names a pid the system may since have given to another process."""
+    try:
+        return _SERVE_CODE.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here: alive is the best that can be said
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+
+
 def _signal_server(meta: dict, signum: int = signal.SIGTERM) -> bool:
     try:
-        os.kill(int(meta["pid"]), signum)
+        pid = int(meta["pid"])
+        if not _is_server(pid):
+            return False
+        os.kill(pid, signum)
         return True
     except (OSError, KeyError, ValueError):
         return False
@@ -568,7 +590,8 @@ def servers() -> list[dict]:
     for meta_file in sorted(folder.glob("*.json")) if folder else []:
         try:
             meta = json.loads(meta_file.read_text())
-            os.kill(int(meta["pid"]), 0)
+            if not _is_server(int(meta["pid"])):
+                continue
         except (OSError, ValueError, KeyError):
             continue
         meta["rss_mb"] = _rss_mb(int(meta["pid"]))
@@ -593,8 +616,9 @@ def stop_servers(wait_s: float = 30.0) -> int:
     for meta in alive:
         while time.monotonic() < deadline:
             try:
-                os.kill(int(meta["pid"]), 0)
-            except OSError:
+                if not _is_server(int(meta["pid"])):
+                    break
+            except (OSError, ValueError):
                 break
             time.sleep(0.05)
     return len(alive)

@@ -197,3 +197,16 @@ def test_a_bad_idle_setting_falls_back_to_the_default(given, seconds, monkeypatc
     else:
         monkeypatch.setenv(warm.IDLE_ENV, given)
     assert warm.idle_seconds() == seconds
+
+
+def test_a_dead_servers_record_naming_another_process_is_left_alone(tmp_path, monkeypatch):
+    """A server killed -9 leaves its record; its pid may now be anyone's (here: this test's
+    own process). `fmpipe warm status` does not list it and `warm stop` does not signal it."""
+    folder = tmp_path / "sockets"
+    folder.mkdir(mode=0o700)
+    monkeypatch.setenv(warm.DIR_ENV, str(folder))
+    (folder / "0123456789abcdef0123.json").write_text(json.dumps(
+        {"pid": os.getpid(), "key": "0123456789abcdef0123", "ready": 1.0, "served": 3,
+         "roots": [str(REPO / "pipeline")], "code": "old"}))
+    assert warm.servers() == []
+    assert warm.stop_servers(wait_s=1) == 0  # and this process is still here to say so
