@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -52,6 +53,57 @@ def test_query_against_base_and_k_limit():
     assert len(capped) == 5 and (capped["distance"] == 0).all()
     within = near_pairs(same, threshold=0.0, k=3, method="exact")
     assert within.groupby("i").size().max() <= 3 and (within["i"] < within["j"]).all()
+
+
+def test_overwrite_normalises_the_callers_copy_and_finds_the_same_pairs(method="exact"):
+    """clean hands near_pairs copies it owns (``overwrite``): normalised in place, no second
+    copy, and the same pairs and distances to the bit as a search on untouched inputs."""
+    from pipeline.quality.neighbors import near_pairs_views
+
+    x, near, _ = _planted(n=600, dim=24, copies=30)
+    for base in (None, x):
+        query = np.concatenate([x, near]) if base is None else near
+        kept = near_pairs(query.copy(), None if base is None else base.copy(), threshold=0.05, method=method)
+        q, b = query.copy(), None if base is None else base.copy()
+        got = near_pairs(q, b, threshold=0.05, method=method, overwrite=True)
+        pd.testing.assert_frame_equal(got, kept)
+        assert np.array_equal(q, normalize(query)) and (b is None or np.array_equal(b, normalize(base)))
+        views = [query[:, ::-1].copy(), query * 2]
+        plain_views = near_pairs_views(query.copy(), [v.copy() for v in views], base, threshold=0.05, method=method)
+        owned = near_pairs_views(query.copy(), [v.copy() for v in views], None if base is None else base.copy(),
+                                 threshold=0.05, method=method, overwrite=True)
+        pd.testing.assert_frame_equal(owned, plain_views)
+
+
+def test_clean_context_embeds_each_row_once_and_finds_rows_by_id():
+    """Rules share one matrix of embeddings; a dataset that lost rows (an earlier rule dropped
+    them) gets the same vectors by id, and asking for more never embeds a row twice."""
+    from pipeline.manifest import Dataset, build_manifest, image_rows
+    from pipeline.quality.rules import Context
+
+    images = _photos(40)
+    manifest = build_manifest([f"p/{i:03d}" for i in range(40)], np.arange(40) % 2, ["a", "b"],
+                              ["train"] * 30 + ["test"] * 10, image_rows(images))
+    ds = Dataset(manifest=manifest, classes=["a", "b"], images=images)
+    calls = []
+
+    class Counting(ThumbsEmbedder):
+        def embed(self, batch):
+            calls.append(len(batch))
+            return super().embed(batch)
+
+    ctx = Context(spec=None, embedder=Counting())
+    whole = ctx.vectors(ds)
+    assert np.array_equal(whole, ThumbsEmbedder().embed(images)) and sum(calls) == 40
+    keep = np.ones(40, bool)
+    keep[[3, 17, 31]] = False
+    smaller = ds.take(keep)
+    rows = np.array([5, 0, 20])
+    assert np.array_equal(ctx.vectors(smaller, rows), whole[np.flatnonzero(keep)[rows]])
+    assert sum(calls) == 40  # nothing embedded again
+    owned = ctx.vectors(smaller, rows)
+    owned[:] = 0  # the caller's copy: the cache is untouched
+    assert np.array_equal(ctx.vectors(smaller, rows), whole[np.flatnonzero(keep)[rows]])
 
 
 @pytest.mark.parametrize("method", ["faiss-ivf", "faiss-hnsw", "usearch"])

@@ -47,35 +47,42 @@ COLUMNS = ("i", "j", "distance")
 _RECORD_KEY = "neighbors"
 
 
-def normalize(x: np.ndarray) -> np.ndarray:
-    """Rows as L2-normalised float32 (a zero row stays zero: distance 1 to everything)."""
+def normalize(x: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """Rows as L2-normalised float32 (a zero row stays zero: distance 1 to everything).
+    ``overwrite``: a contiguous float32 ``x`` is normalised in place (same values as a copy)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise FmpipeError(f"near_pairs: expected a 2-d array of vectors, got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return np.divide(x, norms, out=x) if overwrite else x / norms
 
 
 def near_pairs(query: np.ndarray, base: np.ndarray | None = None, *, threshold: float, k: int = 10,
-               method: str = "auto", **options: Any) -> pd.DataFrame:
+               method: str = "auto", overwrite: bool = False, **options: Any) -> pd.DataFrame:
     """Pairs ``(i, j)`` with cosine distance ``<= threshold``, at most ``k`` per query row.
 
     ``base is None``: pairs within ``query``, each unordered pair once (``i < j``), never
     ``i == j``. Otherwise ``i`` indexes ``query`` and ``j`` indexes ``base``. Rows are sorted
     by ``(i, distance, j)``. The method actually used and its parameters are in
-    ``describe(result)``.
+    ``describe(result)``. ``overwrite``: ``query`` and ``base`` are the caller's to change
+    (normalised in place: at 1M rows each copy is ~0.8 GB of clean's peak).
     """
+    q = normalize(query, overwrite)
+    b = q if base is None else normalize(base, overwrite)
+    return _near_pairs_normalized(q, b, base is None, threshold=threshold, k=k, method=method, **options)
+
+
+def _near_pairs_normalized(q: np.ndarray, b: np.ndarray, within: bool, *, threshold: float, k: int,
+                           method: str, **options: Any) -> pd.DataFrame:
+    """:func:`near_pairs` on rows already normalised (``b is q`` when ``within``)."""
     if method not in METHODS:
         raise FmpipeError(f"near_pairs: unknown method {method!r} (expected one of: {', '.join(METHODS)})")
     if not 0 <= threshold <= 2:
         raise FmpipeError(f"near_pairs: threshold {threshold} is not a cosine distance in [0, 2]")
     if k < 1:
         raise FmpipeError(f"near_pairs: k must be >= 1, got {k}")
-    q = normalize(query)
-    b = q if base is None else normalize(base)
     if q.shape[1] != b.shape[1]:
         raise FmpipeError(f"near_pairs: query has dimension {q.shape[1]}, base {b.shape[1]}")
-    within = base is None
     chosen = method
     if method == "auto":
         chosen = "exact" if len(q) * len(b) <= options.pop("exact_max_pairs", EXACT_MAX_PAIRS) else DEFAULT_ANN
@@ -104,19 +111,25 @@ def near_pairs(query: np.ndarray, base: np.ndarray | None = None, *, threshold: 
 
 
 def near_pairs_views(query: np.ndarray, views: list[np.ndarray], base: np.ndarray | None = None, *,
-                     threshold: float, k: int = 10, method: str = "auto", **options: Any) -> pd.DataFrame:
+                     threshold: float, k: int = 10, method: str = "auto", overwrite: bool = False,
+                     **options: Any) -> pd.DataFrame:
     """:func:`near_pairs` where each query row also has other views (e.g. re-crops): a pair's
     distance is the smallest over the plain query and its views, each against the base's
     plain vectors. ``base is None``: within ``query`` (a view of row i against plain row j;
     both directions are searched, so either copy may be the cropped one). Same columns, order
-    and ``describe`` record (with ``views``) as :func:`near_pairs`."""
-    plain = near_pairs(query, base, threshold=threshold, k=k, method=method, **options)
-    frames = [plain]
-    target = query if base is None else base
+    and ``describe`` record (with ``views``) as :func:`near_pairs`; ``overwrite`` as there (the
+    views too). Each array is normalised once and searched as often as needed."""
     for view in views:
         if len(view) != len(query):
             raise FmpipeError(f"near_pairs_views: a view has {len(view)} rows, the query {len(query)}")
-        got = near_pairs(view, target, threshold=threshold, k=k + 1 if base is None else k, method=method, **options)
+    within = base is None
+    q = normalize(query, overwrite)
+    target = q if within else normalize(base, overwrite)
+    plain = _near_pairs_normalized(q, target, within, threshold=threshold, k=k, method=method, **options)
+    frames = [plain]
+    for view in views:
+        got = _near_pairs_normalized(normalize(view, overwrite), target, False, threshold=threshold,
+                                     k=k + 1 if within else k, method=method, **options)
         if base is None:
             got = got[got["i"] != got["j"]]
             lo, hi = np.minimum(got["i"], got["j"]), np.maximum(got["i"], got["j"])

@@ -70,36 +70,65 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 @dataclass
 class Context:
-    """What rules share within one run: the params and a cache of per-row embeddings."""
+    """What rules share within one run: the params and a cache of per-row embeddings.
+
+    The cache is one matrix, row ``k`` the vector of id ``_ids[k]`` (each image embedded once
+    per run, whichever rule asks first). Rules see datasets that lose rows as earlier rules
+    drop them, so rows are found by id. One matrix, not a vector per id: at 1M rows a dict of
+    small arrays and the stacked copy each search made cost ~2 GB of clean's peak."""
 
     spec: Any  # CleanSpec
     embedder: Any = None
     engine: str = "local"  # where embedding chunks run (pipeline.engine)
-    _vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    _matrix: Any = None  # np.ndarray (rows x dim), or None before the first embedding
+    _ids: Any = None  # pd.Index of the ids in _matrix's row order
     index_records: list[dict[str, Any]] = field(default_factory=list)
 
-    def vectors(self, ds: Dataset) -> np.ndarray:
-        """Embeddings of ``ds``'s rows (by id; each image embedded once per run)."""
+    def vectors(self, ds: Dataset, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """Embeddings of ``ds``'s rows (``rows``: positions in its manifest; default all), as a
+        new array the caller owns."""
+        import numpy as np
+        import pandas as pd
+
+        ids = pd.Index(ds.manifest["id"].astype(str).to_numpy())
+        if self._ids is None:
+            self._ids = pd.Index([], dtype=object)
+        # Whatever of ``ds`` is not cached is embedded at once, in manifest order and in the
+        # same chunks whichever rule asks first (a network's float results may depend on
+        # what shares its batch).
+        missing = np.flatnonzero(self._ids.get_indexer(ids) < 0) if len(self._ids) else np.arange(len(ids))
+        if len(missing):
+            block = self._embed(ds, missing)
+            self._matrix = block if self._matrix is None else np.concatenate([self._matrix, block])
+            self._ids = self._ids.append(ids[missing])
+        if self._matrix is None:
+            return np.zeros((0, 1), np.float32)
+        wanted = ids if rows is None else ids[np.asarray(rows, dtype=np.int64)]
+        return self._matrix[self._ids.get_indexer(wanted)]
+
+    def _embed(self, ds: Dataset, positions: np.ndarray) -> np.ndarray:
+        """Vectors of ``ds``'s rows at ``positions`` (manifest positions), in that order."""
         import numpy as np
 
-        ids = ds.manifest["id"].astype(str).to_numpy()
-        missing = [k for k, i in enumerate(ids) if i not in self._vectors]
-        if missing:
-            if ds.images is not None:
-                # Chunk by chunk on the engine (pipeline.engine): never the whole payload in memory.
-                from pipeline import payload as P
-                from pipeline.engine import map_ordered
+        if ds.images is None:
+            return ds.features.iloc[positions].to_numpy(dtype=np.float64)
+        # Chunk by chunk on the engine (pipeline.engine): never the whole payload in memory,
+        # each chunk's vectors written into the one result.
+        from pipeline import payload as P
+        from pipeline.engine import map_ordered
 
-                rows = np.asarray(missing, dtype=np.int64)
-                step = P.chunk_rows(ds.images)
-                jobs = ((self.embedder, np.asarray(P.take(ds.images, rows[a:a + step])))
-                        for a in range(0, len(rows), step))
-                new = (vec for block in map_ordered(embed_chunk, jobs, self.engine) for vec in block)
-            else:
-                new = ds.features.iloc[missing].to_numpy(dtype=np.float64)
-            for k, vec in zip(missing, new):
-                self._vectors[ids[k]] = vec
-        return np.stack([self._vectors[i] for i in ids]) if len(ids) else np.zeros((0, 1), np.float32)
+        step = P.chunk_rows(ds.images)
+        jobs = ((self.embedder, np.asarray(P.take(ds.images, positions[a:a + step])))
+                for a in range(0, len(positions), step))
+        out = None
+        start = 0
+        for block in map_ordered(embed_chunk, jobs, self.engine):
+            block = np.asarray(block)
+            if out is None:
+                out = np.empty((len(positions), *block.shape[1:]), dtype=block.dtype)
+            out[start:start + len(block)] = block
+            start += len(block)
+        return out if out is not None else np.zeros((0, 1), np.float32)
 
 
 def embed_chunk(job: tuple) -> Any:
@@ -426,9 +455,9 @@ def _near(ds: Dataset, ctx: Context, rows_a: np.ndarray, rows_b: np.ndarray | No
 
     from pipeline.quality.neighbors import describe, near_pairs
 
-    vectors = ctx.vectors(ds)
-    va = vectors[rows_a]
-    vb = None if rows_b is None else vectors[rows_b]
+    # Each a new array owned here: near_pairs may normalise it in place (clean's peak at 1M).
+    va = ctx.vectors(ds, rows_a)
+    vb = None if rows_b is None else ctx.vectors(ds, rows_b)
     spec = ctx.spec
     embed_views = getattr(ctx.embedder, "embed_views", None)
     if views and embed_views is not None and ds.images is not None:
@@ -439,9 +468,11 @@ def _near(ds: Dataset, ctx: Context, rows_a: np.ndarray, rows_b: np.ndarray | No
         step = P.chunk_rows(ds.images)  # the query's pixels chunk by chunk, like Context.vectors
         chunks = [embed_views(np.asarray(P.take(ds.images, rows_a[a:a + step]))) for a in range(0, len(rows_a), step)]
         views = [np.concatenate([c[v] for c in chunks]) for v in range(len(chunks[0]))] if chunks else []
-        pairs = near_pairs_views(va, views, vb, threshold=threshold, k=spec.neighbors_k, method=spec.index_method)
+        pairs = near_pairs_views(va, views, vb, threshold=threshold, k=spec.neighbors_k, method=spec.index_method,
+                                 overwrite=True)
     else:
-        pairs = near_pairs(va, vb, threshold=threshold, k=spec.neighbors_k, method=spec.index_method)
+        pairs = near_pairs(va, vb, threshold=threshold, k=spec.neighbors_k, method=spec.index_method, overwrite=True)
+        del va, vb
     record = describe(pairs)
     record.pop("seconds", None)
     ctx.index_records.append(record)
