@@ -55,10 +55,12 @@ def test_query_against_base_and_k_limit():
     assert within.groupby("i").size().max() <= 3 and (within["i"] < within["j"]).all()
 
 
-def test_overwrite_normalises_the_callers_copy_and_finds_the_same_pairs(method="exact"):
+def test_overwrite_normalises_the_callers_copy_and_finds_the_same_pairs():
     """clean hands near_pairs copies it owns (``overwrite``): normalised in place, no second
     copy, and the same pairs and distances to the bit as a search on untouched inputs."""
     from pipeline.quality.neighbors import near_pairs_views
+
+    method = "exact"
 
     x, near, _ = _planted(n=600, dim=24, copies=30)
     for base in (None, x):

@@ -96,7 +96,7 @@ class Context:
         # Whatever of ``ds`` is not cached is embedded at once, in manifest order and in the
         # same chunks whichever rule asks first (a network's float results may depend on
         # what shares its batch).
-        missing = np.flatnonzero(self._ids.get_indexer(ids) < 0) if len(self._ids) else np.arange(len(ids))
+        missing = np.flatnonzero(self._ids.get_indexer(ids) < 0)
         if len(missing):
             block = self._embed(ds, missing)
             self._matrix = block if self._matrix is None else np.concatenate([self._matrix, block])
@@ -472,7 +472,7 @@ def _near(ds: Dataset, ctx: Context, rows_a: np.ndarray, rows_b: np.ndarray | No
                                  overwrite=True)
     else:
         pairs = near_pairs(va, vb, threshold=threshold, k=spec.neighbors_k, method=spec.index_method, overwrite=True)
-        del va, vb
+    del va, vb  # before the pairs are mapped back: at 1M rows they are ~0.7 GB
     record = describe(pairs)
     record.pop("seconds", None)
     ctx.index_records.append(record)
