@@ -148,8 +148,12 @@ def test_sigkill_then_resume_counts_the_whole_run(project):
     shutil.rmtree(STATE.as_posix().format(v="iris"))  # so that last.ckpt appears only once the new run wrote it
 
     last = Path(STATE.as_posix().format(v="iris"), "checkpoints", "last.ckpt")
+    # Cold (FMPIPE_WARM=0): the SIGKILL must hit the training process itself. Through a warm
+    # server it would hit the client, and the server's SIGTERM of the command lands a moment
+    # later, after the resume below may already have found the variant's lock held.
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--stage", "iris"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "FMPIPE_WARM": "0"})
     try:
         deadline = time.monotonic() + 120
         while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
