@@ -28,6 +28,11 @@ def pytest_configure(config):
     servers (pipeline/warm.py), as a user's do; this run's servers live in a socket folder of
     its own and are stopped when it ends. xdist workers inherit the folder from the
     controller's environment (they start after this hook)."""
+    # One OpenMP thread per process: the suite already runs one worker per core, so a second
+    # thread in a step (torch, faiss, OpenBLAS) only waits for a core another worker holds, and
+    # GOMP spins while it waits (evaluate@digits: 4.8 -> 3.0 CPU-s on a busy machine, the same
+    # outputs byte for byte). A thread count set by the caller is kept.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     if hasattr(config, "workerinput") or "FMPIPE_WARM_DIR" in os.environ:
         return
     folder = tempfile.mkdtemp(prefix="fw-", dir="/tmp")  # short: socket paths stop at 107 bytes

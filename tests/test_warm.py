@@ -170,7 +170,7 @@ def test_the_key_follows_code_and_import_time_settings(tmp_path, monkeypatch):
     base = dict(os.environ)
     key = warm.server_key(base)[0]
     assert warm.server_key(dict(base, COLUMNS="60", DVC_STAGE="train@iris", FMPIPE_WARM_IDLE="5"))[0] == key
-    assert warm.server_key(dict(base, OMP_NUM_THREADS="1"))[0] != key
+    assert warm.server_key(dict(base, OMP_NUM_THREADS="3"))[0] != key
     assert warm.server_key(dict(base, CUDA_VISIBLE_DEVICES=""))[0] != key
     (code / "sub" / "b.py").write_text("y = 3\n")
     assert warm.server_key(base)[0] != key
