@@ -193,9 +193,20 @@ def test_resume_continues_a_killed_run(project):
         run_step("train", "iris", resume=True)
     run_json.write_text(current)
 
+    # The kill can land while DVCLive rewrites its summary or appends a row (it writes in
+    # place): leave both as such a kill does, so every run checks that resuming mends them.
+    live = Path("data/iris/train-state/live")
+    (live / "metrics.json").write_text("")
+    curve = live / "plots/metrics/train/loss.tsv"
+    whole = curve.read_text()
+    curve.write_text(whole + f"{saved['global_step'] - 1}\t0.12")
     done = subprocess.run([str(FMPIPE), "train", "--stage", "iris", "--resume"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((live / "metrics.json").read_text())["step"] > saved["global_step"]
+    rows = [line.split("\t") for line in curve.read_text().splitlines()[1:]]
+    steps = [int(r[0]) for r in rows]
+    assert all(len(r) == 2 for r in rows) and steps == sorted(set(steps)) and steps[-1] > saved["global_step"]
     summary = json.loads(Path("data/iris/train/train_summary.json").read_text())
     steps_per_epoch = summary["train_rows"] // 4
     assert summary["resumed_from"] == saved

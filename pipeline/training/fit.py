@@ -310,11 +310,14 @@ def check_accelerator(accelerator: str, variant: str = "") -> None:
 
 
 def trim_curves(live_dir: Path, global_step: int) -> None:
-    """Drop DVCLive rows logged after the checkpoint a run resumes from.
+    """Drop DVCLive rows logged after the checkpoint a run resumes from, and what a killed
+    run left half-written.
 
     An interrupted run may have logged an epoch whose checkpoint it never finished; the
     resumed run logs that epoch again. Without this the curves would step back and hold two
-    rows for one step.
+    rows for one step. DVCLive writes its files in place, so a kill can also leave a row cut
+    short (dropped here) or an empty or cut ``metrics.json`` (removed: DVCLive would fail to
+    parse it, and rewrites it at the next logged step; the step itself comes from Lightning).
     """
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
         lines = tsv.read_text().splitlines(keepends=True)
@@ -325,9 +328,28 @@ def trim_curves(live_dir: Path, global_step: int) -> None:
         if "step" not in columns:
             continue
         col = columns.index("step")
-        kept = [r for r in rows if r.strip() and int(float(r.split("\t")[col])) <= global_step]
+        kept = [r for r in rows if _whole_row(r, len(columns)) and int(float(r.split("\t")[col])) <= global_step]
         if len(kept) != len(rows):
             atomic_write_text(tsv, header + "".join(kept))
+    summary = live_dir / "metrics.json"
+    try:
+        json.loads(summary.read_text())
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        summary.unlink()
+
+
+def _whole_row(row: str, n_columns: int) -> bool:
+    """A row DVCLive finished writing: its newline, every column, numbers where numbers go."""
+    fields = row.rstrip("\n").split("\t")
+    if not row.endswith("\n") or len(fields) != n_columns:
+        return False
+    try:
+        float(fields[0]), float(fields[-1])
+    except ValueError:
+        return False
+    return True
 
 
 def model_meta(spec: VariantSpec, dm, dataset: Dataset) -> dict[str, Any]:
