@@ -6,7 +6,8 @@
 - :func:`read_text`: the bytes of a regular file as UTF-8, or one line naming the first bad byte.
 - :func:`loads_json`: ``json.loads`` whose recursion limit (a document nested thousands of
   levels deep) is one line, not a ``RecursionError`` traceback.
-- :class:`BoundedYamlLoader`: PyYAML's safe loader with a budget on what aliases expand to.
+- :class:`BoundedYamlLoader`: PyYAML's safe loader with a budget on what aliases expand to;
+  :class:`MachineYamlLoader`: the same on libyaml, for machine-written files (``dvc.lock``).
   A few hundred bytes of nested anchors (a "billion laughs") expand to billions of values;
   PyYAML builds them cheaply as shared references, but the first thing that walks the value
   (pydantic, an error message's repr) allocates all of them. The budget is checked on the
@@ -116,16 +117,27 @@ class AliasRefused(yaml.constructor.ConstructorError):
     """A document refused by the alias budget (valid YAML, but not read)."""
 
 
-class BoundedYamlLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a document whose aliases expand it past
-    :data:`YAML_MAX_EXPANDED_NODES` nodes, or that holds a recursive alias (a value that
-    contains itself), before constructing any value."""
+class _AliasBudget:
+    """Refuses a document whose aliases expand it past :data:`YAML_MAX_EXPANDED_NODES` nodes,
+    or that holds a recursive alias (a value that contains itself), before constructing any
+    value. Mixed into a PyYAML loader."""
 
     max_expanded_nodes = YAML_MAX_EXPANDED_NODES
 
     def construct_document(self, node):
         _check_expansion(node, self.max_expanded_nodes)
         return super().construct_document(node)
+
+
+class BoundedYamlLoader(_AliasBudget, yaml.SafeLoader):
+    """``yaml.SafeLoader`` with the alias budget: for files people write (its error messages
+    name the offending character and what was expected)."""
+
+
+class MachineYamlLoader(_AliasBudget, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """The same, parsed by libyaml where PyYAML has it: for files a program writes, such as
+    ``dvc.lock``, read once per version by the audit (7x faster on a 71 KB lock: 0.015 vs
+    0.11 s; the same values). Its messages on broken input are libyaml's, terser."""
 
 
 def _children(node) -> list:

@@ -225,6 +225,22 @@ def test_anchors_within_the_budget_still_load_and_a_recursive_alias_is_refused(t
         load_yaml("a: &a [1, *a]\n", "x.yaml")
 
 
+def test_the_libyaml_loader_for_dvc_lock_reads_the_same_values_within_the_same_budget():
+    """dvc.lock is read with libyaml (MachineYamlLoader): the values PyYAML's own parser gives,
+    and the same refusals of an alias bomb and a recursive alias."""
+    from pipeline.reading import AliasRefused, BoundedYamlLoader, MachineYamlLoader
+
+    lock = (Path(__file__).resolve().parents[1] / "dvc.lock").read_text()
+    assert yaml.load(lock, Loader=MachineYamlLoader) == yaml.load(lock, Loader=BoundedYamlLoader)
+    assert "CParser" in [c.__name__ for c in MachineYamlLoader.__mro__]  # libyaml is there: PyYAML's wheels have it
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"{b}: &{b} [{', '.join([f'*{a}'] * 10)}]" for a, b in zip("abcd", "bcde")]
+    for text, refusal in (("\n".join(levels) + "\n", "aliases expand this value to more than 100,000"),
+                          ("a: &a [1, *a]\n", "a recursive alias")):
+        with pytest.raises(AliasRefused, match=refusal):
+            yaml.load(text, Loader=MachineYamlLoader)
+
+
 def test_a_big_value_under_an_unknown_key_is_one_short_line(tmp_path):
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     params["variants"]["iris"]["train"]["warmup"] = list(range(40_000))

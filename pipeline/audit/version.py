@@ -29,10 +29,10 @@ def _lock_stages(raw: Optional[bytes]) -> Optional[dict[str, Any]]:
         return None
     import yaml
 
-    from pipeline.reading import BoundedYamlLoader
+    from pipeline.reading import MachineYamlLoader
 
     try:
-        return (yaml.load(raw, Loader=BoundedYamlLoader) or {}).get("stages") or {}
+        return (yaml.load(raw, Loader=MachineYamlLoader) or {}).get("stages") or {}
     except (yaml.YAMLError, RecursionError) as exc:
         detail = " ".join(str(exc).split()) or "nested too deeply"
         raise FmpipeError(f"{LOCK}: not valid YAML ({detail})") from None

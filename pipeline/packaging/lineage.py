@@ -68,14 +68,14 @@ def dvc_lock_entries(variant: str, steps: list[str], lock_path: str | Path = DVC
     """
     import yaml
 
-    from pipeline.reading import BoundedYamlLoader
+    from pipeline.reading import MachineYamlLoader
 
     path = Path(lock_path)
     if not path.exists():
         return {"available": False, "path": str(lock_path),
                 "note": "no dvc.lock: run outside DVC (plain fmpipe CLI), upstream hashes not recorded"}
     try:
-        lock = yaml.load(path.read_text(), Loader=BoundedYamlLoader) or {}
+        lock = yaml.load(path.read_text(), Loader=MachineYamlLoader) or {}
     except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as exc:
         return {"available": False, "path": str(lock_path), "note": f"dvc.lock unreadable: {exc}"}
     stages = lock.get("stages") or {}
