@@ -85,12 +85,12 @@ def main() -> None:
     pool_logits = predict_logits(net, model_inputs(ds.take(pool)))
     ref_logits = predict_logits(net, model_inputs(ds.take(split == "val")))
     s = queue.scores(probabilities(pool_logits), pool_logits, ref_logits, seed=args.seed)
-    # Each strategy's rows are drawn before any training, so a strategy's choice does not
-    # depend on which others run (random's draw is the same with or without the queue's).
-    chosen = {"queue": pool[queue.diversity_order(s["priority"].to_numpy(), s["cluster"].to_numpy())[:labels]],
-              "random": rng.choice(pool, labels, replace=False),
-              "margin": pool[np.argsort(-s["margin"].to_numpy(), kind="stable")[:labels]]}
-    accuracy = {name: train_on(np.concatenate([base, chosen[name]]), name)[1]
+    # Only `random` draws from rng (training uses torch's generator), so each strategy chooses
+    # the same rows whichever others run, and only the asked ones are computed.
+    choose = {"queue": lambda: pool[queue.diversity_order(s["priority"].to_numpy(), s["cluster"].to_numpy())[:labels]],
+              "random": lambda: rng.choice(pool, labels, replace=False),
+              "margin": lambda: pool[np.argsort(-s["margin"].to_numpy(), kind="stable")[:labels]]}
+    accuracy = {name: train_on(np.concatenate([base, choose[name]()]), name)[1]
                 for name in args.strategies.split(",")}
     print(f"\n{labels} labels from a pool of {len(pool)}, base {len(base)} rows: "
           + ", ".join(f"{name} {acc:.4f}" for name, acc in accuracy.items())
