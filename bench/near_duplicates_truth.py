@@ -128,6 +128,26 @@ def score(ids: np.ndarray, vectors: np.ndarray, leaked: set[str], within: list[t
     }
 
 
+RATIO_BINS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+
+
+def judged_pairs(path: Path = TRUTH) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def copy_rate(ids: np.ndarray, images: np.ndarray, emb, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every judged pair's distance over ``threshold`` (the first image's views included, as
+    clean searches) and whether it was judged a copy (same photo or same object)."""
+    pos = {k: i for i, k in enumerate(ids.astype(str))}
+    pairs = [p for p in judged_pairs() if p["a"] in pos and p["b"] in pos]
+    a = images[[pos[p["a"]] for p in pairs]]
+    b = normalize(emb.embed(images[[pos[p["b"]] for p in pairs]]))
+    views = [normalize(emb.embed(a))] + [normalize(v) for v in (emb.embed_views(a) if hasattr(emb, "embed_views") else [])]
+    dist = np.min([1 - (v * b).sum(axis=1) for v in views], axis=0)
+    return dist / threshold, np.array([p["judgement"] in LEAK for p in pairs])
+
+
 def params_threshold() -> float:
     import yaml
 
@@ -158,6 +178,7 @@ def main() -> None:
     cols = ("recall@L", "recall@2L", "precision@L", "distance@L", "distance@2L", "flagged", "recall@t",
             "precision@t", "within@t", "within nn")
     print(f"{'embedder':10s} " + " ".join(f"{c:>11s}" for c in cols))
+    rates = []
     for kind in args.embedders:
         emb = make_embedder(kind)
         test = np.char.startswith(ids.astype(str), "test/")
@@ -165,6 +186,14 @@ def main() -> None:
         got = score(ids, emb.embed(images), leaked, within, threshold, views)
         print(f"{kind:10s} " + " ".join(f"{got[c]:11.4f}" if isinstance(got[c], float) else f"{got[c]:>11}"
                                          for c in cols))
+        rates.append(copy_rate(ids, images, emb, threshold))
+    # The share of judged pairs people called a copy, by distance / threshold (both embedders'
+    # pairs pooled): review's near-duplicate score (pipeline/quality/finders.py COPY_RATE).
+    ratio, copy = (np.concatenate(parts) for parts in zip(*rates))
+    print("judged copies by distance / threshold (all embedders' pairs):")
+    for lo, hi in zip(RATIO_BINS, RATIO_BINS[1:]):
+        inside = (ratio >= lo) & (ratio < hi)
+        print(f"  [{lo:.2f}, {hi:.2f}): {int(inside.sum()):4d} pairs, {copy[inside].mean() if inside.any() else float('nan'):.2f} copies")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Takes a dataset's images, files ``--noise`` of the rows under a wrong class, sco
 out-of-fold (a logistic-regression head on cross-validated folds, the review's ``linear_head``
 scoring, here on fixed features: ``thumbs`` for images, or the digits' pixels), runs the
 registered finders (cleanlab's label issues, near-duplicates on thumbs, outliers) and builds
-the queue twice: rows taken in turn (equal thirds, the old queue) and with the params'
-``<finder>_share`` budgets. Prints the share of flipped rows inside the queue for each.
+the queue twice: one ranking with no caps, and with the params' ``<finder>_share`` caps.
+Prints the share of flipped rows inside the queue for each.
 
 A proxy, no trained network: the head on hand-made features is a much weaker classifier than
 the cifar model (so CIFAR figures sit far below what review on a trained model gives); it
@@ -83,7 +83,7 @@ def main() -> None:
     print(f"{args.data}: {len(labels)} rows, {len(flipped)} flipped ({args.noise:.0%}); out-of-fold head accuracy "
           f"{accuracy:.3f}; queue {args.queue}; found per finder: "
           + ", ".join(f"{n} {len(f)}" for n, f in findings.items()))
-    for name, rule in (("in turn (equal thirds)", None), (f"budgets {shares}", shares)):
+    for name, rule in (("one ranking, no caps", None), (f"caps {shares}", shares)):
         queue = build_queue(findings, args.queue, shares=rule)
         caught = np.isin(flipped, queue["row"].to_numpy())
         by_group = queue.groupby("group").size().to_dict()

@@ -94,6 +94,22 @@ def imported_files(module: str, root: Path = ROOT) -> set[str]:
     return {module_file(n, root).relative_to(root).as_posix() for n in seen}
 
 
+def schema_files(root: Path = ROOT) -> set[str]:
+    """Every file the params schema is composed of (``pipeline/config.py`` followed past its
+    leaf mark: sources, clean's rules, review's finders). A step that writes the whole resolved
+    spec (package's ``lineage.json`` records every section, defaults filled in) depends on all of
+    them: a finder's changed default changes the package."""
+    seen: set[str] = set()
+    todo = _with_parents("pipeline.config")
+    while todo:
+        name = todo.pop()
+        if name in seen or module_file(name, root) is None:
+            continue
+        seen.add(name)
+        todo.extend(direct_imports(name, root))
+    return {module_file(n, root).relative_to(root).as_posix() for n in seen} - NEUTRAL
+
+
 def code_deps(module: str, root: Path = ROOT) -> set[str]:
     """The files whose change may change what the step in ``module`` writes."""
     return (imported_files(module, root) | set(SCHEMA)) - NEUTRAL

@@ -267,7 +267,7 @@ STEPS: tuple[Step, ...] = (
         module="stages.review",
         reads=("train/model.safetensors", "train/model.json", "annotate"),
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/engine.py", "pipeline/evaluation/__init__.py",
-              "pipeline/evaluation/explain.py", "pipeline/filenames.py", "pipeline/inference/__init__.py",
+              "pipeline/evaluation/calibration.py", "pipeline/evaluation/explain.py", "pipeline/filenames.py", "pipeline/inference/__init__.py",
               "pipeline/inference/network.py", "pipeline/inference/tta.py", "pipeline/io.py",
               "pipeline/manifest.py", "pipeline/models", "pipeline/palette.py", "pipeline/payload.py",
               "pipeline/plotting.py", "pipeline/quality/__init__.py", "pipeline/quality/embedders.py", "pipeline/quality/finders.py",
@@ -306,7 +306,8 @@ STEPS: tuple[Step, ...] = (
 def _depending_on_all_upstream(step: Step) -> Step:
     """``step`` plus every input and output of its upstream steps as its own inputs.
 
-    package records the ``dvc.lock`` entries of every upstream stage in ``lineage.json``; with
+    package records the ``dvc.lock`` entries of every upstream stage in ``lineage.json`` (and the
+    variant's resolved params, so the schema's modules too: see the body); with
     all of their code, params, sources and outputs as its deps, that record is a function of
     declared inputs: any upstream change re-packages, and ``dvc repro --force`` rewrites the
     package byte for byte (an upstream re-run with identical outputs would otherwise leave a
@@ -322,6 +323,9 @@ def _depending_on_all_upstream(step: Step) -> Step:
             todo += [r.split("/", 1)[0] for r in by_name[name].reads]
     ups = [by_name[n] for n in (s.name for s in STEPS) if n in seen]
     reads, code, params, sources = list(step.reads), list(step.code), list(step.params), list(step.sources)
+    # lineage.json also records the variant's whole resolved params, defaults filled in, so every
+    # module the params schema is composed of is a dep too (review's finders declare theirs).
+    code.append("pipeline/quality/finders.py")
     for u in ups:
         code += u.code
         sources += u.sources

@@ -194,16 +194,17 @@ def test_confusion_plot_has_actual_on_y_like_the_report_png():
     assert (out.plot["x"], out.plot["y"]) == ("predicted", "actual")
 def code_drift(steps=None) -> list[str]:
     """Differences between each step's declared code deps and what its module imports."""
-    from pipeline.imports import code_deps, expand
+    from pipeline.imports import code_deps, expand, schema_files
 
     steps = steps or (*registry.STEPS, *registry.STUDENT_STEPS)
     by_name = {s.name: s for s in steps}
     problems = []
     for step in steps:
         expected = code_deps(step.module)
-        if step.name == "package":  # depends on every upstream step's code too (lineage)
-            for up in registry.upstream_of("package"):
+        if step.name == "package":  # depends on every upstream step's code too (lineage), and on
+            for up in registry.upstream_of("package"):  # every section's defaults (its params record)
                 expected |= code_deps(by_name[up].module)
+            expected |= schema_files()
         declared = expand(step.code)
         if declared != expected:
             problems.append(f"{step.name}: imports but does not declare {sorted(expected - declared)}; "

@@ -80,7 +80,7 @@ def test_digits_report_renders_offline(digits, tmp_path):
     assert seen["resources"] == len(registry.ORDER) - 1  # the runner's record of every step but report
     assert seen["errors"] == 0  # every artefact of a real run was read
     # Readable: nothing wider than the window, no "nan" cells, passes summarised in one line
-    # (the list folded away), review groups each ranked by their own score, one colour for "given".
+    # (the list folded away), review groups each in the queue's one ranking, one colour for "given".
     assert seen["scroll_width"] <= 1280
     assert "nan" not in seen["text"].split() and f"{summary['expectations']} passed" in seen["text"]
     assert seen["queue_scores"] and all(s == sorted(s, reverse=True) for s in seen["queue_scores"])

@@ -161,7 +161,7 @@ def test_decisions_flow_back_through_annotate_with_provenance(loop, tmp_path):
 
     diff = json.loads(sh(repo, "fmpipe", "diff", "HEAD", "--stage", "digits", "--json").stdout)
     assert {d["id"]: d["to"] for d in diff["relabelled"]} == expected_relabels
-    assert diff["removed"] == [drop_id] and diff["added"] == []
+    assert [d["id"] for d in diff["removed"]] == [drop_id] and diff["added"] == []
 
     queue = pd.read_parquet(repo / "data/digits/review/queue.parquet")
     assert not set(queue["id"]) & (set(expected_relabels) | expected_confirms)

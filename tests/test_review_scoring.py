@@ -58,19 +58,24 @@ def test_cross_validated_head_finds_flipped_labels():
     assert np.array_equal(probs, cross_validated_head_probs(x, noisy, 3, folds=5, seed=0, c=1.0))
 
 
-def test_label_list_is_ordered_by_its_score_the_percentile_within_scoring_groups():
+def test_label_list_is_chosen_within_scoring_groups_and_ranked_by_the_chance_the_label_is_wrong():
     labels = np.zeros(6, dtype=np.int64)
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.99, 0.01], [0.55, 0.45], [0.7, 0.3]])
     issues = pd.DataFrame({"is_issue": [False, True, False, False, False, False], "quality": probs[:, 0],
                            "suggested": probs.argmax(1), "given_prob": probs[:, 0], "suggested_prob": probs.max(1)})
     groups = np.array(["a", "a", "a", "b", "b", "b"], dtype=object)
     found = find_label_issues(ReviewInputs(manifest_for(labels), probs, issues, groups=groups), {})
-    # Score = suspicion percentile within the row's group: each group's lowest quality scores 1
-    # (rows 1 and 4), the 2nd lowest 2/3 (rows 2 and 5); ties go to the lower row index.
+    # One score across groups: 1 - p(given) (review calibrates each group's probabilities first).
     assert found["row"].tolist() == [1, 4, 2, 5, 0, 3]
-    assert found["score"].round(4).tolist() == [1.0, 1.0, 0.6667, 0.6667, 0.3333, 0.3333]
+    assert found["score"].round(4).tolist() == [0.8, 0.45, 0.4, 0.3, 0.1, 0.01]
     assert found["reason"].tolist()[:2] == ["label_issue", "low_label_quality"]
     assert (found["suggested"] == 1).all()  # the best class other than the given one
+    # Membership is decided within each group: the lowest third of each by quality, plus
+    # cleanlab's flags. Row 5 (0.3 doubt) is in: the 2nd lowest of group b is not in the third,
+    # but the lowest of b (row 4) is; row 2 (0.4) is not the lowest of a (row 1 is).
+    found = find_label_issues(ReviewInputs(manifest_for(labels), probs, issues, groups=groups),
+                              {"low_quality_fraction": 1 / 3})
+    assert found["row"].tolist() == [1, 4]
 
 
 def test_near_duplicates_queue_the_less_protected_copy_and_suggest_drop():
@@ -109,8 +114,8 @@ def test_every_registered_finder_runs_with_its_params_and_is_a_queue_group():
         findings[name] = FINDERS[name](inputs, options)
         assert len(findings[name]), f"finder {name} found nothing"
         assert SCORE_MEANING[name] == finder.score and finder.score
-    queue = build_queue(findings, size=60)
-    assert list(dict.fromkeys(queue["group"])) == list(REGISTRY)
+    queue = build_queue(findings, size=len(y))
+    assert set(queue["group"]) == set(REGISTRY)
 
 
 def test_outliers_flag_the_row_far_from_every_class():
@@ -129,53 +134,48 @@ def test_outliers_flag_the_row_far_from_every_class():
     assert np.allclose(found["suggested_prob"], 0.1)
 
 
-def test_queue_interleaves_finders_merges_reasons_and_skips_decided_rows():
-    def frame(rows, reason):
-        n = len(rows)
-        return pd.DataFrame({"row": rows, "reason": [reason] * n, "score": np.linspace(1, 0.5, n),
-                             "suggested": [0] * n, "suggested_prob": [0.5] * n, "given_prob": [0.1] * n,
-                             "related_row": [-1] * n, "distance": [np.nan] * n})
-
-    q = build_queue({"label_issues": frame([1, 2, 3, 4, 5], "label_issue"),
-                     "near_duplicates": frame([2, 7], "near_duplicate"),
-                     "outliers": frame([9], "outlier")}, size=6, skip_rows=np.array([3]))
-    # Taken in turn (1, 2, 9, 4, 7, 5), then shown grouped by the finder that took each row.
-    assert q["row"].tolist() == [1, 4, 5, 2, 7, 9]
-    assert q["group"].tolist() == ["label_issues"] * 3 + ["near_duplicates"] * 2 + ["outliers"]
-    assert q["reasons"].tolist()[3] == "label_issue+near_duplicate"
-    assert len(build_queue({"a": frame([1, 2, 3], "x")}, size=2)) == 2
+def _finding(rows, reason, scores):
+    n = len(rows)
+    return pd.DataFrame({"row": rows, "reason": [reason] * n, "score": scores,
+                         "suggested": [0] * n, "suggested_prob": [0.5] * n, "given_prob": [0.1] * n,
+                         "related_row": [-1] * n, "distance": [np.nan] * n})
 
 
-def test_queue_budgets_give_each_finder_its_share_and_pass_on_what_it_cannot_fill():
-    """review.<finder>_share: each finder fills its quota from the top of its list first; a
-    finder with a short list leaves its rows to the others; quotas add up to the size."""
+def test_queue_is_one_ranking_that_merges_reasons_and_skips_decided_rows():
+    q = build_queue({"label_issues": _finding([1, 2, 3, 4, 5], "label_issue", [0.9, 0.8, 0.7, 0.3, 0.2]),
+                     "near_duplicates": _finding([2, 7], "near_duplicate", [0.95, 0.5]),
+                     "outliers": _finding([9], "outlier", [0.6])}, size=5, skip_rows=np.array([3]))
+    # Best score first whatever the finder; row 2 found twice takes its best finding.
+    assert q["row"].tolist() == [2, 1, 9, 7, 4]
+    assert q["group"].tolist() == ["near_duplicates", "label_issues", "outliers", "near_duplicates", "label_issues"]
+    assert q["reasons"].tolist()[0] == "label_issue+near_duplicate"
+    assert (np.diff(q["score"].to_numpy()) <= 0).all()
+    # Equal scores: the finder listed first, then the lower row.
+    q = build_queue({"a": _finding([5, 4], "x", [0.5, 0.5]), "b": _finding([1], "y", [0.5])}, size=3)
+    assert q["row"].tolist() == [4, 5, 1]
+
+
+def test_queue_shares_cap_each_finder_and_what_they_hold_back_fills_the_rest():
+    """review.<finder>_share: the most rows a finder may queue (ceil(share x size)); rows the caps
+    held back come in last, best first, when the lists are otherwise spent."""
     from pipeline.config import ReviewSpec
-    from pipeline.quality.finders import quotas
-
-    def frame(rows, reason):
-        n = len(rows)
-        return pd.DataFrame({"row": rows, "reason": [reason] * n, "score": np.linspace(1, 0.5, n),
-                             "suggested": [0] * n, "suggested_prob": [0.5] * n, "given_prob": [0.1] * n,
-                             "related_row": [-1] * n, "distance": [np.nan] * n})
+    from pipeline.quality.finders import caps
 
     spec = ReviewSpec()
     defaults = {n: getattr(spec, f"{n}_share") for n in ("label_issues", "near_duplicates", "outliers")}
-    assert quotas(defaults, 300) == {"label_issues": 210, "near_duplicates": 45, "outliers": 45}
-    assert sum(quotas({"a": 1, "b": 1, "c": 1}, 10).values()) == 10 and quotas({"a": 0.0}, 5) == {"a": 0}
-    findings = {"label_issues": frame(list(range(100, 120)), "label_issue"),
-                "near_duplicates": frame(list(range(200, 220)), "near_duplicate"),
-                "outliers": frame([300, 301, 100], "outlier")}
-    q = build_queue(findings, size=10, shares={"label_issues": 0.6, "near_duplicates": 0.2, "outliers": 0.2})
-    got = q.groupby("group").size().to_dict()
-    assert got == {"label_issues": 6, "near_duplicates": 2, "outliers": 2}
-    # Each finder's best rows: the top of every list.
-    assert set(q.loc[q["group"] == "label_issues", "row"]) == set(range(100, 106))
-    assert set(q.loc[q["group"] == "outliers", "row"]) == {300, 301}
-    # A short list (outliers: 2 new rows) passes its unused quota on; size is still met.
-    q = build_queue(findings, size=20, shares={"label_issues": 0.2, "near_duplicates": 0.2, "outliers": 0.6})
-    got = q.groupby("group").size().to_dict()
-    assert len(q) == 20 and got["outliers"] == 2 and got["label_issues"] + got["near_duplicates"] == 18
-    assert q["row"].is_unique
+    assert caps(defaults, 300) == {"label_issues": 300, "near_duplicates": 45, "outliers": 45}
+    assert caps({"a": 0.34}, 10) == {"a": 4} and caps({"a": 0.0}, 5) == {"a": 0}
+    findings = {"label_issues": _finding(list(range(100, 120)), "label_issue", np.linspace(0.5, 0.1, 20)),
+                "near_duplicates": _finding(list(range(200, 220)), "near_duplicate", np.linspace(0.99, 0.9, 20)),
+                "outliers": _finding([300, 301, 100], "outlier", [0.7, 0.6, 0.55])}
+    q = build_queue(findings, size=10, shares={"label_issues": 1.0, "near_duplicates": 0.2, "outliers": 0.2})
+    assert q.groupby("group").size().to_dict() == {"label_issues": 6, "near_duplicates": 2, "outliers": 2}
+    # Each finder's best rows, in one ranking.
+    assert q["row"].tolist()[:4] == [200, 201, 300, 301] and set(q["row"][4:]) == set(range(100, 106))
+    # Nothing else left: the best of the held-back near duplicates come in, in the one ranking.
+    q = build_queue(findings, size=30, shares={"label_issues": 1.0, "near_duplicates": 0.1, "outliers": 0.1})
+    assert len(q) == 30 and q["row"].is_unique and (np.diff(q["score"].to_numpy()) <= 0).all()
+    assert set(q.loc[q["group"] == "near_duplicates", "row"]) == set(range(200, 208))
     # A share of 0: that finder's rows only come in if the others run out.
     q = build_queue(findings, size=5, shares={"label_issues": 1.0, "near_duplicates": 0.0, "outliers": 0.0})
     assert set(q["group"]) == {"label_issues"}
@@ -231,15 +231,15 @@ def test_review_step_writes_every_output_deterministically(digits_model):
     assert {n: sha256_file(out / n) for n in names} == first
     queue = pd.read_csv(out / "queue.csv")
     assert len(json.loads((out / "label_studio_tasks.json").read_text())) == len(queue) == report["queue"]["size"]
-    # Ranks follow the score the page names: the queue comes in groups (one per finder, each
-    # group's score meaning in the report and on the page), and within a group a later rank
-    # never has a higher score.
+    # Ranks follow one score, the chance a person changes the row, whatever finder queued it
+    # (each finder's meaning of it in the report and on the page); the probabilities were
+    # calibrated per scoring group (the temperatures are reported).
     assert queue["rank"].tolist() == list(range(1, len(queue) + 1))
+    assert (np.diff(queue["score"].to_numpy()) <= 1e-9).all()
     groups = list(dict.fromkeys(queue["group"]))
-    assert groups == [g for g in report["queue"]["groups"] if report["queue"]["groups"][g]["rows"]]
-    for g in groups:
-        scores = queue.loc[queue["group"] == g, "score"].to_numpy()
-        assert (np.diff(scores) <= 1e-9).all(), g
+    assert set(groups) == {g for g in report["queue"]["groups"] if report["queue"]["groups"][g]["rows"]}
+    assert set(report["scoring"]["temperature"]) == {"val+test (model)", "train (cross-validated)"}
+    assert all(0.05 <= t <= 20 for t in report["scoring"]["temperature"].values())
     sheet = (out / "contact_sheet.html").read_text()
     for g in groups:
         assert report["queue"]["groups"][g]["score"] in sheet.replace("&quot;", '"')
@@ -320,7 +320,14 @@ def test_review_scores_held_out_rows_with_the_models_tta_views(digits_model):
     net, meta = load_trained(meta_path.parent)
     rows = np.flatnonzero(ds.manifest["split"].to_numpy() != "train")
     x = model_inputs(ds.take(rows))
-    expected = probabilities(predict_logits(net, x, meta["tta"]), 1.0, meta["tta"])
+    views = predict_logits(net, x, meta["tta"])
+    # At the temperature fitted on the val rows' given labels (evaluate's fit), which the report names.
+    from pipeline.evaluation.calibration import fit_temperature
+
+    val = ds.manifest["split"].to_numpy()[rows] == "val"
+    temperature = fit_temperature([v[val] for v in views], ds.manifest["label"].to_numpy()[rows][val], meta["tta"])
+    assert result.report["scoring"]["temperature"]["val+test (model)"] == temperature != 1.0
+    expected = probabilities(views, temperature, meta["tta"])
     np.testing.assert_allclose(result.probs[rows], expected, atol=1e-5)
     one_view = softmax(predict_logits(net, x))
     assert np.abs(result.probs[rows] - one_view).max() > 1e-3  # the views were used, not the plain pass

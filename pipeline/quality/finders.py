@@ -5,30 +5,32 @@ params schema (pipeline/config.py) composes the review section from their params
 review package sits above the schema (it runs the network, pipeline.inference).
 
 Each finder has one interface: ``find(inputs, options) -> DataFrame`` of findings, one row per
-suspect dataset row, columns :data:`FINDING_COLUMNS`, most suspect first. ``score`` is in
-[0, 1], higher = more suspect; ``suggested`` is a class index or :data:`DROP_INDEX`.
+suspect dataset row, columns :data:`FINDING_COLUMNS`, most suspect first. ``score`` is the same
+quantity for every finder, **the estimated chance that a person changes the row** (relabels or
+drops it), so the queue is one ranking; ``suggested`` is a class index or :data:`DROP_INDEX`.
 
 - ``label_issues``: rows cleanlab flags (see :mod:`pipeline.review.scoring`) and the other
   rows of the lowest ``low_quality_fraction`` of their scoring group by label quality (see
-  :func:`find_label_issues` for why); score: the row's suspicion percentile within its scoring
-  group; suggestion: the most probable class other than the given one (every finder's).
+  :func:`find_label_issues` for why); score: ``1 - p(given)`` on probabilities review has
+  calibrated per scoring group; suggestion: the most probable class other than the given one
+  (every finder's).
 - ``near_duplicates``: pairs of rows closer than a cosine-distance threshold in the duplicate
   embedding (:func:`pipeline.quality.neighbors.near_pairs`). A pair across splits is a
   ``cross_split_duplicate``: the copy in the less protected split is queued (train before val before test, the
   rule clean uses for exact copies), so the test set stays intact. A pair within one split is
   a ``near_duplicate``: the later id is queued. The suggestion is ``drop``; the partner is
-  named (``related_row``). Score ``1 - distance``.
+  named (``related_row``). Score: the share of judged CIFAR-10 pairs at that distance (over
+  the threshold) that people called a copy (:data:`COPY_RATE`).
 - ``outliers``: the cosine distance of a row's penultimate embedding to the nearest class
   mean of the train embeddings; the top ``outlier_fraction`` of rows are flagged. Cheap
-  (N x classes) and needs no second index. Score: the row's percentile of that distance.
+  (N x classes) and needs no second index. Score: the label's doubt, as for label issues
+  (far from every class is not by itself a wrong label: CIFAR-10's outliers were judged
+  correctly labelled), so an outlier ranks high only when its label is also in doubt.
 
-The queue gives each finder a share of its rows (``<finder>_share`` in params; defaults from
-real CIFAR-10, where label issues held the real errors), each filled from the top of the
-finder's list; rows a finder cannot fill go to the others in turn (one from each, in the order
-the params list them), so that no finder hides another. It merges a row found twice into one entry with both
-reasons, leaves out rows people already decided, and stops at the queue size. It is then shown
-grouped by the finder that queued each row (``group``), each group ranked by its own score:
-the three scores measure different things and are not compared with each other.
+The queue (:func:`build_queue`) merges the lists and takes rows best score first. Each finder
+may queue at most its share of the rows (``<finder>_share`` in params), so that one finder's
+estimate cannot fill the queue alone; rows the caps held back fill what is left. A row found
+twice is one entry with both reasons; rows people already decided are left out.
 
 Each finder is registered once, with ``@finder(name, score=..., params=...)``: its name (what
 ``review.finders`` lists; the default is every registered finder, in registration order), what
@@ -93,10 +95,9 @@ class LabelIssuesParams(Strict):
     # group (0: cleanlab's flags only). Needed on train rows, where memorised embeddings make
     # confident learning flag too little (see find_label_issues).
     low_quality_fraction: float = Field(0.1, ge=0, le=1)
-    # Share of the queue's rows this finder fills first (see build_queue). 0.7: on real
-    # CIFAR-10 (issue #30, the cifar default's 300-row queue) the label-issue rows held the
-    # confirmed label errors while the near-duplicate and outlier thirds held almost none.
-    label_issues_share: float = Field(0.7, ge=0, le=1)
+    # The most rows of the queue this finder may take (build_queue): no cap, because on real
+    # CIFAR-10 (issue #30) the label-issue rows held the confirmed label errors.
+    label_issues_share: float = Field(1.0, ge=0, le=1)
 
 
 class NearDuplicatesParams(Strict):
@@ -113,14 +114,17 @@ class NearDuplicatesParams(Strict):
     # for review only (on the scale of duplicate_features' distances).
     duplicate_threshold: Optional[float] = Field(None, ge=0, le=2)
     neighbors: int = Field(10, ge=1)  # at most this many near copies per row
-    # Share of the queue (build_queue). Small: after clean dropped the leaks' train copies the
-    # near-duplicate rows on CIFAR-10 named almost none of the leaks people found (issue #30).
+    # The most rows of the queue this finder may take (build_queue). Small: after clean dropped
+    # the leaks' train copies the near-duplicate rows on CIFAR-10 named almost none of the leaks
+    # people found (issue #30), and their calibrated score (0.75-1 under the threshold) would
+    # otherwise put every pair above all but the surest label errors.
     near_duplicates_share: float = Field(0.15, ge=0, le=1)
 
 
 class OutliersParams(Strict):
     outlier_fraction: float = Field(0.005, ge=0, lt=1)  # share of rows flagged as outliers
-    # Share of the queue (build_queue): CIFAR-10's outlier rows were mostly correctly labelled photos.
+    # The most rows of the queue this finder may take (build_queue); its rows rank by their
+    # label's doubt anyway (CIFAR-10's outlier rows were mostly correctly labelled photos).
     outliers_share: float = Field(0.15, ge=0, le=1)
 
 
@@ -145,18 +149,20 @@ def _empty() -> pd.DataFrame:
 
 
 @finder("label_issues", params=LabelIssuesParams,
-        score="suspicion percentile of the given label within its scoring group "
-              "(1 = the lowest label quality among rows scored the same way)")
+        score="estimated chance the given label is wrong: 1 - the calibrated probability of the given "
+              "label (temperature fitted per scoring group)")
 def find_label_issues(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataFrame:
     """Rows cleanlab flags (``label_issue``) and the other rows of the least trustworthy
-    ``low_label_quality`` fraction of their scoring group, ordered by one score: the row's
-    suspicion percentile within its scoring group (:data:`SCORE_MEANING`).
+    ``low_label_quality`` fraction of their scoring group, scored by the chance that the given
+    label is wrong, ``1 - p(given)`` on the calibrated probabilities review passes in.
 
     Why not the flagged rows alone: the train rows' embeddings come from a network that
     trained on those very labels, so a cross-validated head agrees with a memorised wrong
     label often enough that confident learning flags nothing (measured on digits with 4%
     flipped labels: 0 of 50 flagged), while the *ranking* by label quality still puts 96% of
-    them in the lowest 80. The queue size is the reviewers' budget; it is filled in that order.
+    them in the lowest 80. Membership of the list is decided within each scoring group (the
+    network's softmax on val/test and a cross-validated head on train); the score is one
+    probability for both, because review calibrates each group's probabilities first.
     """
     import numpy as np
     import pandas as pd
@@ -167,23 +173,17 @@ def find_label_issues(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataF
         return _empty()
     flagged = iss["is_issue"].to_numpy()
     quality = iss["quality"].to_numpy().astype(np.float64)
-    # Rows are compared with the rows scored the same way: the network's softmax on val/test
-    # and a cross-validated head on train are calibrated differently, so raw qualities do not
-    # mix. The score is a row's suspicion percentile within its group: 1.0 for the lowest
-    # label quality of the group, 1/n for the highest. The list is ordered by that score alone,
-    # so the rank a reviewer sees always follows the score printed next to it.
     groups = inputs.groups if inputs.groups is not None else np.zeros(n, dtype=object)
-    score = np.empty(n, dtype=np.float64)
     within = np.empty(n, dtype=np.float64)  # fraction of the group at least as suspect
     for g in dict.fromkeys(groups.tolist()):
         rows = np.flatnonzero(groups == g)
         ranks = np.empty(len(rows))
         ranks[np.lexsort((rows, quality[rows]))] = np.arange(len(rows))
-        score[rows] = 1.0 - ranks / len(rows)
         within[rows] = (ranks + 1) / len(rows)
     # Unflagged rows only from the least trustworthy ``low_quality_fraction`` of their group:
-    # a queue longer than the doubt would otherwise fill up with confidently right labels.
+    # a list longer than the doubt would otherwise fill up with confidently right labels.
     keep = flagged | (within <= float(options.get("low_quality_fraction", 1.0)) + 1e-12)
+    score = label_doubt(iss["given_prob"].to_numpy())
     order = np.lexsort((np.arange(n), -score))
     order = order[keep[order]]
     alternative, alt_prob = other_class(inputs.probs, inputs.manifest["label"].to_numpy())
@@ -200,6 +200,14 @@ def find_label_issues(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataF
         "distance": np.full(len(order), np.nan),
     })
     return out.reset_index(drop=True)
+
+
+def label_doubt(given_prob: np.ndarray) -> np.ndarray:
+    """The chance a given label is wrong, ``1 - p(given)``, clipped to [0, 1] (rounded to 1e-12 so
+    that float noise in the probabilities cannot reorder equal rows)."""
+    import numpy as np
+
+    return np.round(1.0 - np.asarray(given_prob, dtype=np.float64), 12).clip(0.0, 1.0)
 
 
 def other_class(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,8 +227,27 @@ def other_class(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     return alternative, np.asarray(probs, dtype=np.float64)[np.arange(n), alternative] if n else np.empty(0)
 
 
+# The share of pairs people judged a copy (same photo or same object), by cosine distance over
+# the near-duplicate threshold: 950 judged CIFAR-10 pairs (tests/fixtures/cifar_near_duplicates.csv)
+# under thumbs and crops at 0.02, pooled; bin centres (bench/near_duplicates_truth.py prints the
+# bins). The pairs were drawn as candidates from those embedders, so the rates are for pairs an
+# embedder already calls close; a variant whose threshold is calibrated the same way (where the
+# ranking reaches the judged leaks) reads the same scale.
+COPY_RATE = ((0.125, 1.00), (0.375, 0.98), (0.625, 0.95), (0.875, 0.75), (1.125, 0.54), (1.375, 0.40),
+             (1.75, 0.36), (2.5, 0.17))
+
+
+def copy_probability(distance: np.ndarray, threshold: float) -> np.ndarray:
+    """The chance a person judges a pair at ``distance`` a copy (:data:`COPY_RATE`, interpolated)."""
+    import numpy as np
+
+    ratio = np.asarray(distance, dtype=np.float64) / max(float(threshold), 1e-12)
+    return np.interp(ratio, [r for r, _ in COPY_RATE], [p for _, p in COPY_RATE])
+
+
 @finder("near_duplicates", params=NearDuplicatesParams,
-        score="1 - cosine distance to the nearest copy (1 = identical)")
+        score="estimated chance a person judges the pair a copy: the rate of judged copies among "
+              "CIFAR-10 pairs at that distance over the threshold")
 def find_near_duplicates(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataFrame:
     import numpy as np
     import pandas as pd
@@ -259,7 +286,7 @@ def find_near_duplicates(inputs: ReviewInputs, options: dict[str, Any]) -> pd.Da
     out = pd.DataFrame({
         "row": row.astype(np.int64),
         "reason": pd.array(reason.astype(str), dtype="string"),
-        "score": (1.0 - pairs["distance"].to_numpy().astype(np.float64)).clip(0, 1),
+        "score": copy_probability(pairs["distance"].to_numpy(), float(threshold)),
         "suggested": np.full(len(row), DROP_INDEX, dtype=np.int64),
         "suggested_prob": np.full(len(row), np.nan),
         "given_prob": given_prob[row] if n else np.full(len(row), np.nan),
@@ -272,7 +299,8 @@ def find_near_duplicates(inputs: ReviewInputs, options: dict[str, Any]) -> pd.Da
 
 
 @finder("outliers", params=OutliersParams,
-        score="percentile of the distance to the nearest class centre (1 = the farthest row)")
+        score="estimated chance the given label is wrong, as for label issues (being far from every class "
+              "centre is not by itself a wrong label: CIFAR-10's outliers were judged correctly labelled)")
 def find_outliers(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataFrame:
     import numpy as np
     import pandas as pd
@@ -292,14 +320,16 @@ def find_outliers(inputs: ReviewInputs, options: dict[str, Any]) -> pd.DataFrame
     out = pd.DataFrame({
         "row": flagged.astype(np.int64),
         "reason": pd.array(["outlier"] * len(flagged), dtype="string"),
-        "score": percentile[flagged],
+        "score": label_doubt(iss["given_prob"].to_numpy()[flagged]),
         "suggested": alternative[flagged].astype(np.int64),
         "suggested_prob": alt_prob[flagged],
         "given_prob": iss["given_prob"].to_numpy()[flagged],
         "related_row": np.full(len(flagged), -1, dtype=np.int64),
         "distance": dist[flagged].astype(np.float64),
     })
-    return _rank(out)
+    # Equal doubt (e.g. none at all): the farther row first.
+    return out.sort_values(["score", "distance", "row"], ascending=[False, False, True],
+                           kind="stable").reset_index(drop=True)
 
 
 def centroid_distance(emb: np.ndarray, labels: np.ndarray, split: np.ndarray) -> np.ndarray:
@@ -332,84 +362,65 @@ def finder_options(review_spec, name: str) -> dict[str, Any]:
     return {key: getattr(review_spec, key) for key in REGISTRY[name].Params.model_fields}
 
 
-def quotas(shares: dict[str, float], size: int) -> dict[str, int]:
-    """Rows per finder: ``size`` split by ``shares`` (normalised to sum 1), whole rows by the
-    largest remainder so the quotas add up to ``size`` exactly (all 0 when every share is)."""
-    total = sum(shares.values())
-    if total <= 0:
-        return {name: 0 for name in shares}
-    exact = {name: size * share / total for name, share in shares.items()}
-    out = {name: int(v) for name, v in exact.items()}
-    for name in sorted(exact, key=lambda n: (-(exact[n] - out[n]), list(shares).index(n)))[:size - sum(out.values())]:
-        out[name] += 1
-    return out
+def caps(shares: dict[str, float], size: int) -> dict[str, int]:
+    """Most rows each finder may queue: ``ceil(share * size)`` (a share of 1 never limits)."""
+    import math
+
+    return {name: min(size, math.ceil(max(0.0, float(share)) * size - 1e-9)) for name, share in shares.items()}
 
 
 def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optional[np.ndarray] = None,
                 shares: Optional[dict[str, float]] = None) -> pd.DataFrame:
-    """The finders' ranked lists as one queue of at most ``size`` rows.
+    """The finders' lists as one queue of at most ``size`` rows, in one ranking.
 
-    ``shares`` (params' ``<finder>_share``): each finder first fills its quota of the queue
-    (:func:`quotas`) from the top of its list; rows a finder cannot fill (its list is
-    shorter) go to the others, taken in turn. Without ``shares``, every row is taken in turn.
-    ``findings`` is ordered (the params' finder order). A row found by several finders takes
-    the place of its first finding and lists every reason (``label_issue+outlier``).
-    ``skip_rows``: rows left out (people already decided them). The result is grouped by the
-    finder that queued each row (``group``), most suspect first within each group.
+    Every finder's ``score`` is the same quantity (the estimated chance that a person changes
+    the row), so the lists are merged and taken best score first. ``shares`` (params'
+    ``<finder>_share``) cap how many rows each finder may queue (:func:`caps`), so that a finder
+    whose estimate runs high cannot fill the queue alone; when every list is spent under its
+    cap, the queue is topped up from what the caps held back, again best first. ``findings``
+    is ordered (the params' finder order: ties go to the earlier finder). A row found by
+    several finders is queued once, by its best finding that a cap lets in, and lists every
+    reason (``label_issue+outlier``).
+    ``skip_rows``: rows left out (people already decided them).
     """
     import numpy as np
     import pandas as pd
 
     skip = set() if skip_rows is None else {int(r) for r in np.asarray(skip_rows)}
-    lists = [f[~f["row"].isin(skip)].reset_index(drop=True) for f in findings.values()]
     names = list(findings)
-    picked: list[dict[str, Any]] = []
-    group_of: list[str] = []
-    where: dict[int, int] = {}
-    cursors = [0] * len(lists)
-
-    def take(k: int) -> bool:
-        """Queue the next row of list k that is not queued yet; False when the list is spent."""
-        frame = lists[k]
-        while cursors[k] < len(frame):
-            rec = frame.iloc[cursors[k]].to_dict()
-            cursors[k] += 1
-            r = int(rec["row"])
-            if r in where:
-                continue
-            where[r] = len(picked)
-            picked.append(rec)
-            group_of.append(names[k])
-            return True
-        return False
-
-    if shares is not None:
-        quota = quotas({name: float(shares.get(name, 0.0)) for name in names}, size)
-        for k, name in enumerate(names):
-            taken = 0
-            while taken < quota[name] and len(picked) < size and take(k):
-                taken += 1
-    while len(picked) < size and any(c < len(f) for c, f in zip(cursors, lists)):
-        for k in range(len(lists)):
-            if len(picked) >= size:
-                break
-            take(k)
-    if not picked:
+    parts = []
+    for k, (name, frame) in enumerate(findings.items()):
+        frame = frame[~frame["row"].isin(skip)]
+        if len(frame):
+            parts.append(frame.assign(group=name, _k=k))
+    if not parts:
         out = _empty()
         out["reasons"] = pd.Series(dtype="string")
         out["group"] = pd.Series(dtype="string")
         return out
-    # A row's reasons: every finder whose list reached it while the queue filled.
-    all_reasons: dict[int, list[str]] = {}
-    for frame, cursor in zip(lists, cursors):
-        for r, reason in zip(frame["row"].tolist()[:cursor], frame["reason"].tolist()[:cursor]):
-            all_reasons.setdefault(int(r), []).append(str(reason))
-    queue = pd.DataFrame(picked)
-    queue["reasons"] = pd.array(["+".join(dict.fromkeys(all_reasons[int(r)])) for r in queue["row"]], dtype="string")
-    queue["group"] = pd.array(group_of, dtype="string")
+    merged = pd.concat(parts, ignore_index=True)
+    # Every reason a row was found for (in finder order), whatever finder queues it.
+    reasons = merged.groupby("row", sort=False)["reason"].agg(lambda r: "+".join(dict.fromkeys(map(str, r))))
+    ranked = merged.sort_values(["score", "_k", "row"], ascending=[False, True, True], kind="stable")
+    ranked = ranked.reset_index(drop=True)
+    limit = caps({name: float((shares or {}).get(name, 1.0)) for name in names}, size)
+    rows, groups = ranked["row"].to_numpy(), ranked["group"].tolist()
+    picked: list[int] = []  # positions in ``ranked``
+    queued: set[int] = set()
+    used = dict.fromkeys(names, 0)
+    for capped in (True, False):  # then what the caps held back, again best first
+        for i in range(len(ranked)):
+            if len(picked) >= size:
+                break
+            if int(rows[i]) in queued or (capped and used[groups[i]] >= limit[groups[i]]):
+                continue  # a row a cap held back may still come in through another finder
+            picked.append(i)
+            queued.add(int(rows[i]))
+            used[groups[i]] += 1
+    picked.sort()
+    queue = ranked.iloc[picked].drop(columns="_k").reset_index(drop=True)
+    queue["reasons"] = pd.array([reasons[r] for r in queue["row"]], dtype="string")
+    queue["group"] = pd.array(queue["group"].astype(str), dtype="string")
     for col in ("row", "suggested", "related_row"):
         queue[col] = queue[col].astype(np.int64)
-    # Grouped by finder (params order), each group by its own score, most suspect first.
-    queue["_g"] = [names.index(g) for g in group_of]
-    queue = queue.sort_values(["_g", "score", "row"], ascending=[True, False, True], kind="stable")
-    return queue.drop(columns="_g").reset_index(drop=True)
+    return queue

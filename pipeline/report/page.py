@@ -298,7 +298,8 @@ def section_labels(ctx: Context) -> str:
 
 def review_queue(ctx: Context, queue) -> str:
     """The queue as the review shows it: one table per group (the finder that queued the rows),
-    each ranked by its own score, whose meaning heads the table; given and suggested label in
+    in the queue's one ranking (the chance a person changes the row), how the finder estimates
+    it heading the table; given and suggested label in
     the pages' colours; only the columns a person reads (the files have every column)."""
     from pipeline.quality.finders import SCORE_MEANING
 
@@ -323,7 +324,7 @@ def review_queue(ctx: Context, queue) -> str:
                          str(r.get("scored_by", "")).split(" (")[0]])
         meaning = SCORE_MEANING.get(str(group), "")
         out.append(f"<h4>{esc(str(group))}: {len(rows)} queued</h4>"
-                   + (f"<p>Ranked by score, highest first: {esc(meaning)}.</p>" if meaning else "")
+                   + (f"<p>Score, highest first: {esc(meaning)}.</p>" if meaning else "")
                    + table(headers, body, cls="queue"))
     return "".join(out)
 

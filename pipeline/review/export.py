@@ -133,7 +133,9 @@ def label_studio_tasks(table: pd.DataFrame, queue: pd.DataFrame, *, kind: str, i
     target = "image" if kind == "image" else "item"
     tasks = []
     for rec, row, related in zip(table.to_dict("records"), queue["row"].tolist(), queue["related_row"].tolist()):
-        score = rec["suggested_prob"] if rec["suggested_label"] != DROP else 1.0 - rec["distance"]
+        # Label Studio's prediction score: the suggested class's probability, or for a drop the
+        # chance the pair is a copy (the finder's calibrated score).
+        score = rec["suggested_prob"] if rec["suggested_label"] != DROP else rec["score"]
         info = (f"#{rec['rank']} {rec['id']} ({rec['split']}): given {rec['given_label']!s}, "
                 f"suggested {rec['suggested_label']!s}{_prob_text(rec)}; {rec['reason']}, "
                 f"{rec['group']} score {rec['score']:.3f}")
@@ -240,15 +242,16 @@ def contact_sheet(table: pd.DataFrame, queue: pd.DataFrame, *, title: str, kind:
     body = []
     for group, cards in sections.items():
         body.append(f"<h2>{html.escape(group)} ({counts.get(group, len(cards))} queued)</h2>\n"
-                    f'<p class="meta">Ranked by score, highest first: {html.escape(SCORE_MEANING.get(group, ""))}.</p>\n'
+                    f'<p class="meta">Score: {html.escape(SCORE_MEANING.get(group, ""))}.</p>\n'
                     '<div class="grid">\n' + "\n".join(cards) + "\n</div>")
     extra = "".join(f'<p class="meta">{html.escape(t)}</p>\n' for t in (notes or []))
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
         f"<h1>{html.escape(title)}</h1>\n<p class=\"meta\">{html.escape(summary)}</p>\n"
-        f"<p class=\"meta\">{n} of {len(table)} queued items (the top of each group), grouped by the finder that queued them; "
-        "each group has its own score (higher is more suspect). The suggestion is the most probable class "
+        f"<p class=\"meta\">{n} of {len(table)} queued items (the top of each group), grouped by the finder that queued them. "
+        "One score ranks them all: the estimated chance that a person changes the row (#1 is the likeliest); "
+        "each group says how its finder estimates it. The suggestion is the most probable class "
         'other than the given one. Given label in <span class="given">blue</span>, the suggestion in '
         '<span class="model">orange</span>; <i>drop</i> suggests removing a near copy.</p>\n' + extra + "\n".join(body) + "\n</body></html>\n"
     )

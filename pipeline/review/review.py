@@ -28,7 +28,7 @@ import pandas as pd
 
 from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset
-from pipeline.inference.tta import effective_tta, softmax, tta_description
+from pipeline.inference.tta import effective_tta, tta_description
 from pipeline.review import export
 from pipeline.config import VariantSpec
 from pipeline.quality.finders import ACROSS_SPLITS, FINDERS, SCORE_MEANING, ReviewInputs, build_queue, finder_options
@@ -91,19 +91,45 @@ def embed_dataset(model_dir: str | os.PathLike, ds: Dataset, layers: list[Option
     return out
 
 
-def model_probs(net_or_dir, ds: Dataset, rows: np.ndarray, tta: Optional[dict[str, Any]],
-                logits: Optional[np.ndarray] = None) -> np.ndarray:
-    """The model's class probabilities for ``rows`` as evaluate computes them: the same TTA views
-    through ``pipeline.inference.tta.probabilities`` (without TTA: the softmax of ``logits`` when
-    the one pass already made them)."""
+def model_logits(net_or_dir, ds: Dataset, rows: np.ndarray, tta: Optional[dict[str, Any]],
+                 logits: Optional[np.ndarray] = None):
+    """The model's logits for ``rows`` as evaluate computes them: one array, or one per TTA view
+    (what ``pipeline.inference.tta.probabilities`` takes); without TTA the one pass's ``logits``
+    when it already made them."""
     if tta is None and logits is not None:
-        return softmax(np.asarray(logits[rows], dtype=np.float64))
+        return np.asarray(logits[rows])
     from pipeline.inference.network import ModelInputs, predict_logits
-    from pipeline.inference.tta import probabilities
     from pipeline.models import load_trained
 
     net = load_trained(net_or_dir)[0] if isinstance(net_or_dir, (str, os.PathLike)) else net_or_dir
-    return probabilities(predict_logits(net, ModelInputs(ds.take(rows)), tta), 1.0, tta).astype(np.float64)
+    return predict_logits(net, ModelInputs(ds.take(rows)), tta)
+
+
+def model_probs(net_or_dir, ds: Dataset, rows: np.ndarray, tta: Optional[dict[str, Any]],
+                logits: Optional[np.ndarray] = None) -> np.ndarray:
+    """The model's class probabilities for ``rows`` (temperature 1), as evaluate computes them."""
+    from pipeline.inference.tta import probabilities
+
+    return probabilities(model_logits(net_or_dir, ds, rows, tta, logits), 1.0, tta).astype(np.float64)
+
+
+def calibrated(view_logits, labels: np.ndarray, fit_on: np.ndarray, tta: Optional[dict[str, Any]]
+               ) -> tuple[np.ndarray, float]:
+    """Class probabilities at the temperature that fits the rows ``fit_on`` (a boolean mask) best
+    (negative log-likelihood of their given labels; evaluate's ``fit_temperature``), and that
+    temperature (1.0 when no row is given or scaling does not help).
+
+    Why: the queue ranks rows of different scoring groups, and different finders, by one number,
+    the chance that the given label is wrong; each group's probabilities must first mean what
+    they say. The network's softmax is fitted on the val rows (held out, as evaluate does); the
+    cross-validated head's out-of-fold probabilities on the train rows themselves (each row was
+    predicted by a head that did not fit it)."""
+    from pipeline.evaluation.calibration import fit_temperature
+    from pipeline.inference.tta import probabilities
+
+    views = [v[fit_on] for v in view_logits] if isinstance(view_logits, list) else view_logits[fit_on]
+    temperature = fit_temperature(views, labels[fit_on], tta) if fit_on.any() else 1.0
+    return probabilities(view_logits, temperature, tta).astype(np.float64), float(temperature)
 
 
 def review_tta(meta: dict[str, Any], spec: VariantSpec) -> Optional[dict[str, Any]]:
@@ -184,14 +210,20 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
     layers = captured["layers"]
     tta = review_tta(captured["meta"], spec)
     probs = np.zeros((len(m), k), dtype=np.float64)
-    probs[held_rows] = model_probs(model_dir, ds, held_rows, tta, captured["logits"])
+    temperatures: dict[str, float] = {}
+    if len(held_rows):
+        probs[held_rows], temperatures["val+test (model)"] = calibrated(
+            model_logits(model_dir, ds, held_rows, tta, captured["logits"]), labels[held_rows],
+            split[held_rows] == "val", tta)
     if len(train_rows):
         if rs.scoring == "linear_head":
-            probs[train_rows] = cross_validated_head_probs(layers[None][train_rows], labels[train_rows], k,
-                                                           folds=rs.folds, seed=rs.seed, c=rs.head_c)
+            out_of_fold = cross_validated_head_probs(layers[None][train_rows], labels[train_rows], k,
+                                                     folds=rs.folds, seed=rs.seed, c=rs.head_c)
         else:
-            probs[train_rows] = full_model_probs(ds, spec, train_rows, rs.folds, rs.seed,
-                                                 epochs=rs.full_model_epochs, workdir=workdir, variant=variant)
+            out_of_fold = full_model_probs(ds, spec, train_rows, rs.folds, rs.seed,
+                                           epochs=rs.full_model_epochs, workdir=workdir, variant=variant)
+        probs[train_rows], temperatures["train (cross-validated)"] = calibrated(
+            np.log(np.maximum(out_of_fold, 1e-12)), labels[train_rows], np.ones(len(train_rows), bool), None)
     scored_by = np.array([_scored_by_label(s, rs.scoring, rs.folds) for s in split], dtype=object)
 
     # cleanlab once per scoring group: its per-class thresholds assume one source of probabilities.
@@ -227,7 +259,7 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
     decided = np.zeros(len(m), dtype=bool)
     if rs.skip_decided and "label_source" in m.columns:
         decided = (m["label_source"].astype(str) == "annotation").to_numpy()
-    shares = {name: float(getattr(rs, f"{name}_share", 0.0)) for name in rs.finders}
+    shares = {name: float(getattr(rs, f"{name}_share", 1.0)) for name in rs.finders}
     queue = build_queue(findings, rs.queue_size, skip_rows=np.flatnonzero(decided), shares=shares)
     table = export.queue_table(queue, m, ds.classes, scored_by)
 
@@ -258,15 +290,18 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
         "rows": int(len(m)),
         "changes_data": False,
         "scoring": {"method": rs.scoring, "folds": rs.folds, "seed": rs.seed, "tta": tta_description(tta),
+                    "temperature": temperatures, "calibrated_on": {
+                        "val+test (model)": "the val rows' given labels", "train (cross-validated)":
+                        "the train rows' given labels, each predicted out-of-fold"},
                     "by_split": per_split,
                     "in_sample_predictions_used": False,
                     "embeddings": captured["describe"]},
         "cleanlab": {"version": cleanlab.__version__, "find_label_issues": {"filter_by": rs.filter_by},
                      "ranked_by": rs.rank_by, "queue_order": (
                          "cleanlab's flagged rows and the others of the lowest "
-                         f"{rs.low_quality_fraction:g} of their scoring group (train: cross-validated, "
-                         "val+test: model); score = " + SCORE_MEANING["label_issues"] + ", highest first; "
-                         "suggestion = the most probable other class"),
+                         f"{rs.low_quality_fraction:g} of their scoring group by {rs.rank_by} (train: "
+                         "cross-validated, val+test: model); score = " + SCORE_MEANING["label_issues"]
+                         + "; suggestion = the most probable other class"),
                      "groups": group_counts, "notes": cleanlab_notes},
         "finders": {name: ({"flagged_by_cleanlab": int((f["reason"] == "label_issue").sum()), "ranked": int(len(f))}
                            if name == "label_issues" else {"found": int(len(f))}) for name, f in findings.items()},
@@ -278,10 +313,10 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
         "outliers": ({"method": "cosine distance to the nearest train class mean (penultimate embedding)",
                       "fraction": rs.outlier_fraction} if "outliers" in findings else None),
         "queue": {"size": int(len(table)), "max_size": rs.queue_size,
-                  "order": ("each finder fills its share of the queue from the top of its list ("
-                            + ", ".join(f"{g} {shares[g]:g}" for g in rs.finders) + "), rows a finder cannot "
-                            "fill go to the others in turn; shown grouped by the finder that queued them, each "
-                            "group ranked by its own score"),
+                  "order": ("one ranking, highest score first: every finder's score is the estimated chance "
+                            "that a person changes the row (relabels or drops it); each finder may queue at "
+                            "most its share of the rows (" + ", ".join(f"{g} {shares[g]:g}" for g in rs.finders)
+                            + "), and rows the caps held back fill what is left"),
                   "groups": {g: {"rows": int((table["group"] == g).sum()), "score": SCORE_MEANING[g]}
                              for g in rs.finders},
                   "by_reason": dict(sorted(in_queue_reasons.items())),
