@@ -64,9 +64,9 @@ def fmpipe_json(repo: Path, *args: str) -> dict:
     return json.loads(sh(repo, "fmpipe", *args, "--json").stdout)
 
 
-def changed_stages(repo: Path) -> set[str]:
-    """The stages `dvc status` reports as changed."""
-    return set(json.loads(sh(repo, "dvc", "status", "--json").stdout or "{}"))
+def changed_stages(repo: Path, *targets: str) -> set[str]:
+    """The stages `dvc status` reports as changed (of ``targets`` only, when named)."""
+    return set(json.loads(sh(repo, "dvc", "status", "--json", *targets).stdout or "{}"))
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +115,9 @@ def versions(tmp_path_factory):
     assert rows[10][2] == rows[13][2] and (rows[10][1], rows[13][1]) == ("val", "test")
     edited = {"r010": rows[13][3], "r030": [7.0, 7.0, 7.0, 7.0]}
     v2 = [(i, s, lab, edited.get(i, f)) for i, s, lab, f in rows]
-    assert "collect@tab" not in changed_stages(repo)
+    assert "collect@tab" not in changed_stages(repo, "collect@tab")
     write_csv(table, v2 + added)  # edited in place: DVC hashes the CSV through the link
-    assert "collect@tab" in changed_stages(repo)
+    assert "collect@tab" in changed_stages(repo, "collect@tab")
     revs["v2"] = version("v2")
 
     # A commit that changed only code (the package step's): dvc.lock changes, the data does not.

@@ -8,6 +8,7 @@ that run's outputs, in a temporary git + DVC repo.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -136,12 +137,12 @@ def test_dvc_plots_page_renders_offline(digits, tmp_path):
     # The report's PNGs (and any other image plot in dvc.yaml), embedded.
     assert len(seen["images"]) >= 4 and all(w > 0 for w in seen["images"])
 
-    # DVC's own page, for contrast: it asks a CDN for Vega, which offline means blank charts.
+    # DVC's own page, for contrast: it loads Vega from a CDN, which offline means blank charts
+    # (read, not rendered: a browser start costs seconds, and the script tags say it).
     subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "plain"], cwd=repo, check=True,
                    capture_output=True)
-    plain, plain_seen = _render_plots(repo / "plain" / "index.html", tmp_path / "plain.png")
-    assert any("cdn.jsdelivr.net" in url for url in plain.external_requests)
-    assert plain_seen["charts"] == []
+    plain = (repo / "plain" / "index.html").read_text()
+    assert re.search(r'<script[^>]+src="https://cdn\.jsdelivr\.net/', plain), plain[:2000]
 
     # --install makes plain `dvc plots show` offline in this checkout.
     assert fmpipe("plots", "--install", cwd=repo).returncode == 0
