@@ -291,6 +291,7 @@ def test_experiments_fit_a_200_column_terminal(repro_copy):
     assert columns[2:] == ["digits.accuracy", "digits.macro_f1", "iris.accuracy", "iris.macro_f1",
                            "variants.iris.review.queue_size"], header
     row = next(line for line in table if "[queue-100]" in line)
-    numbers = [w for w in row.split() if w.replace(".", "", 1).isdigit()]
+    # After the name: the experiment's short hash before it can be all digits (hex).
+    numbers = [w for w in row.split("[queue-100]", 1)[1].split() if w.replace(".", "", 1).isdigit()]
     assert "…" not in row and numbers[-1] == "100", row
     assert len(numbers) == 5 and all(0 < float(w) <= 1 for w in numbers[:4]), row  # the four scores
