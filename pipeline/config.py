@@ -490,7 +490,9 @@ EngineName = Literal["local", "ray"]  # pipeline/engine.py: ENGINES
 
 
 class EngineSpec(Strict):
-    """Where a variant's data steps run their row-parallel work (``pipeline/engine.py``).
+    """Where a variant's steps run their row-parallel work (``pipeline/engine.py``): collect's
+    decoding, clean's embeddings, and the network's forward passes of evaluate and review
+    (``pipeline/inference/batch.py``).
 
     Written ``engine: ray`` (every step) or per step, ``engine: {default: ray, evaluate: local}``.
     The engine changes where the work runs, never what it writes (the outputs are
@@ -501,6 +503,8 @@ class EngineSpec(Strict):
     default: EngineName = "local"
     collect: Optional[EngineName] = None
     clean: Optional[EngineName] = None
+    evaluate: Optional[EngineName] = None
+    review: Optional[EngineName] = None
 
     @model_validator(mode="before")
     @classmethod

@@ -203,7 +203,7 @@ STEPS: tuple[Step, ...] = (
         # The directory, like package's dep on it, so the lineage names only package's deps.
         reads=("train/model.safetensors", "train/model.json", "annotate", "clean"),
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/engine.py", "pipeline/evaluation", "pipeline/filenames.py",
-              "pipeline/inference/__init__.py", "pipeline/inference/network.py", "pipeline/inference/tta.py",
+              "pipeline/inference/__init__.py", "pipeline/inference/batch.py", "pipeline/inference/network.py", "pipeline/inference/tta.py",
               "pipeline/io.py", "pipeline/manifest.py", "pipeline/models", "pipeline/palette.py",
               "pipeline/payload.py", "pipeline/plotting.py",
               "pipeline/schema.py", "stages/evaluate.py"),
@@ -267,7 +267,7 @@ STEPS: tuple[Step, ...] = (
         module="stages.review",
         reads=("train/model.safetensors", "train/model.json", "annotate"),
         code=("pipeline/artefacts.py", "pipeline/config.py", "pipeline/engine.py", "pipeline/evaluation/__init__.py",
-              "pipeline/evaluation/calibration.py", "pipeline/evaluation/explain.py", "pipeline/filenames.py", "pipeline/inference/__init__.py",
+              "pipeline/evaluation/calibration.py", "pipeline/evaluation/explain.py", "pipeline/filenames.py", "pipeline/inference/__init__.py", "pipeline/inference/batch.py",
               "pipeline/inference/network.py", "pipeline/inference/tta.py", "pipeline/io.py",
               "pipeline/manifest.py", "pipeline/models", "pipeline/palette.py", "pipeline/payload.py",
               "pipeline/plotting.py", "pipeline/quality/__init__.py", "pipeline/quality/embedders.py", "pipeline/quality/finders.py",

@@ -33,7 +33,7 @@ def run(ctx) -> None:
                   model_dir=model_dir, data_dir=ctx.input("annotate"),
                   last_package=registry.output(f"package/{LINEAGE}", ctx.variant),
                   last_run_record=registry.at(registry.get("evaluate").run_record, ctx.variant),
-                  flagged=flagged_ids(ctx.input("clean/findings.parquet")))
+                  flagged=flagged_ids(ctx.input("clean/findings.parquet")), engine=ctx.engine)
     ev.write(ctx.out)
     ctx.details["last_blessed"] = ev.last_blessed
     ctx.details["baseline"] = ev.compared

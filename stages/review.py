@@ -19,7 +19,8 @@ def run(ctx) -> None:
     ds = ctx.dataset("annotate")
     weights = ctx.input("train/model.safetensors")
     sha = sha256_file(weights) if weights.exists() else ""
-    result = review(ds, model_dir, ctx.spec, variant=ctx.variant, model_sha256=sha)
+    result = review(ds, model_dir, ctx.spec, variant=ctx.variant, model_sha256=sha,
+                    data_dir=ctx.input("annotate"), engine=ctx.engine)
     write_files(result, ctx.out)
     q = result.report["queue"]
     ctx.result = result.report

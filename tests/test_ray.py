@@ -177,6 +177,45 @@ def test_worker_errors_surface_as_one_line(ray_cluster, monkeypatch):
         ray.shutdown()
 
 
+def test_batch_inference_on_ray_gives_the_local_outputs(ray_cluster, project, monkeypatch):
+    """evaluate's and review's forward passes (pipeline/inference/batch.py) as Ray tasks that
+    load the network and the rows themselves: the same logits, TTA views and captured layers,
+    bit for bit, as the local pass over the same rows."""
+    from helpers import annotated, make_model
+    from pipeline.inference import batch
+    from pipeline.manifest import read_dataset
+    from pipeline.models import load_trained
+    from pipeline.review.review import embed_dataset
+
+    annotated("digits")
+    make_model("digits", epochs=1)
+    for key, value in ray_cluster.items():
+        monkeypatch.setenv(key, value)
+    import ray
+
+    monkeypatch.setattr(batch, "CHUNK_BATCHES", 2)  # several chunks of the 1,797 rows
+    model_dir, data_dir = project / "data/digits/train", project / "data/digits/annotate"
+    ds = read_dataset(data_dir)
+    net = load_trained(model_dir)[0]
+    rows = np.flatnonzero(ds.manifest["split"].to_numpy() != "train")  # not one run of rows
+    tta = {"combine": "logits", "padding": "reflect",
+           "views": [{"flip": False, "shift": [0, 0], "weight": 0.5}, {"flip": True, "shift": [1, 1], "weight": 0.5}]}
+    try:
+        local = batch.forward(net, ds, model_dir, data_dir, rows, tta=tta, batch_size=64)
+        remote = batch.forward(net, ds, model_dir, data_dir, rows, tta=tta, batch_size=64, engine="ray")
+        assert len(local) == len(remote) == 2 and len(rows) > 2 * 64
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(local, remote))
+        layers = [None, "body.0"]
+        here = embed_dataset(model_dir, ds, layers, batch_size=256)
+        there = embed_dataset(model_dir, ds, layers, batch_size=256, data_dir=data_dir, engine="ray")
+        assert here["logits"].tobytes() == there["logits"].tobytes() and len(here["logits"]) == len(ds)
+        assert set(here["layers"]) == set(there["layers"]) == set(layers)
+        assert all(here["layers"][k].tobytes() == there["layers"][k].tobytes() for k in layers)
+        assert batch._CACHE == {}  # every chunk ran in a worker process, none in this driver
+    finally:
+        ray.shutdown()
+
+
 def test_ray_not_installed_is_one_line(monkeypatch):
     from pipeline.engine import map_ordered
 

@@ -28,6 +28,7 @@ from pipeline.filenames import (BLESSING, CALIBRATION, CONFUSION, DETAILS, DISCO
                                 IMPORTANCE_CSV, METRICS, MISTAKES,
                                 PER_CLASS, PREDICTIONS, RELIABILITY_PNG, ROBUSTNESS_CSV, ROBUSTNESS_PNG, SLICES_CSV,
                                 SLICES_PNG)
+from pipeline.inference.batch import forward
 from pipeline.inference.network import ModelInputs, check_compatible, predict_logits
 from pipeline.inference.tta import effective_tta, tta_description
 from pipeline.io import sha256_file, to_json
@@ -101,12 +102,14 @@ class Evaluation:
 
 
 def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Path, data_dir: Path,
-             last_package: Path, last_run_record: Path, flagged: Optional[set] = None) -> Evaluation:
+             last_package: Path, last_run_record: Path, flagged: Optional[set] = None,
+             engine: str = "local") -> Evaluation:
     """Score ``net`` (loaded from ``model_dir``) on ``ds``'s test split under ``spec.evaluate``.
 
     ``last_package``: the previous package's ``lineage.json`` (the "last blessed model");
     ``last_run_record``: evaluate's run record, which keeps that lineage between runs;
-    ``flagged``: the ids clean flagged (a slice; ``slices.flagged_ids``).
+    ``flagged``: the ids clean flagged (a slice; ``slices.flagged_ids``); ``engine``: where the
+    test and val forward passes run (``pipeline.inference.batch``; the same logits either way).
     """
     from pipeline.evaluation.gallery import render_gallery
 
@@ -115,7 +118,12 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
     ev = spec.evaluate
 
     tta = effective_tta(meta, spec.train)
-    logits = predict_logits(net, ModelInputs(test), tta)
+    split_of = ds.manifest["split"].to_numpy()
+
+    def split_logits(name: str):
+        return forward(net, ds, model_dir, data_dir, np.flatnonzero(split_of == name), tta=tta, engine=engine)
+
+    logits = split_logits("test")
     classes = list(test.classes)
     labels = test.manifest["label"].to_numpy()
     val_scores = None
@@ -124,7 +132,7 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
         if len(val) == 0:
             raise FmpipeError(f"{data_dir}: the val split is empty; temperature_scaling "
                               f"(params.yaml: variants.{variant}.evaluate) needs it")
-        val_scores = (predict_logits(net, ModelInputs(val), tta), val.manifest["label"].to_numpy())
+        val_scores = (split_logits("val"), val.manifest["label"].to_numpy())
     probs_np, calibration = calibrate(logits, labels, val_scores, ev.temperature_scaling,
                                       ev.calibration_bins, tta)
     s = score(probs_np, labels, classes)

@@ -76,33 +76,44 @@ def _scored_by_label(split: str, method: str, folds: int) -> str:
 
 
 def embed_dataset(model_dir: str | os.PathLike, ds: Dataset, layers: list[Optional[str]], *,
-                  batch_size: int = 512) -> dict[str, Any]:
-    """Logits, penultimate embedding (``None``) and named layers for every row, one pass."""
+                  batch_size: int = 512, data_dir: Optional[str | os.PathLike] = None,
+                  engine: str = "local") -> dict[str, Any]:
+    """Logits, penultimate embedding (``None``) and named layers for every row, one pass (on
+    ``engine``, reading the rows from ``data_dir``: ``pipeline.inference.batch``)."""
+    from pipeline.inference.batch import forward
     from pipeline.inference.network import check_compatible
     from pipeline.quality.embedders import PackageEmbedder
 
     embedder = PackageEmbedder(path=str(model_dir), batch_size=batch_size)
     embedder.load()
     check_compatible(embedder._meta, ds, model_dir, "the dataset under review")
-    inputs = ds.images if ds.images is not None else ds.features.to_numpy(dtype=np.float32)
-    captured = embedder.embed_layers(inputs, layers, with_output=True)
+    import functools
+
+    captured = forward(embedder, ds, model_dir, data_dir or "", np.arange(len(ds)), layers=layers,
+                       batch_size=batch_size, engine=engine,
+                       load=functools.partial(PackageEmbedder, path=str(Path(model_dir).resolve()),
+                                              batch_size=batch_size))
     out = {"layers": {k: v for k, v in captured.items() if k != "output"}, "logits": captured["output"],
            "meta": embedder._meta, "describe": embedder.describe()}
     return out
 
 
 def model_logits(net_or_dir, ds: Dataset, rows: np.ndarray, tta: Optional[dict[str, Any]],
-                 logits: Optional[np.ndarray] = None):
+                 logits: Optional[np.ndarray] = None, *, data_dir: Optional[str | os.PathLike] = None,
+                 engine: str = "local", batch_size: int = 512):
     """The model's logits for ``rows`` as evaluate computes them: one array, or one per TTA view
     (what ``pipeline.inference.tta.probabilities`` takes); without TTA the one pass's ``logits``
-    when it already made them."""
+    when it already made them. ``engine``/``data_dir``: as for :func:`embed_dataset` (the
+    network is then ``net_or_dir``'s directory, loaded by each worker)."""
     if tta is None and logits is not None:
         return np.asarray(logits[rows])
-    from pipeline.inference.network import ModelInputs, predict_logits
+    from pipeline.inference.batch import forward
     from pipeline.models import load_trained
 
-    net = load_trained(net_or_dir)[0] if isinstance(net_or_dir, (str, os.PathLike)) else net_or_dir
-    return predict_logits(net, ModelInputs(ds.take(rows)), tta)
+    is_dir = isinstance(net_or_dir, (str, os.PathLike))
+    net = load_trained(net_or_dir)[0] if is_dir and engine == "local" else net_or_dir
+    return forward(net, ds, net_or_dir if is_dir else "", data_dir or "", rows, tta=tta,
+                   batch_size=batch_size, engine=engine)
 
 
 def model_probs(net_or_dir, ds: Dataset, rows: np.ndarray, tta: Optional[dict[str, Any]],
@@ -189,8 +200,11 @@ def duplicate_vectors(ds: Dataset, features: list[str], layers: dict[Optional[st
 
 
 def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, variant: str = "",
-           model_sha256: str = "", workdir: Optional[str | os.PathLike] = None) -> ReviewResult:
-    """Score, find, queue and render (see the module docstring). Changes no data."""
+           model_sha256: str = "", workdir: Optional[str | os.PathLike] = None,
+           data_dir: Optional[str | os.PathLike] = None, engine: str = "local") -> ReviewResult:
+    """Score, find, queue and render (see the module docstring). Changes no data. ``engine``:
+    where the forward passes run, reading ``ds`` from ``data_dir`` (``pipeline.inference.batch``;
+    the same outputs either way)."""
     import cleanlab
 
     rs = spec.review
@@ -206,14 +220,16 @@ def review(ds: Dataset, model_dir: str | os.PathLike, spec: VariantSpec, *, vari
     named = [f for f in rs.duplicate_features if f not in ("thumbs", "penultimate")] \
         if "near_duplicates" in rs.finders else []
     layers_wanted: list[Optional[str]] = [None, *dict.fromkeys(named)]
-    captured = embed_dataset(model_dir, ds, layers_wanted, batch_size=rs.batch_size)
+    captured = embed_dataset(model_dir, ds, layers_wanted, batch_size=rs.batch_size, data_dir=data_dir,
+                             engine=engine)
     layers = captured["layers"]
     tta = review_tta(captured["meta"], spec)
     probs = np.zeros((len(m), k), dtype=np.float64)
     temperatures: dict[str, float] = {}
     if len(held_rows):
         probs[held_rows], temperatures["val+test (model)"] = calibrated(
-            model_logits(model_dir, ds, held_rows, tta, captured["logits"]), labels[held_rows],
+            model_logits(model_dir, ds, held_rows, tta, captured["logits"], data_dir=data_dir, engine=engine),
+            labels[held_rows],
             split[held_rows] == "val", tta)
     if len(train_rows):
         if rs.scoring == "linear_head":
