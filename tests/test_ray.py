@@ -193,7 +193,7 @@ def test_batch_inference_on_ray_gives_the_local_outputs(ray_cluster, project, mo
         monkeypatch.setenv(key, value)
     import ray
 
-    monkeypatch.setattr(batch, "CHUNK_BATCHES", 2)  # several chunks of the 1,797 rows
+    monkeypatch.setattr(batch, "CHUNK_BATCHES", 2)  # several chunks of the rows at batch 64 and 256
     model_dir, data_dir = project / "data/digits/train", project / "data/digits/annotate"
     ds = read_dataset(data_dir)
     net = load_trained(model_dir)[0]

@@ -24,9 +24,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-# Rows per Ray task, in batches: big enough that loading the network and reading the rows
-# stay small beside the forward pass, small enough for a few tasks per worker on a split.
-CHUNK_BATCHES = 8
+# Rows per Ray task, in batches. Small enough that a split makes several tasks per worker (8
+# batches of 512 left one of two workers idle on 4,096 cifar rows: 2.0x the local time; 2
+# batches: 1.43x, bench/README.md); a worker loads the network and opens the rows once.
+CHUNK_BATCHES = 2
 
 
 @dataclass(frozen=True)
