@@ -118,7 +118,12 @@ def _render_plots(page_path: Path, shot: Path):
     seen = {}
 
     def check(page):
-        page.evaluate("new Promise(r => setTimeout(r, 1500))")  # vega-embed renders asynchronously
+        # vega-embed renders asynchronously: wait until three charts have a size (at most 10 s),
+        # not a fixed time.
+        page.evaluate("""new Promise(done => { const t0 = Date.now(); (function poll() {
+            const n = Array.from(document.querySelectorAll('canvas, svg.marks'))
+                .filter(c => c.getBoundingClientRect().width > 0).length;
+            if (n >= 3 || Date.now() - t0 > 10000) done(n); else setTimeout(poll, 50); })(); })""")
         seen["charts"] = page.evaluate(
             "Array.from(document.querySelectorAll('canvas, svg.marks')).map(c => c.getBoundingClientRect().width)")
         seen["images"] = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
