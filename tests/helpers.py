@@ -165,6 +165,17 @@ def keep_lock_entries(lock: Path, enabled: list[str]) -> None:
         lock.unlink()
 
 
+def only_variants(repo: Path, enabled: list[str]) -> Path:
+    """Narrow a repo (a copy of a finished run) to the ``enabled`` variants, as a team that
+    stops running the others would: params' ``enabled`` and ``dvc.lock``'s entries, committed.
+    For a test about one variant: every stage DVC runs re-parses the whole lock."""
+    edit_params(lambda params: params.update(enabled=enabled), repo / "params.yaml")
+    keep_lock_entries(repo / "dvc.lock", enabled)
+    sh(repo, "git", "add", "params.yaml", "dvc.lock")
+    sh(repo, "git", "commit", "-qm", f"only {', '.join(enabled)}")
+    return repo
+
+
 def copy_tree(src: Path, dest: Path) -> Path:
     """A private copy of a finished run (a scratch project or a git + DVC repo, its .git,
     .dvc and cache included), so a test may change it without touching the shared one.

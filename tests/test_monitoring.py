@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import FMPIPE, fmpipe, serving, sh, subprocess_env
+from helpers import FMPIPE, fmpipe, only_variants, serving, sh, subprocess_env
 from pipeline.errors import FmpipeError
 from pipeline.monitoring import drift, log
 
@@ -385,7 +385,7 @@ def test_production_inputs_go_through_the_pool_into_the_next_dataset(repro_copy,
     from pipeline.manifest import read_dataset
     from pipeline.review.pool import POOL, read_pool
 
-    repo = repro_copy
+    repo = only_variants(repro_copy, ["digits"])
     test = read_dataset(repo / "data/digits/annotate").split("test")
     images, labels = np.asarray(test.images), test.manifest["label_name"].astype(str).tolist()
     rng = np.random.default_rng(0)

@@ -226,9 +226,9 @@ def test_slice_gate_under_dvc_repro_is_one_line_and_keeps_the_package(repro_copy
     collect) and a worst-slice rule it cannot meet: `dvc repro` re-runs collect to evaluate,
     package refuses in one line naming the slice and its figures, the previous package stays
     byte for byte, and an edit to the table shows collect as changed."""
-    from helpers import sh
+    from helpers import only_variants, sh
 
-    repo = repro_copy
+    repo = only_variants(repro_copy, ["iris"])
     package = repo / "data/iris/package"
     before = {p.relative_to(package).as_posix(): sha256_file(p) for p in sorted(package.rglob("*")) if p.is_file()}
     note = (repo / "sources/iris").read_text()
