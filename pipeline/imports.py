@@ -80,8 +80,9 @@ def direct_imports(name: str, root: Path = ROOT) -> frozenset[str]:
     return frozenset(found)
 
 
-def imported_files(module: str, root: Path = ROOT) -> set[str]:
-    """Every project file ``module`` reaches through imports, as repo-relative POSIX paths."""
+def imported_files(module: str, root: Path = ROOT, leaves: frozenset[str] = LEAVES) -> set[str]:
+    """Every project file ``module`` reaches through imports, as repo-relative POSIX paths
+    (not following the imports of ``leaves``)."""
     seen: set[str] = set()
     todo = _with_parents(module)
     while todo:
@@ -89,7 +90,7 @@ def imported_files(module: str, root: Path = ROOT) -> set[str]:
         if name in seen or module_file(name, root) is None:
             continue
         seen.add(name)
-        if name not in LEAVES:
+        if name not in leaves:
             todo.extend(direct_imports(name, root))
     return {module_file(n, root).relative_to(root).as_posix() for n in seen}
 
@@ -99,15 +100,7 @@ def schema_files(root: Path = ROOT) -> set[str]:
     leaf mark: sources, clean's rules, review's finders). A step that writes the whole resolved
     spec (package's ``lineage.json`` records every section, defaults filled in) depends on all of
     them: a finder's changed default changes the package."""
-    seen: set[str] = set()
-    todo = _with_parents("pipeline.config")
-    while todo:
-        name = todo.pop()
-        if name in seen or module_file(name, root) is None:
-            continue
-        seen.add(name)
-        todo.extend(direct_imports(name, root))
-    return {module_file(n, root).relative_to(root).as_posix() for n in seen} - NEUTRAL
+    return imported_files("pipeline.config", root, leaves=frozenset()) - NEUTRAL
 
 
 def code_deps(module: str, root: Path = ROOT) -> set[str]:

@@ -216,6 +216,14 @@ def test_batch_inference_on_ray_gives_the_local_outputs(ray_cluster, project, mo
         ray.shutdown()
 
 
+def test_batch_inference_on_ray_without_the_directories_is_one_line():
+    """A caller that holds the rows only in memory cannot send them to workers: one line, at once."""
+    from pipeline.inference.batch import forward
+
+    with pytest.raises(FmpipeError, match="^engine: ray: batch inference needs the model's and the dataset's directories$"):
+        forward(None, None, "data/x/train", "", np.arange(3), engine="ray")
+
+
 def test_ray_not_installed_is_one_line(monkeypatch):
     from pipeline.engine import map_ordered
 

@@ -150,9 +150,9 @@ def test_queue_is_one_ranking_that_merges_reasons_and_skips_decided_rows():
     assert q["group"].tolist() == ["near_duplicates", "label_issues", "outliers", "near_duplicates", "label_issues"]
     assert q["reasons"].tolist()[0] == "label_issue+near_duplicate"
     assert (np.diff(q["score"].to_numpy()) <= 0).all()
-    # Equal scores: the finder listed first, then the lower row.
+    # Equal scores: the finder listed first, then in that finder's own order.
     q = build_queue({"a": _finding([5, 4], "x", [0.5, 0.5]), "b": _finding([1], "y", [0.5])}, size=3)
-    assert q["row"].tolist() == [4, 5, 1]
+    assert q["row"].tolist() == [5, 4, 1]
 
 
 def test_queue_shares_cap_each_finder_and_what_they_hold_back_fills_the_rest():

@@ -60,7 +60,10 @@ def forward(net, ds, model_dir: str | os.PathLike, data_dir: str | os.PathLike, 
     if engine == "local":
         return _forward_local(net, _rows_of(ds, rows), tta, layers, batch_size)
     from pipeline.engine import map_ordered
+    from pipeline.errors import FmpipeError
 
+    if not model_dir or not data_dir:  # the workers read both from disk
+        raise FmpipeError(f"engine: {engine}: batch inference needs the model's and the dataset's directories")
     step = CHUNK_BATCHES * batch_size
     jobs = (ForwardJob(str(Path(model_dir).resolve()), str(Path(data_dir).resolve()), rows[s:s + step],
                        batch_size, tta, None if layers is None else tuple(layers), load)

@@ -293,9 +293,11 @@ def find_near_duplicates(inputs: ReviewInputs, options: dict[str, Any]) -> pd.Da
         "related_row": partner.astype(np.int64),
         "distance": pairs["distance"].to_numpy().astype(np.float64),
     })
-    # One entry per queued row: its closest partner.
+    # One entry per queued row: its closest partner. Equal scores (the copy rate is flat near
+    # distance 0): the closer pair first.
     out = out.sort_values(["row", "distance", "related_row"], kind="stable").drop_duplicates("row")
-    return _rank(out)
+    return out.sort_values(["score", "distance", "row"], ascending=[False, True, True],
+                           kind="stable").reset_index(drop=True)
 
 
 @finder("outliers", params=OutliersParams,
@@ -347,11 +349,6 @@ def centroid_distance(emb: np.ndarray, labels: np.ndarray, split: np.ndarray) ->
     return (1.0 - (x @ means.T).max(axis=1)).clip(0, 2)
 
 
-def _rank(frame: pd.DataFrame) -> pd.DataFrame:
-
-    return frame.sort_values(["score", "row"], ascending=[False, True], kind="stable").reset_index(drop=True)
-
-
 # Views of the registry for the code that needs one part.
 FINDERS: dict[str, Callable[[ReviewInputs, dict[str, Any]], pd.DataFrame]] = {n: f.find for n, f in REGISTRY.items()}
 SCORE_MEANING = {n: f.score for n, f in REGISTRY.items()}
@@ -378,7 +375,8 @@ def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optiona
     ``<finder>_share``) cap how many rows each finder may queue (:func:`caps`), so that a finder
     whose estimate runs high cannot fill the queue alone; when every list is spent under its
     cap, the queue is topped up from what the caps held back, again best first. ``findings``
-    is ordered (the params' finder order: ties go to the earlier finder). A row found by
+    is ordered (the params' finder order: equal scores go to the earlier finder, then in that
+    finder's own order). A row found by
     several finders is queued once, by its best finding that a cap lets in, and lists every
     reason (``label_issue+outlier``).
     ``skip_rows``: rows left out (people already decided them).
@@ -391,8 +389,8 @@ def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optiona
     parts = []
     for k, (name, frame) in enumerate(findings.items()):
         frame = frame[~frame["row"].isin(skip)]
-        if len(frame):
-            parts.append(frame.assign(group=name, _k=k))
+        if len(frame):  # _pos: the finder's own order, which decides between equal scores
+            parts.append(frame.assign(group=name, _k=k, _pos=np.arange(len(frame))))
     if not parts:
         out = _empty()
         out["reasons"] = pd.Series(dtype="string")
@@ -401,7 +399,7 @@ def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optiona
     merged = pd.concat(parts, ignore_index=True)
     # Every reason a row was found for (in finder order), whatever finder queues it.
     reasons = merged.groupby("row", sort=False)["reason"].agg(lambda r: "+".join(dict.fromkeys(map(str, r))))
-    ranked = merged.sort_values(["score", "_k", "row"], ascending=[False, True, True], kind="stable")
+    ranked = merged.sort_values(["score", "_k", "_pos"], ascending=[False, True, True], kind="stable")
     ranked = ranked.reset_index(drop=True)
     limit = caps({name: float((shares or {}).get(name, 1.0)) for name in names}, size)
     rows, groups = ranked["row"].to_numpy(), ranked["group"].tolist()
@@ -418,7 +416,7 @@ def build_queue(findings: dict[str, pd.DataFrame], size: int, skip_rows: Optiona
             queued.add(int(rows[i]))
             used[groups[i]] += 1
     picked.sort()
-    queue = ranked.iloc[picked].drop(columns="_k").reset_index(drop=True)
+    queue = ranked.iloc[picked].drop(columns=["_k", "_pos"]).reset_index(drop=True)
     queue["reasons"] = pd.array([reasons[r] for r in queue["row"]], dtype="string")
     queue["group"] = pd.array(queue["group"].astype(str), dtype="string")
     for col in ("row", "suggested", "related_row"):

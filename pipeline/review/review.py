@@ -80,6 +80,8 @@ def embed_dataset(model_dir: str | os.PathLike, ds: Dataset, layers: list[Option
                   engine: str = "local") -> dict[str, Any]:
     """Logits, penultimate embedding (``None``) and named layers for every row, one pass (on
     ``engine``, reading the rows from ``data_dir``: ``pipeline.inference.batch``)."""
+    import functools
+
     from pipeline.inference.batch import forward
     from pipeline.inference.network import check_compatible
     from pipeline.quality.embedders import PackageEmbedder
@@ -87,8 +89,6 @@ def embed_dataset(model_dir: str | os.PathLike, ds: Dataset, layers: list[Option
     embedder = PackageEmbedder(path=str(model_dir), batch_size=batch_size)
     embedder.load()
     check_compatible(embedder._meta, ds, model_dir, "the dataset under review")
-    import functools
-
     captured = forward(embedder, ds, model_dir, data_dir or "", np.arange(len(ds)), layers=layers,
                        batch_size=batch_size, engine=engine,
                        load=functools.partial(PackageEmbedder, path=str(Path(model_dir).resolve()),
@@ -100,7 +100,7 @@ def embed_dataset(model_dir: str | os.PathLike, ds: Dataset, layers: list[Option
 
 def model_logits(net_or_dir, ds: Dataset, rows: np.ndarray, tta: Optional[dict[str, Any]],
                  logits: Optional[np.ndarray] = None, *, data_dir: Optional[str | os.PathLike] = None,
-                 engine: str = "local", batch_size: int = 512):
+                 engine: str = "local"):
     """The model's logits for ``rows`` as evaluate computes them: one array, or one per TTA view
     (what ``pipeline.inference.tta.probabilities`` takes); without TTA the one pass's ``logits``
     when it already made them. ``engine``/``data_dir``: as for :func:`embed_dataset` (the
@@ -112,8 +112,7 @@ def model_logits(net_or_dir, ds: Dataset, rows: np.ndarray, tta: Optional[dict[s
 
     is_dir = isinstance(net_or_dir, (str, os.PathLike))
     net = load_trained(net_or_dir)[0] if is_dir and engine == "local" else net_or_dir
-    return forward(net, ds, net_or_dir if is_dir else "", data_dir or "", rows, tta=tta,
-                   batch_size=batch_size, engine=engine)
+    return forward(net, ds, net_or_dir if is_dir else "", data_dir or "", rows, tta=tta, engine=engine)
 
 
 def model_probs(net_or_dir, ds: Dataset, rows: np.ndarray, tta: Optional[dict[str, Any]],
