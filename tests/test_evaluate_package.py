@@ -324,3 +324,38 @@ def test_batch_inputs_score_like_the_whole_split_converted_at_once(project):
     assert ModelInputs(table).shape == tuple(model_inputs(table).shape)
     assert predict_logits(iris, ModelInputs(table), batch_size=7).tobytes() == \
         predict_logits(iris, model_inputs(table), batch_size=7).tobytes()
+
+
+def test_memory_kept_between_batches_is_given_back_between_phases():
+    """The heap keeps freed activations for the next batch (no page faults each time), and
+    gives them back between a step's phases, so what one phase kept does not pile up under the
+    next (evaluate's memory grew with N before). Its own process: the setting is process-wide."""
+    import sys
+
+    from helpers import REPO
+
+    script = """
+import numpy as np
+from pipeline.resources import keep_freed_cpu_memory, release_freed_cpu_memory
+
+def anon_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) // 1024
+
+if not keep_freed_cpu_memory():
+    print("not glibc")
+    raise SystemExit
+before = anon_mb()
+block = np.ones(50_000_000, dtype=np.float32)  # 200 MB, as a batch's activations
+del block
+kept = anon_mb()
+release_freed_cpu_memory()
+print(kept - before, anon_mb() - before)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    if out.strip() == "not glibc":
+        pytest.skip("libc is not glibc: memory is not kept, nothing to give back")
+    kept, after = map(int, out.split())
+    assert kept > 150, out  # kept for the next batch
+    assert after < 50, out  # given back

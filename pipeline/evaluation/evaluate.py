@@ -33,6 +33,7 @@ from pipeline.inference.network import ModelInputs, check_compatible, predict_lo
 from pipeline.inference.tta import effective_tta, tta_description
 from pipeline.io import sha256_file, to_json
 from pipeline.models import WEIGHTS
+from pipeline.resources import release_freed_cpu_memory
 
 
 @dataclass
@@ -145,10 +146,13 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
         metrics.privacy = PrivacySpent(epsilon=meta["privacy"]["epsilon"], delta=meta["privacy"]["delta"])
     if ev.membership_rows:
         metrics.membership = membership_audit(net, meta, ds, ev.membership_rows)
+        # Each phase's kept activations are not the next one's (forward releases its own).
+        release_freed_cpu_memory()
     sliced = slices.evaluate_slices(ev.slices, test.manifest, labels, s["predicted"], len(classes),
                                     features=test.features, flagged=flagged,
                                     embed=lambda: slices.penultimate(net, ModelInputs(test)))
     metrics.slices = sliced["figures"]
+    release_freed_cpu_memory()
     explained = None
     if ev.explain is not None:
         from pipeline.evaluation import explain
@@ -156,6 +160,7 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
         worst = sliced["found"]["worst"]
         explained = explain.explain(ev.explain, net, test, labels, s["predicted"], s["confidence"], classes, variant,
                                     worst=None if worst is None else (worst["name"], sliced["worst_rows"]))
+        release_freed_cpu_memory()
     rob = None
     if ev.robustness is not None:
         from pipeline.evaluation import robustness
@@ -164,6 +169,7 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
             ev.robustness, test, ds.split("train") if test.features is not None else None,
             lambda part: predict_logits(net, ModelInputs(part)).argmax(axis=1))
         metrics.robustness = robustness.figures(rob)
+        release_freed_cpu_memory()
     views = (tta or {}).get("views") or []
     weights_sha = sha256_file(model_dir / WEIGHTS)
     blessing = bless(metrics, ev, JudgedModel(dir=str(model_dir), sha256=weights_sha, name=meta["model"]["name"]),

@@ -56,9 +56,13 @@ def forward(net, ds, model_dir: str | os.PathLike, data_dir: str | os.PathLike, 
     step loaded from ``model_dir`` (a ``PackageEmbedder`` when ``layers`` are asked for), used by
     the local engine.
     """
+    from pipeline.resources import release_freed_cpu_memory
+
     rows = np.asarray(rows, dtype=np.int64)
     if engine == "local":
-        return _forward_local(net, _rows_of(ds, rows), tta, layers, batch_size)
+        out = _forward_local(net, _rows_of(ds, rows), tta, layers, batch_size)
+        release_freed_cpu_memory()  # the pass's kept activations, not the step's next phase's
+        return out
     from pipeline.engine import map_ordered
     from pipeline.errors import FmpipeError
 
