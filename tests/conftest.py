@@ -40,8 +40,9 @@ def pytest_configure(config):
     config.stash[_WARM_DIR] = folder
     # A first (cold) command starts the server the tests' commands share, while tests are
     # collected, instead of when the first fixture's first step runs.
-    subprocess.Popen([*helpers.FMPIPE, "stages"], cwd=helpers.REPO, env=helpers.subprocess_env(),
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config.stash[_STARTER] = subprocess.Popen([*helpers.FMPIPE, "stages"], cwd=helpers.REPO,
+                                              env=helpers.subprocess_env(),
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def pytest_unconfigure(config):
@@ -49,11 +50,18 @@ def pytest_unconfigure(config):
     if folder is not None:
         from pipeline.warm import stop_servers
 
+        # A short run can end before that first command has started its server, which would
+        # then outlive the run (until its idle timeout) in a folder already removed.
+        try:
+            config.stash[_STARTER].wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            config.stash[_STARTER].kill()
         stop_servers()
         shutil.rmtree(folder, ignore_errors=True)
 
 
 _WARM_DIR = pytest.StashKey[str]()
+_STARTER = pytest.StashKey[subprocess.Popen]()
 
 
 # The session fixtures below that run a whole real pipeline (minutes each), by the names tests
