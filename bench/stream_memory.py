@@ -4,7 +4,7 @@ Writes a scratch project with one variant, ``synth``, whose ``annotate`` (and ``
 dataset is N textured, distinct 10-class images of SIZE x SIZE x 3, written straight into the
 dataset contract (the data steps before train are not what this measures), then runs each
 step in its own ``fmpipe`` process and samples the resident memory of that process and its
-children (DataLoader workers) every 50 ms:
+children (DataLoader workers) every 50 ms (0.5 s after a step's first 20 s):
 
 - ``anon``: Pss_Anon + Pss_Shmem summed over the process tree (proportional: pages a forked
   worker shares with its parent count once): the memory the step needs;
@@ -14,8 +14,8 @@ children (DataLoader workers) every 50 ms:
 
     python bench/stream_memory.py --n 10000 --size 64 --root /tmp/synth-10k [--set train.in_memory_mb=64]
 
-Prints one line per step (MB) and ``os.getloadavg()``; peak memory does not depend on the
-load, time does (none is printed: run it on a quiet machine to time it).
+Prints one line per step (MB, wall seconds, ``os.getloadavg()`` at its end); peak memory does
+not depend on the load, time does (run it on a quiet machine to time it).
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ def tree_memory(pid: int) -> tuple[int, int]:
 def run_step(root: Path, step: str) -> dict[str, float]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [str(Path(sys.executable).parent / "fmpipe"), step, "--stage", VARIANT]
+    started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = {"anon": 0, "rss": 0, "hwm": 0}
     done = threading.Event()
@@ -157,7 +158,9 @@ def run_step(root: Path, step: str) -> dict[str, float]:
                 peak["hwm"] = max(peak["hwm"], int(hwm[0].split()[1]) * 1024)
             except (OSError, IndexError):
                 pass
-            time.sleep(0.05)
+            # Every 50 ms for a short step; reading smaps of a process with GBs mapped costs CPU
+            # (~40% of a core at 50 ms on a 1M-row train), so a long step is sampled every 0.5 s.
+            time.sleep(0.05 if time.monotonic() - started < 20 else 0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -166,7 +169,8 @@ def run_step(root: Path, step: str) -> dict[str, float]:
     sampler.join()
     if proc.returncode:
         sys.exit(f"{step} failed ({proc.returncode}):\n{output[-3000:]}")
-    return {k: round(v / 2**20, 1) for k, v in peak.items()}
+    return {**{k: round(v / 2**20, 1) for k, v in peak.items()}, "s": round(time.monotonic() - started, 1),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main() -> None:

@@ -175,6 +175,7 @@ def _trainer(spec: VariantSpec, dm, state_dir: Path, resume: bool, timer, callba
 
     from pipeline.training.averaging import WeightAveraging
     from pipeline.training.callbacks import (
+        ReleaseKeptMemory,
         RngStateCallback,
         _EpochDVCLiveLogger,
         atomic_checkpoint_io,
@@ -206,7 +207,7 @@ def _trainer(spec: VariantSpec, dm, state_dir: Path, resume: bool, timer, callba
         accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
         strategy=train.strategy, precision=train.precision, max_epochs=train.max_epochs,
         max_time=train.max_time, deterministic=train.deterministic, logger=logger,
-        callbacks=[skip_unused_hooks(cb) for cb in (*checkpoints, RngStateCallback(), timer,
+        callbacks=[skip_unused_hooks(cb) for cb in (*checkpoints, RngStateCallback(), timer, ReleaseKeptMemory(),
                                                     throttled_progress_bar(), *recipe_callbacks, *callbacks)],
         default_root_dir=str(state_dir),
         plugins=[atomic_checkpoint_io()], profiler=no_op_profiler(),
