@@ -88,7 +88,7 @@ def test_training_gives_kept_memory_back_between_steps_and_around_validation(pro
     set_params("iris", {"max_epochs": 3, "steps_per_call": 1, "batch_size": 16})
     calls = []
     monkeypatch.setattr(resources, "release_freed_cpu_memory", lambda: calls.append(1))
-    monkeypatch.setattr(callbacks.ReleaseKeptMemory.__init__, "__defaults__", (0.0,))
+    monkeypatch.setattr(callbacks.ReleaseKeptMemory.__init__, "__defaults__", (0.0, 0.0))
     summary = run_step("train", "iris")
     validations = 3 + 1  # one per epoch, and Lightning's sanity check before the first
     val_batches = -(-summary["val_rows"] // 16)
