@@ -2,6 +2,7 @@
 
     python bench/scale.py --n 10000 --size 32 [--steps collect,clean,validate,annotate,train,evaluate]
                           [--workdir DIR] [--keep] [--code CHECKOUT] [--json out.json]
+                          [--set model.options.stem=4] [--prune]
 
 Generates a 10-class image folder (PNG: lossless, so the pixels are the generator's; each
 image distinct at every scale: a random coarse colour grid, a class's stripes, fine noise)
@@ -65,7 +66,24 @@ def generate(root: Path, n: int, size: int, seed: int = 0, batch: int = 2048) ->
     return time.perf_counter() - t0
 
 
-def project(workdir: Path, n: int, size: int) -> None:
+def set_option(section: dict, item: str) -> None:
+    """``--set train.batch_size=64``: one key of the variant's params (the value read as YAML)."""
+    import yaml
+
+    key, value = item.split("=", 1)
+    *path, last = key.split(".")
+    for part in path:
+        section = section.setdefault(part, {})
+    section[last] = yaml.safe_load(value)
+
+
+# --prune: pixels no later step reads, deleted once the step after them has run, so that 100k
+# images at 224 px (12.5 GB of PNGs, 14.4 GB decoded per copy) fit a 60 GB disk.
+PRUNE_AFTER = {"collect": ["images"], "clean": ["data/scale/collect/images.npy", "data/scale/collect/images"],
+               "annotate": ["data/scale/clean/images.npy", "data/scale/clean/images"]}
+
+
+def project(workdir: Path, n: int, size: int, overrides: list[str] = ()) -> None:
     """params.yaml with one variant, ``scale``, reading ``images/``; its GX suite and decisions."""
     import yaml
 
@@ -84,6 +102,8 @@ def project(workdir: Path, n: int, size: int) -> None:
             "review": {},
         }},
     }
+    for item in overrides:
+        set_option(params["variants"]["scale"], item)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (workdir / "annotations" / "scale").mkdir(parents=True, exist_ok=True)
     (workdir / "expectations").mkdir(exist_ok=True)
@@ -113,6 +133,10 @@ def main() -> int:
     ap.add_argument("--code", type=Path, default=REPO, help="the checkout whose code runs the steps")
     ap.add_argument("--shard-bytes", type=int, default=None, help="FMPIPE_SHARD_BYTES for the steps")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--set", action="append", default=[],
+                    help="a key=value of the variant's params, e.g. model.options.stem=4")
+    ap.add_argument("--prune", action="store_true",
+                    help="delete the pixels no later step reads (PNGs after collect, ...): for a small disk")
     args = ap.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fmpipe-scale-"))
@@ -125,7 +149,7 @@ def main() -> int:
     if not images.exists():
         gen_s = generate(images, args.n, args.size)
         print(f"generated {args.n} images {args.size}x{args.size} in {gen_s:.1f} s ({images})")
-    project(workdir, args.n, args.size)
+    project(workdir, args.n, args.size, args.set)
     decoded_mb = args.n * args.size * args.size * 3 / 1e6
     print(f"code: {args.code.resolve()}  N={args.n}  decoded payload {decoded_mb:.0f} MB  "
           f"load average at start {os.getloadavg()[0]:.2f}")
@@ -143,6 +167,9 @@ def main() -> int:
         if r["rc"]:
             print("  " + "\n  ".join(r["stderr_tail"]))
             break
+        for name in PRUNE_AFTER.get(step, []) if args.prune else []:
+            path = workdir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if args.json:
         args.json.write_text(json.dumps({"n": args.n, "size": args.size, "code": str(args.code), "steps": results},
                                         indent=2))

@@ -226,3 +226,18 @@ def release_freed_cpu_memory() -> None:
     import ctypes.util
 
     ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def available_memory_bytes() -> Optional[int]:
+    """The memory this machine can give a process now without swapping (the kernel's
+    ``MemAvailable``: free memory plus the page cache it can drop); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

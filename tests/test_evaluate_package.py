@@ -296,13 +296,36 @@ def test_batch_inference_runs_images_channels_last_and_leaves_the_net_as_it_was(
     assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in filters if p.shape[-1] > 1)
 
 
+def test_large_inputs_run_in_batches_their_activations_fit(monkeypatch):
+    """Issue #25: predict_logits and penultimate cut rows into batches whose activations fit
+    the budget (``pipeline.models.batch_rows``), not the caller's batch_size, and score them
+    as one big batch would."""
+    from pipeline.inference.network import penultimate, predict_logits
+    from pipeline.models import INFERENCE_BATCH_BYTES_ENV, activation_bytes_per_row
+
+    torch.manual_seed(0)
+    net = build("cnn_small", (3, 16, 16), 10, {"width": 8}).eval()
+    x = torch.rand(50, 3, 16, 16) * 255
+    features, whole = penultimate(net, x, 512), predict_logits(net, x, batch_size=512)
+    assert features.shape == (50, 16)  # one row per input: the budget's probe row is not among them
+    seen: list[int] = []
+    net.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, str(12 * activation_bytes_per_row(net, (3, 16, 16))[0]))
+    seen.clear()
+    capped = predict_logits(net, x, batch_size=512)
+    assert seen == [12, 12, 12, 12, 2]
+    np.testing.assert_allclose(capped, whole, rtol=1e-5, atol=1e-5)
+    seen.clear()
+    np.testing.assert_allclose(penultimate(net, x, 512), features, rtol=1e-5, atol=1e-5)
+    assert seen == [12, 12, 12, 12, 2]
+
+
 def test_batch_inputs_score_like_the_whole_split_converted_at_once(project):
     """Issue #25: evaluate and review convert the pixels to float32 one batch at a time
     (``ModelInputs``), never a whole split. The logits of every TTA view and the penultimate
     features are those of the whole split converted at once, to the bit, with batch sizes
     that do not divide the split; the same holds for a table."""
-    from pipeline.evaluation.slices import penultimate
-    from pipeline.inference.network import ModelInputs, predict_logits
+    from pipeline.inference.network import ModelInputs, penultimate, predict_logits
 
     annotated("digits")
     net = make_model("digits", epochs=0)

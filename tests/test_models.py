@@ -20,13 +20,15 @@ from pipeline.models import REGISTRY, _load_builtin_models, build, load_trained,
 #  mlp 4-64-3 (iris): 4*64+64 + 64*3+3                                            -> 515
 #  cnn_small 1x8x8 width 32: convs 288+9216+18432+36864, 4 BNs 2*(32+32+64+64), fc 64*10+10
 #                                                                                 -> 65,834
+#  cnn_small 3x64x64 width 16 stem 4: stem conv 3*16*16=768 + BN 32, convs 2304+2304+4608+9216,
+#                                     4 BNs 2*(16+16+32+32), fc 32*10+10        -> 19,754
 #  airbench 3x32x32->10: stem 24*3*2*2+24=312, block1 24*64*9+64*64*9+2*128=50,944,
 #     block2 64*256*9+256*256*9+2*512=738,304, block3 2*256*256*9+2*512=1,180,672,
 #     head 256*10=2,560                                                          -> 1,972,792
 TYPICAL = {
     "lenet": [((3, 32, 32), 10, {}, 62_006)],
     "mlp": [((1, 28, 28), 10, {"hidden": [128]}, 101_770), ((4,), 3, {"hidden": [64]}, 515)],
-    "cnn_small": [((1, 8, 8), 10, {"width": 32}, 65_834)],
+    "cnn_small": [((1, 8, 8), 10, {"width": 32}, 65_834), ((3, 64, 64), 10, {"width": 16, "stem": 4}, 19_754)],
     "airbench": [((3, 32, 32), 10, {}, 1_972_792)],
 }
 
@@ -121,3 +123,40 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, name, shape, cla
     if name == "airbench":
         # A loaded net must not refit its stem when training resumes.
         assert bool(loaded.body[0].whitened)
+
+
+def test_a_strided_stem_shrinks_what_training_keeps_per_row():
+    """cnn_small's ``stem`` (issue #25): its blocks run at 1/stem the resolution, so the
+    activations a training step keeps per row are ~stem² smaller; a bad stem is one line."""
+    from pipeline.models import activation_bytes_per_row
+
+    plain = build("cnn_small", (3, 224, 224), 10, {"width": 16})
+    stem = build("cnn_small", (3, 224, 224), 10, {"width": 16, "stem": 4})
+    assert stem(_raw_batch((3, 224, 224), n=2)).shape == (2, 10)
+    kept_plain, kept_stem = activation_bytes_per_row(plain, (3, 224, 224))[1], activation_bytes_per_row(stem, (3, 224, 224))[1]
+    assert kept_plain > 8 * kept_stem, (kept_plain, kept_stem)
+    with pytest.raises(FmpipeError, match="stem must be a whole number >= 1, got 0"):
+        build("cnn_small", (3, 64, 64), 10, {"stem": 0})
+
+
+def test_inference_batches_are_cut_by_the_bytes_of_their_activations(monkeypatch):
+    """``batch_rows`` (issue #25): a 224 x 224 cnn_small, whose widest layer holds 6.4 MB a row,
+    runs 167-row batches under the 1 GiB budget instead of 512 (its 512-row batches held 13 GB);
+    every shipped model at its own size keeps the full batch, so their outputs stay as they
+    were. The probe leaves the network as it was: weights, mode and torch's random state."""
+    from pipeline.models import INFERENCE_BATCH_BYTES_ENV, activation_bytes_per_row, batch_rows
+
+    big = build("cnn_small", (3, 224, 224), 10, {"width": 16}).train()
+    widest, kept = activation_bytes_per_row(big, (3, 224, 224))
+    assert widest == 2 * 16 * 224 * 224 * 4  # a batch norm's input and output at full resolution
+    assert kept > widest
+    state = {k: v.clone() for k, v in big.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert batch_rows(big, (3, 224, 224), 512) == (1 << 30) // widest == 167
+    assert big.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, state[k]) for k, v in big.state_dict().items())
+    for name, shape, classes, options, _ in CASES:  # the shipped models keep their 512 rows
+        assert batch_rows(build(name, shape, classes, options), shape, 512) == 512, name
+    small = build("cnn_small", (1, 8, 8), 10, {"width": 32})
+    monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, str(20 * activation_bytes_per_row(small, (1, 8, 8))[0]))
+    assert batch_rows(small, (1, 8, 8), 512) == 20 and batch_rows(small, (1, 8, 8), 8) == 8

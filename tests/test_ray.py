@@ -39,6 +39,13 @@ def _session_members(sid: int) -> list[int]:
     return [pid for pid, fields in process_stats() if int(fields[3]) == sid]  # state, ppid, pgrp, session
 
 
+# An inference budget (pipeline.models.batch_rows) under which digits' network (cnn_small, width
+# 32, 8 x 8: 16 KB a row at its widest layer) runs 37-row batches, a size that divides none of
+# the callers' batch sizes. The head's workers have it in their environment, the driver not at
+# first: the budget travels with each job, so the workers still cut the driver's batches.
+CAPPED_BATCH_BYTES = 37 * 2 * 32 * 8 * 8 * 4
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """The environment a driver needs to reach the cluster (RAY_ADDRESS and its token)."""
@@ -51,7 +58,8 @@ def ray_cluster():
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-        env=subprocess_env({k: v for k, v in env.items() if k != "RAY_ADDRESS"}),
+        env=subprocess_env({**{k: v for k, v in env.items() if k != "RAY_ADDRESS"},
+                            "FMPIPE_INFERENCE_BATCH_BYTES": str(CAPPED_BATCH_BYTES)}),
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -212,6 +220,16 @@ def test_batch_inference_on_ray_gives_the_local_outputs(ray_cluster, project, mo
         assert set(here["layers"]) == set(there["layers"]) == set(layers)
         assert all(here["layers"][k].tobytes() == there["layers"][k].tobytes() for k in layers)
         assert batch._CACHE == {}  # every chunk ran in a worker process, none in this driver
+        # Large inputs: batches capped by their activations' bytes, here and on the workers alike.
+        monkeypatch.setenv("FMPIPE_INFERENCE_BATCH_BYTES", str(CAPPED_BATCH_BYTES))
+        assert batch._batch_rows(net, ds, model_dir, None, 64) == 37
+        local = batch.forward(net, ds, model_dir, data_dir, rows, tta=tta, batch_size=64)
+        remote = batch.forward(net, ds, model_dir, data_dir, rows, tta=tta, batch_size=64, engine="ray")
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(local, remote))
+        here = embed_dataset(model_dir, ds, layers, batch_size=256)
+        there = embed_dataset(model_dir, ds, layers, batch_size=256, data_dir=data_dir, engine="ray")
+        assert all(here["layers"][k].tobytes() == there["layers"][k].tobytes() for k in layers)
+        assert here["logits"].tobytes() == there["logits"].tobytes()
     finally:
         ray.shutdown()
 

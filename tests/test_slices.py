@@ -40,7 +40,7 @@ def biased_digits():
 def test_biased_group_is_named_found_without_its_column_and_refused(project):
     from pipeline.artefacts import Metrics
     from pipeline.evaluation.blessing import bless
-    from pipeline.inference.network import model_inputs, predict_logits
+    from pipeline.inference.network import model_inputs, penultimate, predict_logits
 
     annotated("digits")
     ds = biased_digits()
@@ -52,7 +52,7 @@ def test_biased_group_is_named_found_without_its_column_and_refused(project):
     spec = load_variant("digits").evaluate.model_copy(update={"min_worst_slice_accuracy": 0.9, "max_slice_gap": 0.2})
 
     # With the column: the table names the group, and its accuracy is the worst.
-    out = S.evaluate_slices(spec.slices, test.manifest, labels, predicted, 10, embed=lambda: S.penultimate(net, x))
+    out = S.evaluate_slices(spec.slices, test.manifest, labels, predicted, 10, embed=lambda: penultimate(net, x))
     table = out["table"].set_index("name")
     b, a = table.loc["group=b"], table.loc["group=a"]
     in_b = (test.manifest["meta:group"] == "b").to_numpy()
@@ -90,7 +90,7 @@ def test_biased_group_is_named_found_without_its_column_and_refused(project):
 
     # Without the column: a discovered cluster is the group.
     blind = test.manifest.drop(columns=["meta:group"])
-    found = S.evaluate_slices(spec.slices, blind, labels, predicted, 10, embed=lambda: S.penultimate(net, x))
+    found = S.evaluate_slices(spec.slices, blind, labels, predicted, 10, embed=lambda: penultimate(net, x))
     assert "group" not in set(found["table"]["column"])
     assert found["groups"], found["table"]
     worst = found["groups"][0]

@@ -114,6 +114,30 @@ def test_bf16_on_a_cpu_without_bf16_hardware_is_named_in_one_warning(project, ca
     assert json.loads(Path("data/iris/train/train_summary.json").read_text())["precision"] == "bf16-mixed"
 
 
+def test_a_batch_whose_activations_outgrow_the_memory_is_named_before_training(project, caplog, monkeypatch):
+    """Issue #25: a training step keeps its batch's activations for the backward pass (7.9 GB
+    for 256 rows of cnn_small at 224 x 224): when that passes the memory available, the run
+    says so first, naming the key and a batch that fits, and trains as asked."""
+    from pipeline import resources
+
+    assert resources.available_memory_bytes() > 0
+    annotated("digits")
+    set_params("digits", {"max_epochs": 1})
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda: 1 << 20)
+    with caplog.at_level("WARNING", logger="fmpipe"):
+        run_step("train", "digits")
+    warned = [r.getMessage() for r in caplog.records if "of activations" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("variants.digits.train.batch_size ") and "1x8x8" in warned[0]
+    assert "model.options.stem: 4" in warned[0]  # digits trains cnn_small
+    assert Path("data/digits/train/model.safetensors").exists()
+    caplog.clear()
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda: 64 << 30)
+    with caplog.at_level("WARNING", logger="fmpipe"):
+        run_step("train", "digits")
+    assert not [r for r in caplog.records if "of activations" in r.getMessage()]
+
+
 def test_digits_image_path_with_augmentation(project):
     annotated("digits")
     set_params("digits", {"max_epochs": 2, "augment": {"flip": True, "translate": 1},

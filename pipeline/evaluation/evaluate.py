@@ -29,7 +29,7 @@ from pipeline.filenames import (BLESSING, CALIBRATION, CONFUSION, DETAILS, DISCO
                                 PER_CLASS, PREDICTIONS, RELIABILITY_PNG, ROBUSTNESS_CSV, ROBUSTNESS_PNG, SLICES_CSV,
                                 SLICES_PNG)
 from pipeline.inference.batch import forward
-from pipeline.inference.network import ModelInputs, check_compatible, predict_logits
+from pipeline.inference.network import ModelInputs, check_compatible, penultimate, predict_logits
 from pipeline.inference.tta import effective_tta, tta_description
 from pipeline.io import sha256_file, to_json
 from pipeline.models import WEIGHTS
@@ -150,7 +150,7 @@ def evaluate(*, variant: str, spec, net, meta: dict[str, Any], ds, model_dir: Pa
         release_freed_cpu_memory()
     sliced = slices.evaluate_slices(ev.slices, test.manifest, labels, s["predicted"], len(classes),
                                     features=test.features, flagged=flagged,
-                                    embed=lambda: slices.penultimate(net, ModelInputs(test)))
+                                    embed=lambda: penultimate(net, ModelInputs(test)))
     metrics.slices = sliced["figures"]
     release_freed_cpu_memory()
     explained = None

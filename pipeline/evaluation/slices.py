@@ -366,34 +366,6 @@ def flagged_ids(findings_path) -> Optional[set]:
     return set(f.loc[f["action"].astype(str) == "flag", "id"].astype(str))
 
 
-def penultimate(net, x, batch_size: int = 512) -> np.ndarray:
-    """The input of the network's last ``nn.Linear`` for every row (spatial maps averaged), one
-    plain forward pass: what the model "sees" just before it decides."""
-    import torch
-    from torch import nn
-
-    linear = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        return np.zeros((len(x), 0), np.float32)
-    parts: list[np.ndarray] = []
-
-    def hook(_module, args, _output):
-        t = args[0]
-        t = t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t.reshape(len(t), -1)
-        parts.append(t.float().cpu().numpy())
-
-    handle = linear[-1].register_forward_hook(hook)
-    device = next(iter(net.parameters())).device
-    try:
-        net.eval()
-        with torch.inference_mode():
-            for start in range(0, len(x), batch_size):
-                net(x[start:start + batch_size].to(device))
-    finally:
-        handle.remove()
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-
-
 def evaluate_slices(spec: "SliceSpec", manifest: "pd.DataFrame", labels: np.ndarray, predicted: np.ndarray,
                     k: int, *, features: "Optional[pd.DataFrame]" = None, flagged: Optional[set] = None,
                     embed=None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ rows the local pass puts in it: the outputs are byte-identical whichever engine 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ class ForwardJob:
     # What runs the rows (picklable: a module-level function or a partial of one): the network
     # of model_dir by default, a PackageEmbedder for layers.
     load: Optional[Callable[[], Any]] = None
+    # The driver's inference budget (pipeline.models.inference_batch_bytes): the worker cuts
+    # its batches by it, whatever its own environment says.
+    batch_bytes: Optional[int] = None
 
 
 def forward(net, ds, model_dir: str | os.PathLike, data_dir: str | os.PathLike, rows: np.ndarray, *,
@@ -68,14 +72,35 @@ def forward(net, ds, model_dir: str | os.PathLike, data_dir: str | os.PathLike, 
 
     if not model_dir or not data_dir:  # the workers read both from disk
         raise FmpipeError(f"engine: {engine}: batch inference needs the model's and the dataset's directories")
+    # The rows per batch a pass really runs (fewer than batch_size for large inputs), so that
+    # every chunk is whole batches of it: the batches the local pass would cut.
+    from pipeline.models import inference_batch_bytes
+
+    batch_size = _batch_rows(net, ds, model_dir, layers, batch_size)
     step = CHUNK_BATCHES * batch_size
     jobs = (ForwardJob(str(Path(model_dir).resolve()), str(Path(data_dir).resolve()), rows[s:s + step],
-                       batch_size, tta, None if layers is None else tuple(layers), load)
+                       batch_size, tta, None if layers is None else tuple(layers), load, inference_batch_bytes())
             for s in range(0, len(rows), step))
     parts = list(map_ordered(forward_chunk, jobs, engine))
     if not parts:  # no rows: the local pass makes the empty outputs in the right shapes
         return _forward_local(net, _rows_of(ds, rows), tta, layers, batch_size)
     return _concat(parts)
+
+
+def _batch_rows(net, ds, model_dir, layers, most: int) -> int:
+    """``pipeline.models.batch_rows`` for the network that will run the rows: ``net`` itself,
+    the network of a ``PackageEmbedder`` (``layers``), or under Ray ``model_dir``'s."""
+    from pipeline.models import batch_rows
+
+    if layers is not None:
+        network_ = net.load()
+    elif net is None or isinstance(net, (str, os.PathLike)):
+        network_ = network(str(model_dir))  # only its shapes are needed: loaded, probed, dropped
+    else:
+        network_ = net
+    shape = ((ds.images.shape[3], *ds.images.shape[1:3]) if ds.images is not None
+             else (ds.features.shape[1],))
+    return batch_rows(network_, shape, most)
 
 
 def _rows_of(ds, rows: np.ndarray):
@@ -90,7 +115,10 @@ def forward_chunk(job: ForwardJob):
     ds = _cached(("dataset", job.data_dir), lambda: read_dataset(job.data_dir))
     load = job.load or (lambda: network(job.model_dir))
     net = _cached(("net", job.model_dir, repr(job.load)), load)
-    return _forward_local(net, _rows_of(ds, job.rows), job.tta, job.layers, job.batch_size)
+    from pipeline.models import inference_batch_budget
+
+    with inference_batch_budget(job.batch_bytes) if job.batch_bytes else contextlib.nullcontext():
+        return _forward_local(net, _rows_of(ds, job.rows), job.tta, job.layers, job.batch_size)
 
 
 def network(model_dir: str):

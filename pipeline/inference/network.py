@@ -9,7 +9,10 @@ permute-then-copy made it 8x), 2 GB for 10,000 images of 128 x 128 (issue #25), 
 inference (evaluate, review, the membership audit) holds one batch of floats whatever N is.
 ``model_inputs`` is the whole tensor at once, for a few rows (package's check inputs, tests).
 ``predict_logits`` gives the logits of every TTA view (``pipeline.inference.tta``), which
-``tta.probabilities`` turns into class probabilities exactly as predict and serve do.
+``tta.probabilities`` turns into class probabilities exactly as predict and serve do;
+``penultimate`` the features before the last linear layer (evaluate's discovered slices).
+Both run batches of at most ``batch_size`` rows, fewer for large inputs
+(``pipeline.models.batch_rows``: one batch's activations within 1 GiB).
 
 torch is imported inside the functions that need it.
 """
@@ -100,6 +103,7 @@ def predict_logits(net: "torch.nn.Module", x: "torch.Tensor", tta: Optional[dict
                    batch_size: int = 512):
     """Raw network outputs as float32 numpy: one N x K (or N x 1) array, or with ``tta`` one
     per view, in the form ``pipeline.inference.tta.probabilities`` (evaluate, predict, serve) takes.
+    ``batch_size`` rows at a time, fewer for large inputs (``pipeline.models.batch_rows``).
 
     Images go through the network in channels_last (NHWC in memory, the same values): oneDNN's
     convolutions are faster on it, and on a CPU the freed activations stay in the heap
@@ -119,6 +123,9 @@ def predict_logits(net: "torch.nn.Module", x: "torch.Tensor", tta: Optional[dict
     device = next(iter(net.parameters()), torch.empty(0)).device
     if device.type == "cpu":
         keep_freed_cpu_memory()
+    from pipeline.models import batch_rows
+
+    batch_size = batch_rows(net, tuple(x.shape[1:]), batch_size)
     restore = images and _to_channels_last(net)
     outs: list[list[np.ndarray]] = [[] for _ in (views or [None])]
     starts = range(0, len(x), batch_size)
@@ -136,6 +143,37 @@ def predict_logits(net: "torch.nn.Module", x: "torch.Tensor", tta: Optional[dict
             net.to(memory_format=torch.contiguous_format)
     arrays = [np.concatenate(o) if o else np.zeros((0, 0), dtype=np.float32) for o in outs]
     return arrays if views else arrays[0]
+
+
+def penultimate(net, x, batch_size: int = 512) -> np.ndarray:
+    """The input of the network's last ``nn.Linear`` for every row (spatial maps averaged), one
+    plain forward pass: what the model "sees" just before it decides."""
+    import torch
+    from torch import nn
+
+    from pipeline.models import batch_rows
+
+    linear = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        return np.zeros((len(x), 0), np.float32)
+    parts: list[np.ndarray] = []
+
+    def hook(_module, args, _output):
+        t = args[0]
+        t = t.mean(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t.reshape(len(t), -1)
+        parts.append(t.float().cpu().numpy())
+
+    batch_size = batch_rows(net, tuple(x.shape[1:]), batch_size)  # its probe before the hook exists
+    handle = linear[-1].register_forward_hook(hook)
+    device = next(iter(net.parameters())).device
+    try:
+        net.eval()
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                net(x[start:start + batch_size].to(device))
+    finally:
+        handle.remove()
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
 def _to_channels_last(net: "torch.nn.Module") -> bool:

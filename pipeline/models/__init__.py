@@ -15,9 +15,12 @@ A trained model on disk (the train step's output directory):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -77,12 +80,96 @@ def build(name: str, input_shape: tuple[int, ...], num_classes: int,
         outputs = 1
     try:
         body = REGISTRY[name](tuple(input_shape), outputs, **(options or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise FmpipeError(f"model {name!r}: bad options {options}: {exc}") from None
     stat_shape = (input_shape[0], 1, 1) if len(input_shape) == 3 else (input_shape[0],)
     mean = torch.zeros(stat_shape) if mean is None else mean.reshape(stat_shape)
     std = torch.ones(stat_shape) if std is None else std.reshape(stat_shape)
     return Network(Normalize(mean, std), body)
+
+
+def activation_bytes_per_row(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """What one input row costs in activations: ``(widest, total)`` bytes.
+
+    ``widest``: the largest input + output of one layer, what an inference pass holds at once
+    (it frees each map once the next layer has made its own); ``total``: every layer's output,
+    about what a training step keeps for its backward pass. Measured by hooks on the leaf
+    modules over one float32 row of zeros, in eval mode without gradients, so nothing about
+    ``net`` (weights, statistics, random state) changes. Pure in the network's structure and
+    ``input_shape``: the same figure on every machine, so a batch size derived from it leaves
+    outputs and their hashes alone. Forward hooks already on ``net`` see the probe's row too:
+    call it (or :func:`batch_rows`) before registering any.
+    """
+    sizes: list[tuple[int, int]] = []
+
+    def nbytes(t: Any) -> int:
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    def hook(_module, args, output):
+        sizes.append((sum(nbytes(a) for a in args), nbytes(output)))
+
+    leaves = [m for m in net.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = net.training
+    device = next(iter(net.parameters()), torch.empty(0)).device
+    try:
+        net.eval()
+        with torch.inference_mode():
+            net(torch.zeros((1, *input_shape), device=device))
+    finally:
+        net.train(was_training)
+        for h in handles:
+            h.remove()
+    widest = max((i + o for i, o in sizes), default=0)
+    return max(1, widest), max(1, sum(o for _, o in sizes))
+
+
+# At most this much activation memory per inference batch: the widest layer's input and output
+# for every row (pipeline.models.activation_bytes_per_row). 1 GiB leaves the 512-row batch of
+# every shipped model as it was (the cifar net's widest layer is 0.34 MB a row: 3,174 rows
+# would fit), and cuts cnn_small at 224 x 224 (6.4 MB a row) to 167 rows: its fixed 512-row
+# batch held 13 GB at evaluate's peak (issue #25). FMPIPE_INFERENCE_BATCH_BYTES overrides it
+# (tests use a small value to cut small data into capped batches). Like any other batch size it
+# may move logits by ~1e-6, so it belongs to a whole run: Ray tasks take their driver's.
+INFERENCE_BATCH_BYTES = 1 << 30
+INFERENCE_BATCH_BYTES_ENV = "FMPIPE_INFERENCE_BATCH_BYTES"
+
+_WIDEST: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], int]]" = weakref.WeakKeyDictionary()
+
+
+def batch_rows(net: nn.Module, input_shape: tuple[int, ...], most: int) -> int:
+    """Rows per inference batch: ``most``, or fewer where that many rows' activations would
+    pass the budget (:func:`inference_batch_bytes`). A pure function of the network's structure and the
+    input shape (never of the machine's free memory): every engine and machine cuts the same
+    batches, so the logits, and the hashes of what is made from them, stay the same."""
+    shape = tuple(int(d) for d in input_shape)
+    known = _WIDEST.setdefault(net, {})
+    if shape not in known:
+        known[shape] = activation_bytes_per_row(net, shape)[0]
+    return max(1, min(int(most), inference_batch_bytes() // known[shape]))
+
+
+_BUDGET_IN_FORCE: Optional[int] = None  # set by inference_batch_budget
+
+
+def inference_batch_bytes() -> int:
+    """This process's inference budget: a Ray task's driver's (:func:`inference_batch_budget`),
+    else ``FMPIPE_INFERENCE_BATCH_BYTES``, else :data:`INFERENCE_BATCH_BYTES`."""
+    if _BUDGET_IN_FORCE is not None:
+        return _BUDGET_IN_FORCE
+    return int(os.environ.get(INFERENCE_BATCH_BYTES_ENV) or INFERENCE_BATCH_BYTES)
+
+
+@contextlib.contextmanager
+def inference_batch_budget(nbytes: int) -> Iterator[None]:
+    """Run with the driver's budget whatever this worker's environment says, so a chunk cuts
+    the batches the driver's local pass would (``pipeline.inference.batch.forward_chunk``)."""
+    global _BUDGET_IN_FORCE
+    before, _BUDGET_IN_FORCE = _BUDGET_IN_FORCE, int(nbytes)
+    try:
+        yield
+    finally:
+        _BUDGET_IN_FORCE = before
 
 
 def save_trained(net: Network, meta: dict[str, Any], out_dir: str | Path) -> None:

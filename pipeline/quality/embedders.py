@@ -333,6 +333,7 @@ class PackageEmbedder:
         the penultimate features and a duplicate layer of every row without three passes."""
         import torch
 
+        from pipeline.models import batch_rows
         from pipeline.resources import keep_freed_cpu_memory
 
         net = self.load()
@@ -346,6 +347,9 @@ class PackageEmbedder:
                                   f"data has {inputs.shape[1]}x{inputs.shape[2]}x{inputs.shape[3]}")
         elif inputs.ndim != 2 or inputs.shape[1] != shape[0]:
             raise FmpipeError(f"{self.path}: model takes {shape[0]} features, data has shape {inputs.shape}")
+        # Fewer rows for large images; probed before the hooks below exist (its probe row is
+        # not a row of the data).
+        size = batch_rows(net, shape, self.batch_size)
         layers = list(dict.fromkeys(layers))
         captured: dict[Any, list[np.ndarray]] = {layer: [] for layer in layers}
         handles = []
@@ -364,9 +368,9 @@ class PackageEmbedder:
         outputs = []
         try:
             with torch.inference_mode():
-                for start in range(0, len(inputs), self.batch_size):
+                for start in range(0, len(inputs), size):
                     # A copy: a memory-mapped dataset is read-only, torch wants writable memory.
-                    batch = torch.from_numpy(np.array(inputs[start:start + self.batch_size]))
+                    batch = torch.from_numpy(np.array(inputs[start:start + size]))
                     x = batch.permute(0, 3, 1, 2).float() if batch.ndim == 4 else batch.float()
                     out = net(x.to(self.device))
                     if with_output:

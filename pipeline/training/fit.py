@@ -113,6 +113,8 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     # Counted now, on the plain module (training makes it channels_last, compiled, perhaps on a
     # GPU); the count leaves its weights, buffers and the random state as they were.
     flops_per_sample = step_flops_per_sample(net, tuple(dm.input_shape))
+    _warn_if_batch_outgrows_memory(net, tuple(dm.input_shape), train.batch_size, train.accelerator,
+                                   spec.model.name, variant)
     if train.privacy is not None:
         from pipeline.training.privacy import check_network
 
@@ -139,6 +141,40 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
         meta["privacy"] = summary["privacy"] = _privacy_spent(train.privacy, module.privacy, trainer)
     _write_model(out_dir, state_dir, module.net, meta, summary)
     return summary
+
+
+def _warn_if_batch_outgrows_memory(net, input_shape: tuple[int, ...], batch_size: int, accelerator: str,
+                                   model: str, variant: str = "") -> None:
+    """Say before a CPU run when one training step's activations will not fit the memory free.
+
+    A step keeps every layer's output of its ``batch_size`` rows for the backward pass
+    (``pipeline.models.activation_bytes_per_row``): cnn_small (width 16) at 224 x 224 keeps
+    30.7 MB a row, 7.9 GB for a 256-row batch, whatever N (13 GB of anonymous memory at its
+    peak, bench/README.md). Swapping or the kernel's OOM killer would say it later and less
+    clearly. A warning, not a refusal: the estimate leaves out the optimizer and the
+    framework, and the params stay what they are (another batch size trains other weights).
+    """
+    import torch
+
+    from pipeline.models import activation_bytes_per_row
+    from pipeline.resources import available_memory_bytes
+
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    available = available_memory_bytes()
+    if on_gpu or not available:  # a GPU's memory is CUDA's to report
+        return
+    per_row = activation_bytes_per_row(net, input_shape)[1]
+    need = per_row * batch_size
+    if need <= 0.8 * available:
+        return
+    key = f"variants.{variant}.train.batch_size" if variant else "train.batch_size"
+    fits = max(1, int(0.5 * available // per_row))
+    hint = " or a strided stem (model.options.stem: 4)" if model == "cnn_small" else ""
+    logging.getLogger("fmpipe").warning(
+        "%s %d: one training step of %s on %s inputs keeps ~%.1f GB of activations (%.1f MB a row), "
+        "and this machine has %.1f GB available; expect swapping or the OOM killer. A batch of %d rows "
+        "would fit in half of it; or lower the input size%s", key, batch_size, model,
+        "x".join(str(d) for d in input_shape), need / 1e9, per_row / 1e6, available / 1e9, fits, hint)
 
 
 def _warn_if_bf16_is_emulated(trainer, precision: str) -> None:
