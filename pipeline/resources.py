@@ -15,6 +15,7 @@ device's name goes to ``data/runs/<v>/<step>.json``.
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import sys
@@ -193,12 +194,8 @@ def keep_freed_cpu_memory() -> bool:
     global _KEEPING_FREED_MEMORY
     if _KEEPING_FREED_MEMORY is not None:
         return _KEEPING_FREED_MEMORY
-    import ctypes
-    import ctypes.util
-
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):  # macOS, musl without mallopt, Windows
         _KEEPING_FREED_MEMORY = False
         return False
@@ -222,10 +219,17 @@ def release_freed_cpu_memory() -> None:
     """
     if not _KEEPING_FREED_MEMORY:
         return
+    _libc().malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library (found once: ``find_library`` runs ``ldconfig``, and training releases
+    every 10 s)."""
     import ctypes
     import ctypes.util
 
-    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def available_memory_bytes() -> Optional[int]:

@@ -320,6 +320,30 @@ def test_large_inputs_run_in_batches_their_activations_fit(monkeypatch):
     assert seen == [12, 12, 12, 12, 2]
 
 
+def test_integrated_gradients_take_their_path_in_batches_that_fit(monkeypatch):
+    """Issue #25: Integrated Gradients keeps every point's activations and their gradients;
+    under a budget Captum takes the path in smaller batches (never below one point per input),
+    and the attributions are those of the one big batch."""
+    from pipeline.evaluation.explain import integrated_gradients
+    from pipeline.models import INFERENCE_BATCH_BYTES_ENV, activation_bytes_per_row
+
+    torch.manual_seed(0)
+    net = build("cnn_small", (3, 16, 16), 10, {"width": 8}).eval()
+    x, targets = torch.rand(3, 3, 16, 16) * 255, np.array([1, 4, 7])
+    whole = integrated_gradients(net, x, targets, steps=16)  # 48 points in one batch
+    seen: list[int] = []
+    net.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, str(2 * 10 * activation_bytes_per_row(net, (3, 16, 16))[1]))
+    seen.clear()
+    capped = integrated_gradients(net, x, targets, steps=16)
+    assert max(seen) <= 10 and sum(seen) == 48, seen
+    np.testing.assert_allclose(capped, whole, rtol=1e-4, atol=1e-4 * float(whole.max()))
+    monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, "1")  # one point per input at least: Captum's floor
+    seen.clear()
+    integrated_gradients(net, x, targets, steps=16)
+    assert set(seen) == {3} and sum(seen) == 48
+
+
 def test_batch_inputs_score_like_the_whole_split_converted_at_once(project):
     """Issue #25: evaluate and review convert the pixels to float32 one batch at a time
     (``ModelInputs``), never a whole split. The logits of every TTA view and the penultimate
