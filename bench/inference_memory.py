@@ -1,9 +1,9 @@
 """Peak memory and speed of batch inference on large images, by inference budget (issue #25).
 
-    python bench/inference_memory.py [--size 224] [--rows 2048] [--budgets 64,1024,0]
+    python bench/inference_memory.py [--size 224] [--rows 2048] [--budgets 0,512] [--stem 4]
 
-Builds cnn_small (width 16, no stem: full resolution through its first two convolutions, the
-network whose fixed 512-row batches held 13 GB in evaluate at 224 px) and runs
+Builds cnn_small (width 16; no stem by default: full resolution through its first two
+convolutions, the network whose fixed 512-row batches held 13 GB in evaluate at 224 px) and runs
 ``predict_logits`` over ``--rows`` random images of SIZE x SIZE x 3, once per budget (MiB of
 activations per batch, ``FMPIPE_INFERENCE_BATCH_BYTES``; 0 = no cap: the caller's 512 rows),
 each in its own process, and prints per budget: rows per batch, wall seconds, rows/s, the
@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def child(size: int, rows: int, out: str) -> None:
+def child(size: int, rows: int, stem: int, out: str) -> None:
     import numpy as np
     import torch
 
@@ -36,7 +36,7 @@ def child(size: int, rows: int, out: str) -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    net = build("cnn_small", (3, size, size), 10, {"width": 16}).eval()
+    net = build("cnn_small", (3, size, size), 10, {"width": 16, "stem": stem}).eval()
     pixels = np.random.default_rng(0).integers(0, 256, (rows, 3, size, size), dtype=np.uint8)
 
     class Rows:  # what ModelInputs gives predict_logits: float32 rows a slice at a time
@@ -72,21 +72,22 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--budgets", default="0,1024,256", help="MiB per batch; 0 = no cap (512 rows)")
+    ap.add_argument("--stem", type=int, default=1, help="cnn_small's stem (1: none)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.size, args.rows, args.child)
+        child(args.size, args.rows, args.stem, args.child)
         return
     import numpy as np
 
     first = None
-    print(json.dumps({"size": args.size, "rows": args.rows, "loadavg": os.getloadavg()}))
+    print(json.dumps({"size": args.size, "rows": args.rows, "stem": args.stem, "loadavg": os.getloadavg()}))
     for budget in (int(b) for b in args.budgets.split(",")):
         out = f"/tmp/inference_memory_{budget}.npy"
         env = dict(os.environ, PYTHONPATH=str(REPO),
                    FMPIPE_INFERENCE_BATCH_BYTES=str(budget << 20 if budget else 1 << 50))
         proc = subprocess.Popen([sys.executable, __file__, "--size", str(args.size), "--rows", str(args.rows),
-                                 "--child", out], env=env, stdout=subprocess.PIPE, text=True)
+                                 "--stem", str(args.stem), "--child", out], env=env, stdout=subprocess.PIPE, text=True)
         peak = [0]
         done = threading.Event()
 

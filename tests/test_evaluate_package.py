@@ -310,7 +310,7 @@ def test_large_inputs_run_in_batches_their_activations_fit(monkeypatch):
     assert features.shape == (50, 16)  # one row per input: the budget's probe row is not among them
     seen: list[int] = []
     net.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
-    monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, str(12 * activation_bytes_per_row(net, (3, 16, 16))[0]))
+    monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, str(12 * (activation_bytes_per_row(net, (3, 16, 16))[0] + 3 * 4 * 768)))
     seen.clear()
     capped = predict_logits(net, x, batch_size=512)
     assert seen == [12, 12, 12, 12, 2]
@@ -333,7 +333,7 @@ def test_integrated_gradients_take_their_path_in_batches_that_fit(monkeypatch):
     whole = integrated_gradients(net, x, targets, steps=16)  # 48 points in one batch
     seen: list[int] = []
     net.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
-    monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, str(2 * 10 * activation_bytes_per_row(net, (3, 16, 16))[1]))
+    monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, str(10 * (activation_bytes_per_row(net, (3, 16, 16))[1] + 2 * 4 * 768)))
     seen.clear()
     capped = integrated_gradients(net, x, targets, steps=16)
     assert max(seen) <= 10 and sum(seen) == 48, seen

@@ -140,10 +140,12 @@ def test_a_strided_stem_shrinks_what_training_keeps_per_row():
 
 
 def test_inference_batches_are_cut_by_the_bytes_of_their_activations(monkeypatch):
-    """``batch_rows`` (issue #25): a 224 x 224 cnn_small, whose widest layer holds 6.4 MB a row,
-    runs 167-row batches under the 1 GiB budget instead of 512 (its 512-row batches held 13 GB);
-    every shipped model at its own size keeps the full batch, so their outputs stay as they
-    were. The probe leaves the network as it was: weights, mode and torch's random state."""
+    """``batch_rows`` (issue #25): a 224 x 224 cnn_small, whose widest layer holds 6.4 MB a row
+    and its input 0.6 MB (three float copies of it live beside), runs 65-row batches under the
+    512 MiB budget instead of 512 (its 512-row batches held 13 GB); every shipped model at its
+    own size keeps the full batch, and Integrated Gradients its 256 points, so their outputs
+    stay as they were. The probe leaves the network as it was: weights, mode and torch's
+    random state."""
     from pipeline.models import INFERENCE_BATCH_BYTES_ENV, activation_bytes_per_row, batch_rows
 
     big = build("cnn_small", (3, 224, 224), 10, {"width": 16}).train()
@@ -152,11 +154,16 @@ def test_inference_batches_are_cut_by_the_bytes_of_their_activations(monkeypatch
     assert kept > widest
     state = {k: v.clone() for k, v in big.state_dict().items()}
     rng = torch.get_rng_state()
-    assert batch_rows(big, (3, 224, 224), 512) == (1 << 30) // widest == 167
+    row = 4 * 3 * 224 * 224
+    assert batch_rows(big, (3, 224, 224), 512) == (512 << 20) // (widest + 3 * row) == 65
+    assert batch_rows(big, (3, 224, 224), 256, backward=True) == (512 << 20) // (kept + 2 * row) == 16
     assert big.training and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, state[k]) for k, v in big.state_dict().items())
     for name, shape, classes, options, _ in CASES:  # the shipped models keep their 512 rows
-        assert batch_rows(build(name, shape, classes, options), shape, 512) == 512, name
+        net = build(name, shape, classes, options)
+        assert batch_rows(net, shape, 512) == 512 and batch_rows(net, shape, 256, backward=True) == 256, name
+    cifar = build("airbench", (3, 32, 32), 10, {"widths": [64, 256, 256], "bn_eps": 1e-12})  # params.yaml's
+    assert batch_rows(cifar, (3, 32, 32), 1024) == 1024 and batch_rows(cifar, (3, 32, 32), 256, backward=True) == 256
     small = build("cnn_small", (1, 8, 8), 10, {"width": 32})
-    monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, str(20 * activation_bytes_per_row(small, (1, 8, 8))[0]))
+    monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, str(20 * (activation_bytes_per_row(small, (1, 8, 8))[0] + 3 * 4 * 64)))
     assert batch_rows(small, (1, 8, 8), 512) == 20 and batch_rows(small, (1, 8, 8), 8) == 8

@@ -40,10 +40,10 @@ def _session_members(sid: int) -> list[int]:
 
 
 # An inference budget (pipeline.models.batch_rows) under which digits' network (cnn_small, width
-# 32, 8 x 8: 16 KB a row at its widest layer) runs 37-row batches, a size that divides none of
+# 32, 8 x 8: 16 KB a row at its widest layer, 3 x 256 B of input copies) runs 37-row batches, a size that divides none of
 # the callers' batch sizes. The head's workers have it in their environment, the driver not at
 # first: the budget travels with each job, so the workers still cut the driver's batches.
-CAPPED_BATCH_BYTES = 37 * 2 * 32 * 8 * 8 * 4
+CAPPED_BATCH_BYTES = 37 * (2 * 32 * 8 * 8 * 4 + 3 * 8 * 8 * 4)
 
 
 @pytest.fixture(scope="module")

@@ -270,7 +270,7 @@ def test_slice_gate_under_dvc_repro_is_one_line_and_keeps_the_package(repro_copy
     assert "collect@iris" in sh(repo, "dvc", "status", "collect@iris").stdout
 
 
-def test_corruptions_are_seeded_graded_and_gated(project):
+def test_corruptions_are_seeded_graded_and_gated(project, monkeypatch):
     """Every corruption keeps the data's shape and type, is the same on every run, and hurts a
     fixed classifier more at each severity; the mean feeds the blessing's optional minimum."""
     from pipeline.evaluation import robustness as R
@@ -299,6 +299,13 @@ def test_corruptions_are_seeded_graded_and_gated(project):
     for name in R.IMAGE_CORRUPTIONS:
         x = R.corrupt_images(test.images[:5], name, 3, rng)
         assert x.dtype == np.uint8 and x.shape == test.images[:5].shape and not np.array_equal(x, test.images[:5])
+    # Large images are corrupted in blocks of rows (issue #25): the same bytes as one block.
+    import pipeline.payload
+
+    whole = {name: R.corrupt_images(test.images[:50], name, 2, np.random.default_rng(7)) for name in R.IMAGE_CORRUPTIONS}
+    monkeypatch.setattr(pipeline.payload, "CHUNK_BYTES", 7 * 64)  # 7 rows of 8 x 8 per block
+    for name in R.IMAGE_CORRUPTIONS:
+        assert R.corrupt_images(test.images[:50], name, 2, np.random.default_rng(7)).tobytes() == whole[name].tobytes(), name
     feats = np.arange(40, dtype=np.float32).reshape(10, 4)
     lost = R.corrupt_table(feats, "missing_values", 3, np.random.default_rng(0), np.full(4, -1.0), np.ones(4))
     assert 0 < (lost == -1).mean() < 1  # some cells replaced by the train mean

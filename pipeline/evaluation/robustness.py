@@ -61,7 +61,24 @@ def _per_image(images: np.ndarray, fn: Callable) -> np.ndarray:
 
 
 def corrupt_images(images: np.ndarray, name: str, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """``images`` (N x H x W x C uint8) under one corruption at ``severity`` 1..3."""
+    """``images`` (N x H x W x C uint8) under one corruption at ``severity`` 1..3.
+
+    In blocks of rows of at most ``CHUNK_BYTES`` of pixels: the float work takes 12-16x their
+    bytes (1,000 rows at 224 px: 3 GB at once, issue #25). The noise is drawn block after
+    block from the one generator, the same numbers as one draw for all rows, so the result does
+    not depend on the block size (tests/test_slices.py)."""
+    from pipeline.payload import CHUNK_BYTES, rows_per
+
+    step = rows_per(int(np.prod(images.shape[1:])), CHUNK_BYTES)
+    if len(images) <= step:
+        return _corrupt_block(images, name, severity, rng)
+    out = np.empty_like(images)
+    for start in range(0, len(images), step):
+        out[start:start + step] = _corrupt_block(images[start:start + step], name, severity, rng)
+    return out
+
+
+def _corrupt_block(images: np.ndarray, name: str, severity: int, rng: np.random.Generator) -> np.ndarray:
     from PIL import ImageFilter
 
     level = LEVELS[name][severity - 1]

@@ -22,6 +22,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -124,14 +125,18 @@ def activation_bytes_per_row(net: nn.Module, input_shape: tuple[int, ...]) -> tu
     return max(1, widest), max(1, sum(o for _, o in sizes))
 
 
-# At most this much activation memory per inference batch: the widest layer's input and output
-# for every row (pipeline.models.activation_bytes_per_row). 1 GiB leaves the 512-row batch of
-# every shipped model as it was (the cifar net's widest layer is 0.34 MB a row: 3,174 rows
-# would fit), and cuts cnn_small at 224 x 224 (6.4 MB a row) to 167 rows: its fixed 512-row
-# batch held 13 GB at evaluate's peak (issue #25). FMPIPE_INFERENCE_BATCH_BYTES overrides it
+# At most this much memory per inference batch, counted per row as the widest layer's input and
+# output (pipeline.models.activation_bytes_per_row) plus three float32 copies of the input row
+# (the converted batch, its TTA view, its channels_last copy: all alive while the network runs;
+# with a strided stem they are most of it). 512 MiB leaves the 512-row batch of every shipped
+# model as it was (the cifar net: 0.38 MB a row, 1,431 rows would fit) and cuts cnn_small at
+# 224 x 224 to 65 rows (8.2 MB a row; 178 with a stem of 4): its fixed 512-row batch held 13 GB
+# at evaluate's peak, and with a stem 2.8 GB (the heap keeps freed blocks for the next batch:
+# about 1.7x the count; bench/inference_memory.py). Smaller batches are no slower at that
+# size: 128 rows ran 2.4x faster than 512 (issue #25). FMPIPE_INFERENCE_BATCH_BYTES overrides it
 # (tests use a small value to cut small data into capped batches). Like any other batch size it
 # may move logits by ~1e-6, so it belongs to a whole run: Ray tasks take their driver's.
-INFERENCE_BATCH_BYTES = 1 << 30
+INFERENCE_BATCH_BYTES = 512 << 20
 INFERENCE_BATCH_BYTES_ENV = "FMPIPE_INFERENCE_BATCH_BYTES"
 
 _PROBED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], tuple[int, int]]]" = weakref.WeakKeyDictionary()
@@ -144,14 +149,17 @@ def batch_rows(net: nn.Module, input_shape: tuple[int, ...], most: int, *, backw
     batches, so the logits, and the hashes of what is made from them, stay the same.
 
     ``backward``: for a pass that takes gradients with respect to its inputs (Integrated
-    Gradients): every layer's output is kept, and its gradient made, so a row costs twice the
-    ``total`` of :func:`activation_bytes_per_row` (cnn_small at 224 px: 61 MB)."""
+    Gradients): every layer's output is kept for the backward pass, so a row costs the
+    ``total`` of :func:`activation_bytes_per_row` plus its input and the input's gradient
+    (cnn_small at 224 px: 31.9 MB; the cifar net: 1.45 MB, its 256 points in one batch)."""
     shape = tuple(int(d) for d in input_shape)
     known = _PROBED.setdefault(net, {})
     if shape not in known:
         known[shape] = activation_bytes_per_row(net, shape)
     widest, total = known[shape]
-    return max(1, min(int(most), inference_batch_bytes() // (2 * total if backward else widest)))
+    row = 4 * int(np.prod(shape))  # the input row as float32
+    per_row = total + 2 * row if backward else widest + 3 * row
+    return max(1, min(int(most), inference_batch_bytes() // per_row))
 
 
 _BUDGET_IN_FORCE: Optional[int] = None  # set by inference_batch_budget

@@ -120,6 +120,13 @@ def _stats(chunks: Iterable[np.ndarray], axes: tuple[int, ...], width: int) -> t
     squares = np.zeros(width, dtype=np.float64)
     count = 0
     for chunk in chunks:
+        if chunk.dtype == np.uint8:  # pixels: exact integer sums, 3.5-5x faster than float64
+            channel_axis = next(a for a in range(chunk.ndim) if a not in axes)
+            sums, sums_of_squares = _pixel_sums(chunk, channel_axis)
+            total += sums
+            squares += sums_of_squares
+            count += chunk.size // width
+            continue
         values = np.array(chunk, dtype=np.float64)  # a copy: squared in place below
         total += values.sum(axis=axes)
         np.multiply(values, values, out=values)
@@ -128,6 +135,22 @@ def _stats(chunks: Iterable[np.ndarray], axes: tuple[int, ...], width: int) -> t
     mean = total / max(count, 1)
     std = np.sqrt(np.maximum(squares / max(count, 1) - mean * mean, 0.0))
     return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
+
+_LEVELS = np.arange(256, dtype=np.int64)
+
+
+def _pixel_sums(chunk: np.ndarray, channel_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the sum of a uint8 chunk's values and of their squares, from a histogram of
+    the 256 levels: whole numbers, so the same float64 figures to the bit as summing the values
+    as float64 (exact below 2**53), without the float64 copy: at 224 px, 12 GB of training
+    pixels took 180 s of the train step that way (bench/README.md)."""
+    sums, squares = [], []
+    for c in range(chunk.shape[channel_axis]):
+        counts = np.bincount(np.take(chunk, c, axis=channel_axis).ravel(), minlength=256).astype(np.int64)
+        sums.append(int(counts @ _LEVELS))
+        squares.append(int(counts @ (_LEVELS * _LEVELS)))
+    return np.array(sums, dtype=np.float64), np.array(squares, dtype=np.float64)
 
 
 def augment_batch(x: torch.Tensor, aug: AugmentSpec, gen: torch.Generator,
@@ -426,6 +449,9 @@ class TensorDataModule(pl.LightningDataModule):
                 f"{self.input_shape[1]}x{self.input_shape[2]} (reflect padding)"
             )
         self.batch_size = batch_size
+        # Rows per validation batch: no gradients, so bigger is faster, down to what the
+        # network's activations allow at this input size (fit sets it: pipeline.models.batch_rows).
+        self.eval_batch = max(batch_size, EVAL_BATCH)
         self.augment = augment
         self.seed = seed
         self.channels_last = channels_last and dataset.kind == "image"
@@ -494,7 +520,7 @@ class TensorDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> BatchStream:
         x, y = self._tensors["val"]
-        self._val = BatchStream(x, y, max(self.batch_size, EVAL_BATCH), train=False,
+        self._val = BatchStream(x, y, self.eval_batch, train=False,
                                 channels_last=self.channels_last, rank=self._rank)
         return self._val
 

@@ -81,7 +81,7 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     _quiet_dvclive()
     import lightning.pytorch as pl
 
-    from pipeline.models import build
+    from pipeline.models import batch_rows, build
     from pipeline.training.callbacks import ThroughputTimer
     from pipeline.training.data import TensorDataModule
     from pipeline.training.flops import step_flops_per_sample
@@ -115,6 +115,8 @@ def fit(dataset: Dataset, spec: VariantSpec, out_dir: str | os.PathLike, *, resu
     flops_per_sample = step_flops_per_sample(net, tuple(dm.input_shape))
     _warn_if_batch_outgrows_memory(net, tuple(dm.input_shape), train.batch_size, train.accelerator,
                                    spec.model.name, variant)
+    # Validation batches as batch inference cuts them: 1,024 rows of 224 px images held 3.8 GB.
+    dm.eval_batch = batch_rows(net, tuple(dm.input_shape), dm.eval_batch)
     if train.privacy is not None:
         from pipeline.training.privacy import check_network
 
