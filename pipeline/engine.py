@@ -6,7 +6,9 @@ one at a time, so the step can write each to disk before the next arrives (bound
 
 Engines (params: a variant's ``engine``, ``pipeline/config.py``; docs/cluster.md):
 
-- ``local``: the chunks run in this process, one after the other.
+- ``local``: the chunks run in this process, one after the other; or, where the caller says
+  its function spends its time outside the GIL (collect's image decoding: PIL and numpy),
+  ``threads`` at a time, again at most ``WINDOW_PER_CPU`` per thread in flight.
 - ``ray``: each chunk is a Ray task on the cluster ``ray.init()`` finds: the one named by
   ``RAY_ADDRESS`` (``ray start --head`` on a cluster, KubeRay), else the newest one started
   with ``ray start`` on this machine, else a local cluster that Ray starts for this step and
@@ -42,20 +44,46 @@ RAY_INSTALL = "pip install -e '.[ray]'"
 WINDOW_PER_CPU = 2
 
 
-def map_ordered(fn: Callable[[T], R], chunks: Iterable[T], engine: str = "local") -> Iterator[R]:
+def map_ordered(fn: Callable[[T], R], chunks: Iterable[T], engine: str = "local", *,
+                threads: int = 1) -> Iterator[R]:
     """``fn`` applied to every chunk, results yielded in the chunks' order.
 
     ``fn`` must be pure and picklable (a module-level function or a ``functools.partial`` of
     one) for engines other than ``local``. An :class:`FmpipeError` it raises on a Ray worker
-    surfaces here as the same one line.
+    surfaces here as the same one line. ``threads``: for ``local``, chunks run at once in a
+    thread pool (only for functions that release the GIL; a pure function gives the same
+    results in any thread).
     """
     if engine == "local":
-        return map(fn, chunks)
+        return map(fn, chunks) if threads <= 1 else _thread_stream(fn, chunks, threads)
     if engine == "ray":
         ray = connect_ray()
         check_nodes(ray)
         return _ray_stream(ray, fn, chunks)
     raise FmpipeError(f"engine: unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+
+
+def local_threads() -> int:
+    """The CPUs this process may run on (its affinity, e.g. a container's or SLURM's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _thread_stream(fn: Callable[[T], R], chunks: Iterable[T], threads: int) -> Iterator[R]:
+    """The local engine's threads: a bounded window of chunks in flight, results in order (a
+    plain ``Executor.map`` would take every chunk, the whole input, before the first result)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fmpipe-chunk") as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(fn, chunk))
+            if len(pending) >= WINDOW_PER_CPU * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def connect_ray() -> Any:
