@@ -280,3 +280,28 @@ def test_nothing_at_ray_address_is_one_line_at_once(monkeypatch):
                                           r"Connection refused \(is the Ray head running"):
         map_ordered(abs, [1], "ray")
     assert time.monotonic() - started < 15
+
+
+def test_local_threads_keep_the_order_and_a_bounded_window():
+    """The local engine's threads (collect's decoding): results in the chunks' order, whatever
+    thread finished first, and no more than WINDOW_PER_CPU chunks per thread taken ahead of the
+    consumer (an Executor.map would read the whole input first)."""
+    import time as _time
+
+    from pipeline import engine
+
+    taken: list[int] = []
+
+    def chunks():
+        for i in range(40):
+            taken.append(i)
+            yield i
+
+    def slow_for_evens(i: int) -> int:
+        _time.sleep(0.01 if i % 2 == 0 else 0.0)
+        return i * i
+
+    stream = engine.map_ordered(slow_for_evens, chunks(), "local", threads=2)
+    assert next(stream) == 0 and len(taken) <= engine.WINDOW_PER_CPU * 2 + 1
+    assert list(stream) == [i * i for i in range(1, 40)]
+    assert list(engine.map_ordered(slow_for_evens, range(5), "local")) == [0, 1, 4, 9, 16]
