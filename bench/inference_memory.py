@@ -7,8 +7,8 @@ convolutions, the network whose fixed 512-row batches held 13 GB in evaluate at 
 ``predict_logits`` over ``--rows`` random images of SIZE x SIZE x 3, once per budget (MiB of
 activations per batch, ``FMPIPE_INFERENCE_BATCH_BYTES``; 0 = no cap: the caller's 512 rows),
 each in its own process, and prints per budget: rows per batch, wall seconds, rows/s, the
-process's peak anonymous memory (``RssAnon`` sampled every 20 ms; the uint8 pixels, 0.3 GB at
-2,048 x 224 px, included) and the load average. The logits of every budget are compared with
+process's peak anonymous memory (``stream_memory.communicate_sampled``: proportional anon +
+shmem, every 50 ms; the uint8 pixels, 0.3 GB at 2,048 x 224 px, included) and the load average. The logits of every budget are compared with
 the first's (max absolute difference): a smaller batch changes where memory goes, not the
 scores beyond float rounding.
 """
@@ -20,9 +20,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from stream_memory import communicate_sampled  # noqa: E402  (bench/ is the script's directory)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,16 +58,6 @@ def child(size: int, rows: int, stem: int, out: str) -> None:
     print(json.dumps({"rows_per_batch": per_batch, "wall_s": round(wall, 2)}))
 
 
-def rss_anon(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=224)
@@ -88,19 +79,7 @@ def main() -> None:
                    FMPIPE_INFERENCE_BATCH_BYTES=str(budget << 20 if budget else 1 << 50))
         proc = subprocess.Popen([sys.executable, __file__, "--size", str(args.size), "--rows", str(args.rows),
                                  "--stem", str(args.stem), "--child", out], env=env, stdout=subprocess.PIPE, text=True)
-        peak = [0]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], rss_anon(proc.pid))
-                time.sleep(0.02)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        stdout = proc.communicate()[0]
-        done.set()
-        sampler.join()
+        stdout, peak = communicate_sampled(proc)
         if proc.returncode:
             sys.exit(f"budget {budget} MiB failed ({proc.returncode})")
         result = json.loads(stdout.strip().splitlines()[-1])
@@ -108,7 +87,7 @@ def main() -> None:
         first = logits if first is None else first
         print(json.dumps({"budget_mib": budget or "none", **result,
                           "rows_per_s": round(args.rows / result["wall_s"], 1),
-                          "peak_anon_mb": round(peak[0] / 2**20), "max_abs_diff": float(np.abs(logits - first).max()),
+                          "peak_anon_mb": round(peak["anon"] / 2**20), "max_abs_diff": float(np.abs(logits - first).max()),
                           "loadavg": [round(v, 2) for v in os.getloadavg()]}), flush=True)
 
 

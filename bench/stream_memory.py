@@ -140,11 +140,10 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return anon, rss
 
 
-def run_step(root: Path, step: str) -> dict[str, float]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [str(Path(sys.executable).parent / "fmpipe"), step, "--stage", VARIANT]
+def communicate_sampled(proc: subprocess.Popen) -> tuple[str, dict[str, int]]:
+    """``proc.communicate()``, sampling the peak ``anon``, ``rss`` and ``hwm`` bytes of ``proc``
+    (and its children) meanwhile; also bench/inference_memory.py's sampler."""
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = {"anon": 0, "rss": 0, "hwm": 0}
     done = threading.Event()
 
@@ -167,6 +166,15 @@ def run_step(root: Path, step: str) -> dict[str, float]:
     output = proc.communicate()[0]
     done.set()
     sampler.join()
+    return output, peak
+
+
+def run_step(root: Path, step: str) -> dict[str, float]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [str(Path(sys.executable).parent / "fmpipe"), step, "--stage", VARIANT]
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, peak = communicate_sampled(proc)
     if proc.returncode:
         sys.exit(f"{step} failed ({proc.returncode}):\n{output[-3000:]}")
     return {**{k: round(v / 2**20, 1) for k, v in peak.items()}, "s": round(time.monotonic() - started, 1),

@@ -12,7 +12,7 @@ inference (evaluate, review, the membership audit) holds one batch of floats wha
 ``tta.probabilities`` turns into class probabilities exactly as predict and serve do;
 ``penultimate`` the features before the last linear layer (evaluate's discovered slices).
 Both run batches of at most ``batch_size`` rows, fewer for large inputs
-(``pipeline.models.batch_rows``: one batch's activations within 1 GiB).
+(``pipeline.models.batch_rows``: one batch within 512 MiB).
 
 torch is imported inside the functions that need it.
 """

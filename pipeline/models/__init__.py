@@ -98,9 +98,23 @@ def activation_bytes_per_row(net: nn.Module, input_shape: tuple[int, ...]) -> tu
     modules over one float32 row of zeros, in eval mode without gradients, so nothing about
     ``net`` (weights, statistics, random state) changes. Pure in the network's structure and
     ``input_shape``: the same figure on every machine, so a batch size derived from it leaves
-    outputs and their hashes alone. Forward hooks already on ``net`` see the probe's row too:
-    call it (or :func:`batch_rows`) before registering any.
+    outputs and their hashes alone (and measured once per network and shape). Forward hooks
+    already on ``net`` see the probe's row too: call it (or :func:`batch_rows`) before
+    registering any.
     """
+    shape = tuple(int(d) for d in input_shape)
+    known = _PROBED.setdefault(net, {})
+    if shape not in known:
+        known[shape] = _probe(net, shape)
+    return known[shape]
+
+
+# What activation_bytes_per_row measured, per network and input shape (train asks twice: its
+# memory warning and its validation batches; evaluate once per pass).
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], tuple[int, int]]]" = weakref.WeakKeyDictionary()
+
+
+def _probe(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
     sizes: list[tuple[int, int]] = []
 
     def nbytes(t: Any) -> int:
@@ -139,9 +153,6 @@ def activation_bytes_per_row(net: nn.Module, input_shape: tuple[int, ...]) -> tu
 INFERENCE_BATCH_BYTES = 512 << 20
 INFERENCE_BATCH_BYTES_ENV = "FMPIPE_INFERENCE_BATCH_BYTES"
 
-_PROBED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], tuple[int, int]]]" = weakref.WeakKeyDictionary()
-
-
 def batch_rows(net: nn.Module, input_shape: tuple[int, ...], most: int, *, backward: bool = False) -> int:
     """Rows per inference batch: ``most``, or fewer where that many rows' activations would
     pass the budget (:func:`inference_batch_bytes`). A pure function of the network's structure and the
@@ -152,12 +163,8 @@ def batch_rows(net: nn.Module, input_shape: tuple[int, ...], most: int, *, backw
     Gradients): every layer's output is kept for the backward pass, so a row costs the
     ``total`` of :func:`activation_bytes_per_row` plus its input and the input's gradient
     (cnn_small at 224 px: 31.9 MB; the cifar net: 1.45 MB, its 256 points in one batch)."""
-    shape = tuple(int(d) for d in input_shape)
-    known = _PROBED.setdefault(net, {})
-    if shape not in known:
-        known[shape] = activation_bytes_per_row(net, shape)
-    widest, total = known[shape]
-    row = 4 * int(np.prod(shape))  # the input row as float32
+    widest, total = activation_bytes_per_row(net, input_shape)
+    row = 4 * int(np.prod(input_shape))  # the input row as float32
     per_row = total + 2 * row if backward else widest + 3 * row
     return max(1, min(int(most), inference_batch_bytes() // per_row))
 

@@ -120,7 +120,7 @@ def _stats(chunks: Iterable[np.ndarray], axes: tuple[int, ...], width: int) -> t
     squares = np.zeros(width, dtype=np.float64)
     count = 0
     for chunk in chunks:
-        if chunk.dtype == np.uint8:  # pixels: exact integer sums, 3.5-5x faster than float64
+        if chunk.dtype == np.uint8:  # pixels: exact integer sums (_pixel_sums)
             channel_axis = next(a for a in range(chunk.ndim) if a not in axes)
             sums, sums_of_squares = _pixel_sums(chunk, channel_axis)
             total += sums
@@ -143,8 +143,8 @@ _LEVELS = np.arange(256, dtype=np.int64)
 def _pixel_sums(chunk: np.ndarray, channel_axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Per channel, the sum of a uint8 chunk's values and of their squares, from a histogram of
     the 256 levels: whole numbers, so the same float64 figures to the bit as summing the values
-    as float64 (exact below 2**53), without the float64 copy: at 224 px, 12 GB of training
-    pixels took 180 s of the train step that way (bench/README.md)."""
+    as float64 (exact below 2**53), without the float64 copy: 2.7x faster on 3,000 rows of
+    224 x 224 read from the payload (7.1 -> 2.7 s, issue #25)."""
     sums, squares = [], []
     for c in range(chunk.shape[channel_axis]):
         counts = np.bincount(np.take(chunk, c, axis=channel_axis).ravel(), minlength=256).astype(np.int64)
