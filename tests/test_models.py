@@ -167,3 +167,6 @@ def test_inference_batches_are_cut_by_the_bytes_of_their_activations(monkeypatch
     small = build("cnn_small", (1, 8, 8), 10, {"width": 32})
     monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, str(20 * (activation_bytes_per_row(small, (1, 8, 8))[0] + 3 * 4 * 64)))
     assert batch_rows(small, (1, 8, 8), 512) == 20 and batch_rows(small, (1, 8, 8), 8) == 8
+    monkeypatch.setenv(INFERENCE_BATCH_BYTES_ENV, "1GB")
+    with pytest.raises(FmpipeError, match=r"^FMPIPE_INFERENCE_BATCH_BYTES='1GB': expected a whole number of bytes above 0"):
+        batch_rows(small, (1, 8, 8), 512)

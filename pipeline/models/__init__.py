@@ -177,7 +177,13 @@ def inference_batch_bytes() -> int:
     else ``FMPIPE_INFERENCE_BATCH_BYTES``, else :data:`INFERENCE_BATCH_BYTES`."""
     if _BUDGET_IN_FORCE is not None:
         return _BUDGET_IN_FORCE
-    return int(os.environ.get(INFERENCE_BATCH_BYTES_ENV) or INFERENCE_BATCH_BYTES)
+    value = os.environ.get(INFERENCE_BATCH_BYTES_ENV)
+    if not value:
+        return INFERENCE_BATCH_BYTES
+    if not value.strip().isdigit() or int(value) < 1:
+        raise FmpipeError(f"{INFERENCE_BATCH_BYTES_ENV}={value!r}: expected a whole number of bytes above 0 "
+                          f"(default {INFERENCE_BATCH_BYTES})")
+    return int(value)
 
 
 @contextlib.contextmanager
