@@ -12,6 +12,7 @@ for a dependency list.
 from __future__ import annotations
 
 import ast
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def _with_parents(name: str) -> list[str]:
 
 
 @lru_cache(maxsize=None)
-def direct_imports(name: str, root: Path = ROOT) -> frozenset[str]:
-    """The project modules one module's source names in import statements."""
+def _import_names(name: str, root: Path = ROOT) -> frozenset[str]:
+    """Every dotted name one module's import statements name (relative ones resolved)."""
     path = module_file(name, root)
     if path is None:
         return frozenset()
@@ -63,26 +64,33 @@ def direct_imports(name: str, root: Path = ROOT) -> frozenset[str]:
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join([*anchor, *([base] if base else [])])
             # `from a import b`: b is a submodule or a name defined in a.
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
-        else:
-            continue
-        for n in names:
-            if n.split(".")[0] in PACKAGES:
-                found.update(m for m in _with_parents(n) if module_file(m, root) is not None)
+            found.add(base)
+            if base.split(".")[0] in PACKAGES:
+                found.update(f"{base}.{a.name}" for a in node.names)
+    return frozenset(found)
+
+
+@lru_cache(maxsize=None)
+def direct_imports(name: str, root: Path = ROOT) -> frozenset[str]:
+    """The project modules one module's source names in import statements."""
+    found: set[str] = set()
+    for n in _import_names(name, root):
+        if n.split(".")[0] in PACKAGES:
+            found.update(m for m in _with_parents(n) if module_file(m, root) is not None)
     found.discard(name)
     return frozenset(found)
 
 
-def imported_files(module: str, root: Path = ROOT, leaves: frozenset[str] = LEAVES) -> set[str]:
-    """Every project file ``module`` reaches through imports, as repo-relative POSIX paths
-    (not following the imports of ``leaves``)."""
+def imported_modules(module: str, root: Path = ROOT, leaves: frozenset[str] = LEAVES) -> set[str]:
+    """Every project module ``module`` reaches through imports, by dotted name (not following
+    the imports of ``leaves``)."""
     seen: set[str] = set()
     todo = _with_parents(module)
     while todo:
@@ -92,7 +100,21 @@ def imported_files(module: str, root: Path = ROOT, leaves: frozenset[str] = LEAV
         seen.add(name)
         if name not in leaves:
             todo.extend(direct_imports(name, root))
-    return {module_file(n, root).relative_to(root).as_posix() for n in seen}
+    return seen
+
+
+def imported_files(module: str, root: Path = ROOT, leaves: frozenset[str] = LEAVES) -> set[str]:
+    """Every project file ``module`` reaches through imports, as repo-relative POSIX paths
+    (not following the imports of ``leaves``)."""
+    return {module_file(n, root).relative_to(root).as_posix() for n in imported_modules(module, root, leaves)}
+
+
+def libraries_imported(modules, root: Path = ROOT) -> set[str]:
+    """The modules outside the project and the standard library that ``modules`` name in
+    import statements (``import onnx``, ``from sklearn.metrics import f1_score`` ->
+    ``sklearn.metrics``), lazy ones inside functions included."""
+    return {n for m in modules for n in _import_names(m, root)
+            if n and n.split(".")[0] not in PACKAGES and n.split(".")[0] not in sys.stdlib_module_names}
 
 
 def schema_files(root: Path = ROOT) -> set[str]:

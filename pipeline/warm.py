@@ -12,11 +12,11 @@ point) uses both halves of this module:
   forwards Ctrl+C / SIGTERM / SIGHUP to the command, and exits with the command's code. When
   there is no server it starts one in the background and runs this command cold, so the
   first command is never slower than before and nothing waits for the server.
-- **server** (:func:`serve`): imports what the steps import (:data:`PRELOAD`), then forks one
-  child per command. The child takes the caller's cwd, environment, umask, stdio and argv and
-  runs the ordinary typer app, as the cold path would: same code, same error boundary, same
-  exit codes. The server never runs a command itself, so every child starts from the same
-  freshly imported state.
+- **server** (:func:`serve`): imports what the steps import (:data:`PRELOAD`,
+  :func:`step_imports`), then forks one child per command. The child takes the caller's cwd,
+  environment, umask, stdio and argv and runs the ordinary typer app, as the cold path would:
+  same code, same error boundary, same exit codes. The server never runs a command itself, so
+  every child starts from the same freshly imported state.
 
 What keeps a warm command the same as a cold one:
 
@@ -66,12 +66,18 @@ _KEYED_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "BLIS_", "
 _UNKEYED_ENV = (SWITCH, IDLE_ENV, DIR_ENV, "FMPIPE_RESOURCES", "FMPIPE_PROGRESS", "DVC_STAGE",
                 "DVC_ROOT", "DVC_EXP_")
 
-# What the steps import; the server imports it once. torch and Lightning only where CUDA
-# cannot be initialised by importing them (no NVIDIA device): see the module docstring.
+# What every command imports; the server imports it once. torch and Lightning only where
+# CUDA cannot be initialised by importing them (no NVIDIA device): see the module docstring.
+# Beside these, the server imports what the steps' code imports (:func:`step_imports`).
 PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "pydantic", "yaml", "typer", "pipeline.cli",
            "pipeline.config", "pipeline.runner", "pipeline.artefacts", "sklearn.linear_model",
            "scipy.stats", "matplotlib.figure", "matplotlib.backends.backend_agg", "great_expectations")
 PRELOAD_TORCH = ("torch", "lightning", "torchmetrics")
+
+# Named by the steps' code but never preloaded. ray: only `engine: ray` needs it, and importing
+# it costs more than most steps. onnxruntime: importing it starts a thread, and a process that
+# forks with a thread running hands its children whatever locks that thread held.
+NOT_PRELOADED = ("ray", "onnxruntime")
 
 _HEADER = struct.Struct("!I")
 
@@ -336,15 +342,39 @@ def serve(command: Callable[[list[str]], None]) -> None:
 
 def _preload() -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # what the CLI sets before GX
-    names = PRELOAD if _has_nvidia_device() else PRELOAD + PRELOAD_TORCH
-    for name in names:
+    gpu = _has_nvidia_device()
+    for name in PRELOAD if gpu else PRELOAD + PRELOAD_TORCH:
         t0 = time.perf_counter()
-        try:
-            __import__(name)
-        except Exception as exc:  # an optional extra not installed: the step imports it cold
-            print(f"fmpipe warm: not preloaded {name}: {exc!r}", flush=True)
-            continue
-        print(f"fmpipe warm: preloaded {name} in {time.perf_counter() - t0:.2f} s", flush=True)
+        if _import(name):
+            print(f"fmpipe warm: preloaded {name} in {time.perf_counter() - t0:.2f} s", flush=True)
+    if gpu:  # most of what the steps import imports torch
+        return
+    t0 = time.perf_counter()
+    names = step_imports()
+    done = sum(_import(name) for name in names)
+    print(f"fmpipe warm: preloaded {done} of the {len(names)} modules the steps import in "
+          f"{time.perf_counter() - t0:.2f} s", flush=True)
+
+
+def step_imports() -> list[str]:
+    """What the steps' code imports, lazily inside functions included (pipeline/imports.py's
+    walk): their own modules and the libraries those name, less :data:`NOT_PRELOADED`. A forked
+    child then finds them imported: a tiny variant's whole pipeline ran ~40% faster."""
+    from pipeline import imports
+    from pipeline.steps import STEPS
+
+    own = sorted(set().union(*(imports.imported_modules(s.module, leaves=frozenset()) for s in STEPS)))
+    libraries = sorted(imports.libraries_imported(own))
+    return [n for n in libraries + own if n.split(".")[0] not in NOT_PRELOADED]
+
+
+def _import(name: str) -> bool:
+    try:
+        __import__(name)
+    except Exception as exc:  # an optional extra not installed: the step imports it cold
+        print(f"fmpipe warm: not preloaded {name}: {exc!r}", flush=True)
+        return False
+    return True
 
 
 def _meta_path(folder: Path, key: str) -> Path:

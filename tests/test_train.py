@@ -208,7 +208,9 @@ def test_resume_continues_a_killed_run(project):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not last.exists():
+        # The checkpoint can land before DVCLive's first loss row: wait for both.
+        curve = Path("data/iris/train-state/live/plots/metrics/train/loss.tsv")
+        while not (last.exists() and curve.exists()):
             assert proc.poll() is None, "training ended before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.05)
@@ -240,7 +242,6 @@ def test_resume_continues_a_killed_run(project):
     # place): leave both as such a kill does, so every run checks that resuming mends them.
     live = Path("data/iris/train-state/live")
     (live / "metrics.json").write_text("")
-    curve = live / "plots/metrics/train/loss.tsv"
     whole = curve.read_text()
     curve.write_text(whole + f"{saved['global_step'] - 1}\t0.12")
     done = subprocess.run([str(FMPIPE), "train", "--stage", "iris", "--resume"], env=env,

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -177,6 +178,30 @@ def test_the_key_follows_code_and_import_time_settings(tmp_path, monkeypatch):
     (code / "sub" / "c.txt").write_text("not code")
     edited = warm.server_key(base)[0]
     assert warm.server_key(base)[0] == edited
+
+
+def test_the_server_preloads_what_the_steps_import_and_starts_no_thread():
+    """The steps' lazy imports (Captum, cleanlab, their own modules...) are made once in the
+    server, read from their code; none of them may leave a thread running in the process that
+    forks (the child would inherit whatever lock it held)."""
+    names = warm.step_imports()
+    assert {"stages.evaluate", "pipeline.evaluation.explain", "captum.attr", "cleanlab.filter",
+            "onnx", "sklearn.linear_model"} <= set(names)
+    assert not [n for n in names if n.split(".")[0] in warm.NOT_PRELOADED]
+    probe = ("import os, sys\n"
+             "from pipeline import warm\n"
+             "tasks = lambda: len(os.listdir('/proc/self/task'))\n"
+             "for n in warm.PRELOAD + warm.PRELOAD_TORCH: __import__(n)\n"
+             "before = tasks()\n"
+             "warm._preload()\n"
+             "print(before, tasks(), 'onnxruntime' in sys.modules, 'ray' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    *log, last = done.stdout.strip().splitlines()
+    assert f"preloaded {len(names)} of the {len(names)} modules the steps import" in "\n".join(log), log[-3:]
+    before, after, onnxruntime, ray = last.split()
+    assert before == after and onnxruntime == ray == "False", last
 
 
 def test_a_socket_folder_others_can_enter_is_not_used(tmp_path, monkeypatch):

@@ -43,51 +43,63 @@ def canary(archive: Path, repo_root: Path, variant: str) -> dict[str, Any]:
                 raise FmpipeError(f"canary: model_repository/{model}/1/model.onnx: missing, or not the bytes "
                                   f"lineage.json records for the package's {name}; no release written")
         x = np.load(pkg.root / pkg.spec["checks"]["input"], allow_pickle=False)[:1]
-        answers = {}
-        for precision in shipped:
-            expected = runtime.Predictor(pkg, threads=1, precision=precision).predict_proba(x)
-            got = _ask_server(archive, x, pkg.name, precision)
-            if got.shape != expected.shape or not np.allclose(got, expected, atol=ATOL) \
-                    or (got.argmax(1) != expected.argmax(1)).any():
-                raise FmpipeError(f"canary: the served {precision} model answered {np.round(got, 4).tolist()} "
-                                  f"for a test input, the package predicts {np.round(expected, 4).tolist()}; "
-                                  "no release written")
-            answers[precision] = pkg.classes[int(got.argmax())]
+        # Every precision's server starts at once: each spends ~1 s importing before it listens.
+        servers = {precision: _start_server(archive, precision) for precision in shipped}
+        try:
+            answers = {}
+            for precision, proc in servers.items():
+                expected = runtime.Predictor(pkg, threads=1, precision=precision).predict_proba(x)
+                got = _ask_server(proc, archive, x, pkg.name)
+                if got.shape != expected.shape or not np.allclose(got, expected, atol=ATOL) \
+                        or (got.argmax(1) != expected.argmax(1)).any():
+                    raise FmpipeError(f"canary: the served {precision} model answered {np.round(got, 4).tolist()} "
+                                      f"for a test input, the package predicts {np.round(expected, 4).tolist()}; "
+                                      "no release written")
+                answers[precision] = pkg.classes[int(got.argmax())]
+        finally:
+            for proc in servers.values():
+                _stop(proc)
         return {"checked": sorted(shipped), "answers": answers}
     finally:
         pkg.close()
 
 
-def _ask_server(archive: Path, x: np.ndarray, name: str, precision: str) -> np.ndarray:
+def _start_server(archive: Path, precision: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pipeline", "serve", str(archive), "--port", "0", "--precision", precision]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _ask_server(proc: subprocess.Popen, archive: Path, x: np.ndarray, name: str) -> np.ndarray:
+    line = proc.stderr.readline()  # the "listening on" line, or the server's one error line
+    m = re.search(r"http://([\d.]+):(\d+)", line)
+    if not m:
+        proc.wait(timeout=START_TIMEOUT_S)
+        raise FmpipeError(f"canary: `fmpipe serve {archive}` did not start ({line.strip() or 'no output'}); "
+                          "no release written")
+    body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}], "outputs": [{"name": "probabilities"}]})
+    conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=START_TIMEOUT_S)
     try:
-        line = proc.stderr.readline()  # the "listening on" line, or the server's one error line
-        m = re.search(r"http://([\d.]+):(\d+)", line)
-        if not m:
-            proc.wait(timeout=START_TIMEOUT_S)
-            raise FmpipeError(f"canary: `fmpipe serve {archive}` did not start ({line.strip() or 'no output'}); "
-                              "no release written")
-        body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                       "data": x.ravel().tolist()}], "outputs": [{"name": "probabilities"}]})
-        conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=START_TIMEOUT_S)
-        try:
-            conn.request("POST", f"/v2/models/{name}/infer", body=body, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            raw = resp.read()
-        except OSError as exc:
-            raise FmpipeError(f"canary: no answer from the server ({exc}); no release written") from None
-        finally:
-            conn.close()
-        if resp.status != 200:
-            raise FmpipeError(f"canary: the server answered HTTP {resp.status} ({raw[:200]!r}); no release written")
-        out = json.loads(raw)["outputs"][0]
-        return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+        conn.request("POST", f"/v2/models/{name}/infer", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+    except OSError as exc:
+        raise FmpipeError(f"canary: no answer from the server ({exc}); no release written") from None
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        conn.close()
+    if resp.status != 200:
+        raise FmpipeError(f"canary: the server answered HTTP {resp.status} ({raw[:200]!r}); no release written")
+    out = json.loads(raw)["outputs"][0]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
