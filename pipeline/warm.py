@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Callable
 
 SWITCH = "FMPIPE_WARM"
+RANK_ENV = "LOCAL_RANK"  # set by torch/Lightning launchers in the processes they start
 IDLE_ENV = "FMPIPE_WARM_IDLE"
 DIR_ENV = "FMPIPE_WARM_DIR"
 DEFAULT_IDLE_S = 1800.0
@@ -59,9 +60,10 @@ DEFAULT_IDLE_S = 1800.0
 # Environment variables read when a library is imported (thread pools, device lists, locale,
 # the interpreter's own). A server imported them once, so callers that differ here need their
 # own server. The prefix list errs wide: a needless server costs seconds; a wrong one, results.
+# (Not RAY_: Ray is never preloaded (NOT_PRELOADED), so a command reads them after the fork.)
 _KEYED_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "BLIS_", "NUMEXPR_", "VECLIB_",
               "TORCH", "PYTORCH_", "CUDA_", "CUBLAS_", "CUDNN_", "NVIDIA_", "HIP_", "ROCM_", "LD_",
-              "GX_", "GE_", "MPL", "RAY_", "PL_", "LIGHTNING_", "DVC", "LANG", "LC_", "TZ", "HOME",
+              "GX_", "GE_", "MPL", "PL_", "LIGHTNING_", "DVC", "LANG", "LC_", "TZ", "HOME",
               "XDG_", "FMPIPE_")
 _UNKEYED_ENV = (SWITCH, IDLE_ENV, DIR_ENV, "FMPIPE_RESOURCES", "FMPIPE_PROGRESS", "DVC_STAGE",
                 "DVC_ROOT", "DVC_EXP_")
@@ -143,6 +145,11 @@ def _search_path() -> list[str]:
     return [os.path.abspath(p) for p in sys.path[1:] if p]
 
 
+def is_keyed(name: str) -> bool:
+    """Whether an environment variable is part of a server's key (read when libraries import)."""
+    return name.startswith(_KEYED_ENV) and not name.startswith(_UNKEYED_ENV)
+
+
 def server_key(env: dict[str, str] | None = None) -> tuple[str, dict]:
     """(key, what it was made of): equal keys mean a server's imports are this process's."""
     env = os.environ if env is None else env
@@ -154,8 +161,7 @@ def server_key(env: dict[str, str] | None = None) -> tuple[str, dict]:
             folders.append(os.stat(p).st_mtime_ns)
         except OSError:
             folders.append(None)
-    keyed = {k: v for k, v in sorted(env.items())
-             if k.startswith(_KEYED_ENV) and not k.startswith(_UNKEYED_ENV)}
+    keyed = {k: v for k, v in sorted(env.items()) if is_keyed(k)}
     spec = {"python": os.path.realpath(sys.executable), "prefix": sys.prefix, "version": sys.version, "path": paths, "folders": folders,
             "roots": [str(r) for r in roots], "code": code_fingerprint(roots), "env": keyed,
             "gpu": _has_nvidia_device()}
@@ -172,6 +178,10 @@ def _has_nvidia_device() -> bool:
 def run_warm(argv: list[str]) -> int | None:
     """The command's exit code from a warm server, or None: run cold (no server yet, or none
     possible); a server is started in the background for the next command."""
+    if RANK_ENV in os.environ:
+        # A rank of a distributed run, started by its launcher (Lightning's DDP runs the same
+        # command again per rank): cold, and no server for an environment no shell will repeat.
+        return None
     folder = warm_dir()
     if folder is None:
         return None

@@ -34,9 +34,11 @@ def pytest_configure(config):
     # outputs byte for byte). A thread count set by the caller is kept.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if hasattr(config, "workerinput") or "FMPIPE_WARM_DIR" in os.environ:
+        helpers.SESSION_ENV = dict(os.environ)
         return
     folder = tempfile.mkdtemp(prefix="fw-", dir="/tmp")  # short: socket paths stop at 107 bytes
     os.environ["FMPIPE_WARM_DIR"] = folder
+    helpers.SESSION_ENV = dict(os.environ)
     config.stash[_WARM_DIR] = folder
     # A first (cold) command starts the server the tests' commands share, while tests are
     # collected, instead of when the first fixture's first step runs.

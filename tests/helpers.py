@@ -3,8 +3,9 @@
 - ``REPO``: the checkout under test.
 - ``sh(cwd, *cmd)``: any command (git, dvc, fmpipe) in a subprocess; fails the test with its
   output when it exits non-zero (``check=False`` returns the result instead).
-- ``fmpipe(*args, cwd=...)``: ``python -m pipeline`` (the ``fmpipe`` command) in a subprocess;
-  returns the result unchecked unless ``check=True``.
+- ``fmpipe(*args, cwd=...)``: the installed ``fmpipe`` command (``FMPIPE``) in a subprocess;
+  returns the result unchecked unless ``check=True``. Run it with ``subprocess_env()``, as these
+  helpers do: then every command of the session has the same warm server (pipeline/warm.py).
 - ``copy_project_files(dest)``: params, annotations and GX suites: what a step needs besides code.
 - ``make_repo(dest, enabled, edit=None, outputs=False)``: a fresh git + DVC repo holding the
   project's files (``outputs``: also the small outputs git keeps, as a clone has them).
@@ -36,11 +37,31 @@ from typing import Callable, Iterator, Optional
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-FMPIPE = (sys.executable, "-m", "pipeline")
+# The installed command, as a user runs it. Not `python -m pipeline`: that puts the working
+# directory first on sys.path, so in a test repo holding a copy of the code it would import the
+# copy (another warm server for every repo, ~10 s of CPU each) instead of this checkout.
+FMPIPE = (str(Path(sys.executable).with_name("fmpipe")),)
+
+
+# The settings the session's commands share, as they were when it started (conftest.py sets
+# it). Tests that train or call Ray in-process leave import-time variables behind in this
+# process (PL_GLOBAL_SEED, CUBLAS_WORKSPACE_CONFIG, KMP_*, TORCHINDUCTOR_CACHE_DIR, Ray's
+# PYTHONBREAKPOINT...); handed on, each would key another warm server (pipeline/warm.py), which
+# imports for ~10 CPU seconds to serve a few commands. A test that means a subprocess to see
+# such a variable passes it in ``extra``.
+SESSION_ENV: Optional[dict] = None
 
 
 def subprocess_env(extra: Optional[dict] = None) -> dict:
+    from pipeline.warm import is_keyed
+
     env = dict(os.environ, GX_ANALYTICS_ENABLED="False")
+    if SESSION_ENV is not None:
+        for key in [k for k in env if is_keyed(k) and env[k] != SESSION_ENV.get(k)]:
+            if key in SESSION_ENV:
+                env[key] = SESSION_ENV[key]
+            else:
+                del env[key]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(extra or {})
     return env

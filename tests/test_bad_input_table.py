@@ -14,20 +14,18 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import pytest
-from helpers import copy_project_files
+from helpers import FMPIPE, copy_project_files, fmpipe, subprocess_env
 import yaml
 
 from pipeline.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-FMPIPE = [sys.executable, "-m", "pipeline"]
 
 
 # ---------------------------------------------------------------- the shared good run
@@ -148,7 +146,7 @@ def folder_without_images(root: Path) -> None:
 
 def run_in(root: Path, *commands: list[str]) -> None:
     for args in commands:
-        subprocess.run([*FMPIPE, *args], cwd=root, check=True, capture_output=True)
+        fmpipe(*args, cwd=root, check=True)
 
 
 # ---------------------------------------------------------------- faults of the machine
@@ -428,6 +426,7 @@ def test_bad_input(good, tmp_path, case):
     with case.fault(root) if case.fault else contextlib.nullcontext():
         before = snapshot(root)
         result = subprocess.run([*FMPIPE, *case.args], cwd=root, capture_output=True, text=True, timeout=300,
+                                env=subprocess_env(),
                                 preexec_fn=address_space(case.memory_mb))
         after = snapshot(root)
     assert result.returncode == 1, result.stderr[-3000:]

@@ -14,6 +14,7 @@ from pipeline.config import CleanSpec
 from pipeline.errors import FmpipeError
 from pipeline.manifest import Dataset, build_manifest, feature_rows, image_rows, make_report, check_report
 from pipeline.quality.clean import clean_dataset, sheet_writer, summary_line
+from helpers import fmpipe
 from helpers import photos as _photos
 
 CLASSES = ["a", "b"]
@@ -295,8 +296,6 @@ def test_rule_registration_refuses_a_rule_without_its_policy_or_with_a_taken_key
 def test_clean_section_validated_per_rule(tmp_path):
     """The clean section is the rules' params: an unknown key and a rule's own check are one
     line each, naming the key path."""
-    import subprocess
-    import sys
 
     import yaml
 
@@ -312,8 +311,7 @@ def test_clean_section_validated_per_rule(tmp_path):
         with pytest.raises(FmpipeError) as err:
             load_params(path)
         assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
-    r = subprocess.run([sys.executable, "-m", "pipeline", "clean", "--stage", "digits", "--params", str(path)],
-                       capture_output=True, text=True)
+    r = fmpipe("clean", "--stage", "digits", "--params", str(path))
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "rule exposure" in r.stderr, r.stderr
 
 

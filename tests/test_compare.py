@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 
 import pandas as pd
 
+from helpers import fmpipe
 from pipeline.audit.version import WORKSPACE, Version
 from pipeline.compare import State, _per_class_predictions, compare_states, text_lines
 from pipeline.evaluation.summary import last_blessed_lineage
@@ -70,6 +70,6 @@ def test_compare_states_names_params_metrics_classes_model_and_lineage(tmp_path,
 
 
 def test_compare_outside_a_repository_is_one_line(tmp_path):
-    result = subprocess.run(["fmpipe", "compare", "HEAD~1", "HEAD"], cwd=tmp_path, capture_output=True, text=True)
+    result = fmpipe("compare", "HEAD~1", "HEAD", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "not a git repository" in result.stderr, result.stderr

@@ -18,10 +18,8 @@ DDP runs through the real CLI, ``fmpipe train --stage iris``, in a subprocess: L
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 
@@ -29,11 +27,11 @@ from pipeline.runner import run_step
 import torch
 import yaml
 
-from helpers import annotated
+from helpers import FMPIPE, annotated, subprocess_env
+from pipeline import warm
 from pipeline.manifest import read_dataset
 from pipeline.models import load_trained
 
-FMPIPE = Path(sys.executable).parent / "fmpipe"
 
 
 def _set_train(**train) -> None:
@@ -60,11 +58,15 @@ def test_two_process_ddp_matches_single_process(project):
     shutil.move("data/iris/train", "data/iris/train-single")
 
     _set_train(**common, devices=2, strategy="ddp", batch_size=8)  # per device: global batch 16
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env({"OMP_NUM_THREADS": "1"})
     env.pop("MASTER_PORT", None)  # let Lightning pick a free port
-    done = subprocess.run([str(FMPIPE), "train", "--stage", "iris"], env=env, capture_output=True,
+    servers = {m["key"] for m in warm.servers()}
+    done = subprocess.run([*FMPIPE, "train", "--stage", "iris"], env=env, capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    # Rank 1 is the same command started again by Lightning's launcher: it runs cold and starts
+    # no warm server for its one-off environment.
+    assert {m["key"] for m in warm.servers()} <= servers
     ddp = json.loads(Path("data/iris/train/train_summary.json").read_text())
 
     assert ddp["world_size"] == 2 and single["world_size"] == 1

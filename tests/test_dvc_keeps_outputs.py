@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.io import sha256_file
-from helpers import only_variants, sh
+from helpers import only_variants, sh, subprocess_env
 
 
 def snapshot(repo: Path, variant: str = "digits") -> dict[str, str]:
@@ -94,7 +94,7 @@ def test_interrupted_dvc_repro_keeps_previous_outputs(repo):
     # SIGINT back to its default in the child: a test run started in the background by a
     # non-interactive shell (`cmd &`) inherits SIGINT ignored, and Ctrl+C would never arrive.
     proc = subprocess.Popen(["dvc", "repro", "train@digits"], cwd=repo, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180

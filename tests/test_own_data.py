@@ -11,20 +11,17 @@ through three versions.) The other tests here run in milliseconds to a few secon
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from helpers import REPO, copy_project_files, make_repo, sh
+from helpers import REPO, copy_project_files, fmpipe, make_repo, sh
 from pipeline import steps as registry
 from pipeline.config import load_params, prune_defaults
 from pipeline.errors import FmpipeError
 
-FMPIPE = [sys.executable, "-m", "pipeline"]
 
 
 def image_folder(root: Path, per_class: int = 40, size: int = 16) -> Path:
@@ -241,7 +238,7 @@ def test_unsafe_variant_names_are_refused_at_load(tmp_path, name):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = sorted(p for p in tmp_path.rglob("*"))
     for stage in ([name, "iris"] if name else ["iris"]):  # the name itself, and any variant of that file
-        result = subprocess.run([*FMPIPE, "collect", "--stage", stage], cwd=root, capture_output=True, text=True)
+        result = fmpipe("collect", "--stage", stage, cwd=root)
         assert result.returncode == 1
         lines = [l for l in result.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and "Traceback" not in result.stderr, lines
@@ -262,8 +259,7 @@ def test_variant_add_refuses_a_taken_or_unsafe_name_or_a_wrong_split_column(tmp_
             # --split-column: a column of the CSV (not the label), and for a CSV only.
             ("mine", ["--source", str(table), "--split-column", "split"], "no split column 'split'"),
             ("mine", ["--source", str(pets), "--split-column", "part"], "--split-column is for a CSV")):
-        result = subprocess.run([*FMPIPE, "variant", "add", name, *args], cwd=root,
-                                capture_output=True, text=True)
+        result = fmpipe("variant", "add", name, *args, cwd=root)
         assert result.returncode == 1 and expected in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert (root / "params.yaml").read_text() == params

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import annotated
+from helpers import FMPIPE, annotated, subprocess_env
 from pipeline.runner import run_step
 
 from pipeline.config import AugmentSpec, load_variant
@@ -24,7 +22,6 @@ from pipeline.errors import FmpipeError
 from pipeline.manifest import read_dataset
 from pipeline.models import WEIGHTS, load_trained
 
-FMPIPE = Path(sys.executable).parent / "fmpipe"
 
 
 def set_params(variant: str, train: dict | None = None, model_options: dict | None = None) -> None:
@@ -203,8 +200,10 @@ def test_resume_continues_a_killed_run(project):
     # Far more epochs than the run lives: it is killed right after its first checkpoint.
     set_params("iris", {"max_epochs": 100_000, "batch_size": 4})
     last = Path("data/iris/train-state/checkpoints/last.ckpt")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([str(FMPIPE), "train", "--stage", "iris"], env=env,
+    env = subprocess_env()
+    # Cold (FMPIPE_WARM=0): the SIGKILL must hit the training process itself, not a warm
+    # client whose server stops the command a moment later (tests/test_train_state.py).
+    proc = subprocess.Popen([*FMPIPE, "train", "--stage", "iris"], env={**env, "FMPIPE_WARM": "0"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -244,7 +243,7 @@ def test_resume_continues_a_killed_run(project):
     (live / "metrics.json").write_text("")
     whole = curve.read_text()
     curve.write_text(whole + f"{saved['global_step'] - 1}\t0.12")
-    done = subprocess.run([str(FMPIPE), "train", "--stage", "iris", "--resume"], env=env,
+    done = subprocess.run([*FMPIPE, "train", "--stage", "iris", "--resume"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((live / "metrics.json").read_text())["step"] > saved["global_step"]
