@@ -33,7 +33,6 @@ from pipeline.manifest import read_dataset
 from pipeline.models import load_trained
 
 
-
 def _set_train(**train) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["variants"]["iris"]["train"].update(train)

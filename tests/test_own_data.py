@@ -23,7 +23,6 @@ from pipeline.config import load_params, prune_defaults
 from pipeline.errors import FmpipeError
 
 
-
 def image_folder(root: Path, per_class: int = 40, size: int = 16) -> Path:
     """Two classes told apart by brightness, with noise: learnable, never blank."""
     from PIL import Image

@@ -23,7 +23,6 @@ from pipeline.manifest import read_dataset
 from pipeline.models import WEIGHTS, load_trained
 
 
-
 def set_params(variant: str, train: dict | None = None, model_options: dict | None = None) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     section = params["variants"][variant]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import FMPIPE, run_data_steps, subprocess_env
+from helpers import fmpipe, run_data_steps
 from pipeline.quality.expectations import init_command
 from pipeline.quality.gate import require_passed
 from pipeline.runner import run_step
@@ -19,7 +18,6 @@ import yaml
 
 from pipeline.errors import FmpipeError
 from pipeline.manifest import reseal
-
 
 
 @pytest.fixture
@@ -162,9 +160,7 @@ def test_require_passed_without_validation(cleaned):
 
 def test_cli_exits_nonzero_naming_the_expectation(cleaned):
     _edit_manifest("digits", lambda m: m.loc.__setitem__((0, "sha256"), "not-a-hash"))
-    env = subprocess_env()
-    proc = subprocess.run([*FMPIPE, "validate", "--stage", "digits"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = fmpipe("validate", "--stage", "digits", timeout=120)
     assert proc.returncode != 0
     assert "expect_column_values_to_match_regex on column sha256" in proc.stderr
     assert "not-a-hash" in proc.stderr
@@ -245,15 +241,12 @@ def test_init_writes_a_suite_that_passes_and_does_not_overwrite(cleaned):
     with pytest.raises(FmpipeError, match="exists .*--force"):
         init_command("iris")
     Path("expectations/iris.json").unlink()
-    env = subprocess_env()
-    proc = subprocess.run([*FMPIPE, "validate", "--stage", "iris", "--init"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = fmpipe("validate", "--stage", "iris", "--init", timeout=120)
     assert proc.returncode == 0, proc.stderr
     written = json.loads(Path("expectations/iris.json").read_text())
     # Deterministic (no ids, no versions): the committed suite is what --init writes today.
     assert written == json.loads((Path(__file__).parents[1] / "expectations/iris.json").read_text())
-    proc = subprocess.run([*FMPIPE, "validate", "--stage", "iris"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = fmpipe("validate", "--stage", "iris", timeout=120)
     assert proc.returncode == 0, proc.stderr
     # All passed: one summary line (under `dvc repro` the table was 48 lines of "pass").
     assert proc.stdout == "" and re.search(r"validate --stage iris: (\d+)/\1 expectations passed", proc.stderr)
@@ -262,8 +255,7 @@ def test_init_writes_a_suite_that_passes_and_does_not_overwrite(cleaned):
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["variants"]["iris"]["validate"]["min_rows_per_class"] = 50
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    proc = subprocess.run([*FMPIPE, "validate", "--stage", "iris"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = fmpipe("validate", "--stage", "iris", timeout=120)
     assert proc.returncode == 1
     header = proc.stdout.splitlines()[0].split()
     assert header == ["expectation", "severity", "result", "observed"]
